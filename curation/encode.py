@@ -1,0 +1,191 @@
+"""Documents to SAE-space vectors: truncated forward, input coordinates, Top-K SAE, pooling.
+
+The core works on token-id lists and tensors and needs no Ray; `EncodeDocuments` and
+`TokenActivations` are the thin actor adapters that Ray Data's `map_batches` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from curation.models import TruncatedForward, load_model, load_tokenizer
+from curation.sae import TopKSAE
+
+logger = logging.getLogger(__name__)
+
+
+def length_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int = 64) -> list[list[int]]:
+    """Group row indices into micro-batches of similar length.
+
+    Rows are sorted by length and cut so that (rows x longest row) stays within `max_batch_tokens`:
+    each micro-batch pads only to its own longest row, not to the longest row of the whole batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) + 1) * longest > max_batch_tokens or len(current) >= max_batch_size:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_right(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of ids -> (batch, longest) ids and attention mask, padded on the right."""
+    longest = max(len(tokens) for tokens in token_lists)
+    ids = torch.full((len(token_lists), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), longest), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+def pooling_mask(attention_mask: torch.Tensor, skip_positions: int) -> torch.Tensor:
+    """(batch, tokens) mask of the positions that count: not padding, and not the first `skip_positions`.
+
+    Position 0 of SmolLM2 carries an attention-sink activation 6x to 140x larger than the rest
+    (DESIGN.md); pooling it in makes a document's vector measure its length, not its content.
+    A document shorter than `skip_positions + 1` tokens keeps its last token so it is never empty.
+    """
+    mask = attention_mask.bool().clone()
+    mask[:, :skip_positions] = False
+    lengths = attention_mask.sum(dim=1)
+    empty = ~mask.any(dim=1)
+    if empty.any():
+        rows = torch.nonzero(empty).squeeze(1)
+        mask[rows, (lengths[rows] - 1).clamp(min=0)] = True
+    return mask
+
+
+def mean_pool(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens, dim) values, (batch, tokens) mask -> (batch, dim) mean over masked-in tokens."""
+    weights = mask.to(values.dtype).unsqueeze(-1)
+    return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def cosine_scores(doc_vectors: torch.Tensor, seed_vectors: torch.Tensor) -> torch.Tensor:
+    """(docs, dim) and (seeds, dim), both unit-norm -> (docs, seeds) cosine similarities."""
+    return doc_vectors @ seed_vectors.T
+
+
+@dataclass
+class EncoderSpec:
+    """Everything an encoder actor needs to build itself; small and picklable."""
+
+    model: str
+    sae_dir: str | None
+    layer: int
+    coords: list[int] | None = None
+    skip_positions: int = 1
+    max_batch_tokens: int = 8192
+    device: str = "cpu"
+    torch_threads: int = 0
+
+
+class DocumentEncoder:
+    """A truncated model plus (optionally) an SAE, loaded once, turning token lists into vectors."""
+
+    def __init__(self, spec: EncoderSpec, sae: TopKSAE | None = None):
+        if spec.torch_threads > 0:
+            torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        self.tokenizer = load_tokenizer(spec.model)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.forward = TruncatedForward(load_model(spec.model, device=spec.device), spec.layer)
+        if sae is None and spec.sae_dir is not None:
+            sae = TopKSAE.load(spec.sae_dir, device=spec.device)
+        self.sae = sae.eval() if sae is not None else None
+        coords = spec.coords if spec.coords is not None else (sae.cfg.coords if sae is not None else None)
+        self.coords = torch.as_tensor(coords, dtype=torch.long) if coords else None
+
+    def hidden_batches(
+        self, token_lists: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Yield (row indices, (b, t, d) layer activations at the chosen coordinates, (b, t) pooling mask)."""
+        lengths = [len(tokens) for tokens in token_lists]
+        for rows in length_batches(lengths, self.spec.max_batch_tokens):
+            ids, attention = pad_right([token_lists[row] for row in rows], self.pad_id)
+            hidden = self.forward(ids.to(self.spec.device), attention.to(self.spec.device)).float()
+            if self.coords is not None:
+                hidden = hidden[..., self.coords.to(hidden.device)]
+            yield rows, hidden, pooling_mask(attention, self.spec.skip_positions).to(hidden.device)
+
+    @torch.inference_mode()
+    def encode(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Token lists -> (docs, dim) unit-norm document vectors, in input order.
+
+        With an SAE, dim is its number of latents: the dense Top-K codes of every token, mean-pooled
+        over the document. Without one, the pooled layer activations themselves (the dense baseline).
+        """
+        out: torch.Tensor | None = None
+        for rows, hidden, mask in self.hidden_batches(token_lists):
+            features = self.sae.encode_dense(hidden) if self.sae is not None else hidden
+            pooled = l2_normalize(mean_pool(features, mask)).cpu()
+            if out is None:
+                out = torch.zeros((len(token_lists), pooled.shape[-1]))
+            out[rows] = pooled
+        return out if out is not None else torch.zeros((0, 0))
+
+    @torch.inference_mode()
+    def activations(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Token lists -> (tokens, d_in) activations of every counted token, for SAE training."""
+        chunks = [hidden[mask] for _, hidden, mask in self.hidden_batches(token_lists)]
+        return torch.cat(chunks).cpu() if chunks else torch.zeros((0, 0))
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Texts -> token-id lists, each cut to `max_tokens`."""
+    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+class EncodeDocuments:
+    """Ray Data actor: token ids -> cosine similarity of each document to every seed.
+
+    The output drops `input_ids` and adds `seed_sims` (float32 per seed) and `encoded_tokens`.
+    """
+
+    def __init__(self, spec: EncoderSpec, seed_vectors: np.ndarray, sae: TopKSAE | None = None):
+        self.encoder = DocumentEncoder(spec, sae=sae)
+        self.seed_vectors = torch.as_tensor(seed_vectors, dtype=torch.float32)
+        self.tokens = 0
+        self.seconds = 0.0
+        logger.info("encoder ready on pid %d (layer %d)", os.getpid(), spec.layer)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        token_lists = [row.tolist() for row in batch.pop("input_ids")]
+        vectors = self.encoder.encode(token_lists)
+        sims = cosine_scores(vectors, self.seed_vectors).numpy().astype(np.float32)
+        batch["seed_sims"] = sims
+        self.tokens += int(batch["n_tokens"].sum())
+        self.seconds += time.perf_counter() - started
+        logger.info("encoded %d docs, %.0f tokens/s so far", len(token_lists), self.tokens / self.seconds)
+        return batch
+
+
+class TokenActivations:
+    """Ray Data actor: token ids -> one row per counted token, `act` of shape (d_in,), for SAE training."""
+
+    def __init__(self, spec: EncoderSpec):
+        self.encoder = DocumentEncoder(spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        token_lists = [row.tolist() for row in batch["input_ids"]]
+        return {"act": self.encoder.activations(token_lists).numpy().astype(np.float32)}

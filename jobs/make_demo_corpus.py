@@ -1,0 +1,37 @@
+"""Write the packaged Wikipedia summaries as RedPajama JSONL shards, topic kept in `meta.topic`.
+
+python -m jobs.make_demo_corpus --out data/corpus [--shards 8] [--limit 4000]
+ray job submit --working-dir . -- python -m jobs.make_demo_corpus --out s3://bucket/corpus
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from curation import cli
+from curation.demo_corpus import write_demo_corpus
+from curation.runtime import RunConfig
+
+
+@dataclass
+class DemoCorpusConfig(RunConfig):
+    out: str = "data/corpus"
+    """Directory for the shards, local or s3://."""
+    shards: int = 8
+    """Number of .jsonl.gz shards."""
+    limit: int | None = None
+    """Keep only this many documents (after a seeded shuffle); unset keeps all 10,033."""
+    seed: int = 0
+    """Shuffle seed."""
+
+
+def run(config: DemoCorpusConfig) -> list[str]:
+    return write_demo_corpus(config.out, config.shards, config.limit, config.seed, config.storage_options())
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.run_job(DemoCorpusConfig, run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    main()
