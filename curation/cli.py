@@ -114,7 +114,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         inner, _ = _unwrap_optional(hints[spec.name])
         kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS}
         help_text = docs.get(spec.name, "")
-        if default is not None and default != [] and default != {}:
+        if default not in (None, "", [], {}):
             help_text += f" (default: {default})"
         kwargs["help"] = help_text.replace("%", "%%")
         if inner is bool:

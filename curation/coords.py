@@ -28,7 +28,8 @@ def jacobian_row_norms(
 ) -> torch.Tensor:
     """(d_model,) estimate of the mean squared Jacobian row norm of each coordinate of layer L.
 
-    ||J_i||^2 = E_v[(J v)_i^2] for v ~ N(0, I) (a Hutchinson-style estimator); J v is taken by a central
+    ||J_i||^2 = d E_v[(J v)_i^2] for v uniform on each token's unit sphere (a Hutchinson-style estimator;
+    the constant d does not change the ranking and is left out); J v is taken by a central
     finite difference of the truncated forward along v in input-embedding space, so one probe costs
     two batched forwards and no backward pass. Padding and the skipped leading positions are left out.
     """
@@ -65,7 +66,8 @@ def mean_magnitude(encoder: DocumentEncoder, token_lists: Sequence[Sequence[int]
         part = hidden[mask].abs().sum(dim=0)
         total = part if total is None else total + part
         count += int(mask.sum())
-    assert total is not None
+    if total is None:
+        raise ConfigError("seeds", len(token_lists), "need at least one non-empty text to measure magnitudes")
     return total / max(count, 1)
 
 

@@ -77,6 +77,8 @@ class CurateConfig(RunConfig):
                 raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
         if not self.corpus:
             raise ConfigError("corpus", self.corpus, "is required: pass --corpus PATH_OR_GLOB")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError("threshold", self.threshold, "is a cosine similarity: use a value in [-1, 1]")
         if self.rule is None:
             self.rule = "threshold" if self.threshold is not None else "per_seed_topn"
         if self.rule == "threshold" and self.threshold is None:

@@ -145,7 +145,10 @@ class DocumentEncoder:
     @torch.inference_mode()
     def activations(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
         """Token lists -> (tokens, d_in) activations of every counted token, for SAE training."""
-        chunks = [hidden[mask] for _, hidden, mask in self.hidden_batches(token_lists)]
+        # Not pooling_mask alone: its fallback keeps a 1-token document's position 0, and that
+        # attention-sink activation must never reach SAE training or the normaliser.
+        skip = self.spec.skip_positions
+        chunks = [hidden[:, skip:][mask[:, skip:]] for _, hidden, mask in self.hidden_batches(token_lists)]
         return torch.cat(chunks).cpu() if chunks else torch.zeros((0, 0))
 
 

@@ -184,7 +184,8 @@ class TruncatedForward(nn.Module):
 
     Curation needs one intermediate layer; the blocks above it, the final norm and the LM head
     are dropped, not run and discarded. `forward` returns the output of block `layer`, which is
-    `hidden_states[layer + 1]` of a full forward with `output_hidden_states=True`.
+    `hidden_states[layer + 1]` of a full forward with `output_hidden_states=True` for every layer but the
+    last (there transformers applies the final norm).
     """
 
     def __init__(self, causal_lm: nn.Module, layer: int):

@@ -96,6 +96,8 @@ def check(config: TrainSAEConfig) -> tuple[models.ModelInfo, list[storage.FileIn
         raise ConfigError(
             "num_coords", config.num_coords, f"must be in 1..{info.hidden_size} (the hidden size of {config.model})"
         )
+    d_in = info.hidden_size if config.coords == "all" else config.num_coords
+    SAEConfig(d_in=d_in, expansion_factor=config.expansion_factor, k=config.k)  # fails fast, naming the field
     options = config.storage_options()
     if config.seeds:
         load_seeds(config.seeds, options)

@@ -29,15 +29,6 @@ SelectionRule = Literal["per_seed_topn", "global_topn", "threshold"]
 CANDIDATE_SCHEMA = pa.schema(
     [("key", pa.int32()), ("id", pa.string()), ("source", pa.string()), ("score", pa.float32())]
 )
-SELECTION_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("domain", pa.string()),
-        ("score", pa.float32()),
-        ("nearest_seed", pa.int32()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -86,6 +77,18 @@ def _top_rows(scores: np.ndarray, top_n: int) -> np.ndarray:
     return part[np.argsort(-scores[part], kind="stable")]
 
 
+def _top_unique_rows(ids: np.ndarray, scores: np.ndarray, top_n: int) -> np.ndarray:
+    """Rows of the `top_n` best distinct ids, with every copy of those ids.
+
+    A text duplicated inside one block must take one slot, not two; all its copies go on so the merge
+    can keep one source for it.
+    """
+    order = np.lexsort((ids, -scores))
+    _, first = np.unique(ids[order], return_index=True)
+    best_ids = ids[order[np.sort(first)[:top_n]]]
+    return np.flatnonzero(np.isin(ids, best_ids))
+
+
 def rule_scores(seed_sims: np.ndarray, spec: SelectionSpec) -> np.ndarray:
     """(docs, keys) scores a rule ranks on: per seed for per_seed_topn, per domain otherwise."""
     if spec.rule == "per_seed_topn":
@@ -101,7 +104,7 @@ def block_candidates(ids: np.ndarray, sources: np.ndarray, seed_sims: np.ndarray
         if spec.rule == "threshold":
             chosen = np.flatnonzero(scores[:, key] >= spec.threshold)
         else:
-            chosen = _top_rows(scores[:, key], spec.top_n)
+            chosen = _top_unique_rows(np.asarray(ids), scores[:, key], spec.top_n)
         keys.append(np.full(len(chosen), key, dtype=np.int32))
         rows.append(chosen)
     row_index = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)

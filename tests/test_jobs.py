@@ -1,0 +1,149 @@
+"""Each job run as a user runs it: `python -m jobs.<name>`, and once through `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, free_port
+from pipeline_helpers import write_corpus
+
+from curation import cli
+from curation.curate import CurateConfig
+from curation.sae_training import TrainSAEConfig
+
+pytestmark = pytest.mark.timeout(600)
+
+SAE_FLAGS = [
+    "--layer", "2", "--coords", "jacobian", "--num-coords", "32", "--expansion-factor", "4", "--k", "8",
+    "--max-train-tokens", "1500", "--epochs", "3", "--batch-tokens", "256", "--cpus-per-actor", "0.5",
+]  # fmt: skip
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_job(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def check_curated(out: Path, planted: dict[str, str]) -> None:
+    rows = pq.read_table(out / "curated").to_pylist()
+    assert {(row["text"], row["domain"]) for row in rows} == set(planted.items())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "curate" and manifest["counts"]["curated_rows"] == len(planted)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """A corpus with planted documents, and an SAE trained on it by `python -m jobs.train_sae`."""
+    root = tmp_path_factory.mktemp("jobs")
+    corpus = write_corpus(root / "corpus")
+    glob = str(root / "corpus" / "*.jsonl.gz")
+    run_job(["jobs.train_sae", "--corpus", glob, "--model", tiny_model_dir, "--seeds", corpus["seeds"],
+             "--out", str(root / "sae"), *SAE_FLAGS])  # fmt: skip
+    return {"corpus": corpus, "glob": glob, "sae": root / "sae"}
+
+
+def test_train_sae_and_curate_as_subprocesses(tmp_path, trained):
+    corpus, glob = trained["corpus"], trained["glob"]
+    assert (trained["sae"] / "cfg.json").is_file() and (trained["sae"] / "manifest.json").is_file()
+    overrides = tmp_path / "curate.yaml"
+    overrides.write_text("top_n: 2\ncpus_per_actor: 0.5\nbatch_size: 16\n")
+    args = ["jobs.curate", "--config", str(overrides), "--corpus", glob, "--seeds", corpus["seeds"],
+            "--sae", str(trained["sae"]), "--out", str(tmp_path / "out")]  # fmt: skip
+    run_job(args)
+    check_curated(tmp_path / "out", corpus["planted"])
+    rerun = run_job(args)
+    assert "skipping" in rerun.stderr + rerun.stdout
+
+
+def test_make_demo_corpus_writes_topics(tmp_path):
+    run_job(["jobs.make_demo_corpus", "--out", str(tmp_path / "c"), "--shards", "2", "--limit", "50"])
+    import gzip
+
+    rows = [json.loads(line) for p in sorted((tmp_path / "c").glob("*.jsonl.gz")) for line in gzip.open(p)]
+    assert len(rows) == 50 and all(row["text"] and row["meta"]["topic"] for row in rows)
+
+
+def test_shipped_yaml_configs_load():
+    classes = {"sae": TrainSAEConfig, "curate": CurateConfig}
+    shipped = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        cls = classes[path.stem.split("-")[-1]]
+        required = {"corpus": ["x"], "out": "o", "sae": "s", "seeds": "jobs/seeds/demo.jsonl"}
+        values = {k: v for k, v in required.items() if k in {f.name for f in cls.__dataclass_fields__.values()}}
+        config = cli.from_mapping(cls, {**values, **cli.load_yaml(str(path))}, origin=str(path))
+        assert isinstance(config, cls)
+
+
+def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError("Ray dashboard did not come up")
+
+
+def test_curate_through_ray_job_submit(tmp_path, trained):
+    """Against a real `ray start --head` cluster, the job joins it instead of starting its own Ray."""
+    corpus, glob = trained["corpus"], trained["glob"]
+    dashboard_port = free_port()
+    # Ray's socket paths must stay under the 107-byte Unix limit, which pytest's tmp_path can exceed.
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = job_env()
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+         f"--temp-dir={ray_temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for_dashboard(address, head)
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--", sys.executable, "-m", "jobs.curate",
+             "--corpus", glob, "--seeds", corpus["seeds"], "--sae", str(trained["sae"]),
+             "--out", str(tmp_path / "out"), "--top-n", "2", "--cpus-per-actor", "0.5", "--batch-size", "16"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+        assert "succeeded" in submit.stdout
+        assert "joining Ray" in submit.stdout and "starting a local Ray" not in submit.stdout
+        check_curated(tmp_path / "out", corpus["planted"])
+    finally:
+        # The head and everything it started share one process group: end them all, not just `ray start`.
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=15)
+        shutil.rmtree(ray_temp, ignore_errors=True)
