@@ -112,9 +112,7 @@ def test_min_chars_and_missing_meta(tmp_path):
 
 
 def test_last_line_without_newline_and_crlf(tmp_path):
-    uri = write_shard(
-        tmp_path / "s.jsonl", [good_line("one") + b"\r", good_line("two")], trailing_newline=False
-    )
+    uri = write_shard(tmp_path / "s.jsonl", [good_line("one") + b"\r", good_line("two")], trailing_newline=False)
     docs, rejects = split(list(iter_shard(uri, None, CleanConfig())))
     assert [doc["text"] for doc in docs] == ["one", "two"] and rejects == []
 
@@ -158,9 +156,7 @@ def corpus_lines(count: int, seed: int = 0) -> list[bytes]:
     """Many distinct documents of random words: big enough for several compressed blocks."""
     rng = random.Random(seed)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
-    return [
-        good_line(f"doc {index}: " + " ".join(rng.choices(words, k=25)), n=index) for index in range(count)
-    ]
+    return [good_line(f"doc {index}: " + " ".join(rng.choices(words, k=25)), n=index) for index in range(count)]
 
 
 def expected_from_prefix(prefix: bytes) -> tuple[list[str], str]:
@@ -311,9 +307,7 @@ def test_read_shard_batches_and_always_writes_rejects(tmp_path):
             "raw": "oops",
         }
     ]
-    assert reader.rejects_uri(rejects_dir, uri).endswith(
-        hashlib.sha1(uri.encode()).hexdigest()[:16] + ".parquet"
-    )
+    assert reader.rejects_uri(rejects_dir, uri).endswith(hashlib.sha1(uri.encode()).hexdigest()[:16] + ".parquet")
 
     clean_uri = write_shard(tmp_path / "clean.jsonl", lines[:2])
     assert sum(table.num_rows for table in read_shard(clean_uri, None, CleanConfig(), rejects_dir)) == 2

@@ -64,9 +64,7 @@ def _roundtrip(base: str, options: StorageOptions | None) -> None:
 
     storage.write_parquet_atomic(_table(), storage.join(base, "t.parquet"), options)
     assert storage.read_parquet(storage.join(base, "t.parquet"), options).equals(_table())
-    assert storage.read_parquet(storage.join(base, "t.parquet"), options, columns=["id"]).column_names == [
-        "id"
-    ]
+    assert storage.read_parquet(storage.join(base, "t.parquet"), options, columns=["id"]).column_names == ["id"]
 
     assert storage.exists(storage.join(base, "t.parquet"), options)
     assert not storage.exists(storage.join(base, "nope.parquet"), options)
