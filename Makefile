@@ -4,10 +4,10 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= runs/demo
-# The demo's budget: documents in the corpus, tokens drawn to train the SAE, and the SAE layer.
-DEMO_DOCS ?= 4000
-DEMO_SAE_TOKENS ?= 150000
-DEMO_LAYER ?= 15
+# The demo's budget: documents in the corpus and tokens drawn to train the SAE (the rest of its
+# settings are in jobs/configs/demo-*.yaml).
+DEMO_DOCS ?= 2000
+DEMO_SAE_TOKENS ?= 120000
 
 export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
@@ -29,10 +29,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) -m jobs.make_demo_corpus --out $(DEMO)/corpus --limit $(DEMO_DOCS)
-	$(PY) -m jobs.train_sae --corpus '$(DEMO)/corpus/*.jsonl.gz' --model smollm2-135m --layer $(DEMO_LAYER) \
-		--seeds jobs/seeds/demo.jsonl --max-train-tokens $(DEMO_SAE_TOKENS) --out $(DEMO)/sae
-	$(PY) -m jobs.curate --corpus '$(DEMO)/corpus/*.jsonl.gz' --seeds jobs/seeds/demo.jsonl \
-		--sae $(DEMO)/sae --out $(DEMO)/curated --top-n 10
+	$(PY) -m jobs.train_sae --config jobs/configs/demo-sae.yaml --corpus '$(DEMO)/corpus/*.jsonl.gz' \
+		--max-train-tokens $(DEMO_SAE_TOKENS) --out $(DEMO)/sae
+	$(PY) -m jobs.curate --config jobs/configs/demo-curate.yaml --corpus '$(DEMO)/corpus/*.jsonl.gz' \
+		--sae $(DEMO)/sae --out $(DEMO)/curated
 	@echo
 	@echo "Curated dataset: $(DEMO)/curated/curated/*.parquet"
 	@echo "Report:          $(DEMO)/curated/report.md"
@@ -47,6 +47,7 @@ test: install lint
 
 bench: install
 	$(PY) bench/curation_throughput.py
+	$(PY) bench/curation_quality.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -21,18 +21,23 @@ from curation.sae import TopKSAE
 logger = logging.getLogger(__name__)
 
 
-def length_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int = 64) -> list[list[int]]:
+def length_batches(
+    lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int = 64, max_padding: float = 0.2
+) -> list[list[int]]:
     """Group row indices into micro-batches of similar length.
 
-    Rows are sorted by length and cut so that (rows x longest row) stays within `max_batch_tokens`:
-    each micro-batch pads only to its own longest row, not to the longest row of the whole batch.
+    Rows are sorted by length and cut so that (rows x longest row) stays within `max_batch_tokens`
+    and no row is padded by more than `max_padding` of the micro-batch's longest row: each micro-batch
+    pads only to its own longest row, and that row is close to all the others.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
         longest = lengths[current[0]] if current else lengths[index]
-        if current and (len(current) + 1) * longest > max_batch_tokens or len(current) >= max_batch_size:
+        full = (len(current) + 1) * longest > max_batch_tokens or len(current) >= max_batch_size
+        wasteful = lengths[index] < (1 - max_padding) * longest
+        if current and (full or wasteful):
             batches.append(current)
             current = []
         current.append(index)
@@ -166,7 +171,7 @@ class EncodeDocuments:
 
     def __init__(self, spec: EncoderSpec, seed_vectors: np.ndarray, sae: TopKSAE | None = None):
         self.encoder = DocumentEncoder(spec, sae=sae)
-        self.seed_vectors = torch.as_tensor(seed_vectors, dtype=torch.float32)
+        self.seed_vectors = torch.tensor(seed_vectors, dtype=torch.float32)
         self.tokens = 0
         self.seconds = 0.0
         logger.info("encoder ready on pid %d (layer %d)", os.getpid(), spec.layer)

@@ -62,7 +62,18 @@ def test_length_batches_cover_every_row_once_within_budget(seed, budget, max_row
 
 def test_length_batches_give_an_over_long_row_its_own_batch():
     lengths = [5, 100, 5, 7]
-    assert length_batches(lengths, max_batch_tokens=50) == [[1], [3, 0, 2]]
+    assert length_batches(lengths, max_batch_tokens=50, max_padding=1.0) == [[1], [3, 0, 2]]
+
+
+def test_length_batches_cap_padding_per_row():
+    # 7 then 5: a 5-token row padded to 7 wastes 29% > 20%, so it starts a new micro-batch.
+    assert length_batches([5, 100, 5, 7], max_batch_tokens=50) == [[1], [3], [0, 2]]
+    batches = length_batches([100, 95, 90, 81, 80, 50], max_batch_tokens=10_000, max_padding=0.2)
+    assert batches == [[0, 1, 2, 3, 4], [5]]  # 80 is exactly 20% below 100: still in
+    lengths = [100, 95, 90, 81, 80, 50]
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert all(lengths[i] >= 0.8 * longest for i in batch)
 
 
 def test_length_batches_fill_up_to_the_budget():

@@ -1,0 +1,354 @@
+"""Tokens per second of the curation encode stage, against its floor and against the naive path.
+
+Measured in one process, on real Wikipedia summaries from the demo corpus:
+
+- **encode**: `DocumentEncoder.encode` with a Top-K SAE (truncated forward, input coordinates, SAE, pooling),
+  length-batched as the library does (timed per micro-batch: `encode` on the documents of one
+  `length_batches` group over the whole sample, which its own length batching leaves whole);
+- **floor**: the bare `TruncatedForward` on exactly the same micro-batches, already padded, nothing else;
+- **naive**: the full model (loaded separately, not truncated) at batch size 1 with
+  `output_hidden_states=True`, taking `hidden_states[layer + 1]` and mean-pooling it;
+- **fixed-32** (for information): the truncated forward on fixed batches of 32 documents in sample order,
+  each padded to its longest document, to show what length bucketing buys.
+
+Only real tokens count, never padding. Each method is timed in units (a micro-batch, or one document for
+the naive path), the methods interleaved unit by unit, over several rounds after a warm-up. A method's
+tokens/s is its tokens over the sum of each unit's fastest round: on a shared machine, noise only ever adds
+time, and per-unit minima shed it far better than a best whole round. The median round is shown as well.
+Targets: encode >= 0.85 x floor and >= 2 x naive. This is a benchmark, not a test; absolute numbers on a
+shared machine mean little, the ratios are the point.
+
+The defaults (48 documents, 8 for the naive path) keep a run within about 5 minutes on a 2-core machine.
+The curation job encodes 256 documents per call (`CurateConfig.batch_size`), where length bucketing has
+more rows to sort and pads less: pass `--docs 256` for numbers representative of the pipeline.
+
+    .venv/bin/python bench/curation_throughput.py
+    .venv/bin/python bench/curation_throughput.py --docs 256 --naive-docs 48 --json /tmp/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from curation.demo_corpus import load_summaries
+from curation.encode import (
+    DocumentEncoder,
+    EncoderSpec,
+    length_batches,
+    mean_pool,
+    pad_right,
+    pooling_mask,
+    tokenize_texts,
+)
+from curation.models import DEFAULT_MODEL, load_model, model_info
+from curation.sae import SAEConfig, TopKSAE
+
+TARGET_VS_FLOOR = 0.85
+TARGET_VS_NAIVE = 2.0
+FIXED_BATCH_SIZE = 32
+SAMPLE_SEED = 0
+WARMUP_DOCS = 8
+NORMALIZER_DOCS = 16
+
+PaddedBatch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Method:
+    """One way of encoding a fixed set of documents, as timed units (a micro-batch, or one document)."""
+
+    name: str
+    units: list[Callable[[], object]]
+    unit_tokens: list[int]
+    """Real (unpadded) tokens of each unit."""
+    docs: int
+    unit_seconds: list[list[float]] = field(init=False)
+    """Per unit, its wall time in each round."""
+
+    def __post_init__(self) -> None:
+        self.unit_seconds = [[] for _ in self.units]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.unit_tokens)
+
+    @property
+    def round_seconds(self) -> list[float]:
+        return [sum(times) for times in zip(*self.unit_seconds, strict=True)]
+
+    @property
+    def best_tokens_per_s(self) -> float:
+        """Tokens / the sum over units of each unit's fastest round: noise on a shared machine only adds time."""
+        return self.tokens / sum(min(times) for times in self.unit_seconds)
+
+    @property
+    def median_tokens_per_s(self) -> float:
+        return self.tokens / statistics.median(self.round_seconds)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name, HF directory or .gguf file")
+    parser.add_argument("--layer", type=int, default=15, help="decoder layer read (ignored when --sae sets one)")
+    parser.add_argument("--docs", type=int, default=48, help="documents sampled from the demo corpus")
+    parser.add_argument("--max-tokens", type=int, default=256, help="each document is cut to this many tokens")
+    parser.add_argument("--max-batch-tokens", type=int, default=8192, help="rows x longest row per micro-batch")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    parser.add_argument("--sae", default=None, help="SAE directory; default: a fresh TopKSAE(d_in=96, k=32)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per method, after one warm-up")
+    parser.add_argument("--naive-docs", type=int, default=8, help="documents for the (slow) naive path")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args()
+    for name in ("docs", "max_tokens", "max_batch_tokens", "threads", "repeats", "naive_docs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.max_batch_tokens < args.max_tokens:
+        parser.error(f"--max-batch-tokens={args.max_batch_tokens} must be >= --max-tokens={args.max_tokens}")
+    return args
+
+
+def build_sae(args: argparse.Namespace) -> TopKSAE:
+    """The SAE from --sae, or a fresh one over 96 fixed random coordinates (normaliser fitted later)."""
+    if args.sae is not None:
+        return TopKSAE.load(args.sae)
+    hidden_size = model_info(args.model).hidden_size
+    coords = sorted(random.Random(SAMPLE_SEED).sample(range(hidden_size), 96))
+    torch.manual_seed(SAMPLE_SEED)
+    return TopKSAE(SAEConfig(d_in=96, k=32, layer=args.layer, coords=coords))
+
+
+def sample_documents(tokenizer, count: int, max_tokens: int) -> list[list[int]]:
+    """A fixed-seed sample of demo-corpus summaries as token lists (empty ones dropped)."""
+    rows = load_summaries()
+    texts = [row["text"] for row in random.Random(SAMPLE_SEED).sample(rows, min(count, len(rows)))]
+    return [tokens for tokens in tokenize_texts(tokenizer, texts, max_tokens) if tokens]
+
+
+def pad_groups(token_lists: Sequence[Sequence[int]], groups: list[list[int]], pad_id: int) -> list[PaddedBatch]:
+    return [pad_right([token_lists[row] for row in rows], pad_id) for rows in groups]
+
+
+def fixed_groups(count: int, batch_size: int) -> list[list[int]]:
+    return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+
+
+def padding_efficiency(token_lists: Sequence[Sequence[int]], groups: list[list[int]]) -> float:
+    """Real tokens / tokens the forward actually runs on (rows x longest row, summed over micro-batches)."""
+    real = sum(len(tokens) for tokens in token_lists)
+    padded = sum(len(rows) * max(len(token_lists[row]) for row in rows) for rows in groups)
+    return real / padded
+
+
+@torch.inference_mode()
+def naive_encode(full_model: nn.Module, token_lists: Sequence[Sequence[int]], layer: int, skip: int) -> torch.Tensor:
+    """What one writes without thinking: whole model, one document at a time, keep one hidden state."""
+    vectors = []
+    for tokens in token_lists:
+        ids, attention = pad_right([tokens], pad_id=0)
+        hidden = full_model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
+        vectors.append(mean_pool(hidden[layer + 1], pooling_mask(attention, skip)))
+    return torch.cat(vectors)
+
+
+def make_methods(
+    encoder: DocumentEncoder,
+    full_model: nn.Module,
+    token_lists: list[list[int]],
+    naive_lists: list[list[int]],
+) -> list[Method]:
+    """The four measured methods on one document set; padded batches are built here, outside the timing.
+
+    The encode units are `encoder.encode` on the documents of one micro-batch of `length_batches` over the
+    whole set, so that its own length batching cuts them into exactly the micro-batch the floor runs.
+    """
+    lengths = [len(tokens) for tokens in token_lists]
+    groups = length_batches(lengths, encoder.spec.max_batch_tokens)
+    fixed = fixed_groups(len(token_lists), FIXED_BATCH_SIZE)
+    group_docs = [[token_lists[row] for row in rows] for rows in groups]
+    for docs in group_docs:
+        if len(length_batches([len(tokens) for tokens in docs], encoder.spec.max_batch_tokens)) != 1:
+            raise RuntimeError("length_batches split one of its own micro-batches; the encode units would differ")
+
+    def forward(batch: PaddedBatch) -> Callable[[], object]:
+        return lambda: encoder.forward(*batch)
+
+    def group_tokens(row_groups: list[list[int]]) -> list[int]:
+        return [sum(lengths[row] for row in rows) for rows in row_groups]
+
+    layer, skip = encoder.forward.layer, encoder.spec.skip_positions
+    return [
+        Method(
+            "encode (SAE, length-bucketed)",
+            [lambda docs=docs: encoder.encode(docs) for docs in group_docs],
+            group_tokens(groups),
+            len(token_lists),
+        ),
+        Method(
+            "floor (truncated fwd, same batches)",
+            [forward(batch) for batch in pad_groups(token_lists, groups, encoder.pad_id)],
+            group_tokens(groups),
+            len(token_lists),
+        ),
+        Method(
+            "naive (full fwd, bs=1, hidden_states)",
+            [lambda doc=doc: naive_encode(full_model, [doc], layer, skip) for doc in naive_lists],
+            [len(doc) for doc in naive_lists],
+            len(naive_lists),
+        ),
+        Method(
+            f"truncated fwd, fixed batches of {FIXED_BATCH_SIZE}",
+            [forward(batch) for batch in pad_groups(token_lists, fixed, encoder.pad_id)],
+            group_tokens(fixed),
+            len(token_lists),
+        ),
+    ]
+
+
+def run_rounds(methods: list[Method], repeats: int) -> None:
+    """Time every unit of every method once per round, interleaving the methods unit by unit.
+
+    Interleaving puts the methods side by side in time, so a burst of load from another process hits all of
+    them rather than one; the order rotates at every step so no method always runs first.
+    """
+    steps = max(len(method.units) for method in methods)
+    for round_index in range(repeats):
+        for step in range(steps):
+            shift = (round_index + step) % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                if step < len(method.units):
+                    started = time.perf_counter()
+                    method.units[step]()
+                    method.unit_seconds[step].append(time.perf_counter() - started)
+        totals = ", ".join(f"{method.round_seconds[-1]:.1f}s" for method in methods)
+        print(f"  round {round_index + 1}/{repeats}: {totals}", flush=True)
+
+
+@torch.inference_mode()
+def truncation_error(encoder: DocumentEncoder, full_model: nn.Module, tokens: list[int]) -> float:
+    """Max |truncated forward - full forward's hidden_states[layer + 1]| on one document (should be ~0)."""
+    ids, attention = pad_right([tokens], encoder.pad_id)
+    truncated = encoder.forward(ids, attention)
+    full = full_model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
+    return (truncated - full[encoder.forward.layer + 1]).abs().max().item()
+
+
+def busy_note(threads: int) -> str | None:
+    """A warning when other processes already load the CPUs, which makes every number here noisy."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load < 0.5:
+        return None
+    note = f"note: 1-min load average {load:.1f} on {cpus} CPUs before start: other processes share them"
+    if threads == 1:
+        return note + "; the numbers are noisy, rerun when the machine is idle."
+    return note + (
+        f". With --threads {threads} above the idle cores, small batches (the naive path most) slow down far "
+        "more than large ones; compare with --threads 1."
+    )
+
+
+def mark(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report(methods: list[Method], efficiency: dict[str, float], args: argparse.Namespace, extra: dict) -> dict:
+    encode, floor, naive, fixed = methods
+    header = f"{'method':<40} {'docs':>5} {'tokens':>7} {'best tok/s':>11} {'median tok/s':>13} {'x floor':>8}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for method in methods:
+        ratio = method.best_tokens_per_s / floor.best_tokens_per_s
+        print(
+            f"{method.name:<40} {method.docs:>5} {method.tokens:>7} {method.best_tokens_per_s:>11.0f} "
+            f"{method.median_tokens_per_s:>13.0f} {ratio:>8.2f}"
+        )
+    vs_floor = encode.best_tokens_per_s / floor.best_tokens_per_s
+    vs_naive = encode.best_tokens_per_s / naive.best_tokens_per_s
+    bucketing_gain = floor.best_tokens_per_s / fixed.best_tokens_per_s
+    print()
+    print(f"encode / floor  = {vs_floor:.3f}  (target >= {TARGET_VS_FLOOR})  {mark(vs_floor >= TARGET_VS_FLOOR)}")
+    print(f"encode / naive  = {vs_naive:.2f}   (target >= {TARGET_VS_NAIVE})   {mark(vs_naive >= TARGET_VS_NAIVE)}")
+    print(
+        f"padding efficiency (real / padded tokens): length-bucketed {efficiency['bucketed']:.3f}, "
+        f"fixed batches of {FIXED_BATCH_SIZE} {efficiency['fixed']:.3f}; bucketing speed-up {bucketing_gain:.2f}x"
+    )
+    return {
+        "args": vars(args),
+        **extra,
+        "methods": {
+            m.name: {
+                "docs": m.docs,
+                "tokens": m.tokens,
+                "round_seconds": m.round_seconds,
+                "best_tokens_per_s": m.best_tokens_per_s,
+                "median_tokens_per_s": m.median_tokens_per_s,
+            }
+            for m in methods
+        },
+        "encode_vs_floor": vs_floor,
+        "encode_vs_naive": vs_naive,
+        "bucketing_speedup": bucketing_gain,
+        "padding_efficiency": efficiency,
+        "pass": {"vs_floor": vs_floor >= TARGET_VS_FLOOR, "vs_naive": vs_naive >= TARGET_VS_NAIVE},
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    note = busy_note(args.threads)
+    torch.set_num_threads(args.threads)
+    sae = build_sae(args)
+    layer = sae.cfg.layer if args.sae is not None and sae.cfg.layer >= 0 else args.layer
+    spec = EncoderSpec(
+        model=args.model,
+        sae_dir=None,
+        layer=layer,
+        coords=sae.cfg.coords or None,
+        skip_positions=sae.cfg.skip_positions,
+        max_batch_tokens=args.max_batch_tokens,
+        torch_threads=args.threads,
+    )
+    encoder = DocumentEncoder(spec, sae=sae)
+    full_model = load_model(args.model)
+    token_lists = sample_documents(encoder.tokenizer, args.docs, args.max_tokens)
+    naive_lists = token_lists[: args.naive_docs]
+    if args.sae is None:
+        # A realistic normaliser: fitted on real activations of this layer and these coordinates.
+        sae.fit_normalizer(encoder.activations(token_lists[:NORMALIZER_DOCS]))
+    lengths = [len(tokens) for tokens in token_lists]
+    print(
+        f"model={args.model} layer={layer} threads={torch.get_num_threads()} docs={len(token_lists)} "
+        f"tokens={sum(lengths)} (mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}) "
+        f"sae: d_in={sae.cfg.d_in} latents={sae.cfg.num_latents} k={sae.cfg.k}"
+    )
+    if note is not None:
+        print(note)
+    error = truncation_error(encoder, full_model, token_lists[0])
+    print(f"max |truncated - full hidden_states[{layer + 1}]| on one document: {error:.2e}")
+
+    print("warm-up")
+    run_rounds(make_methods(encoder, full_model, token_lists[:WARMUP_DOCS], naive_lists[:2]), repeats=1)
+    print("timed rounds")
+    methods = make_methods(encoder, full_model, token_lists, naive_lists)
+    run_rounds(methods, args.repeats)
+    efficiency = {
+        "bucketed": padding_efficiency(token_lists, length_batches(lengths, args.max_batch_tokens)),
+        "fixed": padding_efficiency(token_lists, fixed_groups(len(token_lists), FIXED_BATCH_SIZE)),
+    }
+    results = report(methods, efficiency, args, {"layer": layer, "truncation_error": error, "busy_note": note})
+    if args.json is not None:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
