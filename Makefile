@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 DEMO ?= runs/demo
 # The demo's budget: documents in the corpus and tokens drawn to train the SAE (the rest of its
 # settings are in jobs/configs/demo-*.yaml).
-DEMO_DOCS ?= 2000
-DEMO_SAE_TOKENS ?= 120000
+DEMO_DOCS ?= 1000
+DEMO_SAE_TOKENS ?= 60000
 
 export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1

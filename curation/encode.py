@@ -163,6 +163,14 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[lis
     return [list(ids) for ids in encoded["input_ids"]]
 
 
+def _worker_logging() -> None:
+    """Ray workers start with logging unconfigured: make this package's progress lines visible."""
+    package = logging.getLogger("curation")
+    if not package.handlers and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    package.setLevel(logging.INFO)
+
+
 class EncodeDocuments:
     """Ray Data actor: token ids -> cosine similarity of each document to every seed.
 
@@ -170,6 +178,7 @@ class EncodeDocuments:
     """
 
     def __init__(self, spec: EncoderSpec, seed_vectors: np.ndarray, sae: TopKSAE | None = None):
+        _worker_logging()
         self.encoder = DocumentEncoder(spec, sae=sae)
         self.seed_vectors = torch.tensor(seed_vectors, dtype=torch.float32)
         self.tokens = 0
@@ -192,6 +201,7 @@ class TokenActivations:
     """Ray Data actor: token ids -> one row per counted token, `act` of shape (d_in,), for SAE training."""
 
     def __init__(self, spec: EncoderSpec):
+        _worker_logging()
         self.encoder = DocumentEncoder(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
