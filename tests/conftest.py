@@ -31,6 +31,17 @@ def _seed():
     np.random.seed(0)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models and tensors: extra intra-op threads only add contention on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -25,12 +25,8 @@ HIDDEN = 64  # the tiny model's hidden size (conftest.build_tiny_model)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's matrices are small: extra intra-op threads only add contention on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Tiny tensors: one intra-op thread (see conftest.one_torch_thread)."""
 
 
 def random_docs(count: int, low: int, high: int, seed: int = 0) -> list[list[int]]:

@@ -13,12 +13,8 @@ from curation.models import EMBEDDED_MODELS, TruncatedForward, load_model, local
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's matrices are small: extra intra-op threads only add contention on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Tiny tensors: one intra-op thread (see conftest.one_torch_thread)."""
 
 
 # --- TruncatedForward -------------------------------------------------------------------------------

@@ -15,12 +15,8 @@ from curation.sae import SAEConfig, SAETrainer, TopKSAE, train_sae
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Tiny tensors: one intra-op thread (see conftest.one_torch_thread)."""
 
 
 def planted_dictionary(num_atoms: int, d_in: int, generator: torch.Generator) -> torch.Tensor:
