@@ -27,8 +27,6 @@ from curation.select import SelectionRule, SelectionSpec, block_candidates, labe
 
 logger = logging.getLogger(__name__)
 
-SCORED_SCHEMA_FIELDS = ["id", "text", "source", "meta", "truncated", "n_tokens", "seed_sims"]
-
 
 @dataclass
 class CurateConfig(RunConfig):
