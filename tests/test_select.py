@@ -89,17 +89,21 @@ def test_per_seed_topn_is_the_union_over_a_domains_seeds():
     ]
 
 
+# The rows that both global top-2 and a 0.75 threshold select from SIMS: (id, domain, score, nearest seed).
+TOP2_OR_OVER_075_ROWS = [
+    ("d0", "math", 0.9, 0),
+    ("d2", "bio", 0.75, 2),
+    ("d2", "math", 0.85, 1),
+    ("d3", "bio", 0.9, 2),
+]
+
+
 def test_global_topn_ranks_on_the_domain_score():
     spec = SelectionSpec("global_topn", SEED_DOMAINS, top_n=2)
     selected = run_selection(spec, SIMS, IDS, SOURCES)
     # Keys are domains: 0 = bio (d3 0.90, d2 0.75), 1 = math (d0 0.90, d2 0.85); d1 (math 0.70) misses.
     assert keys_by_id(selected) == {"d0": [1], "d2": [0, 1], "d3": [0]}
-    assert label_rows(spec, selected) == [
-        ("d0", "math", 0.9, 0),
-        ("d2", "bio", 0.75, 2),
-        ("d2", "math", 0.85, 1),
-        ("d3", "bio", 0.9, 2),
-    ]
+    assert label_rows(spec, selected) == TOP2_OR_OVER_075_ROWS
 
 
 def test_global_topn_takes_everything_when_the_corpus_is_smaller_than_top_n():
@@ -113,12 +117,7 @@ def test_threshold_is_inclusive():
     spec = SelectionSpec("threshold", SEED_DOMAINS, threshold=0.75)
     selected = run_selection(spec, SIMS, IDS, SOURCES, cuts=[1, 3])
     assert keys_by_id(selected) == {"d0": [1], "d2": [0, 1], "d3": [0]}
-    assert label_rows(spec, selected) == [
-        ("d0", "math", 0.9, 0),
-        ("d2", "bio", 0.75, 2),
-        ("d2", "math", 0.85, 1),
-        ("d3", "bio", 0.9, 2),
-    ]
+    assert label_rows(spec, selected) == TOP2_OR_OVER_075_ROWS
 
 
 def test_threshold_as_typed_by_a_user_keeps_a_score_that_equals_it_in_float32():
