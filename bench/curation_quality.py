@@ -7,7 +7,8 @@ SmolLM2 and the shipped seeds, then measures, per domain, the share of selected 
 - base rate: the topic's share of the corpus;
 - random: the same number of documents drawn uniformly (mean over 200 draws);
 - dense: the same rule on mean-pooled layer-L hidden states without the SAE (position 0 left out too,
-  so the comparison is with an honest baseline, not a length-dominated one).
+  so the comparison is with an honest baseline, not a length-dominated one);
+- SAE mean: the same SAE with its codes mean-pooled instead of pooled by firing rate.
 
     python bench/curation_quality.py --docs 2000 --layer 15 --top-n 10 --coords all
 """
@@ -42,9 +43,9 @@ TOPICS = {
 }
 
 
-def dense_selection(scored: list[dict], args, seeds) -> dict[str, set[str]]:
-    """The same rule on dense mean-pooled hidden states (no SAE), over the same documents."""
-    encoder = DocumentEncoder(EncoderSpec(model="smollm2-135m", sae_dir=None, layer=args.layer))
+def selection(scored: list[dict], args, seeds, sae_dir: str | None, pooling: str = "mean") -> dict[str, set[str]]:
+    """The same rule on other document vectors over the same documents: no SAE (dense), or other pooling."""
+    encoder = DocumentEncoder(EncoderSpec(model="smollm2-135m", sae_dir=sae_dir, layer=args.layer, pooling=pooling))
     seed_vectors = encoder.encode(tokenize_texts(encoder.tokenizer, seeds.texts, args.max_tokens))
     doc_vectors = encoder.encode(tokenize_texts(encoder.tokenizer, [r["text"] for r in scored], args.max_tokens))
     sims = (doc_vectors @ seed_vectors.T).numpy()
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--expansion-factor", type=int, default=4)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: the jobs' default)")
     parser.add_argument("--work", default="runs/quality")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -80,21 +82,25 @@ def main() -> None:
     run_train_sae(TrainSAEConfig(corpus=corpus, out=str(work / "sae"), layer=args.layer, seeds=str(SEEDS),
                                  coords=args.coords, num_coords=args.num_coords, k=args.k,
                                  expansion_factor=args.expansion_factor, max_train_tokens=args.sae_tokens,
-                                 max_tokens=args.max_tokens))  # fmt: skip
+                                 max_tokens=args.max_tokens, torch_threads=args.threads))  # fmt: skip
     run_curation(CurateConfig(corpus=corpus, seeds=str(SEEDS), sae=str(work / "sae"), out=str(work / "curated"),
-                              top_n=args.top_n, max_tokens=args.max_tokens))  # fmt: skip
+                              top_n=args.top_n, max_tokens=args.max_tokens, torch_threads=args.threads))  # fmt: skip
     scored = pq.read_table(work / "curated" / "scored", columns=["id", "text", "meta"]).to_pylist()
     topic_of = {row["id"]: json.loads(row["meta"])["topic"] for row in scored}
     curated = pq.read_table(work / "curated" / "curated", columns=["id", "domain"]).to_pylist()
     seeds = load_seeds(str(SEEDS))
     torch.manual_seed(0)
-    dense = dense_selection(scored, args, seeds)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dense = selection(scored, args, seeds, sae_dir=None)
+    sae_mean = selection(scored, args, seeds, sae_dir=str(work / "sae"), pooling="mean")
     rng = random.Random(0)
     all_ids = list(topic_of)
     figures = {}
     print(f"\n{len(scored)} documents, layer {args.layer}, per-seed top-{args.top_n} union\n")
     print(
-        "| domain | selected | base rate | random | dense (no SAE) | FineScope (SAE) |\n|---|---:|---:|---:|---:|---:|"
+        "| domain | selected | base rate | random | dense (no SAE) | SAE, mean pooling | FineScope (SAE, rate) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|"
     )
     for domain, topic in TOPICS.items():
         ours = [row["id"] for row in curated if row["domain"] == domain]
@@ -103,13 +109,17 @@ def main() -> None:
             [np.mean([topic_of[i] == topic for i in rng.sample(all_ids, len(ours))]) for _ in range(200)]
         )
         dense_precision = np.mean([topic_of[i] == topic for i in dense[domain]])
+        mean_precision = np.mean([topic_of[i] == topic for i in sae_mean[domain]])
         sae_precision = np.mean([topic_of[i] == topic for i in ours])
         figures[domain] = {"selected": len(ours), "base_rate": base, "random": float(random_precision),
-                           "dense": float(dense_precision), "sae": float(sae_precision)}  # fmt: skip
+                           "dense": float(dense_precision), "sae_mean": float(mean_precision),
+                           "sae": float(sae_precision)}  # fmt: skip
         print(f"| {domain} | {len(ours)} | {base:.3f} | {random_precision:.3f} | {dense_precision:.3f} "
-              f"| {sae_precision:.3f} |")  # fmt: skip
-    mean = {key: float(np.mean([f[key] for f in figures.values()])) for key in ("base_rate", "random", "dense", "sae")}
-    print(f"| mean | | {mean['base_rate']:.3f} | {mean['random']:.3f} | {mean['dense']:.3f} | {mean['sae']:.3f} |")
+              f"| {mean_precision:.3f} | {sae_precision:.3f} |")  # fmt: skip
+    keys = ("base_rate", "random", "dense", "sae_mean", "sae")
+    mean = {key: float(np.mean([f[key] for f in figures.values()])) for key in keys}
+    print(f"| mean | | {mean['base_rate']:.3f} | {mean['random']:.3f} | {mean['dense']:.3f} | {mean['sae_mean']:.3f} "
+          f"| {mean['sae']:.3f} |")  # fmt: skip
     print(f"\nSAE / dense precision ratio: {mean['sae'] / max(mean['dense'], 1e-9):.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"domains": figures, "mean": mean, "args": vars(args)}, indent=2))

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation import manifest, models, storage
-from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec, tokenize_texts
+from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec, Pooling, tokenize_texts
 from curation.errors import ConfigError
 from curation.reader import CleanConfig, count_rejects, read_corpus
 from curation.runtime import EXECUTION_FIELDS, RunConfig, default_torch_threads, init_ray
@@ -48,6 +48,8 @@ class CurateConfig(RunConfig):
     """Cosine-similarity cut for the `threshold` rule."""
     max_tokens: int = 256
     """Tokens of each document that are encoded (a longer document is cut)."""
+    pooling: Pooling = "rate"
+    """SAE codes to a document vector: `rate`, the share of its tokens each latent fires on, or `mean`."""
     min_chars: int = 1
     """Documents shorter than this, after stripping, are rejected."""
     max_chars: int = 20_000
@@ -160,6 +162,7 @@ def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE) -> EncoderSpec
         sae_dir=None,
         layer=sae.cfg.layer,
         skip_positions=sae.cfg.skip_positions,
+        pooling=config.pooling,
         max_batch_tokens=config.max_batch_tokens,
         device="cuda" if config.gpus_per_actor > 0 else "cpu",
         torch_threads=threads,

@@ -11,12 +11,19 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from curation.models import TruncatedForward, load_model, load_tokenizer
 from curation.sae import TopKSAE
+
+# How a document's per-token SAE codes become one vector. `rate` counts how often each latent fires
+# and ignores how strongly: a few high-magnitude latents dominate the mean code of every document
+# whatever its topic, while which features fire, and how often, is what separates topics (README,
+# "Quality": on the demo corpus `rate` beat both `mean` and the dense baseline).
+Pooling = Literal["rate", "mean"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,11 @@ def mean_pool(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def firing_rate(codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens, latents) sparse codes -> (batch, latents) share of counted tokens each latent fires on."""
+    return mean_pool((codes > 0).to(codes.dtype), mask)
+
+
 def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
@@ -98,6 +110,7 @@ class EncoderSpec:
     layer: int
     coords: list[int] | None = None
     skip_positions: int = 1
+    pooling: Pooling = "rate"
     max_batch_tokens: int = 8192
     device: str = "cpu"
     torch_threads: int = 0
@@ -135,13 +148,19 @@ class DocumentEncoder:
     def encode(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
         """Token lists -> (docs, dim) unit-norm document vectors, in input order.
 
-        With an SAE, dim is its number of latents: the dense Top-K codes of every token, mean-pooled
-        over the document. Without one, the pooled layer activations themselves (the dense baseline).
+        With an SAE, dim is its number of latents, pooled over the document's counted tokens by
+        `spec.pooling`: `rate`, the share of tokens each latent fires on, or `mean`, the mean code.
+        Without one, the mean of the layer activations themselves (the dense baseline).
         """
         out: torch.Tensor | None = None
         for rows, hidden, mask in self.hidden_batches(token_lists):
-            features = self.sae.encode_dense(hidden) if self.sae is not None else hidden
-            pooled = l2_normalize(mean_pool(features, mask)).cpu()
+            if self.sae is None:
+                pooled = mean_pool(hidden, mask)
+            elif self.spec.pooling == "rate":
+                pooled = firing_rate(self.sae.encode_dense(hidden), mask)
+            else:
+                pooled = mean_pool(self.sae.encode_dense(hidden), mask)
+            pooled = l2_normalize(pooled).cpu()
             if out is None:
                 out = torch.zeros((len(token_lists), pooled.shape[-1]))
             out[rows] = pooled

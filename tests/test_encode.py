@@ -233,6 +233,26 @@ def test_encode_with_sae_gives_latent_vectors(encoder, tiny_model_dir):
     torch.testing.assert_close(with_sae.encode([docs[2]])[0], vectors[2], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("pooling", ["rate", "mean"])
+def test_sae_pooling_by_hand(encoder, tiny_model_dir, pooling):
+    sae = TopKSAE(SAEConfig(d_in=HIDDEN, k=8, layer=2))
+    sae.fit_normalizer(encoder.activations(random_docs(20, 5, 30, seed=7)))
+    doc = random_docs(1, 9, 9, seed=9)[0]
+    hidden = encoder.forward(torch.tensor([doc]), torch.ones(1, len(doc), dtype=torch.long))[0]
+    codes = sae.encode_dense(hidden[1:])  # (tokens after position 0, latents)
+    # rate: the share of the 8 counted tokens on which each latent fires; mean: the mean code.
+    pooled = (codes > 0).float().mean(dim=0) if pooling == "rate" else codes.mean(dim=0)
+
+    vector = make_encoder(tiny_model_dir, sae=sae, pooling=pooling).encode([doc])[0]
+
+    torch.testing.assert_close(vector, l2_normalize(pooled), atol=1e-6, rtol=0)
+    if pooling == "rate":
+        # Unnormalised, every entry is a multiple of 1/8 and each token fires exactly k latents.
+        rates = vector * pooled.norm()
+        torch.testing.assert_close(rates * 8, (rates * 8).round(), atol=1e-4, rtol=0)
+        assert abs(float(pooled.sum()) - 8) < 1e-5
+
+
 # --- coordinate selection ---------------------------------------------------------------------------
 
 
