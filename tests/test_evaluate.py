@@ -381,3 +381,24 @@ def test_real_smollm2_packed_scores_equal_separate_forwards(one_torch_thread):
     questions = mmlu.sample_questions(mmlu.split_dev(mmlu.load_mmlu().questions)[1], 3, seed=0)
     items = [encode_item(tokenizer, mmlu.build_context(q, []), [" " + c for c in q.choices], 2048) for q in questions]
     np.testing.assert_allclose(score_items(model, items, tokenizer.pad_token_id), score_naive(model, items), atol=2e-3)
+
+
+def test_evaluate_model_task_reads_a_model_from_s3(s3_bucket, tiny_model_dir, tiny, one_torch_thread):
+    """The Ray task body, run without Ray: a model directory on s3:// is copied locally and scored."""
+    from curation import storage
+    from training.evaluate import ModelTask, evaluate_model
+
+    uri = f"s3://{s3_bucket}/models/tiny"
+    storage.upload_dir(tiny_model_dir, uri)
+    questions = [mmlu.parse_row(row)[0] for row in planted_questions(3)]
+    choices = [[mmlu.continuation(c) for c in q.choices] for q in questions]
+    task = ModelTask(label="remote", model=uri, contexts={0: [mmlu.build_context(q, []) for q in questions]},
+                     choices=choices, documents={"d": ["w1 w2 w3 w4"]}, max_length=512, window=16, stride=8,
+                     max_batch_tokens=512, dtype="float32", device="cpu", torch_threads=1,
+                     storage_options=storage.StorageOptions().resolved())  # fmt: skip
+    output = evaluate_model(task)
+    tokenizer, model = tiny
+    items = [encode_item(tokenizer, c, row, 512) for c, row in zip(task.contexts[0], choices, strict=True)]
+    np.testing.assert_allclose(output["mmlu"][0]["logprob"], score_naive(model, items), atol=2e-4)
+    assert output["mmlu"][0]["n_chars"].tolist()[0] == [len(c) for c in choices[0]]
+    assert output["ppl"]["d"]["tokens"].tolist() == [3]

@@ -83,6 +83,8 @@ def _ppl_lines(results: dict[str, Any]) -> list[str]:
         lines += [
             f"### {name}: {entry['documents']} documents",
             "",
+            f"Documents skipped while reading, by reason: {entry['skipped'] or 'none'}.",
+            "",
             "Token-weighted perplexity with a 95% bootstrap interval over documents; the last column is a paired"
             f" bootstrap over documents against `{labels[0]}`.",
             "",

@@ -131,6 +131,8 @@ class ModelTask:
     dtype: str
     device: str
     torch_threads: int
+    storage_options: storage.StorageOptions | None = None
+    """For a model on s3://, copied to a local directory in the task before loading."""
 
 
 def evaluate_model(task: ModelTask) -> dict[str, Any]:
@@ -149,8 +151,9 @@ def evaluate_model(task: ModelTask) -> dict[str, Any]:
     if task.torch_threads:
         torch.set_num_threads(task.torch_threads)
     started = time.perf_counter()
-    tokenizer = models.load_tokenizer(task.model)
-    model = models.load_model(task.model, dtype=getattr(torch, task.dtype), device=task.device)
+    path = storage.local_copy(task.model, task.storage_options) if storage.is_remote(task.model) else task.model
+    tokenizer = models.load_tokenizer(path)
+    model = models.load_model(path, dtype=getattr(torch, task.dtype), device=task.device)
     limit = int(getattr(model.config, "max_position_embeddings", task.max_length) or task.max_length)
     max_length, window = min(task.max_length, limit), min(task.window, limit)
     stride = min(task.stride, window)
@@ -203,7 +206,11 @@ def plan(config: EvaluateConfig) -> EvaluationPlan:
     pairs = config.labelled_models()
     inputs: list[storage.FileInfo] = []
     for _, model in pairs:
-        models.model_info(model)
+        if storage.is_remote(model):
+            if not storage.exists(storage.join(model, "config.json"), options):
+                raise ConfigError("models", model, "no config.json there: give a Hugging Face model directory")
+        else:
+            models.model_info(model)
         inputs += _model_inputs(model, options)
     questions: list[Question] = []
     dev: list[Question] = []
@@ -258,6 +265,7 @@ def build_tasks(checked: EvaluationPlan) -> list[ModelTask]:
             dtype=config.dtype,
             device="cuda" if config.gpus_per_model > 0 else "cpu",
             torch_threads=threads,
+            storage_options=config.storage_options(),
         )
         for label, model in checked.models
     ]
