@@ -73,7 +73,19 @@ def _mmlu_lines(results: dict[str, Any]) -> list[str]:
                     "",
                 ]
             lines += [f"![MMLU {shot_key} {norm}](mmlu_{shots}shot_{norm}.png)", ""]
+    lines += _subject_lines(section, labels, shot_keys[0])
     return lines
+
+
+def _subject_lines(section: dict[str, Any], labels: list[str], shot_key: str) -> list[str]:
+    """Accuracy per subject, length-normalised, for the first shot setting (every setting: results.json)."""
+    subjects = section["results"][labels[0]][shot_key]["char"]["subjects"]
+    lines = [f"### By subject ({shot_key}, {NORM_TITLES['char']})", ""]
+    lines += ["| subject | questions | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
+    for subject, entry in subjects.items():
+        cells = [_pct(section["results"][label][shot_key]["char"]["subjects"][subject]) for label in labels]
+        lines.append(f"| {subject} | {entry['total']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _ppl_lines(results: dict[str, Any]) -> list[str]:
