@@ -373,6 +373,8 @@ def test_evaluate_job_as_subprocess(tmp_path, tiny_model_dir, planted_model_dir)
     assert len((out / "questions.jsonl").read_text().splitlines()) == 12
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "evaluate" and manifest["counts"]["questions"] == 12
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and "skipping" in rerun.stderr  # the manifest matches: no model is loaded
 
 
 def test_real_smollm2_packed_scores_equal_separate_forwards(one_torch_thread):
