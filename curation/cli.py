@@ -71,7 +71,8 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
         return value
     if origin is list:
         (item_type,) = get_args(inner) or (str,)
-        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        values = value if isinstance(value, list) else [value]
+        items = [v for one in values for v in (str(one).split(",") if isinstance(one, str) else [one]) if v != ""]
         return [_coerce(name, item_type, item) for item in items]
     if origin is dict or inner is dict:
         if isinstance(value, str):
@@ -121,6 +122,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(inner) is Literal:
             kwargs["choices"] = list(get_args(inner))
+        elif get_origin(inner) is list:
+            kwargs["nargs"] = "+"  # `--models a b c`; commas also split (`--shots 0,5`)
         parser.add_argument(flag, **kwargs)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
