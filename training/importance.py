@@ -14,7 +14,8 @@ gradient. Peak memory is therefore the weights plus the activations of one batch
 - SmolLM2-135M in fp32, batches of 8 x 256 tokens: about 1.5 GB peak RSS (measured, see README).
 - Llama-3.1-8B in bf16: 16 GB of weights + one matrix's gradient + activations. With activation
   checkpointing (`checkpointing=True`) the activations are one layer's inputs per layer plus one
-  layer's recomputed internals: about 2 GB at batch 4 x 512. It fits a 24 GB GPU.
+  layer's recomputed internals plus the logits and their gradient: about 3 GB at batch 4 x 512, most of
+  it the 128k-vocabulary logits. About 20 GB in all: it fits a 24 GB GPU.
 
 LLM-Pruner's `param_mix` keeps, for every parameter, its full gradient and an fp32 accumulator of
 gradients across batches (for its second-order term), i.e. weights (16 GB) + gradients (16 GB) + fp32
@@ -23,11 +24,13 @@ accumulators (32 GB) for an 8B model, which is why it runs out of memory on a 40
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +47,17 @@ class Importance:
     channels: torch.Tensor
     batches: int = 0
     tokens: int = 0
+
+    def to_npz(self) -> bytes:
+        """The raw scores as a NumPy .npz (arrays `groups`, `channels`), for later analysis."""
+        buffer = io.BytesIO()
+        np.savez(buffer, groups=self.groups.numpy(), channels=self.channels.numpy())
+        return buffer.getvalue()
+
+    @classmethod
+    def from_npz(cls, data: bytes) -> Importance:
+        arrays = np.load(io.BytesIO(data), allow_pickle=False)
+        return cls(torch.from_numpy(arrays["groups"]), torch.from_numpy(arrays["channels"]))
 
     def summary(self) -> dict:
         return {
@@ -107,11 +121,18 @@ def magnitude_importance(model: nn.Module, layout: Layout) -> Importance:
 
 
 def random_importance(layout: Layout, seed: int = 0) -> Importance:
-    """Uniform random scores per structure: the floor any informed method must beat."""
+    """Random scores per structure: the floor any informed method must beat.
+
+    Each score is uniform in [0, 1) times the structure's weight count, so that in expectation every
+    weight is worth the same whether it sits in attention or in the MLP, and the split between the two
+    is not biased (unscaled scores would make a 294,912-weight attention group as cheap to remove as a
+    1,728-weight channel, and the planner would strip attention first).
+    """
     generator = torch.Generator().manual_seed(seed)
     scores = _zeros(layout)
-    scores.groups = torch.rand(scores.groups.shape, generator=generator, dtype=torch.float64)
+    scores.groups = torch.rand(scores.groups.shape, generator=generator, dtype=torch.float64) * layout.group_params
     scores.channels = torch.rand(scores.channels.shape, generator=generator, dtype=torch.float64)
+    scores.channels *= layout.channel_params
     return scores
 
 

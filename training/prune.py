@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 PruneMethod = Literal["taylor", "magnitude", "random"]
 Ranking = Literal["global", "per_layer"]
 REPORT = "prune_report.json"
+# Not *.safetensors: vLLM loads every safetensors file of a model directory as weights.
+IMPORTANCE = "prune_importance.npz"
 
 
 @dataclass
@@ -345,6 +347,7 @@ def run_pruning(config: PruneConfig) -> dict:
     with timer("save"):
         save_pruned(model, tokenizer, config.out, options)
         storage.write_json_atomic(storage.join(config.out, REPORT), report, options)
+        storage.write_bytes_atomic(storage.join(config.out, IMPORTANCE), importance.to_npz(), options)
     logger.info(
         "pruned %s: %d -> %d parameters (%.1f%% of total, %.1f%% of the decoder layers); %d heads / %d KV, MLP %d",
         config.model,
