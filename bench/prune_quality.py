@@ -9,11 +9,11 @@ for the evaluation. No recovery training: these are the numbers straight after p
 
     python bench/prune_quality.py                                   # Biology, ratio 0.3
     python bench/prune_quality.py --topic Mathematics --importance-docs 160 --heldout-docs 96
-    python bench/prune_quality.py --json /tmp/prune_quality.json
+    python bench/prune_quality.py --json /tmp/prune_quality.json --work /tmp/pq   # a rerun reuses /tmp/pq
 
 Perplexity is exp of the mean next-token loss over all held-out tokens (token-weighted), first 256
-tokens of each document. Peak RSS of the Taylor run is the process's high-water mark after it (the
-Taylor run goes first, so nothing bigger has run before it).
+tokens of each document. Peak RSS of the Taylor run is the pruning process's high-water mark, recorded in its
+prune_report.json (the Taylor run goes first, so nothing bigger has run before it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import random
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +76,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="directory for the data and checkpoints (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--force", action="store_true", help="re-prune even where --work holds a finished run of the same config"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
@@ -109,12 +111,12 @@ def main() -> None:
             max_docs=args.importance_docs,
             max_tokens=args.max_tokens,
             seed=args.seed,
-            force=True,
+            force=args.force,
         )
         report = run_pruning(config)
         prune_seconds = time.perf_counter() - started
         if method == "taylor":
-            taylor_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            taylor_rss = report["peak_rss_mb"]  # measured by the job, in the process that ran the importance
         model = AutoModelForCausalLM.from_pretrained(config.out, dtype=torch.float32).eval()
         results[method] = {
             "ppl": perplexity(model, tokenizer, heldout, args.max_tokens),
