@@ -12,7 +12,7 @@ models are loaded from their directories with plain `AutoModelForCausalLM.from_p
   on a free core. With more threads, wall time is used (CPU time would add the threads up); the
   wall-clock ratio is printed in both cases.
 - **peak memory**: each model is loaded and run once at batch 16 in a fresh subprocess, whose peak RSS
-  (`ru_maxrss`) is reported, so neither model's allocations leak into the other's figure.
+  (`VmHWM`) is reported, so neither model's allocations leak into the other's figure.
 
 Target: at least 1.25x faster at batch 16 for a 30% cut.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -64,7 +63,10 @@ def memory_child(directory: str, batch: int) -> None:
     """Run in a subprocess: load, one forward at `batch`, print peak RSS in MB."""
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     time_forward(model, batch, torch.Generator().manual_seed(0))
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's peak.
+    with open("/proc/self/status") as status:
+        kilobytes = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": kilobytes / 1024}))
 
 
 def peak_rss(directory: str, batch: int, threads: int) -> float:
