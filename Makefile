@@ -49,6 +49,8 @@ bench: install
 	$(PY) bench/curation_throughput.py
 	$(PY) bench/curation_quality.py
 	$(PY) bench/eval_throughput.py
+	$(PY) bench/prune_quality.py
+	$(PY) bench/pruned_speed.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
