@@ -327,7 +327,7 @@ def sampling_params(config: TeacherConfig) -> dict[str, Any]:
 
 def vllm_preprocess(row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Our row -> the engine's inputs. Ray keeps the row's other columns alongside for postprocess."""
-    return {"tokenized_prompt": list(row["prompt_ids"]), "sampling_params": dict(params)}
+    return {"tokenized_prompt": [int(token) for token in row["prompt_ids"]], "sampling_params": dict(params)}
 
 
 def vllm_postprocess(
@@ -338,9 +338,10 @@ def vllm_postprocess(
     Ray's vLLM stage reports the generated token ids but no finish reason: a row that generated
     `max_new_tokens` tokens and did not end on an EOS token was cut off.
     """
-    tokens = list(row.get("generated_tokens") or [])
-    count = int(row.get("num_generated_tokens") or len(tokens))
-    cut_off = count >= max_new_tokens and not (tokens and int(tokens[-1]) in stop_ids)
+    generated = row.get("generated_tokens")
+    tokens = [] if generated is None else [int(token) for token in generated]  # a list or a numpy array
+    count = int(row["num_generated_tokens"]) if row.get("num_generated_tokens") is not None else len(tokens)
+    cut_off = count >= max_new_tokens and not (tokens and tokens[-1] in stop_ids)
     out = {name: row[name] for name in columns}
     out.update(
         teacher=row.get("generated_text") or "", teacher_tokens=count, finish_reason="length" if cut_off else "stop"
