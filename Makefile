@@ -48,6 +48,7 @@ test: install lint
 bench: install
 	$(PY) bench/curation_throughput.py
 	$(PY) bench/curation_quality.py
+	$(PY) bench/teacher_throughput.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

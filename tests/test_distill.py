@@ -361,7 +361,7 @@ SMOL_INSTRUCTIONS = [
 ]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_smollm2_rewrite_recipe(one_torch_thread):
     """SmolLM2-Instruct through its chat template: decoded, non-empty rewrites, judged as specified."""
     from curation.models import load_tokenizer
@@ -390,7 +390,7 @@ def test_smollm2_rewrite_recipe(one_torch_thread):
     assert "paris" in generations[0].text.lower()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_smollm2_continuation_pipeline(ray_local, tmp_path):
     docs = [
         {
