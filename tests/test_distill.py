@@ -230,7 +230,7 @@ def test_config_errors_name_the_field(tmp_path):
 # --- the pipeline on local Ray, scripted teacher ---------------------------------------------------------------
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_pipeline_filters_dedups_and_resumes(ray_local, scripted_model, tmp_path):
     data = write_rows(tmp_path / "data", INSTRUCTION_ROWS)
     out = tmp_path / "out"
@@ -276,7 +276,7 @@ def test_pipeline_filters_dedups_and_resumes(ray_local, scripted_model, tmp_path
     assert read_dir(out / "distilled") == distilled
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_pipeline_reads_a_curated_output(ray_local, scripted_model, tmp_path):
     """Raw curated text takes the continuation recipe; a changed config starts over instead of resuming."""
     docs = [
