@@ -585,6 +585,7 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
                     num_cpus=0.25,
                 ).to_pandas()
             )
+    written = [frame for frame in written if len(frame)]  # a stream with no rows left yields no columns
     run_counts = {
         "generated_rows": int(sum(frame["generated"].sum() for frame in written)),
         "generated_tokens": int(sum(frame["generated_tokens"].sum() for frame in written)),
