@@ -51,6 +51,7 @@ bench: install
 	$(PY) bench/eval_throughput.py
 	$(PY) bench/prune_quality.py
 	$(PY) bench/pruned_speed.py
+	$(PY) bench/teacher_throughput.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
