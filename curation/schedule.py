@@ -478,7 +478,7 @@ def run_batch(spec: ScheduleSpec, ray_address: str | None = None) -> dict[str, A
                 _commit(batch, lease, info, results[info.uri])
             processed += len(claimed)
     snapshot = current_snapshot(spec.out, options)
-    if batch.shards or snapshot is None:
+    if snapshot is None or any(shard["status"] == DONE for shard in batch.shards.values()):
         snapshot = publish_snapshot(spec, batch.selection, catalog)
     record = {
         "batch": batch_id,
@@ -545,7 +545,7 @@ def spec_status(spec: ScheduleSpec) -> dict[str, Any]:
         "done": len(done),
         "in_progress": in_progress,
         "failed": failed,
-        "pending": len(seen) - len(done) - len(in_progress) - len(failed),
+        "pending": len(seen - set(done) - set(in_progress) - {f["shard"] for f in failed}),
         "rows_curated": pointer["rows"] if pointer else 0,
         "snapshot": pointer["version"] if pointer else None,
         "last_batch": last_batch,
