@@ -190,7 +190,7 @@ def test_leases_are_exclusive_and_expire(backend, tmp_path, request):
     winners: list[str] = []
 
     def claim(name: str) -> None:
-        if Catalog(root, options, owner=name, lease_seconds=1.5).try_claim(info, 3) is not None:
+        if Catalog(root, options, owner=name, lease_seconds=120).try_claim(info, 3) is not None:
             winners.append(name)
 
     threads = [threading.Thread(target=claim, args=(f"batch-{i}",)) for i in range(6)]
@@ -199,17 +199,22 @@ def test_leases_are_exclusive_and_expire(backend, tmp_path, request):
     for thread in threads:
         thread.join()
     assert len(winners) == 1
-    assert Catalog(root, options, owner="late", lease_seconds=1.5).try_claim(info, 3) is None  # still live
-    time.sleep(1.6)
-    taker = Catalog(root, options, owner="taker", lease_seconds=60)
-    lease = taker.try_claim(info, 3)
-    assert lease is not None and lease.generation == 1  # the crashed holder's lease expired
-    assert not Catalog(root, options, owner="old", lease_seconds=1).holds(
-        type(lease)(lease.key, lease.uri, 0, winners[0])
-    )
-    taker.commit_done(lease, info, {"documents": 3, "candidates": 0})
-    assert Catalog(root, options, owner="again", lease_seconds=60).try_claim(info, 3) is None  # done
-    assert taker.record(shard_key(info.uri))["status"] == "done"
+    assert Catalog(root, options, owner="late", lease_seconds=120).try_claim(info, 3) is None  # still live
+
+    # A batch that crashed holding a lease: once it expires, exactly one taker gets the next generation.
+    other = storage.FileInfo("s3://corpus/part-1.jsonl.gz", 10, 1.0)
+    crashed = Catalog(root, options, owner="crashed", lease_seconds=0.5).try_claim(other, 3)
+    assert crashed is not None and crashed.generation == 0
+    time.sleep(0.6)
+    taker = Catalog(root, options, owner="taker", lease_seconds=120)
+    lease = taker.try_claim(other, 3)
+    assert lease is not None and lease.generation == 1
+    assert Catalog(root, options, owner="x", lease_seconds=120).try_claim(other, 3) is None
+    assert not taker.holds(crashed) and taker.holds(lease)
+    taker.commit_done(lease, other, {"documents": 3, "candidates": 0})
+    assert Catalog(root, options, owner="again", lease_seconds=120).try_claim(other, 3) is None  # done
+    assert taker.record(shard_key(other.uri))["status"] == "done"
+    assert not storage.exists(storage.join(root, "leases", lease.key), options)  # released after the record
 
 
 def test_shard_failure_reasons():
