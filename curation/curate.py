@@ -257,7 +257,8 @@ def encode_shards(
         num_gpus=config.gpus_per_actor or None,
         batch_size=config.batch_size,
     )
-    scored.write_parquet(**_arrow_target(scored_dir, options))
+    # A write task asks for 1 CPU by default: on a 2-CPU node with two batches' actor pools it never starts.
+    scored.write_parquet(**_arrow_target(scored_dir, options), ray_remote_args={"num_cpus": 0.25})
 
 
 def run_curation(config: CurateConfig) -> dict[str, Any]:
