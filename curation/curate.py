@@ -176,7 +176,8 @@ def _candidates_udf(batch: pa.Table, spec: SelectionSpec) -> pa.Table:
     return block_candidates(ids, sources, sims, spec)
 
 
-def _label_udf(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[str, list[int]]]) -> pa.Table:
+def label_rows(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[str, list[int]]]) -> pa.Table:
+    """Scored rows -> the curated rows among them: one row per (selected document, domain), its kept source only."""
     ids = batch.column("id").to_pylist()
     sources = batch.column("source").to_pylist()
     keep = [
@@ -210,6 +211,59 @@ def _label_udf(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[s
     )
 
 
+def selection_spec(config: CurateConfig, seeds: Seeds) -> SelectionSpec:
+    return SelectionSpec(
+        rule=config.rule,  # type: ignore[arg-type]
+        seed_domains=seeds.domains,
+        top_n=config.top_n,
+        threshold=config.threshold if config.threshold is not None else 0.0,
+    )
+
+
+def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> tuple[EncoderSpec, np.ndarray]:
+    """The encoder actors' spec and the (seeds, latents) seed vectors, encoded on the driver."""
+    spec = _encoder_spec(config, checked.model, checked.sae)
+    encoder = DocumentEncoder(spec, sae=checked.sae)
+    seeds_matrix = seed_vectors(encoder, checked.seeds, config.max_tokens)
+    del encoder
+    return spec, seeds_matrix
+
+
+def encode_shards(
+    config: CurateConfig,
+    checked: CurationPlan,
+    uris: list[str],
+    spec: EncoderSpec,
+    seeds_matrix: np.ndarray,
+    scored_dir: str,
+    rejects_dir: str,
+) -> None:
+    """read -> clean -> tokenize -> encode actor pool -> `scored_dir` (Parquet with `seed_sims`), on Ray Data.
+
+    Rejects land in `rejects_dir`, one file per shard. Ray must be initialised.
+    """
+    import ray
+
+    options = config.storage_options()
+    docs = read_corpus(uris, options, config.clean_config(), rejects_dir)
+    tokens = docs.map_batches(
+        tokenize_batch,
+        fn_kwargs={"model": checked.model, "max_tokens": config.max_tokens},
+        batch_size=config.batch_size,
+        num_cpus=0.25,
+    )
+    scored = tokens.map_batches(
+        EncodeDocuments,
+        fn_constructor_args=(spec, seeds_matrix, checked.sae),
+        compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor or None,
+        batch_size=config.batch_size,
+    )
+    # A write task asks for 1 CPU by default: on a 2-CPU node with two batches' actor pools it never starts.
+    scored.write_parquet(**_arrow_target(scored_dir, options), ray_remote_args={"num_cpus": 0.25})
+
+
 def run_curation(config: CurateConfig) -> dict[str, Any]:
     """Run stage 1 end to end and return its manifest. Skips when a manifest for this exact run exists."""
     checked = plan(config)
@@ -222,37 +276,15 @@ def run_curation(config: CurateConfig) -> dict[str, Any]:
     init_ray(config.ray_address)
     import ray
 
-    spec = _encoder_spec(config, checked.model, checked.sae)
-    selection = SelectionSpec(
-        rule=config.rule,  # type: ignore[arg-type]
-        seed_domains=checked.seeds.domains,
-        top_n=config.top_n,
-        threshold=config.threshold if config.threshold is not None else 0.0,
-    )
+    selection = selection_spec(config, checked.seeds)
     with timer("seeds"):
-        encoder = DocumentEncoder(spec, sae=checked.sae)
-        seeds_matrix = seed_vectors(encoder, checked.seeds, config.max_tokens)
-        del encoder
+        spec, seeds_matrix = prepare_encoder(config, checked)
     scored_dir = storage.join(config.out, "scored")
     rejects_dir = storage.join(config.out, "rejects")
     curated_dir = storage.join(config.out, "curated")
     with timer("encode"):
-        docs = read_corpus([info.uri for info in checked.inputs], options, config.clean_config(), rejects_dir)
-        tokens = docs.map_batches(
-            tokenize_batch,
-            fn_kwargs={"model": checked.model, "max_tokens": config.max_tokens},
-            batch_size=config.batch_size,
-            num_cpus=0.25,
-        )
-        scored = tokens.map_batches(
-            EncodeDocuments,
-            fn_constructor_args=(spec, seeds_matrix, checked.sae),
-            compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
-            num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor or None,
-            batch_size=config.batch_size,
-        )
-        scored.write_parquet(**_arrow_target(scored_dir, options))
+        uris = [info.uri for info in checked.inputs]
+        encode_shards(config, checked, uris, spec, seeds_matrix, scored_dir, rejects_dir)
     with timer("select"):
         scored_target = _arrow_target(scored_dir, options)
         scored_in = ray.data.read_parquet(scored_target["path"], filesystem=scored_target["filesystem"])
@@ -266,7 +298,7 @@ def run_curation(config: CurateConfig) -> dict[str, Any]:
         candidate_table = pa.concat_tables(ray.get(candidates.to_arrow_refs()))
         selected = merge_candidates(candidate_table, selection)
         curated = scored_in.map_batches(
-            _label_udf,
+            label_rows,
             fn_kwargs={"spec": selection, "selected": selected},
             batch_format="pyarrow",
             batch_size=None,

@@ -302,6 +302,45 @@ def write_bytes_atomic(uri: str, data: bytes | bytearray | memoryview, options: 
     logger.debug("wrote %d bytes to %s", len(data), uri)
 
 
+def write_bytes_exclusive(uri: str, data: bytes, options: StorageOptions | None = None) -> bool:
+    """Create ``uri`` holding ``data`` only if nothing is there yet; True if this call created it.
+
+    The check and the write are one atomic step, so of several writers racing for one name exactly one
+    wins. Locally: the data goes to a temp file first, then ``os.link`` names it, which fails if the name
+    exists (readers never see a half-written object, unlike ``O_EXCL`` followed by a write). On S3: a PUT
+    with ``If-None-Match: *`` (S3 conditional writes, 2024; s3fs ``mode="create"``), which the store
+    refuses with 412 when the key exists. A store that ignores the header would make this an overwrite:
+    check it with a test against your store.
+    """
+    fs, path = filesystem(uri, options)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(temp_path, path)
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_path)
+        return True
+    try:
+        fs.pipe_file(path, bytes(data), mode="create")
+    except FileExistsError:
+        return False
+    except OSError as err:
+        # s3fs maps a 412 without the "Condition" field (some S3-compatible stores) to a plain EINVAL.
+        if "precondition" in str(err).lower():
+            return False
+        raise
+    return True
+
+
 def write_json_atomic(uri: str, obj: Any, options: StorageOptions | None = None) -> None:
     """Write ``obj`` as indented JSON with sorted keys, atomically. Serialised before anything is touched."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
@@ -418,6 +457,7 @@ __all__ = [
     "read_parquet",
     "remove",
     "write_bytes_atomic",
+    "write_bytes_exclusive",
     "write_json_atomic",
     "write_parquet_atomic",
 ]

@@ -1,0 +1,130 @@
+"""Cluster manifests: they parse, hold the fields their controllers require, and run existing jobs with valid flags."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from curation import cli
+from curation.curate import CurateConfig
+from curation.sae_training import TrainSAEConfig
+from curation.schedule import ScheduleJobConfig, load_spec
+
+CLUSTER = REPO / "cluster"
+JOB_CONFIGS = {"jobs.schedule": ScheduleJobConfig, "jobs.curate": CurateConfig, "jobs.train_sae": TrainSAEConfig}
+
+
+def manifest(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def job_commands(argv: list[str]) -> list[list[str]]:
+    """Every `python -m jobs.<name> ...` inside a command line, as its argument list from the module on."""
+    found = []
+    for index in range(len(argv) - 1):
+        if argv[index] == "-m" and argv[index + 1].startswith("jobs."):
+            found.append(argv[index + 1 :])
+    return found
+
+
+def check_job_command(argv: list[str]) -> None:
+    """The module exists, its config accepts the flags, and a --spec file loads."""
+    module, args = argv[0], argv[1:]
+    assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
+    config = cli.parse(JOB_CONFIGS[module], args)
+    for spec in getattr(config, "spec", []):
+        loaded = load_spec(str(REPO / spec))
+        assert loaded.corpus and loaded.out
+
+
+def containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def check_ray_cluster_spec(spec: dict) -> None:
+    assert spec["headGroupSpec"]["rayStartParams"] is not None
+    assert containers(spec["headGroupSpec"]["template"])[0]["image"]
+    groups = spec["workerGroupSpecs"]
+    gpu_limits = [
+        c["resources"]["limits"].get("nvidia.com/gpu") for group in groups for c in containers(group["template"])
+    ]
+    assert any(gpu_limits), "a worker group must ask for GPUs"
+    for group in groups:
+        assert group["groupName"] and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_every_cluster_file_parses():
+    files = sorted(CLUSTER.glob("*.yaml"))
+    assert {f.name for f in files} >= {
+        "raycluster.yaml", "rayjob-schedule.yaml", "cronjob-schedule.yaml", "ray-cluster-launcher.yaml"
+    }  # fmt: skip
+    for path in files:
+        assert isinstance(yaml.safe_load(path.read_text()), dict), path
+
+
+def test_rayjob_runs_one_schedule_batch():
+    job = manifest("rayjob-schedule.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    commands = job_commands(shlex.split(job["spec"]["entrypoint"]))
+    assert commands and commands[0][0] == "jobs.schedule" and "--once" in commands[0]
+    for command in commands:
+        check_job_command(command)
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    check_ray_cluster_spec(job["spec"]["rayClusterSpec"])
+
+
+def test_cronjob_submits_a_batch_to_the_raycluster():
+    cron = manifest("cronjob-schedule.yaml")
+    assert cron["apiVersion"] == "batch/v1" and cron["kind"] == "CronJob"
+    assert len(cron["spec"]["schedule"].split()) == 5
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]
+    assert pod["spec"]["restartPolicy"] in ("Never", "OnFailure")
+    argv = containers(pod)[0]["command"]
+    assert argv[:3] == ["ray", "job", "submit"]
+    # The address is the head service KubeRay creates for the RayCluster of raycluster.yaml.
+    cluster = manifest("raycluster.yaml")
+    assert f"http://{cluster['metadata']['name']}-head-svc:8265" == argv[argv.index("--address") + 1]
+    commands = job_commands(argv)
+    assert commands and commands[0][0] == "jobs.schedule" and "--once" in commands[0]
+    for command in commands:
+        check_job_command(command)
+
+
+def test_raycluster_has_an_autoscaled_gpu_group():
+    cluster = manifest("raycluster.yaml")
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
+    check_ray_cluster_spec(cluster["spec"])
+
+
+def test_launcher_has_gpu_workers_and_valid_commands():
+    launcher = manifest("ray-cluster-launcher.yaml")
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers"):
+        assert key in launcher, key
+    types = launcher["available_node_types"]
+    assert launcher["head_node_type"] in types
+    assert any(node["resources"].get("GPU", 0) >= 1 and node.get("max_workers", 0) > 0 for node in types.values())
+    header = [line.lstrip("# ") for line in (CLUSTER / "ray-cluster-launcher.yaml").read_text().splitlines()]
+    commands = job_commands(shlex.split(" ".join(line.rstrip("\\") for line in header if line.startswith("python"))))
+    assert commands, "the launcher's usage lines must show the job command"
+    for command in commands:
+        check_job_command(command)
+
+
+@pytest.mark.parametrize("bad", [["--spec", "jobs/configs/schedule-s3.yaml", "--no-such-flag"]])
+def test_a_wrong_flag_would_be_caught(bad):
+    with pytest.raises(SystemExit):
+        check_job_command(["jobs.schedule", *bad])
+
+
+def test_shipped_schedule_specs_load():
+    for path in sorted((REPO / "jobs" / "configs").glob("schedule-*.yaml")):
+        spec = load_spec(str(path))
+        assert spec.rule in ("per_seed_topn", "global_topn", "threshold") and spec.max_attempts >= 1, path
+    cluster_spec = load_spec(str(REPO / "jobs" / "configs" / "schedule-s3.yaml"))
+    assert cluster_spec.gpus_per_actor == 1 and cluster_spec.out.startswith("s3://")
+    assert Path(REPO / "jobs" / "schedule.py").is_file()
