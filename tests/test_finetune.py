@@ -20,7 +20,15 @@ from curation.errors import ConfigError
 from training.deepspeed_config import build_deepspeed_config
 from training.finetune import FinetuneConfig, merged_model, plan, run_finetune
 from training.losses import IGNORE_INDEX, causal_lm_loss, kd_loss
-from training.sft_data import BatchShape, Example, collate, encode_example, plan_window, rank_micro_batches, training_target
+from training.sft_data import (
+    BatchShape,
+    Example,
+    collate,
+    encode_example,
+    plan_window,
+    rank_micro_batches,
+    training_target,
+)
 
 ROWS = 96
 
@@ -97,7 +105,10 @@ def test_prompt_masking_on_one_batch(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    examples = [Example(*encode_example(tokenizer, "w1 w2 w3", "w4 w5", 32)), Example(*encode_example(tokenizer, "w6", "w7", 32))]
+    examples = [
+        Example(*encode_example(tokenizer, "w1 w2 w3", "w4 w5", 32)),
+        Example(*encode_example(tokenizer, "w6", "w7", 32)),
+    ]
     batch = collate(examples, tokenizer.pad_token_id)
     vocab = tokenizer.get_vocab()
     # Row 0: <s> w1 w2 w3 | w4 w5 </s>; row 1: <s> w6 | w7 </s> and three pads.
@@ -106,7 +117,13 @@ def test_prompt_masking_on_one_batch(tiny_model_dir):
         [IGNORE_INDEX] * 2 + [vocab["w7"], tokenizer.eos_token_id] + [IGNORE_INDEX] * 3,
     ]
     assert batch["labels"].tolist() == expected_labels
-    assert batch["input_ids"][0].tolist() == [tokenizer.bos_token_id, vocab["w1"], vocab["w2"], vocab["w3"], *expected_labels[0][4:]]
+    assert batch["input_ids"][0].tolist() == [
+        tokenizer.bos_token_id,
+        vocab["w1"],
+        vocab["w2"],
+        vocab["w3"],
+        *expected_labels[0][4:],
+    ]
     assert batch["attention_mask"].tolist() == [[1] * 7, [1] * 4 + [0] * 3]
     assert batch["input_ids"][1, 4:].tolist() == [tokenizer.pad_token_id] * 3
 
@@ -121,7 +138,14 @@ def test_chat_template_masks_the_rendered_prompt(tiny_model_dir):
     )
     ids, labels = encode_example(tokenizer, "w1 w2", "w3", 32)
     vocab = tokenizer.get_vocab()
-    assert ids == [tokenizer.bos_token_id, vocab["w1"], vocab["w2"], tokenizer.bos_token_id, vocab["w3"], tokenizer.eos_token_id]
+    assert ids == [
+        tokenizer.bos_token_id,
+        vocab["w1"],
+        vocab["w2"],
+        tokenizer.bos_token_id,
+        vocab["w3"],
+        tokenizer.eos_token_id,
+    ]
     assert labels == [IGNORE_INDEX] * 4 + [vocab["w3"], tokenizer.eos_token_id]
 
 
@@ -185,7 +209,9 @@ def test_deepspeed_config_from_typed_config():
         zero_stage=2, micro_batch=1, grad_accum=1, world_size=8, grad_clip=1.0, bf16=True,
         total_steps=10, warmup_steps=2, min_lr_ratio=0.0,
     )  # fmt: skip
-    assert gpu["bf16"] == {"enabled": True} and "stage3_gather_16bit_weights_on_model_save" not in gpu["zero_optimization"]
+    assert (
+        gpu["bf16"] == {"enabled": True} and "stage3_gather_16bit_weights_on_model_save" not in gpu["zero_optimization"]
+    )
 
 
 def test_lora_merge_gives_the_adapter_models_logits(tiny_model_dir, one_torch_thread):
@@ -194,7 +220,12 @@ def test_lora_merge_gives_the_adapter_models_logits(tiny_model_dir, one_torch_th
 
     from training.finetune import _lora_config
 
-    loop = {"model_dir": tiny_model_dir, "lora_r": 4, "lora_alpha": 8.0, "lora_targets": ["q_proj", "v_proj", "down_proj"]}
+    loop = {
+        "model_dir": tiny_model_dir,
+        "lora_r": 4,
+        "lora_alpha": 8.0,
+        "lora_targets": ["q_proj", "v_proj", "down_proj"],
+    }
     adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), _lora_config(loop))
     for name, param in adapted.named_parameters():
         if "lora_B" in name:  # B starts at zero; make the adapter do something
@@ -269,8 +300,9 @@ def test_run_killed_midway_resumes_to_the_same_loss(zero2_run, tiny_model_dir, d
 
 @pytest.mark.timeout(300)
 def test_zero3_with_checkpoints_on_s3(ray_local, s3_bucket, tiny_model_dir, distilled, tmp_path):
-    from curation import storage
     from transformers import AutoModelForCausalLM
+
+    from curation import storage
 
     out = f"s3://{s3_bucket}/finetune"
     result = run_finetune(fit_config(tiny_model_dir, distilled, out, zero_stage=3, epochs=1))
@@ -290,11 +322,14 @@ def test_job_with_lora_and_kd_as_subprocess(tiny_model_dir, tmp_path):
 
     data = write_distilled(tmp_path / "distilled", rows=48, with_response=True)
     overrides = tmp_path / "finetune.yaml"
-    overrides.write_text("epochs: 1\nmicro_batch: 4\nwindow_steps: 2\nmax_tokens: 32\ncpus_per_worker: 0.5\nlr: 0.003\n"
-                         "lora_targets: [q_proj, v_proj]\n")
+    overrides.write_text(
+        "epochs: 1\nmicro_batch: 4\nwindow_steps: 2\nmax_tokens: 32\ncpus_per_worker: 0.5\nlr: 0.003\n"
+        "lora_targets: [q_proj, v_proj]\n"
+    )
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "jobs.finetune", "--config", str(overrides), "--model", tiny_model_dir, "--data", str(data),
-            "--out", str(out), "--zero-stage", "3", "--kd-weight", "0.5", "--teacher", tiny_model_dir, "--lora-r", "4"]  # fmt: skip
+    job = [sys.executable, "-m", "jobs.finetune", "--model", tiny_model_dir, "--data", str(data), "--out", str(out)]
+    args = [*job, "--config", str(overrides), "--zero-stage", "3", "--kd-weight", "0.5", "--teacher", tiny_model_dir,
+            "--lora-r", "4"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=380)
@@ -309,8 +344,7 @@ def test_job_with_lora_and_kd_as_subprocess(tiny_model_dir, tmp_path):
     assert torch.equal(merged.model.layers[0].self_attn.k_proj.weight, base.model.layers[0].self_attn.k_proj.weight)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "finetune" and manifest["config"]["lora_r"] == 4
-    bad = subprocess.run([*args[:3], "--model", tiny_model_dir, "--data", str(data), "--out", str(out), "--zero-stage", "1"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run([*job, "--zero-stage", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "zero_stage" in bad.stderr
 
 

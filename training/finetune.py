@@ -212,7 +212,9 @@ def plan(config: FinetuneConfig) -> FinetunePlan:
                 f"vocabulary {teacher_config.get('vocab_size')} differs from the student's "
                 f"{model_config.get('vocab_size')}: KD needs the same tokenizer",
             )
-    inputs = [info for info in storage.expand(config.data, options, config_field="data") if info.uri.endswith(".parquet")]
+    inputs = [
+        info for info in storage.expand(config.data, options, config_field="data") if info.uri.endswith(".parquet")
+    ]
     if not inputs:
         raise ConfigError("data", config.data, "holds no *.parquet file; pass the output of `jobs.distill`")
     rows, columns = 0, None
@@ -377,7 +379,11 @@ def _steps(shard, tokenizer, loop: dict[str, Any], shape: BatchShape, state: Tra
             for offset, micro in enumerate(rank_micro_batches(plan, shape, rank)):
                 if first_step + offset < skip:
                     continue
-                yield epoch, first_step + offset, [collate([examples[i] for i in ids], tokenizer.pad_token_id) for ids in micro]
+                yield (
+                    epoch,
+                    first_step + offset,
+                    [collate([examples[i] for i in ids], tokenizer.pad_token_id) for ids in micro],
+                )
 
 
 def _train_step(engine, teacher, micro_batches: list[dict[str, torch.Tensor]], loop: dict[str, Any]) -> torch.Tensor:
@@ -396,7 +402,13 @@ def _train_step(engine, teacher, micro_batches: list[dict[str, torch.Tensor]], l
         engine.backward(loss)
         engine.step()
         stats += torch.tensor(
-            [loss.item(), ce.item(), kd.item() if kd is not None else 0.0, counted.item(), batch["attention_mask"].sum().item()],
+            [
+                loss.item(),
+                ce.item(),
+                kd.item() if kd is not None else 0.0,
+                counted.item(),
+                batch["attention_mask"].sum().item(),
+            ],
             dtype=torch.float64,
         )
     return stats
@@ -552,9 +564,7 @@ def _loop_config(checked: FinetunePlan) -> dict[str, Any]:
         total_steps=checked.total_steps,
         cpus_per_worker=_cpus_per_worker(config),
         storage_options=config.storage_options(),
-        torch_extensions_dir=os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(models.cache_root() / "torch_extensions")
-        ),
+        torch_extensions_dir=os.environ.get("TORCH_EXTENSIONS_DIR", str(models.cache_root() / "torch_extensions")),
     )
     return loop
 

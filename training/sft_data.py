@@ -47,9 +47,7 @@ def encode_example(tokenizer: Any, prompt: str, response: str, max_tokens: int) 
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
         prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(
-            [*user, {"role": "assistant", "content": response}], tokenize=False
-        )
+        full_text = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}], tokenize=False)
         if full_text.startswith(prompt_text):
             response_text = full_text[len(prompt_text) :]
         else:  # a template that rewrites earlier turns: fall back to appending the answer and EOS
