@@ -34,7 +34,7 @@ ROWS = 96
 
 
 def write_distilled(directory: Path, rows: int = ROWS, with_response: bool = False) -> Path:
-    """A distilled set with a planted task: the answer to `wA wB` is `w(A+100) w(B+100)`.
+    """A distilled set with a planted task: the answer to `wA wB` (A, B < 10) is `w(A+100) w(B+100)`.
 
     Half the rows carry the answer as an accepted teacher rewrite, half as the original (rejected
     rewrite, whose teacher text is noise that must not be learned).
@@ -42,7 +42,7 @@ def write_distilled(directory: Path, rows: int = ROWS, with_response: bool = Fal
     rng = random.Random(0)
     records = []
     for i in range(rows):
-        a, b = rng.randrange(50), rng.randrange(50)
+        a, b = rng.randrange(10), rng.randrange(10)
         answer = f"w{a + 100} w{b + 100}"
         accepted = i % 2 == 0
         records.append(
@@ -67,7 +67,7 @@ def write_distilled(directory: Path, rows: int = ROWS, with_response: bool = Fal
 def fit_config(model: str, data: Path, out: str, **overrides) -> FinetuneConfig:
     values = dict(
         model=model, data=str(data), out=out, epochs=2, micro_batch=4, grad_accum=1, window_steps=4, max_tokens=32,
-        lr=3e-3, warmup_steps=2, checkpoint_every=5, log_every=5, cpus_per_worker=0.5, torch_threads=1, seed=1,
+        lr=5e-3, warmup_steps=2, checkpoint_every=5, log_every=5, cpus_per_worker=0.5, torch_threads=1, seed=1,
     )  # fmt: skip
     values.update(overrides)
     return FinetuneConfig(**values)
@@ -176,6 +176,46 @@ def test_window_plan_covers_rows_once_and_is_deterministic():
     assert spread < max(lengths) - min(lengths)
 
 
+class ListShard:
+    """Stands in for a Ray DataIterator: the same rows in the same order on every pass."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        yield from self.table.to_batches(max_chunksize=batch_size)
+
+
+def test_resume_skips_exactly_the_steps_already_done(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from training.finetune import TrainerState, _steps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    shard = ListShard(pq.read_table(write_distilled(tmp_path / "d", rows=40)))
+    shape = BatchShape(micro_batch=2, grad_accum=2, world_size=2, window_steps=3)  # 8 rows a step, 5 a epoch
+    loop = {"epochs": 2, "seed": 3, "max_tokens": 32}
+
+    def fed(state: TrainerState, rank: int) -> list[tuple[int, int, list[list[int]]]]:
+        return [
+            (epoch, step, [batch["input_ids"].tolist() for batch in micro])
+            for epoch, step, micro in _steps(shard, tokenizer, loop, shape, state, rank)
+        ]
+
+    for rank in range(2):
+        full = fed(TrainerState(), rank)
+        assert [(epoch, step) for epoch, step, _ in full] == [(e, s) for e in range(2) for s in range(5)]
+        for done in (1, 3, 4, 5, 7):  # inside a window, at a window's end, at an epoch's end, in epoch 2
+            # As the loop records it: the epoch of the last step done, and the steps done in that epoch.
+            state = TrainerState(global_step=done, epoch=(done - 1) // 5, step_in_epoch=(done - 1) % 5 + 1)
+            assert fed(state, rank) == full[done:], (rank, done)
+    rank_rows = [
+        sorted(row for _, _, micro in fed(TrainerState(), rank) for batch in micro for row in batch)
+        for rank in range(2)
+    ]
+    assert rank_rows[0] != rank_rows[1]  # the ranks see different micro-batches
+
+
 def test_causal_lm_loss_counts_only_labelled_positions():
     logits = torch.randn(2, 5, 7)
     labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, 3, 4]])
@@ -266,7 +306,7 @@ def test_config_errors_name_the_field(tmp_path, tiny_model_dir):
 # ---------------------------------------------------------------- Ray Train + DeepSpeed fits
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_zero2_learns_the_planted_task_and_exports(zero2_run, distilled):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -282,10 +322,10 @@ def test_zero2_learns_the_planted_task_and_exports(zero2_run, distilled):
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer("w3 w7", add_special_tokens=False)["input_ids"]]])
     with torch.no_grad():
         predicted = model(input_ids=ids).logits[0, -1].argmax().item()
-    assert tokenizer.convert_ids_to_tokens(predicted).startswith("w1")  # w100..w149: the task's answer range
+    assert tokenizer.convert_ids_to_tokens(predicted).startswith("w10")  # w100..w109: the task's answer range
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_run_killed_midway_resumes_to_the_same_loss(zero2_run, tiny_model_dir, distilled, tmp_path):
     reference = read_metrics(zero2_run[0])
     out = tmp_path / "resumed"
@@ -298,7 +338,7 @@ def test_run_killed_midway_resumes_to_the_same_loss(zero2_run, tiny_model_dir, d
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-3, abs=1e-4), mine["step"]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_zero3_with_checkpoints_on_s3(ray_local, s3_bucket, tiny_model_dir, distilled, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -316,7 +356,7 @@ def test_zero3_with_checkpoints_on_s3(ray_local, s3_bucket, tiny_model_dir, dist
     assert model.config.num_hidden_layers == 4
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_job_with_lora_and_kd_as_subprocess(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -580,9 +580,12 @@ def build_trainer(checked: FinetunePlan):
     options = config.storage_options()
     data_fs, _ = storage.pyarrow_filesystem(checked.inputs[0].uri, options)
     paths = [storage.pyarrow_filesystem(info.uri, options)[1] for info in checked.inputs]
+    # Materialized once in the object store (a distilled set is small next to the model): workers then
+    # stream blocks through get_dataset_shard with no read tasks of their own, which on a small machine
+    # would wait for CPUs that the training workers hold.
     dataset = ray.data.read_parquet(
         paths, filesystem=data_fs, columns=checked.columns, ray_remote_args={"num_cpus": 0.25}
-    )
+    ).materialize()
     ckpt_fs, ckpt_path = storage.pyarrow_filesystem(config.checkpoint_uri, options)
     if not storage.is_remote(config.checkpoint_uri):
         os.makedirs(ckpt_path, exist_ok=True)
