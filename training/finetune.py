@@ -57,6 +57,7 @@ from training.sft_data import (
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+SUMMARY_FILE = "train_summary.json"
 DS_TAG = "ds"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Execution settings that do not change the trained weights; they stay out of the manifest hash.
@@ -537,10 +538,18 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 state.global_step, loop["total_steps"], epoch, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
             )  # fmt: skip
     _export(engine, tokenizer, loop, rank)
+    summary = {
+        "steps": state.global_step,
+        "samples": state.samples,
+        "tokens": state.tokens,
+        "final_loss": metrics.get("loss"),
+        "resumed_from_step": state.resumed_from_step,
+    }
     if rank == 0:
         _write_metrics(state.history, loop)
-    final = {**metrics, "final": True, "steps": state.global_step, "resumed_from_step": state.resumed_from_step}
-    ray.train.report(final)
+        # Ray Train's Result carries the metrics of the latest checkpoint, not of the last report.
+        storage.write_json_atomic(storage.join(loop["out"], SUMMARY_FILE), summary, loop["storage_options"])
+    ray.train.report({**metrics, **summary})
 
 
 # ---------------------------------------------------------------- driver side
@@ -583,9 +592,7 @@ def build_trainer(checked: FinetunePlan):
     # Materialized once in the object store (a distilled set is small next to the model): workers then
     # stream blocks through get_dataset_shard with no read tasks of their own, which on a small machine
     # would wait for CPUs that the training workers hold.
-    dataset = ray.data.read_parquet(
-        paths, filesystem=data_fs, columns=checked.columns, ray_remote_args={"num_cpus": 0.25}
-    ).materialize()
+    dataset = ray.data.read_parquet(paths, filesystem=data_fs, columns=checked.columns, num_cpus=0.25).materialize()
     ckpt_fs, ckpt_path = storage.pyarrow_filesystem(config.checkpoint_uri, options)
     if not storage.is_remote(config.checkpoint_uri):
         os.makedirs(ckpt_path, exist_ok=True)
@@ -616,7 +623,7 @@ def build_trainer(checked: FinetunePlan):
 
 def _clear_outputs(out: str, options: storage.StorageOptions) -> None:
     """Remove a previous run's outputs, but keep checkpoints: a rerun of the same config resumes from them."""
-    for name in ("model", "metrics.jsonl", manifest.MANIFEST):
+    for name in ("model", "metrics.jsonl", SUMMARY_FILE, manifest.MANIFEST):
         storage.remove(storage.join(out, name), options)
     storage.makedirs(out, options)
 
@@ -638,20 +645,28 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     )  # fmt: skip
     with timer("fit"):
         result = build_trainer(checked).fit()
-    metrics = dict(result.metrics or {})
+    summary = storage.read_json(storage.join(config.out, SUMMARY_FILE), options)
+    logger.info("fine-tuned %d steps, final loss %.4f; model in %s", summary["steps"], summary["final_loss"],
+                storage.join(config.out, "model"))  # fmt: skip
     return manifest.write_manifest(
         config.out,
         stage="finetune",
         config=dataclasses.asdict(config),
         digest=checked.digest,
         inputs=checked.inputs,
-        counts={"rows": checked.rows, "steps": metrics.get("steps"), "planned_steps": checked.total_steps},
+        counts={
+            "rows": checked.rows,
+            "steps": summary["steps"],
+            "planned_steps": checked.total_steps,
+            "samples": summary["samples"],
+            "tokens": summary["tokens"],
+        },  # fmt: skip
         timings=timer.timings,
         options=options,
         extra={
             "model": config.model,
-            "final_loss": metrics.get("loss"),
-            "resumed_from_step": metrics.get("resumed_from_step"),
+            "final_loss": summary["final_loss"],
+            "resumed_from_step": summary["resumed_from_step"],
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
         },
     )
