@@ -137,7 +137,7 @@ class FinetuneConfig(RunConfig):
     max_failures: int = 2
     """Worker-group restarts Ray Train allows before the run fails."""
     fail_at_step: int = 0
-    """Test hook: rank 0's process exits at this step of a run that did not start from a checkpoint."""
+    """Test hook: rank 0's process exits at this step, once per output directory."""
 
     def __post_init__(self) -> None:
         for name in ("model", "data", "out"):
@@ -497,6 +497,19 @@ def _step_metrics(engine, stats: torch.Tensor, state: TrainerState, seconds: flo
     }
 
 
+def _inject_failure(loop: dict[str, Any]) -> None:
+    """Test hook: kill this worker process once per output directory, as a crash would."""
+    marker = storage.join(loop["out"], ".fail_at_step_done")
+    if storage.exists(marker, loop["storage_options"]):
+        return
+    storage.write_bytes_atomic(marker, b"", loop["storage_options"])
+    # Ray Train registers a reported checkpoint when its controller next polls the workers; give it that
+    # time, so the restart finds the checkpoint just written, as it would after a real crash.
+    time.sleep(10)
+    logger.warning("fail_at_step=%d: rank 0 exits to test recovery", loop["fail_at_step"])
+    os._exit(1)
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Ray Train worker function; everything it needs comes from `loop` (see `run_finetune`)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop["torch_extensions_dir"])
@@ -525,9 +538,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         last = now
         state.tokens += metrics["tokens"]
         state.history.append(metrics)
-        if state.resumed_from_step is None and state.global_step == loop["fail_at_step"] and rank == 0:
-            logger.warning("fail_at_step=%d: rank 0 exits to test recovery", state.global_step)
-            os._exit(1)
+        if state.global_step == loop["fail_at_step"] and rank == 0:
+            _inject_failure(loop)
         if state.global_step % loop["checkpoint_every"] == 0:
             _save_checkpoint(engine, state, metrics, rank)
         elif state.global_step % loop["log_every"] == 0:
@@ -623,7 +635,7 @@ def build_trainer(checked: FinetunePlan):
 
 def _clear_outputs(out: str, options: storage.StorageOptions) -> None:
     """Remove a previous run's outputs, but keep checkpoints: a rerun of the same config resumes from them."""
-    for name in ("model", "metrics.jsonl", SUMMARY_FILE, manifest.MANIFEST):
+    for name in ("model", "metrics.jsonl", SUMMARY_FILE, ".fail_at_step_done", manifest.MANIFEST):
         storage.remove(storage.join(out, name), options)
     storage.makedirs(out, options)
 
