@@ -321,8 +321,10 @@ def test_zero2_learns_the_planted_task_and_exports(zero2_run, distilled):
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer("w3 w7", add_special_tokens=False)["input_ids"]]])
     with torch.no_grad():
-        predicted = model(input_ids=ids).logits[0, -1].argmax().item()
-    assert tokenizer.convert_ids_to_tokens(predicted).startswith("w10")  # w100..w109: the task's answer range
+        logits = model(input_ids=ids).logits[0, -1]
+    logits[tokenizer.all_special_ids] = -float("inf")
+    # The first answer word is in the task's answer range, w100..w109 (24 tiny steps do not learn which one).
+    assert tokenizer.convert_ids_to_tokens(logits.argmax().item()).startswith("w10")
 
 
 @pytest.mark.timeout(600)
