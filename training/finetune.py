@@ -604,7 +604,9 @@ def build_trainer(checked: FinetunePlan):
     # Materialized once in the object store (a distilled set is small next to the model): workers then
     # stream blocks through get_dataset_shard with no read tasks of their own, which on a small machine
     # would wait for CPUs that the training workers hold.
-    dataset = ray.data.read_parquet(paths, filesystem=data_fs, columns=checked.columns, num_cpus=0.25).materialize()
+    dataset = ray.data.read_parquet(paths, filesystem=data_fs, columns=checked.columns, num_cpus=0.25)
+    dataset.context.execution_options.preserve_order = True  # blocks in file order, not in finishing order
+    dataset = dataset.materialize()
     ckpt_fs, ckpt_path = storage.pyarrow_filesystem(config.checkpoint_uri, options)
     if not storage.is_remote(config.checkpoint_uri):
         os.makedirs(ckpt_path, exist_ok=True)
