@@ -86,12 +86,18 @@ def test_make_demo_corpus_writes_topics(tmp_path):
 
 
 def test_shipped_yaml_configs_load():
-    classes = {"sae": TrainSAEConfig, "curate": CurateConfig}
+    from curation.schedule import ScheduleSpec, load_spec
+    from training.finetune import FinetuneConfig
+
+    classes = {"sae": TrainSAEConfig, "curate": CurateConfig, "finetune": FinetuneConfig}
     shipped = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
-    assert shipped
+    assert len(shipped) >= 5
     for path in shipped:
+        if path.stem.startswith("schedule-"):  # a schedule spec is a whole curation spec on its own
+            assert isinstance(load_spec(str(path)), ScheduleSpec)
+            continue
         cls = classes[path.stem.split("-")[-1]]
-        required = {"corpus": ["x"], "out": "o", "sae": "s", "seeds": "jobs/seeds/demo.jsonl"}
+        required = {"corpus": ["x"], "out": "o", "sae": "s", "seeds": "jobs/seeds/demo.jsonl", "model": "m", "data": "d"}
         values = {k: v for k, v in required.items() if k in {f.name for f in cls.__dataclass_fields__.values()}}
         config = cli.from_mapping(cls, {**values, **cli.load_yaml(str(path))}, origin=str(path))
         assert isinstance(config, cls)
