@@ -97,7 +97,8 @@ def test_shipped_yaml_configs_load():
             assert isinstance(load_spec(str(path)), ScheduleSpec)
             continue
         cls = classes[path.stem.split("-")[-1]]
-        required = {"corpus": ["x"], "out": "o", "sae": "s", "seeds": "jobs/seeds/demo.jsonl", "model": "m", "data": "d"}
+        required = {"corpus": ["x"], "out": "o", "sae": "s", "seeds": "jobs/seeds/demo.jsonl"}
+        required |= {"model": "m", "data": "d"}
         values = {k: v for k, v in required.items() if k in {f.name for f in cls.__dataclass_fields__.values()}}
         config = cli.from_mapping(cls, {**values, **cli.load_yaml(str(path))}, origin=str(path))
         assert isinstance(config, cls)
