@@ -135,12 +135,17 @@ def test_curate_through_ray_job_submit(tmp_path, trained):
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_for_dashboard(address, head)
-        submit = subprocess.run(
-            [ray_bin, "job", "submit", "--address", address, "--", sys.executable, "-m", "jobs.curate",
-             "--corpus", glob, "--seeds", corpus["seeds"], "--sae", str(trained["sae"]),
-             "--out", str(tmp_path / "out"), "--top-n", "2", "--cpus-per-actor", "0.5", "--batch-size", "16"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
+        for _ in range(12):
+            submit = subprocess.run(
+                [ray_bin, "job", "submit", "--address", address, "--", sys.executable, "-m", "jobs.curate",
+                 "--corpus", glob, "--seeds", corpus["seeds"], "--sae", str(trained["sae"]),
+                 "--out", str(tmp_path / "out"), "--top-n", "2", "--cpus-per-actor", "0.5", "--batch-size", "16"],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+            )  # fmt: skip
+            # The dashboard answers before the head's job agent has registered; Ray says to try again.
+            if "No available agent to submit job" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(5)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout
         assert "joining Ray" in submit.stdout and "starting a local Ray" not in submit.stdout

@@ -352,4 +352,5 @@ def test_two_batches_started_together_split_the_shards(world, tmp_path):
     rows = dataset(out)
     assert rows == world["clean"]
     pointer = json.loads((tmp_path / "out" / "CURRENT").read_text())
-    assert len(pointer["shards"]) == SHARDS and pq.read_table(tmp_path / "out" / pointer["path"]).num_rows == len(rows)
+    assert len(pointer["shards"]) == SHARDS
+    assert pq.read_table(tmp_path / "out" / pointer["path"] / "curated.parquet").num_rows == len(rows)
