@@ -129,7 +129,7 @@ def test_curate_through_ray_job_submit(tmp_path, trained):
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-         f"--temp-dir={ray_temp}"],
+         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={ray_temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard_port}"
@@ -143,6 +143,8 @@ def test_curate_through_ray_job_submit(tmp_path, trained):
                 cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
             )  # fmt: skip
             # The dashboard answers before the head's job agent has registered; Ray says to try again.
+            # (The agent gets its own port: the default, 52365, is taken by any other Ray on this machine,
+            # such as the test session's, and an agent that cannot bind it never registers.)
             if "No available agent to submit job" not in submit.stdout + submit.stderr:
                 break
             time.sleep(5)
