@@ -4,10 +4,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= runs/demo
-# The demo's budget: documents in the corpus and tokens drawn to train the SAE (the rest of its
-# settings are in jobs/configs/demo-*.yaml).
+# The demo's corpus size; every other budget is in jobs/configs/demo-pipeline.yaml.
 DEMO_DOCS ?= 1000
-DEMO_SAE_TOKENS ?= 60000
 
 export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
@@ -31,14 +29,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) -m jobs.make_demo_corpus --out $(DEMO)/corpus --limit $(DEMO_DOCS)
-	$(PY) -m jobs.train_sae --config jobs/configs/demo-sae.yaml --corpus '$(DEMO)/corpus/*.jsonl.gz' \
-		--max-train-tokens $(DEMO_SAE_TOKENS) --out $(DEMO)/sae
-	$(PY) -m jobs.curate --config jobs/configs/demo-curate.yaml --corpus '$(DEMO)/corpus/*.jsonl.gz' \
-		--sae $(DEMO)/sae --out $(DEMO)/curated
-	@echo
-	@echo "Curated dataset: $(DEMO)/curated/curated/*.parquet"
-	@echo "Report:          $(DEMO)/curated/report.md"
-	@sed -n '1,16p' $(DEMO)/curated/report.md
+	$(PY) -m jobs.pipeline --spec jobs/configs/demo-pipeline.yaml --root $(DEMO) --corpus '$(DEMO)/corpus/*.jsonl.gz'
 
 lint: install
 	$(VENV)/bin/ruff check curation training jobs tests bench

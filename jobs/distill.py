@@ -1,6 +1,6 @@
 r"""Self-data distillation: the teacher rewrites the curated data; the rewrites train the pruned student.
 
-    python -m jobs.distill --data runs/demo/curated --teacher smollm2-135m --backend transformers \
+    python -m jobs.distill --data runs/demo/curate/curated --teacher smollm2-135m --backend transformers \
         --out runs/demo/distilled --max-new-tokens 128
     python -m jobs.distill --data 'data/instructions/*.parquet' --recipe rewrite --teacher smollm2-135m \
         --backend transformers --out runs/sdft

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import os
 import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+from conftest import REPO, free_port
 
 SEEDS = [
     {"domain": "maths", "text": "prime numbers and integers and the proof of a theorem"},
@@ -53,3 +65,64 @@ def write_corpus(root: Path, shards: int = 3, background_docs: int = 60, bad_row
     seeds_path.write_text("".join(json.dumps(seed) + "\n" for seed in SEEDS))
     good = len(rows) - sum(bad.values())
     return {"planted": planted_texts, "seeds": str(seeds_path), "good_rows": good, "bad": bad}
+
+
+def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError("Ray dashboard did not come up")
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
+    """A real `ray start --head` cluster for the duration of the block; yields its job-submission address."""
+    dashboard_port = free_port()
+    # Ray's socket paths must stay under the 107-byte Unix limit, which pytest's tmp_path can exceed.
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # The agent gets its own port: the default, 52365, is taken by any other Ray on this machine (such as
+    # the test session's), and an agent that cannot bind it never registers, so no job could be submitted.
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={ray_temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for_dashboard(address, head)
+        yield address
+    finally:
+        # The head and everything it started share one process group: end them all, not just `ray start`.
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=15)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def submit_job(
+    address: str, module_args: list[str], env: dict[str, str], timeout: int = 400
+) -> subprocess.CompletedProcess:
+    """`ray job submit -- python -m MODULE ARGS...`, waiting for the job to end."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    for _ in range(12):
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--", sys.executable, "-m", *module_args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        # The dashboard answers before the head's job agent has registered; Ray says to try again.
+        if "No available agent to submit job" not in submit.stdout + submit.stderr:
+            break
+        time.sleep(5)
+    return submit

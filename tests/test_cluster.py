@@ -13,9 +13,15 @@ from curation import cli
 from curation.curate import CurateConfig
 from curation.sae_training import TrainSAEConfig
 from curation.schedule import ScheduleJobConfig, load_spec
+from training import pipeline
 
 CLUSTER = REPO / "cluster"
-JOB_CONFIGS = {"jobs.schedule": ScheduleJobConfig, "jobs.curate": CurateConfig, "jobs.train_sae": TrainSAEConfig}
+JOB_CONFIGS = {
+    "jobs.schedule": ScheduleJobConfig,
+    "jobs.curate": CurateConfig,
+    "jobs.train_sae": TrainSAEConfig,
+    "jobs.pipeline": pipeline.PipelineJobConfig,
+}
 
 
 def manifest(name: str) -> dict:
@@ -23,11 +29,14 @@ def manifest(name: str) -> dict:
 
 
 def job_commands(argv: list[str]) -> list[list[str]]:
-    """Every `python -m jobs.<name> ...` inside a command line, as its argument list from the module on."""
+    """Every `python -m jobs.<name> ...` inside a command line, as its argument list from the module on
+    (up to the next `python`, `&&` or `;`)."""
     found = []
     for index in range(len(argv) - 1):
         if argv[index] == "-m" and argv[index + 1].startswith("jobs."):
-            found.append(argv[index + 1 :])
+            rest = argv[index + 1 :]
+            end = next((i for i, token in enumerate(rest) if token in ("python", "&&", ";")), len(rest))
+            found.append(rest[:end])
     return found
 
 
@@ -36,6 +45,10 @@ def check_job_command(argv: list[str]) -> None:
     module, args = argv[0], argv[1:]
     assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
     config = cli.parse(JOB_CONFIGS[module], args)
+    if module == "jobs.pipeline":  # every stage's config of the spec builds
+        steps = pipeline.build_steps(pipeline.load_spec(str(REPO / config.spec)))
+        assert {step.stage for step in steps} >= {"curate", "prune", "distill", "finetune", "evaluate"}
+        return
     for spec in getattr(config, "spec", []):
         loaded = load_spec(str(REPO / spec))
         assert loaded.corpus and loaded.out
@@ -60,7 +73,8 @@ def check_ray_cluster_spec(spec: dict) -> None:
 def test_every_cluster_file_parses():
     files = sorted(CLUSTER.glob("*.yaml"))
     assert {f.name for f in files} >= {
-        "raycluster.yaml", "rayjob-schedule.yaml", "cronjob-schedule.yaml", "ray-cluster-launcher.yaml"
+        "raycluster.yaml", "rayjob-schedule.yaml", "cronjob-schedule.yaml", "ray-cluster-launcher.yaml",
+        "rayjob-pipeline.yaml", "runtime-env.yaml",
     }  # fmt: skip
     for path in files:
         assert isinstance(yaml.safe_load(path.read_text()), dict), path
@@ -76,6 +90,31 @@ def test_rayjob_runs_one_schedule_batch():
         check_job_command(command)
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["HF_HUB_OFFLINE"] == "1"
     check_ray_cluster_spec(job["spec"]["rayClusterSpec"])
+
+
+def test_rayjob_runs_the_pipeline_on_cpu_and_gpu_groups():
+    job = manifest("rayjob-pipeline.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    commands = job_commands(shlex.split(job["spec"]["entrypoint"]))
+    assert [command[0] for command in commands] == ["jobs.pipeline"]
+    check_job_command(commands[0])
+    spec = job["spec"]["rayClusterSpec"]
+    check_ray_cluster_spec(spec)
+    gpus = {g["groupName"]: containers(g["template"])[0]["resources"]["limits"].get("nvidia.com/gpu") for g in
+            spec["workerGroupSpecs"]}  # fmt: skip
+    assert gpus == {"cpu": None, "gpu": "1"}
+    loaded = pipeline.load_spec(str(REPO / "jobs" / "configs" / "pipeline-s3.yaml"))
+    assert loaded.root.startswith("s3://") and loaded.backend == "vllm"
+
+
+def test_runtime_env_installs_the_pinned_dependencies():
+    import tomllib
+
+    env = manifest("runtime-env.yaml")
+    assert env["working_dir"] == "." and env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    # Ray itself is on the cluster already; every other pin must match pyproject.toml exactly.
+    assert sorted(env["pip"]["packages"]) == sorted(d for d in declared if not d.startswith("ray["))
 
 
 def test_cronjob_submits_a_batch_to_the_raycluster():
@@ -108,9 +147,10 @@ def test_launcher_has_gpu_workers_and_valid_commands():
     types = launcher["available_node_types"]
     assert launcher["head_node_type"] in types
     assert any(node["resources"].get("GPU", 0) >= 1 and node.get("max_workers", 0) > 0 for node in types.values())
+    assert any(not node["resources"].get("GPU") and node["resources"].get("CPU", 0) > 0 for node in types.values())
     header = [line.lstrip("# ") for line in (CLUSTER / "ray-cluster-launcher.yaml").read_text().splitlines()]
     commands = job_commands(shlex.split(" ".join(line.rstrip("\\") for line in header if line.startswith("python"))))
-    assert commands, "the launcher's usage lines must show the job command"
+    assert {command[0] for command in commands} == {"jobs.pipeline", "jobs.schedule"}
     for command in commands:
         check_job_command(command)
 

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, free_port
-from pipeline_helpers import write_corpus
+from conftest import REPO
+from pipeline_helpers import ray_head, submit_job, write_corpus
 
 from curation import cli
 from curation.curate import CurateConfig
@@ -104,60 +99,16 @@ def test_shipped_yaml_configs_load():
         assert isinstance(config, cls)
 
 
-def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError("Ray dashboard did not come up")
-
-
 def test_curate_through_ray_job_submit(tmp_path, trained):
     """Against a real `ray start --head` cluster, the job joins it instead of starting its own Ray."""
     corpus, glob = trained["corpus"], trained["glob"]
-    dashboard_port = free_port()
-    # Ray's socket paths must stay under the 107-byte Unix limit, which pytest's tmp_path can exceed.
-    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray_bin = str(Path(sys.executable).parent / "ray")
     env = job_env()
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={free_port()}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={ray_temp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        _wait_for_dashboard(address, head)
-        for _ in range(12):
-            submit = subprocess.run(
-                [ray_bin, "job", "submit", "--address", address, "--", sys.executable, "-m", "jobs.curate",
-                 "--corpus", glob, "--seeds", corpus["seeds"], "--sae", str(trained["sae"]),
-                 "--out", str(tmp_path / "out"), "--top-n", "2", "--cpus-per-actor", "0.5", "--batch-size", "16"],
-                cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
-            )  # fmt: skip
-            # The dashboard answers before the head's job agent has registered; Ray says to try again.
-            # (The agent gets its own port: the default, 52365, is taken by any other Ray on this machine,
-            # such as the test session's, and an agent that cannot bind it never registers.)
-            if "No available agent to submit job" not in submit.stdout + submit.stderr:
-                break
-            time.sleep(5)
-        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
-        assert "succeeded" in submit.stdout
-        assert "joining Ray" in submit.stdout and "starting a local Ray" not in submit.stdout
-        check_curated(tmp_path / "out", corpus["planted"])
-    finally:
-        # The head and everything it started share one process group: end them all, not just `ray start`.
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=15)
-        shutil.rmtree(ray_temp, ignore_errors=True)
+    with ray_head(env) as address:
+        submit = submit_job(address, [
+            "jobs.curate", "--corpus", glob, "--seeds", corpus["seeds"], "--sae", str(trained["sae"]),
+            "--out", str(tmp_path / "out"), "--top-n", "2", "--cpus-per-actor", "0.5", "--batch-size", "16",
+        ], env)  # fmt: skip
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+    assert "succeeded" in submit.stdout
+    assert "joining Ray" in submit.stdout and "starting a local Ray" not in submit.stdout
+    check_curated(tmp_path / "out", corpus["planted"])

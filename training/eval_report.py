@@ -176,6 +176,47 @@ def charts(results: dict[str, Any]) -> dict[str, bytes]:
     return images
 
 
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """One comparison table, a row per model: parameters, MMLU (first shot setting, length-normalised)
+    and perplexity, each with its interval and its test against the first model."""
+    labels = [model["label"] for model in results["models"]]
+    reference = labels[0]
+    header, notes = ["model", "parameters"], []
+    shot_key = None
+    if results["mmlu"]:
+        section = results["mmlu"]
+        shot_key = next(iter(section["results"][reference]))
+        header += [f"MMLU {shot_key} %", f"vs {reference}"]
+        notes.append(
+            f"MMLU: {section['sample']['questions']} questions from {', '.join(section['selection'])},"
+            f" {NORM_TITLES['char']}, with 95% Wilson intervals; chance is 25%."
+        )
+    ppl_names = list(results["perplexity"])
+    for name in ppl_names:
+        header += [f"perplexity: {name}", f"vs {reference}"]
+        notes.append(
+            f"Perplexity: {results['perplexity'][name]['documents']} documents ({name}), token-weighted,"
+            " with 95% bootstrap intervals and a paired bootstrap test."
+        )
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|---|" * ((len(header) - 2) // 2)]
+    for model in results["models"]:
+        label = model["label"]
+        cells = [label, f"{model['parameters']:,}"]
+        if shot_key is not None:
+            entry = results["mmlu"]["results"][label][shot_key]["char"]["overall"]
+            test = _comparison(results, label, int(shot_key.split("-")[0]), "char", "overall")
+            verdict = f"{100 * test['difference']:+.1f} pts, {stats.significance_word(test['p_value'])}" if test else ""
+            cells += [_pct(entry), verdict]
+        for name in ppl_names:
+            entry = results["perplexity"][name]
+            value = entry["results"][label]
+            test = {row["model"]: row for row in entry["comparisons"]}.get(label)
+            verdict = f"x{np.exp(test['log_ratio']):.3f}, {stats.significance_word(test['p_value'])}" if test else ""
+            cells += [f"{value['perplexity']:.2f} [{value['ci_low']:.2f}, {value['ci_high']:.2f}]", verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", *notes, ""]
+
+
 def report_markdown(results: dict[str, Any]) -> str:
     lines = ["# Evaluation report", "", "| model | path | parameters |", "|---|---|---:|"]
     lines += [f"| {m['label']} | `{m['model']}` | {m['parameters']:,} |" for m in results["models"]]

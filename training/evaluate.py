@@ -56,6 +56,8 @@ class EvaluateConfig(RunConfig):
     """Held-out documents for perplexity: Parquet with `text`, or RedPajama JSONL; paths, dirs or globs."""
     ppl_topic: str | None = None
     """Keep only the documents whose meta.topic is this (e.g. Mathematics)."""
+    ppl_name: str | None = None
+    """The name the report gives these documents; default: the topic, else `documents`."""
     ppl_max_docs: int | None = 500
     """At most this many documents (the first ones read) for perplexity."""
     window: int = 1024
@@ -232,7 +234,7 @@ def plan(config: EvaluateConfig) -> EvaluationPlan:
     if config.ppl:
         from training.perplexity import load_documents
 
-        name = config.ppl_topic or "documents"
+        name = config.ppl_name or config.ppl_topic or "documents"
         documents[name], skipped[name] = load_documents(config.ppl, config.ppl_topic, config.ppl_max_docs, options)
         inputs += storage.expand(config.ppl, options, config_field="ppl")
     hashed = {k: v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_FIELDS | _EXECUTION}
