@@ -39,10 +39,18 @@ def read_manifest(out: str, options: StorageOptions | None = None) -> dict[str, 
     return storage.read_json(uri, options)
 
 
-def is_complete(out: str, digest: str, options: StorageOptions | None = None) -> bool:
-    """True when `out` holds a finished run of exactly this config and these inputs."""
+def finished(
+    out: str, digest: str, options: StorageOptions | None = None, force: bool = False
+) -> dict[str, Any] | None:
+    """The manifest of a finished run of exactly this config and these inputs in `out`; None when there is
+    none, or when `force` asks for the stage to be redone. A stage returns early on a manifest."""
+    if force:
+        return None
     manifest = read_manifest(out, options)
-    return manifest is not None and manifest.get("hash") == digest
+    if manifest is None or manifest.get("hash") != digest:
+        return None
+    logger.info("%s is complete for this config (hash %s): skipping (--force redoes it)", out, digest)
+    return manifest
 
 
 def prepare_output(out: str, options: StorageOptions | None = None) -> None:

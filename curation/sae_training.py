@@ -143,9 +143,8 @@ def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     """Train an SAE and write it to `config.out`; skips when a manifest for this exact run exists."""
     info, inputs, digest = check(config)
     options = config.storage_options()
-    if not config.force and manifest.is_complete(config.out, digest, options):
-        logger.info("%s is complete for this config (hash %s): skipping", config.out, digest)
-        return manifest.read_manifest(config.out, options) or {}
+    if (done := manifest.finished(config.out, digest, options, config.force)) is not None:
+        return done
     timer = manifest.Timer()
     manifest.prepare_output(config.out, options)
     init_ray(config.ray_address)

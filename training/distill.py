@@ -46,7 +46,14 @@ import pyarrow.parquet as pq
 from curation import manifest, models, storage
 from curation.errors import ConfigError
 from curation.runtime import EXECUTION_FIELDS, RunConfig, default_torch_threads, init_ray
-from training.teacher import Backend, TeacherConfig, TransformersTeacher, build_vllm_processor, eos_ids
+from training.teacher import (
+    Backend,
+    GenerationSettings,
+    TeacherConfig,
+    TransformersTeacher,
+    build_vllm_processor,
+    eos_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +116,7 @@ PREPARED_SCHEMA = pa.schema(
 
 
 @dataclass
-class DistillConfig(RunConfig):
+class DistillConfig(RunConfig, GenerationSettings):
     data: str = ""
     """Input: a curated stage's output directory (its curated/ is read), or Parquet files, a directory or a glob."""
     teacher: str = "smollm2-135m"
@@ -143,34 +150,8 @@ class DistillConfig(RunConfig):
     """Rows per resumable part file: a crash loses at most the parts in flight, a rerun redoes only those."""
     limit: int = 0
     """Process at most this many input rows (0: all); for demos and smoke runs."""
-    max_new_tokens: int = 256
-    """Tokens the teacher generates per row at most; a rewrite that reaches it is cut off and rejected."""
-    temperature: float = 0.0
-    """0 decodes greedily; above 0 samples."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (temperature > 0 only)."""
-    seed: int = 0
-    """Sampling seed (temperature > 0 only)."""
-    stop: list[str] = field(default_factory=list)
-    """Extra stop strings, besides the tokenizer's EOS."""
-    batch_size: int = 32
-    """Rows per teacher batch (transformers: per actor call, cut into length-sorted micro-batches)."""
-    max_batch_tokens: int = 16384
-    """transformers: (prompt + max_new_tokens) x rows per generate call."""
     teacher_actors: int = 1
     """transformers: teacher actors; vllm: engine replicas (concurrency)."""
-    cpus_per_actor: float = 0.5
-    """CPUs each transformers teacher actor reserves; keep it below a node's CPUs so read tasks can run."""
-    gpus_per_actor: float = 0.0
-    """GPUs each transformers teacher actor reserves; > 0 generates on CUDA."""
-    torch_threads: int = 0
-    """Torch threads per transformers actor; 0 picks from the machine (local) or cpus_per_actor (cluster)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """transformers backend precision."""
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    """vllm: vLLM engine arguments, e.g. '{"dtype": "bfloat16", "max_model_len": 4096}'."""
-    accelerator_type: str | None = None
-    """vllm: accelerator type the engine actors ask for (e.g. H100)."""
 
     def __post_init__(self) -> None:
         for name in ("data", "out", "teacher"):
@@ -198,24 +179,12 @@ class DistillConfig(RunConfig):
         self.teacher_config()
 
     def teacher_config(self) -> TeacherConfig:
-        return TeacherConfig(
-            model=self.teacher,
-            backend=self.backend,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=list(self.stop),
-            batch_size=self.batch_size,
-            max_batch_tokens=self.max_batch_tokens,
-            actors=self.teacher_actors,
-            cpus_per_actor=self.cpus_per_actor,
-            gpus_per_actor=self.gpus_per_actor,
-            torch_threads=self.torch_threads,
-            dtype=self.dtype,
-            engine_kwargs=dict(self.engine_kwargs),
-            accelerator_type=self.accelerator_type,
-        )
+        generation = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationSettings)}
+        try:
+            return TeacherConfig(model=self.teacher, backend=self.backend, actors=self.teacher_actors, **generation)
+        except ConfigError as error:  # name the flag the user gave
+            field_name = {"actors": "teacher_actors", "model": "teacher"}.get(error.field, error.field)
+            raise ConfigError(field_name, error.value, error.fix) from None
 
 
 # Settings that change how a run executes, not what it produces (greedy output does not depend on them).
@@ -521,9 +490,8 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
     """Run stage 2b end to end and return its manifest. Skips a finished run; resumes an interrupted one."""
     checked = plan(config)
     options = config.storage_options()
-    if not config.force and manifest.is_complete(config.out, checked.digest, options):
-        logger.info("%s is complete for this config (hash %s): skipping", config.out, checked.digest)
-        return manifest.read_manifest(config.out, options) or {}
+    if (done := manifest.finished(config.out, checked.digest, options, config.force)) is not None:
+        return done
     timer = manifest.Timer()
     done_ids = prepare_resume(config.out, checked.digest, config.force, options)
     init_ray(config.ray_address)

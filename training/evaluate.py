@@ -407,9 +407,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     """Run stage 3 end to end and return its manifest. Skips when a manifest for this exact run exists."""
     checked = plan(config)
     options = config.storage_options()
-    if not config.force and manifest.is_complete(config.out, checked.digest, options):
-        logger.info("%s is complete for this config (hash %s): skipping", config.out, checked.digest)
-        return manifest.read_manifest(config.out, options) or {}
+    if (done := manifest.finished(config.out, checked.digest, options, config.force)) is not None:
+        return done
     timer = manifest.Timer()
     manifest.prepare_output(config.out, options)
     with timer("evaluate"):

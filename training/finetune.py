@@ -646,9 +646,8 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune end to end and return the manifest. Skips when a manifest for this exact run exists."""
     checked = plan(config)
     options = config.storage_options()
-    if not config.force and manifest.is_complete(config.out, checked.digest, options):
-        logger.info("%s is complete for this config (hash %s): skipping", config.out, checked.digest)
-        return manifest.read_manifest(config.out, options) or {}
+    if (done := manifest.finished(config.out, checked.digest, options, config.force)) is not None:
+        return done
     timer = manifest.Timer()
     _clear_outputs(config.out, options)
     init_ray(config.ray_address)

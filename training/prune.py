@@ -319,8 +319,7 @@ def run_pruning(config: PruneConfig) -> dict:
     texts = read_texts(config.data, config.max_docs, options) if config.method == "taylor" else []
     hashed = {k: v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_FIELDS}
     digest = manifest.config_hash(hashed, inputs)
-    if not config.force and manifest.is_complete(config.out, digest, options):
-        logger.info("%s is complete for this config; skipping (pass --force to redo)", config.out)
+    if manifest.finished(config.out, digest, options, config.force) is not None:
         return storage.read_json(storage.join(config.out, REPORT), options)
     manifest.prepare_output(config.out, options)
     timer = manifest.Timer()

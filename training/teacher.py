@@ -41,13 +41,10 @@ GENERATED_FIELDS = {"teacher": pa.string(), "teacher_tokens": pa.int32(), "finis
 
 
 @dataclass
-class TeacherConfig:
-    """How the teacher generates, for either backend."""
+class GenerationSettings:
+    """How a teacher generates, for either backend: the settings the distill job's flags share with
+    :class:`TeacherConfig`."""
 
-    model: str
-    """Teacher model: an embedded name (smollm2-135m), a Hugging Face directory or a .gguf file."""
-    backend: Backend = "transformers"
-    """`transformers` (CPU or one GPU, batched generate) or `vllm` (GPU, ray.data.llm)."""
     max_new_tokens: int = 256
     """Tokens generated per row at most; a row that reaches it is cut off (finish reason `length`)."""
     temperature: float = 0.0
@@ -62,8 +59,6 @@ class TeacherConfig:
     """Rows per Ray Data batch handed to a teacher actor (vLLM: per engine request batch)."""
     max_batch_tokens: int = 16384
     """transformers: (prompt + max_new_tokens) x rows per generate call, which bounds the KV cache."""
-    actors: int = 1
-    """transformers: teacher actors. vllm: engine replicas (the processor's `concurrency`)."""
     cpus_per_actor: float = 0.5
     """CPUs each transformers actor reserves; keep it below the node's CPUs so read tasks can run."""
     gpus_per_actor: float = 0.0
@@ -77,7 +72,21 @@ class TeacherConfig:
     accelerator_type: str | None = None
     """vllm: accelerator the engine actors ask for (e.g. "H100"); unset takes any GPU."""
 
+
+@dataclass
+class TeacherConfig(GenerationSettings):
+    """A teacher: its model, its backend, how many of it run, and how it generates."""
+
+    model: str = ""
+    """Teacher model: an embedded name (smollm2-135m), a Hugging Face directory or a .gguf file."""
+    backend: Backend = "transformers"
+    """`transformers` (CPU or one GPU, batched generate) or `vllm` (GPU, ray.data.llm)."""
+    actors: int = 1
+    """transformers: teacher actors. vllm: engine replicas (the processor's `concurrency`)."""
+
     def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model", self.model, "is required: name the teacher model")
         if self.backend not in ("transformers", "vllm"):
             raise ConfigError("backend", self.backend, "must be transformers or vllm")
         for name in ("max_new_tokens", "batch_size", "max_batch_tokens", "actors"):
