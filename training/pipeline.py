@@ -171,8 +171,8 @@ def run_split(config: SplitConfig) -> dict[str, Any]:
     inputs = storage.expand([curated_dir, *([scored_dir] if config.control else [])], options)
     hashed = {k: v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_FIELDS}
     digest = manifest.config_hash(hashed, inputs)
-    if not config.force and manifest.is_complete(config.out, digest, options):
-        return manifest.read_manifest(config.out, options) or {}
+    if (done := manifest.finished(config.out, digest, options, config.force)) is not None:
+        return done
     manifest.prepare_output(config.out, options)
     curated = storage.read_parquet(curated_dir, options)
     keep = [c for c in ("id", "text", "domain", "score", "source", "meta") if c in curated.column_names]
