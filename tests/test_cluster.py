@@ -168,3 +168,41 @@ def test_shipped_schedule_specs_load():
     cluster_spec = load_spec(str(REPO / "jobs" / "configs" / "schedule-s3.yaml"))
     assert cluster_spec.gpus_per_actor == 1 and cluster_spec.out.startswith("s3://")
     assert Path(REPO / "jobs" / "schedule.py").is_file()
+
+
+def readme_commands() -> list[list[str]]:
+    """Every complete `python -m jobs.<name> ...` command in the README's bash blocks (those with `...`
+    placeholders left out), continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in text.split("```bash")[1:]:
+        body = block.split("```")[0].replace("\\\n", " ")
+        for line in body.splitlines():
+            line = line.split("  #")[0]
+            if "python -m jobs." in line and "..." not in line:
+                commands += job_commands(shlex.split(line))
+    return commands
+
+
+def test_readme_job_commands_parse():
+    """The README's commands use flags the jobs accept, and the spec files they name load."""
+    from jobs.make_demo_corpus import DemoCorpusConfig
+    from training.distill import DistillConfig
+    from training.evaluate import EvaluateConfig
+    from training.finetune import FinetuneConfig
+    from training.prune import PruneConfig
+
+    configs = {**JOB_CONFIGS, "jobs.prune": PruneConfig, "jobs.distill": DistillConfig,
+               "jobs.finetune": FinetuneConfig, "jobs.evaluate": EvaluateConfig,
+               "jobs.make_demo_corpus": DemoCorpusConfig}  # fmt: skip
+    commands = readme_commands()
+    assert {command[0] for command in commands} >= {
+        "jobs.train_sae", "jobs.curate", "jobs.prune", "jobs.distill", "jobs.finetune", "jobs.evaluate",
+        "jobs.schedule", "jobs.pipeline",
+    }  # fmt: skip
+    for command in commands:
+        module, args = command[0], command[1:]
+        config = cli.parse(configs[module], args)
+        spec = getattr(config, "spec", None)
+        if module == "jobs.pipeline" and (REPO / spec).is_file():
+            pipeline.build_steps(pipeline.load_spec(str(REPO / spec)))
