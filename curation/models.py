@@ -127,7 +127,7 @@ def local_model_dir(name_or_path: str) -> str:
     model_info(name_or_path)  # fails fast, with the fix, on a name that is not a model
     path = _embedded_path(name_or_path) if name_or_path in EMBEDDED_MODELS else Path(name_or_path)
     if path.is_dir():
-        return str(path)
+        return str(path.resolve())
     target = cache_root() / "models" / f"{path.stem}-{_fingerprint(path)}"
     if (target / "config.json").is_file():
         return str(target)

@@ -398,6 +398,12 @@ def makedirs(uri: str, options: StorageOptions | None = None) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (workers may run in another directory, as Ray Train's do); a remote URI
+    as it is."""
+    return uri if is_remote(uri) else os.path.abspath(uri)
+
+
 def is_remote(uri: str) -> bool:
     return _protocol(uri) not in ("file", "local")
 

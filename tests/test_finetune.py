@@ -370,12 +370,14 @@ def test_job_with_lora_and_kd_as_subprocess(tiny_model_dir, tmp_path):
         "lora_targets: [q_proj, v_proj]\n"
     )
     out = tmp_path / "out"
-    job = [sys.executable, "-m", "jobs.finetune", "--model", tiny_model_dir, "--data", str(data), "--out", str(out)]
-    args = [*job, "--config", str(overrides), "--zero-stage", "3", "--kd-weight", "0.5", "--teacher", tiny_model_dir,
+    # Relative paths, as a user types them (Ray Train runs its workers in directories of their own).
+    model = os.path.relpath(tiny_model_dir, tmp_path)
+    job = [sys.executable, "-m", "jobs.finetune", "--model", model, "--data", data.name, "--out", out.name]
+    args = [*job, "--config", overrides.name, "--zero-stage", "3", "--kd-weight", "0.5", "--teacher", model,
             "--lora-r", "4"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=380)
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=380)
     assert done.returncode == 0, done.stderr[-4000:]
     metrics = read_metrics(out)
     assert len(metrics) == 6
@@ -389,7 +391,7 @@ def test_job_with_lora_and_kd_as_subprocess(tiny_model_dir, tmp_path):
     assert torch.equal(merged.model.layers[0].self_attn.k_proj.weight, base.model.layers[0].self_attn.k_proj.weight)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "finetune" and manifest["config"]["lora_r"] == 4
-    bad = subprocess.run([*job, "--zero-stage", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([*job, "--zero-stage", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "zero_stage" in bad.stderr
 
 

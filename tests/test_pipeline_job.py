@@ -187,6 +187,19 @@ def test_spec_errors_name_the_field(tmp_path, tiny_model_dir):
     assert result.returncode != 0 and "domains.maths.x" in result.stderr
 
 
+def test_spec_paths_become_absolute(tmp_path, tiny_model_dir, monkeypatch):
+    """Stage workers run in directories of their own (Ray Train's do), so local paths are made absolute."""
+    spec = write_spec(tmp_path, tiny_model_dir, {"seeds": "seeds.jsonl"}, "corpus/*.jsonl.gz")
+    values = yaml.safe_load(spec.read_text())
+    values["root"] = "run"
+    spec.write_text(yaml.safe_dump(values))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_spec(str(spec))
+    assert loaded.root == str(tmp_path / "run") and loaded.seeds == str(tmp_path / "seeds.jsonl")
+    assert loaded.corpus == [str(tmp_path / "corpus" / "*.jsonl.gz")]
+    assert load_spec(str(spec), {"model": "smollm2-135m"}).model == "smollm2-135m"  # a registry name stays
+
+
 def test_heldout_split_depends_on_the_id_alone():
     ids = [f"doc{i}" for i in range(2000)]
     mask = heldout_mask(ids, 0.2)

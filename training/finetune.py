@@ -580,6 +580,9 @@ def _loop_config(checked: FinetunePlan) -> dict[str, Any]:
     config = checked.config
     loop = dataclasses.asdict(config)
     loop.update(
+        # Ray Train runs each worker in a directory of its own: every local path must be absolute.
+        out=storage.absolute(config.out),
+        checkpoints=config.checkpoints and storage.absolute(config.checkpoints),
         model_dir=checked.model_dir,
         teacher_dir=checked.teacher_dir,
         total_steps=checked.total_steps,
@@ -607,7 +610,7 @@ def build_trainer(checked: FinetunePlan):
     dataset = ray.data.read_parquet(paths, filesystem=data_fs, columns=checked.columns, num_cpus=0.25)
     dataset.context.execution_options.preserve_order = True  # blocks in file order, not in finishing order
     dataset = dataset.materialize()
-    ckpt_fs, ckpt_path = storage.pyarrow_filesystem(config.checkpoint_uri, options)
+    ckpt_fs, ckpt_path = storage.pyarrow_filesystem(storage.absolute(config.checkpoint_uri), options)
     if not storage.is_remote(config.checkpoint_uri):
         os.makedirs(ckpt_path, exist_ok=True)
     loop = _loop_config(checked)

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,6 +123,16 @@ class PipelineSpec(RunConfig):
             raise ConfigError("ratios", self.ratios, "each ratio once")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError("heldout_fraction", self.heldout_fraction, "must be in (0, 1), e.g. 0.2")
+        # Local paths become absolute: stage workers (Ray Train's above all) run in directories of their own.
+        self.root = storage.absolute(self.root)
+        self.corpus = [storage.absolute(pattern) for pattern in self.corpus]
+        self.seeds = storage.absolute(self.seeds)
+        if self.sae_path:
+            self.sae_path = storage.absolute(self.sae_path)
+        for name in ("model", "teacher"):
+            value = getattr(self, name)
+            if value and not storage.is_remote(value) and os.path.exists(value):  # a path, not a registry name
+                setattr(self, name, os.path.abspath(value))
 
 
 def _domain_spec(name: str, value: Any) -> DomainSpec:
