@@ -82,6 +82,7 @@ def test_make_demo_corpus_writes_topics(tmp_path):
 
 def test_shipped_yaml_configs_load():
     from curation.schedule import ScheduleSpec, load_spec
+    from training import pipeline
     from training.finetune import FinetuneConfig
 
     classes = {"sae": TrainSAEConfig, "curate": CurateConfig, "finetune": FinetuneConfig}
@@ -90,6 +91,10 @@ def test_shipped_yaml_configs_load():
     for path in shipped:
         if path.stem.startswith("schedule-"):  # a schedule spec is a whole curation spec on its own
             assert isinstance(load_spec(str(path)), ScheduleSpec)
+            continue
+        if path.stem.endswith("pipeline") or path.stem.startswith("pipeline-"):  # every stage's config builds
+            steps = pipeline.build_steps(pipeline.load_spec(str(path)))
+            assert {step.stage for step in steps} >= {"curate", "split", "prune", "distill", "finetune", "evaluate"}
             continue
         cls = classes[path.stem.split("-")[-1]]
         required = {"corpus": ["x"], "out": "o", "sae": "s", "seeds": "jobs/seeds/demo.jsonl"}
