@@ -16,12 +16,21 @@ table per domain and a link to every stage's report), and prints the comparison 
 
 from __future__ import annotations
 
+from typing import Any
+
 from curation import cli
 from training.pipeline import PipelineJobConfig, run_pipeline_job
 
 
+def _run(config: PipelineJobConfig) -> dict[str, Any]:
+    result = run_pipeline_job(config)
+    print(result["report"].split("## Steps")[0].rstrip() + "\n", flush=True)  # the comparison tables
+    print(f"Pipeline report: {result['report_uri']}", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(PipelineJobConfig, run_pipeline_job, argv, __doc__)
+    cli.run_job(PipelineJobConfig, _run, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -353,7 +353,8 @@ def _read_state(root: str, options: StorageOptions) -> dict[str, Any]:
 
 
 def run_pipeline(spec: PipelineSpec, only: list[str] | None = None) -> dict[str, Any]:
-    """Run every step that is not up to date, in order; returns the pipeline state (also in pipeline.json).
+    """Run every step that is not up to date, in order; returns the pipeline state (also in pipeline.json)
+    with the report's text (`report`, also in report.md) and where it was written (`report_uri`).
 
     `only`: stop after these steps and what they need (step names or stage names)."""
     steps = build_steps(spec)
@@ -404,7 +405,7 @@ def run_pipeline(spec: PipelineSpec, only: list[str] | None = None) -> dict[str,
     storage.write_json_atomic(storage.join(spec.root, STATE), state, options)
     report = pipeline_report(spec, steps, records, options)
     storage.write_bytes_atomic(storage.join(spec.root, REPORT), report.encode(), options)
-    return state
+    return {**state, "report": report, "report_uri": storage.join(spec.root, REPORT)}
 
 
 def _needed(steps: list[Step], only: list[str]) -> set[str]:
@@ -514,9 +515,4 @@ def run_pipeline_job(config: PipelineJobConfig) -> dict[str, Any]:
     if config.ray_address:
         overrides["ray_address"] = config.ray_address
     spec = load_spec(config.spec, overrides)
-    state = run_pipeline(spec, config.only or None)
-    with storage.open_read(storage.join(spec.root, REPORT), spec.storage_options()) as handle:
-        report = handle.read().decode()
-    print(report.split("## Steps")[0].rstrip() + "\n", flush=True)
-    print(f"Pipeline report: {storage.join(spec.root, REPORT)}", flush=True)
-    return state
+    return run_pipeline(spec, config.only or None)
