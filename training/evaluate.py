@@ -238,6 +238,7 @@ def plan(config: EvaluateConfig) -> EvaluationPlan:
         documents[name], skipped[name] = load_documents(config.ppl, config.ppl_topic, config.ppl_max_docs, options)
         inputs += storage.expand(config.ppl, options, config_field="ppl")
     hashed = {k: v for k, v in dataclasses.asdict(config).items() if k not in EXECUTION_FIELDS | _EXECUTION}
+    hashed["prompt"] = mmlu.PROMPT_FORM  # a new prompt makes new results
     digest = manifest.config_hash(hashed, inputs)
     return EvaluationPlan(config, pairs, questions, dev, rejects, in_file, documents, skipped, inputs, digest)
 
@@ -360,7 +361,7 @@ def summarise(checked: EvaluationPlan, outputs: list[dict[str, Any]]) -> dict[st
                 "questions": len(checked.questions),
                 "few_shot_pool": len(checked.dev),
             },  # fmt: skip
-            "format": "cloze: 'Question: ...\\nAnswer:' + ' ' + choice text",
+            "format": mmlu.PROMPT_FORM,
             "norms": {
                 "sum": "summed log-likelihood",
                 "char": "log-likelihood / characters of the continuation",

@@ -308,13 +308,21 @@ def format_question(question: Question) -> str:
     return f"Question: {question.question}\nAnswer:"
 
 
+PROMPT_FORM = (
+    "cloze: 'The following are questions about <subject>.\\n' + k x 'Question: <q>\\nAnswer: <answer>\\n\\n' + "
+    "'Question: <question>\\nAnswer:', then ' <choice>' scored"
+)
+
+
 def build_context(question: Question, shots: list[Question]) -> str:
-    """The cloze prompt: a header, k solved examples, then the question; a choice is its continuation.
+    """The cloze prompt: a header line, k solved examples, then the question; a choice is its continuation.
 
     Cloze form (the choice text itself is scored, not its letter), the form in which small models score
-    above chance and on which length normalisation matters.
+    above chance and on which length normalisation matters. The zero-shot prompt is the one behind the
+    published cloze-MMLU figures of the SmolLM models (`The following are questions about <subject>.`,
+    then `Question: ...` and `Answer:`), so that a figure measured here compares with theirs.
     """
-    header = f"The following are questions (with answers) about {subject_title(question.subject)}.\n\n"
+    header = f"The following are questions about {subject_title(question.subject)}.\n"
     solved = "".join(f"{format_question(shot)} {shot.choices[shot.answer]}\n\n" for shot in shots)
     return header + solved + format_question(question)
 
