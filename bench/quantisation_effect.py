@@ -52,18 +52,21 @@ def round_q4_1(weight: torch.Tensor, shift: int) -> torch.Tensor:
     return rounded.reshape(weight.shape).roll(shift, dims=1)
 
 
+def decoder_linears(model: torch.nn.Module):
+    for layer in model.model.layers:
+        yield from (module for module in layer.modules() if isinstance(module, torch.nn.Linear))
+
+
 def round_decoder(model: torch.nn.Module, shift: int) -> float:
     """Round every decoder linear weight in place; returns the RMS of the change over the RMS of the
     weights, over all of them."""
     change, total = 0.0, 0.0
     with torch.no_grad():
-        for layer in model.model.layers:
-            for module in layer.modules():
-                if isinstance(module, torch.nn.Linear):
-                    rounded = round_q4_1(module.weight, shift)
-                    change += float((rounded - module.weight).pow(2).sum())
-                    total += float(module.weight.pow(2).sum())
-                    module.weight.copy_(rounded)
+        for module in decoder_linears(model):
+            rounded = round_q4_1(module.weight, shift)
+            change += float((rounded - module.weight).pow(2).sum())
+            total += float(module.weight.pow(2).sum())
+            module.weight.copy_(rounded)
     return (change / total) ** 0.5
 
 
@@ -72,13 +75,11 @@ def first_rounding_noise(model: torch.nn.Module) -> float:
     largest de-quantised values are the block's minimum and minimum + 15 steps, so each block's step is
     known, and rounding to the nearest level leaves an error of step / sqrt(12) RMS."""
     noise, total = 0.0, 0.0
-    for layer in model.model.layers:
-        for module in layer.modules():
-            if isinstance(module, torch.nn.Linear):
-                blocks = module.weight.detach().reshape(module.weight.shape[0], -1, BLOCK)
-                step = (blocks.amax(-1) - blocks.amin(-1)) / LEVELS
-                noise += float((step.pow(2) / 12).sum()) * BLOCK
-                total += float(module.weight.detach().pow(2).sum())
+    for module in decoder_linears(model):
+        blocks = module.weight.detach().reshape(module.weight.shape[0], -1, BLOCK)
+        step = (blocks.amax(-1) - blocks.amin(-1)) / LEVELS
+        noise += float((step.pow(2) / 12).sum()) * BLOCK
+        total += float(module.weight.detach().pow(2).sum())
     return (noise / total) ** 0.5
 
 
@@ -119,7 +120,7 @@ def main() -> None:
     model = load_model(args.model)
     first = first_rounding_noise(model)
     print(f"the GGUF's own rounding: expected change {first:.3f} x the weights' RMS")
-    same_grid = round_decoder(load_model(args.model), shift=0)
+    same_grid = round_decoder(model, shift=0)  # the GGUF's own grid: changes nothing (printed)
     print(f"rounding again on the original blocks: change {same_grid:.1e} x the weights' RMS (none)")
     noise = round_decoder(model, shift=BLOCK // 2)
     print(f"rounding again on shifted blocks: change {noise:.3f} x the weights' RMS")

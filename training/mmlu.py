@@ -308,12 +308,6 @@ def format_question(question: Question) -> str:
     return f"Question: {question.question}\nAnswer:"
 
 
-PROMPT_FORM = (
-    "cloze: 'The following are questions about <subject>.\\n' + k x 'Question: <q>\\nAnswer: <answer>\\n\\n' + "
-    "'Question: <question>\\nAnswer:', then ' <choice>' scored"
-)
-
-
 def build_context(question: Question, shots: list[Question]) -> str:
     """The cloze prompt: a header line, k solved examples, then the question; a choice is its continuation.
 
@@ -329,6 +323,15 @@ def build_context(question: Question, shots: list[Question]) -> str:
 
 def continuation(choice: str) -> str:
     return " " + choice
+
+
+def _placeholder(text: str) -> Question:
+    return Question("", "<subject>", f"<{text}>", ("<answer>",) * len(LETTERS), 0)
+
+
+PROMPT_FORM = build_context(_placeholder("question"), [_placeholder("shot question")]) + continuation("<choice>")
+"""The prompt rendered from `build_context` itself with one solved example: the report shows it and the
+evaluation's hash includes it, so any change to the prompt makes new results."""
 
 
 def few_shot_examples(dev: list[Question], k: int) -> dict[str, list[Question]]:

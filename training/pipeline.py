@@ -131,8 +131,8 @@ class PipelineSpec(RunConfig):
             self.sae_path = storage.absolute(self.sae_path)
         for name in ("model", "teacher"):
             value = getattr(self, name)
-            if value and not storage.is_remote(value) and os.path.exists(value):  # a path, not a registry name
-                setattr(self, name, os.path.abspath(value))
+            if value and os.path.exists(value):  # a local path, not a registry name
+                setattr(self, name, storage.absolute(value))
 
 
 def _domain_spec(name: str, value: Any) -> DomainSpec:
