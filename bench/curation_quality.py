@@ -26,12 +26,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from curation.curate import CurateConfig, run_curation
+from core.batching import tokenize_texts
 from curation.demo_corpus import write_demo_corpus
-from curation.encode import DocumentEncoder, EncoderSpec, tokenize_texts
-from curation.sae_training import TrainSAEConfig, run_train_sae
+from curation.encode import DocumentEncoder, EncoderSpec
+from curation.sae.train import TrainSAEConfig, run_train_sae
 from curation.seeds import load_seeds
-from curation.select import SelectionSpec, block_candidates, merge_candidates
+from curation.selection.curate import CurateConfig, run_curation
+from curation.selection.rules import SelectionSpec, block_candidates, merge_candidates
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "jobs" / "seeds" / "demo.jsonl"

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from core.models import DEFAULT_MODEL, load_model, model_info
 from curation.demo_corpus import load_summaries
 from curation.encode import (
     DocumentEncoder,
@@ -50,8 +51,7 @@ from curation.encode import (
     pooling_mask,
     tokenize_texts,
 )
-from curation.models import DEFAULT_MODEL, load_model, model_info
-from curation.sae import SAEConfig, TopKSAE
+from curation.sae.model import SAEConfig, TopKSAE
 
 TARGET_VS_FLOOR = 0.85
 TARGET_VS_NAIVE = 2.0

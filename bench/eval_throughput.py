@@ -26,9 +26,9 @@ import time
 import numpy as np
 import torch
 
-from curation.models import DEFAULT_MODEL, load_model, load_tokenizer
-from training import mmlu
-from training.scoring import encode_item, score_items, score_naive
+from core.models import DEFAULT_MODEL, load_model, load_tokenizer
+from training.evaluation import mmlu
+from training.evaluation.scoring import encode_item, score_items, score_naive
 
 TARGET = 3.0
 

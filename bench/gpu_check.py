@@ -69,11 +69,11 @@ def main() -> int:
         print("needs a CUDA GPU and vLLM (pip install -e '.[gpu]')")
         return 2
     args = parse_args()
-    from curation import cli
+    from core import cli, logs
     from curation.demo_corpus import write_demo_corpus
-    from training.pipeline import PipelineSpec, run_pipeline
+    from pipeline import PipelineSpec, run_pipeline
 
-    cli.setup_logging()
+    logs.setup_logging()
     root = Path(args.out)
     write_demo_corpus(str(root / "corpus"), shards=8, limit=args.docs)
     spec = cli.from_mapping(PipelineSpec, spec_values(args), origin="bench/gpu_check.py")

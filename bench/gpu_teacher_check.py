@@ -1,8 +1,8 @@
 """GPU check of the vLLM teacher backend: the distill stage's vLLM path on SmolLM2, and its generated tokens/s.
 
 Needs a CUDA GPU and the `gpu` extra (`pip install -e '.[gpu]'`, which brings vLLM through `ray[llm]`).
-It runs the very processor the distill job builds (`training.teacher.build_vllm_processor`, fed by
-`training.distill.prepare_rows`) on Wikipedia summaries from the demo corpus, then checks what came back:
+It runs the very processor the distill job builds (`training.distillation.teacher.build_vllm_processor`, fed by
+`training.distillation.distill.prepare_rows`) on Wikipedia summaries from the demo corpus, then checks what came back:
 every row decoded and non-empty or accounted for as cut off, the ids intact, and the judge's filters
 applied. It prints generated tokens/s (tokens vLLM reports, over the wall time of the processor's run,
 engine start-up excluded by a warm-up pass).
@@ -46,10 +46,10 @@ def main() -> int:
     args = parse_args()
     import ray
 
+    from core.models import load_tokenizer, local_model_dir
     from curation.demo_corpus import load_summaries
-    from curation.models import load_tokenizer, local_model_dir
-    from training.distill import DEFAULT_LEAK_PHRASES, PREPARED_SCHEMA, PrepareSpec, judge, prepare_rows
-    from training.teacher import TeacherConfig, build_vllm_processor, eos_ids
+    from training.distillation.distill import DEFAULT_LEAK_PHRASES, PREPARED_SCHEMA, PrepareSpec, judge, prepare_rows
+    from training.distillation.teacher import TeacherConfig, build_vllm_processor, eos_ids
 
     ray.init(include_dashboard=False, ignore_reinit_error=True)
     tokenizer = load_tokenizer(args.model)

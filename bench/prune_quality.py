@@ -31,10 +31,10 @@ import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM
 
-from curation import storage
+from core import storage
+from core.models import DEFAULT_MODEL, load_model, load_tokenizer
 from curation.demo_corpus import load_summaries
-from curation.models import DEFAULT_MODEL, load_model, load_tokenizer
-from training.prune import PruneConfig, domain_batches, run_pruning
+from training.pruning.prune import PruneConfig, domain_batches, run_pruning
 
 METHODS = ("taylor", "magnitude", "random")
 

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from curation.models import DEFAULT_MODEL, load_model, load_tokenizer, local_model_dir
-from training.importance import magnitude_importance
-from training.prune import plan_pruning, save_pruned
-from training.structures import apply_plan, count_params, layout_of
+from core.models import DEFAULT_MODEL, load_model, load_tokenizer, local_model_dir
+from training.pruning.importance import magnitude_importance
+from training.pruning.prune import plan_pruning, save_pruned
+from training.pruning.structures import apply_plan, count_params, layout_of
 
 TARGET_BATCH16 = 1.25
 SEQUENCE = 256

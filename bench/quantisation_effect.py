@@ -33,10 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from core.models import DEFAULT_MODEL, load_model, local_model_dir
 from curation.demo_corpus import load_summaries
-from curation.models import DEFAULT_MODEL, load_model, local_model_dir
-from training import mmlu
-from training.evaluate import EvaluateConfig, run_evaluation
+from training.evaluation import mmlu
+from training.evaluation.evaluate import EvaluateConfig, run_evaluation
 
 BLOCK = 32
 LEVELS = 15  # Q4_1: 4-bit codes 0..15, a scale and a minimum per block

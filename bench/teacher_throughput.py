@@ -2,7 +2,7 @@
 
 Measured in one process on the embedded SmolLM2-135M-Instruct, with real distillation prompts: Wikipedia
 summaries from the demo corpus, put through the continuation recipe and the model's chat template
-(`training.distill.prepare_rows`), exactly as the distill job builds them.
+(`training.distillation.distill.prepare_rows`), exactly as the distill job builds them.
 
 - **batched**: `BatchedGenerator.generate` on all prompts (length-sorted micro-batches, left padding, KV
   cache, per-row stop at EOS), the teacher backend the distill job runs on CPU;
@@ -29,10 +29,10 @@ import time
 
 import torch
 
+from core.models import DEFAULT_MODEL, load_tokenizer
 from curation.demo_corpus import load_summaries
-from curation.models import DEFAULT_MODEL, load_tokenizer
-from training.distill import PrepareSpec, prepare_rows
-from training.teacher import BatchedGenerator, Generation, TeacherConfig, finish_row
+from training.distillation.distill import PrepareSpec, prepare_rows
+from training.distillation.teacher import BatchedGenerator, Generation, TeacherConfig, finish_row
 
 TARGET = 3.0
 

@@ -1,7 +1,7 @@
 """Training tokens/s of the Ray Train + DeepSpeed loop against a plain single-process torch loop.
 
 Both train the same model on the same rows, in the same micro-batches and global batch, with AdamW.
-The plain loop runs in this process with every core; the Ray loop runs `training.finetune` with
+The plain loop runs in this process with every core; the Ray loop runs `training.finetuning.finetune` with
 --workers workers (ZeRO stage --zero-stage, gloo on CPU). Steady-state tokens/s is taken from the
 per-step timings (first step left out); start-up (Ray, workers, model load, DeepSpeed init) is
 reported separately as the fit's wall time minus its step times.
@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from curation import models  # noqa: E402
-from training.finetune import FinetuneConfig, run_finetune  # noqa: E402
-from training.losses import causal_lm_loss  # noqa: E402
-from training.sft_data import BatchShape, Example, collate, encode_example, plan_window, training_target  # noqa: E402
+from training.finetuning.finetune import FinetuneConfig, run_finetune  # noqa: E402
+from training.finetuning.losses import causal_lm_loss  # noqa: E402
+from training.finetuning.sft_data import BatchShape, Example, collate, encode_example, plan_window, training_target  # noqa: E402
 
 
 def synthetic_model(directory: Path, hidden: int, layers: int) -> str:

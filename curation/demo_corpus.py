@@ -14,9 +14,9 @@ import logging
 import random
 from pathlib import Path
 
-from curation import storage
-from curation.errors import ConfigError
-from curation.storage import StorageOptions
+from core import storage
+from core.errors import ConfigError
+from core.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 

@@ -16,59 +16,26 @@ from typing import Literal
 import numpy as np
 import torch
 
-from curation.models import TruncatedForward, load_model, load_tokenizer
-from curation.sae import TopKSAE
+from core.batching import length_batches, pad_right
+from core.logs import worker_logging
+from core.models import TruncatedForward, load_model, load_tokenizer
+from curation.sae.model import TopKSAE
 
 # How a document's per-token SAE codes become one vector. `rate` counts how often each latent fires
 # and ignores how strongly: a few high-magnitude latents dominate the mean code of every document
-# whatever its topic, while which features fire, and how often, is what separates topics (README,
-# "Quality": on the demo corpus `rate` beat both `mean` and the dense baseline).
+# whatever its topic, while which features fire, and how often, is what separates topics
+# (docs/results.md, "Curation quality": on the demo corpus `rate` beat both `mean` and the dense baseline).
 Pooling = Literal["rate", "mean"]
 
 logger = logging.getLogger(__name__)
-
-
-def length_batches(
-    lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int = 64, max_padding: float = 0.2
-) -> list[list[int]]:
-    """Group row indices into micro-batches of similar length.
-
-    Rows are sorted by length and cut so that (rows x longest row) stays within `max_batch_tokens`
-    and no row is padded by more than `max_padding` of the micro-batch's longest row: each micro-batch
-    pads only to its own longest row, and that row is close to all the others.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        longest = lengths[current[0]] if current else lengths[index]
-        full = (len(current) + 1) * longest > max_batch_tokens or len(current) >= max_batch_size
-        wasteful = lengths[index] < (1 - max_padding) * longest
-        if current and (full or wasteful):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pad_right(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lists of ids -> (batch, longest) ids and attention mask, padded on the right."""
-    longest = max(len(tokens) for tokens in token_lists)
-    ids = torch.full((len(token_lists), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), longest), dtype=torch.long)
-    for row, tokens in enumerate(token_lists):
-        ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
-        mask[row, : len(tokens)] = 1
-    return ids, mask
 
 
 def pooling_mask(attention_mask: torch.Tensor, skip_positions: int) -> torch.Tensor:
     """(batch, tokens) mask of the positions that count: not padding, and not the first `skip_positions`.
 
     Position 0 of SmolLM2 carries an attention-sink activation 6x to 140x larger than the rest
-    (DESIGN.md); pooling it in makes a document's vector measure its length, not its content.
+    (docs/design.md, "Position 0: the attention sink"); pooling it in makes a document's vector
+    measure its length, not its content.
     A document shorter than `skip_positions + 1` tokens keeps its last token so it is never empty.
     """
     mask = attention_mask.bool().clone()
@@ -176,20 +143,6 @@ class DocumentEncoder:
         return torch.cat(chunks).cpu() if chunks else torch.zeros((0, 0))
 
 
-def tokenize_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Texts -> token-id lists, each cut to `max_tokens`."""
-    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)
-    return [list(ids) for ids in encoded["input_ids"]]
-
-
-def _worker_logging() -> None:
-    """Ray workers start with logging unconfigured: make this package's progress lines visible."""
-    package = logging.getLogger("curation")
-    if not package.handlers and not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    package.setLevel(logging.INFO)
-
-
 class EncodeDocuments:
     """Ray Data actor: token ids -> cosine similarity of each document to every seed.
 
@@ -197,7 +150,7 @@ class EncodeDocuments:
     """
 
     def __init__(self, spec: EncoderSpec, seed_vectors: np.ndarray, sae: TopKSAE | None = None):
-        _worker_logging()
+        worker_logging()
         self.encoder = DocumentEncoder(spec, sae=sae)
         self.seed_vectors = torch.tensor(seed_vectors, dtype=torch.float32)
         self.tokens = 0
@@ -220,7 +173,7 @@ class TokenActivations:
     """Ray Data actor: token ids -> one row per counted token, `act` of shape (d_in,), for SAE training."""
 
     def __init__(self, spec: EncoderSpec):
-        _worker_logging()
+        worker_logging()
         self.encoder = DocumentEncoder(spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

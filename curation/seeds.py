@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from curation import storage
-from curation.errors import ConfigError
-from curation.storage import StorageOptions
+from core import storage
+from core.errors import ConfigError
+from core.storage import StorageOptions
 
 DEFAULT_DOMAIN = "default"
 

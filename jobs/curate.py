@@ -13,8 +13,8 @@ report.md with scores.png, and, last, manifest.json.
 
 from __future__ import annotations
 
-from curation import cli
-from curation.curate import CurateConfig, run_curation
+from core import cli
+from curation.selection.curate import CurateConfig, run_curation
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,8 +17,8 @@ manifest.json. A rerun after a crash generates only the rows that are missing.
 
 from __future__ import annotations
 
-from curation import cli
-from training.distill import DistillConfig, run_distill
+from core import cli
+from training.distillation.distill import DistillConfig, run_distill
 
 
 def main(argv: list[str] | None = None) -> None:

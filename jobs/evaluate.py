@@ -14,8 +14,8 @@ table (every model against the first, McNemar's exact test), PNG bar charts and,
 
 from __future__ import annotations
 
-from curation import cli
-from training.evaluate import EvaluateConfig, run_evaluation
+from core import cli
+from training.evaluation.evaluate import EvaluateConfig, run_evaluation
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,8 @@ last, OUT/manifest.json.
 
 from __future__ import annotations
 
-from curation import cli
-from training.finetune import FinetuneConfig, run_finetune
+from core import cli
+from training.finetuning.finetune import FinetuneConfig, run_finetune
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from curation import cli
+from core import cli
+from core.runtime import RunConfig
 from curation.demo_corpus import write_demo_corpus
-from curation.runtime import RunConfig
 
 
 @dataclass

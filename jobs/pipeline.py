@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from curation import cli
-from training.pipeline import PipelineJobConfig, run_pipeline_job
+from core import cli
+from pipeline import PipelineJobConfig, run_pipeline_job
 
 
 def _run(config: PipelineJobConfig) -> dict[str, Any]:

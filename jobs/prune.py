@@ -12,8 +12,8 @@ manifest.json. The ratio counts total parameters, embeddings included.
 
 from __future__ import annotations
 
-from curation import cli
-from training.prune import PruneConfig, run_pruning
+from core import cli
+from training.pruning.prune import PruneConfig, run_pruning
 
 
 def main(argv: list[str] | None = None) -> None:

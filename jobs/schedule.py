@@ -5,7 +5,7 @@ r"""Scheduled curation: each batch curates the shards that are new for a spec, c
     python -m jobs.schedule --spec jobs/configs/schedule-demo.yaml --status   # what each spec has done
     ray job submit --working-dir . -- python -m jobs.schedule --spec jobs/configs/schedule-demo.yaml --once
 
-A spec YAML holds the fields of `curation.schedule.ScheduleSpec` (those of `jobs.curate` plus scheduling):
+A spec YAML holds the fields of `curation.schedule.service.ScheduleSpec` (those of `jobs.curate` plus scheduling):
 corpus globs, seeds, sae, model, rule/top_n/threshold, out (the output root), shards_per_round,
 lease_seconds, max_attempts, interval_s, keep_snapshots. Readers take the dataset from
 `<out>/CURRENT` -> `<out>/snapshots/vNNNNNN/curated.parquet`.
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from curation import cli
-from curation.schedule import ScheduleJobConfig, format_status, run_schedule
+from core import cli
+from curation.schedule.service import ScheduleJobConfig, format_status, run_schedule
 
 
 def _run(config: ScheduleJobConfig) -> list[dict[str, Any]]:

@@ -11,8 +11,8 @@ cfg.json, sae.safetensors and, last, manifest.json (FVU, dead fraction, tokens/s
 
 from __future__ import annotations
 
-from curation import cli
-from curation.sae_training import TrainSAEConfig, run_train_sae
+from core import cli
+from curation.sae.train import TrainSAEConfig, run_train_sae
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -101,7 +101,7 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session. Actors in tests ask for fractional CPUs (DESIGN.md)."""
+    """One local Ray for the whole session. Actors in tests ask for fractional CPUs (docs/design.md)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)

@@ -9,11 +9,11 @@ import pytest
 import yaml
 from conftest import REPO
 
-from curation import cli
-from curation.curate import CurateConfig
-from curation.sae_training import TrainSAEConfig
-from curation.schedule import ScheduleJobConfig, load_spec
-from training import pipeline
+import pipeline
+from core import cli
+from curation.sae.train import TrainSAEConfig
+from curation.schedule.service import ScheduleJobConfig, load_spec
+from curation.selection.curate import CurateConfig
 
 CLUSTER = REPO / "cluster"
 JOB_CONFIGS = {
@@ -170,32 +170,33 @@ def test_shipped_schedule_specs_load():
     assert Path(REPO / "jobs" / "schedule.py").is_file()
 
 
-def readme_commands() -> list[list[str]]:
-    """Every complete `python -m jobs.<name> ...` command in the README's bash blocks (those with `...`
-    placeholders left out), continuation lines joined."""
-    text = (REPO / "README.md").read_text()
+def documented_commands() -> list[list[str]]:
+    """Every complete `python -m jobs.<name> ...` command in the bash blocks of README.md and of every
+    docs/*.md page (those with `...` placeholders left out), continuation lines joined."""
     commands = []
-    for block in text.split("```bash")[1:]:
-        body = block.split("```")[0].replace("\\\n", " ")
-        for line in body.splitlines():
-            line = line.split("  #")[0]
-            if "python -m jobs." in line and "..." not in line:
-                commands += job_commands(shlex.split(line))
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in page.read_text().split("```bash")[1:]:
+            body = block.split("```")[0].replace("\\\n", " ")
+            for line in body.splitlines():
+                line = line.split("  #")[0]
+                if "python -m jobs." in line and "..." not in line:
+                    commands += job_commands(shlex.split(line))
     return commands
 
 
-def test_readme_job_commands_parse():
-    """The README's commands use flags the jobs accept, and the spec files they name load."""
+def test_documented_job_commands_parse():
+    """The commands of the README and docs/ use flags the jobs accept, and the spec files they name load;
+    together they run every stage's job."""
     from jobs.make_demo_corpus import DemoCorpusConfig
-    from training.distill import DistillConfig
-    from training.evaluate import EvaluateConfig
-    from training.finetune import FinetuneConfig
-    from training.prune import PruneConfig
+    from training.distillation.distill import DistillConfig
+    from training.evaluation.evaluate import EvaluateConfig
+    from training.finetuning.finetune import FinetuneConfig
+    from training.pruning.prune import PruneConfig
 
     configs = {**JOB_CONFIGS, "jobs.prune": PruneConfig, "jobs.distill": DistillConfig,
                "jobs.finetune": FinetuneConfig, "jobs.evaluate": EvaluateConfig,
                "jobs.make_demo_corpus": DemoCorpusConfig}  # fmt: skip
-    commands = readme_commands()
+    commands = documented_commands()
     assert {command[0] for command in commands} >= {
         "jobs.train_sae", "jobs.curate", "jobs.prune", "jobs.distill", "jobs.finetune", "jobs.evaluate",
         "jobs.schedule", "jobs.pipeline",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +10,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
-from pipeline_helpers import ray_head, submit_job, write_corpus
+from helpers import job_env, ray_head, submit_job, write_corpus
 
-from curation import cli
-from curation.curate import CurateConfig
-from curation.sae_training import TrainSAEConfig
+from core import cli
+from curation.sae.train import TrainSAEConfig
+from curation.selection.curate import CurateConfig
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -23,14 +22,6 @@ SAE_FLAGS = [
     "--layer", "2", "--coords", "jacobian", "--num-coords", "32", "--expansion-factor", "4", "--k", "8",
     "--max-train-tokens", "1500", "--epochs", "3", "--batch-tokens", "256", "--cpus-per-actor", "0.5",
 ]  # fmt: skip
-
-
-def job_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 def run_job(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
@@ -81,9 +72,9 @@ def test_make_demo_corpus_writes_topics(tmp_path):
 
 
 def test_shipped_yaml_configs_load():
-    from curation.schedule import ScheduleSpec, load_spec
-    from training import pipeline
-    from training.finetune import FinetuneConfig
+    import pipeline
+    from curation.schedule.service import ScheduleSpec, load_spec
+    from training.finetuning.finetune import FinetuneConfig
 
     classes = {"sae": TrainSAEConfig, "curate": CurateConfig, "finetune": FinetuneConfig}
     shipped = sorted((REPO / "jobs" / "configs").glob("*.yaml"))

@@ -1,0 +1,79 @@
+"""What every job shares: storage and Ray settings, and joining or starting Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from core import manifest
+from core.storage import FileInfo, StorageOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by every job; stage configs inherit them.
+
+    A stage's manifest hash, and the pipeline's step key, come from :meth:`content`: every field except
+    the ones a config names in `execution_fields`, which change how a run executes (actors, threads,
+    batch sizes, logging) but not what it produces. A new field is hashed unless it is listed there.
+    """
+
+    execution_fields: ClassVar[frozenset[str]] = frozenset({"s3_endpoint", "s3_region", "ray_address", "force"})
+
+    s3_endpoint: str | None = None
+    """S3-compatible endpoint URL; defaults to $AWS_ENDPOINT_URL. Credentials come from the standard AWS env."""
+    s3_region: str | None = None
+    """S3 region; defaults to $AWS_DEFAULT_REGION."""
+    ray_address: str | None = None
+    """Ray cluster to join. Unset: $RAY_ADDRESS (set by `ray job submit`), else a local Ray is started."""
+    force: bool = False
+    """Redo the stage even when a manifest for this exact config and these inputs exists."""
+
+    def storage_options(self) -> StorageOptions:
+        return StorageOptions(endpoint_url=self.s3_endpoint, region=self.s3_region).resolved()
+
+    def content(self) -> dict[str, Any]:
+        """The fields that decide what the stage produces: all but `execution_fields`."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.execution_fields}
+
+    def digest(self, inputs: Sequence[FileInfo] = (), **derived: Any) -> str:
+        """The stage's manifest hash: its content, values derived from it (`derived`), and its inputs."""
+        return manifest.config_hash({**self.content(), **derived}, inputs)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster named by `address` or $RAY_ADDRESS, or start a local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    if address:
+        logger.info("joining Ray at %s", address)
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        # address="local" always starts a fresh instance: a cluster that a `ray start` left on this
+        # machine is joined only when asked for (--ray-address auto), never by surprise.
+        logger.info("starting a local Ray with %d CPUs", os.cpu_count() or 1)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=env)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def is_local_ray(address: str | None) -> bool:
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def default_torch_threads(actors: int, cpus_per_actor: float, address: str | None) -> int:
+    """Threads per model actor: a local run shares this machine's cores; a cluster actor uses its CPUs."""
+    if is_local_ray(address):
+        return max(1, (os.cpu_count() or 1) // max(actors, 1))
+    return max(1, int(cpus_per_actor))

@@ -1,0 +1,237 @@
+"""Train the Top-K SAE on corpus activations streamed through Ray Data.
+
+read -> clean -> tokenize -> activations (truncated forward at layer L, the chosen coordinates,
+positions that count only) -> shuffled batches -> `train_sae` on the driver -> SAE directory plus
+manifest. Coordinates are chosen first, on the seeds (`jacobian`, the paper's) or on a calibration
+sample of the corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from core import manifest, models, storage
+from core.batching import tokenize_batch, tokenize_texts
+from core.errors import ConfigError
+from core.reader import DOC, CleanConfig, iter_shard, read_corpus
+from core.runtime import RunConfig, default_torch_threads, init_ray
+from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
+from curation.sae.coords import CoordSelector, select_coords
+from curation.sae.model import SAEConfig, train_sae
+from curation.seeds import load_seeds
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSAEConfig(RunConfig):
+    execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {
+        "encode_actors",
+        "cpus_per_actor",
+        "torch_threads",
+    }
+
+    corpus: list[str] = field(default_factory=list)
+    """Corpus shards to train on: paths, directories or globs, local or s3://."""
+    out: str = ""
+    """Output SAE directory, local or s3://: cfg.json, sae.safetensors, manifest.json."""
+    model: str = models.DEFAULT_MODEL
+    """Base model: an embedded name (smollm2-135m), a Hugging Face directory, or a .gguf file."""
+    layer: int = 15
+    """Decoder layer (0-based) whose output the SAE reads; only layers 0..layer are run."""
+    seeds: str | None = None
+    """Seed examples (JSONL) on which `jacobian` coordinates are measured; without it, a corpus sample."""
+    coords: CoordSelector = "jacobian"
+    """How the SAE's input coordinates are chosen: jacobian (most input-sensitive), magnitude, or all."""
+    num_coords: int = 96
+    """Input coordinates K (the paper's best was 96); ignored for coords=all."""
+    expansion_factor: int = 16
+    """SAE latents per input coordinate."""
+    k: int = 32
+    """Active latents per token."""
+    max_train_tokens: int = 400_000
+    """Training tokens (activations) to draw from the corpus."""
+    epochs: int = 4
+    """Passes over the drawn tokens; above 1 they are held in memory (max_train_tokens x K floats)."""
+    batch_tokens: int = 1024
+    """Tokens per optimiser step."""
+    lr: float | None = None
+    """Adam learning rate; unset uses Gao et al.'s width-scaled default."""
+    max_tokens: int = 256
+    """Tokens of each document that are read."""
+    calibration_docs: int = 64
+    """Corpus documents used to choose coordinates when no seeds are given."""
+    encode_actors: int = 1
+    """Model actors computing activations."""
+    cpus_per_actor: float = 1.0
+    """CPUs each activation actor reserves."""
+    gpus_per_actor: float = 0.0
+    """GPUs each activation actor reserves; > 0 runs it on CUDA."""
+    torch_threads: int = 0
+    """Torch threads per actor; 0 picks from the machine (local) or cpus_per_actor (cluster)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+        if not self.corpus:
+            raise ConfigError("corpus", self.corpus, "is required: pass --corpus PATH_OR_GLOB")
+        if not self.out:
+            raise ConfigError("out", self.out, "is required: pass --out DIR")
+        for name in ("max_train_tokens", "epochs", "batch_tokens", "max_tokens", "calibration_docs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be >= 1")
+        if self.layer < 0:
+            raise ConfigError("layer", self.layer, "must be >= 0 (a 0-based decoder layer index)")
+
+
+def check(config: TrainSAEConfig) -> tuple[models.ModelInfo, list[storage.FileInfo], str]:
+    """Validate against the model and the storage before any Ray work; returns (model info, inputs, hash)."""
+    info = models.model_info(config.model)
+    if config.layer >= info.num_layers:
+        raise ConfigError(
+            "layer", config.layer, f"{config.model} has {info.num_layers} layers: use 0..{info.num_layers - 1}"
+        )
+    if config.coords != "all" and not 1 <= config.num_coords <= info.hidden_size:
+        raise ConfigError(
+            "num_coords", config.num_coords, f"must be in 1..{info.hidden_size} (the hidden size of {config.model})"
+        )
+    d_in = info.hidden_size if config.coords == "all" else config.num_coords
+    SAEConfig(d_in=d_in, expansion_factor=config.expansion_factor, k=config.k)  # fails fast, naming the field
+    options = config.storage_options()
+    if config.seeds:
+        load_seeds(config.seeds, options)
+    inputs = storage.expand(config.corpus, options)
+    extra = storage.expand(config.seeds, options, config_field="seeds") if config.seeds else []
+    return info, inputs, config.digest([*inputs, *extra])
+
+
+def calibration_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo]) -> list[str]:
+    """The seeds, or else the first documents of the corpus, to choose coordinates on."""
+    options = config.storage_options()
+    if config.seeds:
+        return load_seeds(config.seeds, options).texts
+    texts: list[str] = []
+    for info in inputs:
+        for kind, row in iter_shard(info.uri, options, CleanConfig()):
+            if kind == DOC:
+                texts.append(row["text"])
+            if len(texts) >= config.calibration_docs:
+                return texts
+    return texts
+
+
+def _batches(stream: Iterator[torch.Tensor], epochs: int, batch_tokens: int) -> Iterator[torch.Tensor]:
+    """Yield the stream's batches; with epochs > 1, keep them and replay them shuffled."""
+    kept: list[torch.Tensor] = []
+    for batch in stream:
+        if epochs > 1:
+            kept.append(batch)
+        yield batch
+    if not kept:
+        return
+    everything = torch.cat(kept)
+    del kept
+    for _ in range(epochs - 1):
+        order = torch.randperm(everything.shape[0])
+        for start in range(0, everything.shape[0], batch_tokens):
+            yield everything[order[start : start + batch_tokens]]
+
+
+def _encoder_spec(config: TrainSAEConfig) -> EncoderSpec:
+    """The activation encoder's spec, reading every coordinate until they are chosen."""
+    threads = config.torch_threads or default_torch_threads(
+        config.encode_actors, config.cpus_per_actor, config.ray_address
+    )
+    device = "cuda" if config.gpus_per_actor > 0 else "cpu"
+    return EncoderSpec(model=config.model, sae_dir=None, layer=config.layer, device=device, torch_threads=threads)
+
+
+def _choose_coords(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]) -> list[int]:
+    """The SAE's input coordinates, measured on the driver over the seeds or a corpus sample."""
+    encoder = DocumentEncoder(spec)
+    texts = calibration_texts(config, inputs)
+    token_lists = tokenize_texts(encoder.tokenizer, texts, config.max_tokens)
+    return select_coords(encoder, token_lists, config.coords, config.num_coords)
+
+
+def _activation_stream(
+    config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]
+) -> Iterator[torch.Tensor]:
+    """read -> clean -> tokenize -> activation actors, as locally shuffled batches of `batch_tokens` activations.
+
+    Ray must be initialised.
+    """
+    import ray
+
+    options = config.storage_options()
+    docs = read_corpus([i.uri for i in inputs], options, CleanConfig(), storage.join(config.out, "rejects"))
+    activations = (
+        docs.map_batches(
+            tokenize_batch, fn_kwargs={"model": config.model, "max_tokens": config.max_tokens}, num_cpus=0.25
+        )
+        .map_batches(
+            TokenActivations,
+            fn_constructor_args=(spec,),
+            compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
+            num_cpus=config.cpus_per_actor,
+            num_gpus=config.gpus_per_actor or None,
+            batch_size=128,
+        )
+        .limit(config.max_train_tokens)
+    )
+    return (
+        batch["act"]
+        for batch in activations.iter_torch_batches(
+            batch_size=config.batch_tokens, local_shuffle_buffer_size=16 * config.batch_tokens, drop_last=False
+        )
+    )
+
+
+def _sae_config(config: TrainSAEConfig, info: models.ModelInfo, coords: list[int]) -> SAEConfig:
+    return SAEConfig(
+        d_in=len(coords),
+        expansion_factor=config.expansion_factor,
+        k=config.k,
+        layer=config.layer,
+        coords=coords,
+        coord_selector=config.coords,
+        base_model={"name": config.model, "num_layers": info.num_layers, "hidden_size": info.hidden_size},
+    )
+
+
+def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
+    """Train an SAE and write it to `config.out`; skips when a manifest for this exact run exists."""
+    info, inputs, digest = check(config)
+    options = config.storage_options()
+    if (done := manifest.finished(config.out, digest, options, config.force)) is not None:
+        return done
+    timer = manifest.Timer()
+    manifest.prepare_output(config.out, options)
+    init_ray(config.ray_address)
+    spec = _encoder_spec(config)
+    with timer("coords"):
+        coords = _choose_coords(config, spec, inputs)
+    spec = dataclasses.replace(spec, coords=coords)
+    stream = _activation_stream(config, spec, inputs)
+    sae_config = _sae_config(config, info, coords)
+    with timer("train"):
+        sae, metrics = train_sae(_batches(stream, config.epochs, config.batch_tokens), sae_config)
+    with tempfile.TemporaryDirectory() as staging:
+        sae.save(staging)
+        storage.upload_dir(staging, config.out, options)
+    counts = {"train_tokens_drawn": metrics["tokens"] // max(config.epochs, 1), **metrics}
+    logger.info(
+        "SAE written to %s: fvu=%.3f dead=%.3f %.0f tokens/s",
+        config.out, metrics["fvu"], metrics["dead_fraction"], metrics["tokens_per_s"],
+    )  # fmt: skip
+    return manifest.write_manifest(
+        config.out, stage="train_sae", config=dataclasses.asdict(config), digest=digest, inputs=inputs,
+        counts=counts, timings=timer.timings, options=options, extra={"coords": coords},
+    )  # fmt: skip

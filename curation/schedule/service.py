@@ -1,0 +1,611 @@
+"""Curation as a service: scheduled, incremental, crash-safe batches over a growing corpus.
+
+A spec (YAML, :class:`ScheduleSpec`) names corpus globs, seeds, an SAE, the model, the selection rule
+and an output root. Each batch lists the corpus, claims shards that are new for the spec (or failed
+fewer than `max_attempts` times) with leases (:mod:`curation.schedule.catalog`), runs the stage 1 pipeline of
+:mod:`curation.selection.curate` on them, a round of `shards_per_round` shards per Ray Data pipeline, and commits
+per shard. Then it publishes a new snapshot of the dataset. Output root layout:
+
+| path | what |
+|---|---|
+| `spec.json` | the spec's identity (seeds, SAE and model digests, layer, selection, cleaning); written once |
+| `shards/<key>.parquet` | a shard's candidates: its own top-N per seed/domain (all rows over the threshold), scored |
+| `rejects/<key>.parquet` | a shard's rejected rows with their reasons |
+| `catalog/<key>.json` | the shard's record: done (rows, candidates, rejects) or failed (error, attempts) |
+| `leases/<key>/<gen>.json` | live claims; removed when the shard is recorded |
+| `batches/<id>.json` | one record per batch: shards, documents encoded, tokens, snapshot, timings |
+| `snapshots/v000012/` | `curated.parquet` and `manifest.json`: the dataset as of one batch |
+| `CURRENT` | `{"version": 12, ...}`: the snapshot readers use; written after the snapshot is complete |
+
+Selection across batches: a shard's candidates are a superset of whatever it can contribute to the
+dataset's top-N, so re-merging every done shard's candidates (ids and scores only, as
+:func:`curation.selection.rules.merge_candidates` does for blocks) gives the dataset's top-N, and a later shard's
+better documents displace earlier ones. Row ids are content hashes (`sha1(text)[:16]`,
+:func:`core.reader.doc_id`): an exact-duplicate text in two shards is one row of the dataset, kept
+with the lexically first source, whichever batch saw it first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from core import cli, storage
+from core.errors import ConfigError
+from core.reader import (
+    REJECT_BAD_JSON,
+    REJECT_MISSING_TEXT_COLUMN,
+    REJECT_NON_UTF8,
+    REJECT_TRUNCATED_STREAM,
+    REJECT_UNREADABLE,
+    rejects_uri,
+    shard_key,
+)
+from core.runtime import init_ray
+from core.storage import FileInfo, StorageOptions
+from curation.schedule.catalog import DONE, FAILED, Catalog, Lease, LeaseKeeper, needs_work, utc_now
+from curation.selection.curate import (
+    CurateConfig,
+    CurationPlan,
+    encode_shards,
+    label_rows,
+    plan,
+    prepare_encoder,
+    selection_spec,
+)
+from curation.selection.rules import SelectionSpec, block_candidates, merge_candidates
+
+logger = logging.getLogger(__name__)
+
+# Reasons that condemn a whole file: it cannot be opened, has no text column, or breaks partway.
+FILE_FAILURES = (REJECT_UNREADABLE, REJECT_MISSING_TEXT_COLUMN, REJECT_TRUNCATED_STREAM)
+# Line reasons that, when they are most of a file, mean it is not JSONL at all.
+NOT_JSONL = (REJECT_BAD_JSON, REJECT_NON_UTF8)
+
+
+@dataclass
+class ScheduleSpec(CurateConfig):
+    """One domain spec for scheduled curation; `out` is its output root (catalog, shards, snapshots)."""
+
+    name: str = ""
+    """A name for status lines; defaults to the output root's last path component."""
+    shards_per_round: int = 4
+    """Shards claimed and run through one Ray Data pipeline at a time; each is committed when its round ends."""
+    max_shards_per_batch: int = 0
+    """Shards one batch processes at most (0: every due shard)."""
+    lease_seconds: float = 900.0
+    """How long a claim lasts without renewal; the holder renews it every third of that."""
+    max_attempts: int = 3
+    """Failed attempts after which a shard is left alone (until its file changes)."""
+    max_bad_line_fraction: float = 0.5
+    """A shard with more than this fraction of lines that are not JSON objects is failed as not JSONL."""
+    interval_s: float = 600.0
+    """Seconds between batches when `jobs.schedule` loops (without --once)."""
+    keep_snapshots: int = 5
+    """Snapshot versions kept; older ones are deleted after a new one is published."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.name:
+            self.name = posixpath.basename(self.out.rstrip("/")) or self.out
+        for name in ("shards_per_round", "max_attempts", "keep_snapshots"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be >= 1")
+        if self.max_shards_per_batch < 0:
+            raise ConfigError("max_shards_per_batch", self.max_shards_per_batch, "must be >= 0 (0: no limit)")
+        if self.lease_seconds <= 0 or self.interval_s < 0:
+            raise ConfigError("lease_seconds", self.lease_seconds, "must be > 0 (and interval_s >= 0)")
+        if not 0.0 <= self.max_bad_line_fraction <= 1.0:
+            raise ConfigError("max_bad_line_fraction", self.max_bad_line_fraction, "must be in [0, 1]")
+
+
+@dataclass
+class ScheduleJobConfig:
+    """What `python -m jobs.schedule` does."""
+
+    spec: list[str] = field(default_factory=list)
+    """Spec YAML file(s), comma-separated: corpus globs, seeds, sae, model, rule, out, ..."""
+    once: bool = False
+    """Run one batch per spec and exit (for cron or a Kubernetes CronJob); otherwise loop every interval_s."""
+    status: bool = False
+    """Print each spec's status (shards seen, done, in progress, failed, rows curated, last batch) and exit."""
+    max_batches: int = 0
+    """Without --once: stop after this many rounds of batches (0: run until stopped)."""
+    ray_address: str | None = None
+    """Ray cluster to join, overriding the specs; unset: $RAY_ADDRESS, else a local Ray."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spec, str):
+            self.spec = [self.spec]
+        if not self.spec:
+            raise ConfigError("spec", self.spec, "is required: pass --spec SPEC.yaml")
+
+
+def load_spec(path: str) -> ScheduleSpec:
+    """A spec from its YAML file; unknown keys and bad values fail naming the field."""
+    return cli.from_mapping(ScheduleSpec, cli.load_yaml(path), origin=path)
+
+
+# Identity ------------------------------------------------------------------------------------------
+
+
+def _digest(uri: str, options: StorageOptions | None) -> str:
+    hasher = hashlib.sha256()
+    with storage.open_read(uri, options) as handle:
+        while chunk := handle.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def spec_identity(spec: ScheduleSpec, checked: CurationPlan) -> dict[str, Any]:
+    """What a spec's output depends on: seeds content, SAE (cfg and weights), model, layer, selection, cleaning."""
+    options = spec.storage_options()
+    return {
+        "seeds_sha256": _digest(spec.seeds, options),
+        "sae_cfg": json.loads(json.dumps(dataclasses.asdict(checked.sae.cfg), default=str)),
+        "sae_weights_sha256": _digest(storage.join(spec.sae, "sae.safetensors"), options),
+        "model": checked.model,
+        "layer": checked.sae.cfg.layer,
+        "selection": {"rule": spec.rule, "top_n": spec.top_n, "threshold": spec.threshold},
+        "cleaning": {
+            "min_chars": spec.min_chars,
+            "max_chars": spec.max_chars,
+            "too_long": spec.too_long,
+            "max_tokens": spec.max_tokens,
+        },
+    }
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _bind_output(spec: ScheduleSpec, identity: dict[str, Any], options: StorageOptions) -> str:
+    """Write `spec.json` once; refuse an output root that already belongs to a different spec."""
+    digest = identity_hash(identity)
+    uri = storage.join(spec.out, "spec.json")
+    body = json.dumps({"id": digest, "name": spec.name, "identity": identity}, indent=2, sort_keys=True)
+    if not storage.write_bytes_exclusive(uri, body.encode(), options):
+        existing = storage.read_json(uri, options)
+        if existing.get("id") != digest:
+            raise ConfigError(
+                "out",
+                spec.out,
+                f"holds spec {existing.get('id')}, this spec is {digest} (seeds, SAE, model or selection changed): "
+                "give it a new output root",
+            )
+    return digest
+
+
+# Per-shard results ---------------------------------------------------------------------------------
+
+
+def shard_of(source: str) -> str:
+    """A row's shard URI from its `source` (`uri#line` or the bare URI)."""
+    return source.rsplit("#", 1)[0]
+
+
+def shard_failure(rejects: pa.Table, documents: int, max_bad_line_fraction: float) -> str | None:
+    """Why a read shard is unusable, or None. `rejects` has the reader's `reason` and `detail` columns.
+
+    A whole-file reject (unreadable, no text column, a compressed stream that breaks) fails it; so does a
+    file whose lines are mostly not JSON objects (not JSONL at all).
+    """
+    reasons = rejects.column("reason").to_pylist()
+    details = rejects.column("detail").to_pylist()
+    for reason, detail in zip(reasons, details, strict=True):
+        if reason in FILE_FAILURES:
+            return f"{reason}: {detail}"
+    bad = [detail for reason, detail in zip(reasons, details, strict=True) if reason in NOT_JSONL]
+    lines = documents + len(reasons)
+    if bad and len(bad) / lines > max_bad_line_fraction:
+        return f"not JSONL: {len(bad)} of {lines} lines are not JSON objects (first: {bad[0]})"
+    return None
+
+
+def _keep_candidates(table: pa.Table, selection: SelectionSpec) -> pa.Table:
+    """The rows of `table` (one shard's scored rows) that are candidates under the rule."""
+    ids = table.column("id").to_numpy(zero_copy_only=False)
+    sources = table.column("source").to_numpy(zero_copy_only=False)
+    sims = np.stack(table.column("seed_sims").to_numpy(zero_copy_only=False)) if table.num_rows else None
+    if sims is None:
+        return table
+    chosen = block_candidates(ids, sources, sims, selection)
+    wanted = set(zip(chosen.column("id").to_pylist(), chosen.column("source").to_pylist(), strict=True))
+    mask = [pair in wanted for pair in zip(ids.tolist(), sources.tolist(), strict=True)]
+    return table.filter(pa.array(mask, type=pa.bool_()))
+
+
+def shard_candidates(
+    scored_dir: str, options: StorageOptions, selection: SelectionSpec
+) -> tuple[dict[str, pa.Table], dict[str, int], dict[str, int]]:
+    """Per shard: its candidate rows, documents scored, tokens; reduced file by file, never all at once."""
+    candidates: dict[str, pa.Table] = {}
+    documents: dict[str, int] = {}
+    tokens: dict[str, int] = {}
+    try:
+        files = [info.uri for info in storage.expand(scored_dir, options, config_field="scored_dir")]
+    except ConfigError:
+        return candidates, documents, tokens  # nothing was scored: every shard was empty or rejected
+    for uri in files:
+        if not uri.endswith(".parquet"):
+            continue
+        table = storage.read_parquet(uri, options)
+        shards = pa.array([shard_of(source) for source in table.column("source").to_pylist()], type=pa.string())
+        for shard in pc.unique(shards).to_pylist():
+            part = table.filter(pc.equal(shards, shard))
+            documents[shard] = documents.get(shard, 0) + part.num_rows
+            tokens[shard] = tokens.get(shard, 0) + int(pc.sum(part.column("n_tokens")).as_py() or 0)
+            if shard in candidates:
+                part = pa.concat_tables([candidates[shard], part], promote_options="default")
+            candidates[shard] = _keep_candidates(part, selection)
+    return candidates, documents, tokens
+
+
+# Snapshots -----------------------------------------------------------------------------------------
+
+
+def current_snapshot(out: str, options: StorageOptions | None = None) -> dict[str, Any] | None:
+    """The `CURRENT` pointer: {"version", "path", "rows", ...}, or None before the first snapshot."""
+    uri = storage.join(out, "CURRENT")
+    if not storage.exists(uri, options):
+        return None
+    return storage.read_json(uri, options)
+
+
+def read_current(out: str, options: StorageOptions | None = None) -> pa.Table:
+    """The curated dataset as of the current snapshot."""
+    pointer = current_snapshot(out, options)
+    if pointer is None:
+        raise FileNotFoundError(f"{out} has no snapshot yet: run a batch first")
+    return storage.read_parquet(storage.join(out, pointer["path"], "curated.parquet"), options)
+
+
+def _versions(out: str, options: StorageOptions) -> list[int]:
+    fs, path = storage.filesystem(storage.join(out, "snapshots"), options)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(int(posixpath.basename(n.rstrip("/"))[1:]) for n in names if posixpath.basename(n).startswith("v"))
+
+
+def _claim_version(out: str, options: StorageOptions) -> int:
+    """A fresh snapshot version number, claimed with an exclusive create so two batches never share one."""
+    pointer = current_snapshot(out, options)
+    version = max([*(_versions(out, options) or [0]), int(pointer["version"]) if pointer else 0]) + 1
+    while not storage.write_bytes_exclusive(
+        storage.join(out, "snapshots", f"v{version:06d}", "_CLAIM"), utc_now().encode(), options
+    ):
+        version += 1
+    return version
+
+
+def publish_snapshot(spec: ScheduleSpec, selection: SelectionSpec, catalog: Catalog) -> dict[str, Any]:
+    """Merge every done shard's candidates into a new snapshot, then point `CURRENT` at it.
+
+    The version is claimed before the catalog is read, so a higher version always reflects at least
+    as many committed shards as a lower one.
+    """
+    options = spec.storage_options()
+    version = _claim_version(spec.out, options)
+    done = {key: record for key, record in catalog.records().items() if record.get("status") == DONE}
+    with_candidates = sorted(key for key, record in done.items() if record.get("candidates", 0) > 0)
+    candidate_tables = []
+    for key in with_candidates:
+        table = storage.read_parquet(
+            storage.join(spec.out, "shards", f"{key}.parquet"), options, columns=["id", "source", "seed_sims"]
+        )
+        sims = np.stack(table.column("seed_sims").to_numpy(zero_copy_only=False))
+        ids = table.column("id").to_numpy(zero_copy_only=False)
+        sources = table.column("source").to_numpy(zero_copy_only=False)
+        candidate_tables.append(block_candidates(ids, sources, sims, selection))
+    selected = merge_candidates(pa.concat_tables(candidate_tables), selection) if candidate_tables else {}
+    wanted_sources = {source for source, _ in selected.values()}
+    curated_parts = []
+    for key in with_candidates:
+        shard_uri = done[key]["shard"]
+        if not any(shard_of(source) == shard_uri for source in wanted_sources):
+            continue
+        table = storage.read_parquet(storage.join(spec.out, "shards", f"{key}.parquet"), options)
+        curated_parts.append(label_rows(table, selection, selected))
+    curated = (
+        pa.concat_tables(curated_parts, promote_options="default")
+        if curated_parts
+        else pa.table({name: pa.array([], pa.string()) for name in ("id", "text", "domain", "source")})
+    )
+    if curated.num_rows:
+        curated = curated.sort_by([("domain", "ascending"), ("score", "descending"), ("id", "ascending")])
+    directory = storage.join(spec.out, "snapshots", f"v{version:06d}")
+    storage.write_parquet_atomic(curated, storage.join(directory, "curated.parquet"), options)
+    by_domain = dict(sorted(_value_counts(curated.column("domain")).items()))
+    snapshot = {
+        "version": version,
+        "path": f"snapshots/v{version:06d}",
+        "rows": curated.num_rows,
+        "by_domain": by_domain,
+        "shards": sorted(done[key]["shard"] for key in done),
+        "published_at": utc_now(),
+        "batch": catalog.owner,
+    }
+    storage.write_json_atomic(storage.join(directory, "manifest.json"), snapshot, options)
+    pointer = current_snapshot(spec.out, options)
+    if pointer is None or int(pointer["version"]) < version:
+        storage.write_json_atomic(storage.join(spec.out, "CURRENT"), snapshot, options)
+    _prune_snapshots(spec.out, options, spec.keep_snapshots)
+    logger.info("snapshot v%d: %d rows %s from %d shards", version, curated.num_rows, by_domain, len(done))
+    return snapshot
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    return {entry["values"]: entry["counts"] for entry in pc.value_counts(column).to_pylist()}
+
+
+def _prune_snapshots(out: str, options: StorageOptions, keep: int) -> None:
+    pointer = current_snapshot(out, options)
+    current = int(pointer["version"]) if pointer else None
+    versions = _versions(out, options)
+    for version in versions[:-keep]:
+        if version != current:
+            storage.remove(storage.join(out, "snapshots", f"v{version:06d}"), options)
+
+
+# Batches -------------------------------------------------------------------------------------------
+
+
+def new_batch_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{platform.node()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class _Batch:
+    """What one batch carries between rounds."""
+
+    spec: ScheduleSpec
+    checked: CurationPlan
+    catalog: Catalog
+    selection: SelectionSpec
+    options: StorageOptions
+    encoder: tuple[Any, np.ndarray] | None = None
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _run_round(batch: _Batch, infos: list[FileInfo], work_dir: str) -> dict[str, dict[str, Any]]:
+    """One Ray Data pipeline over `infos`; per shard: {"candidates", "documents", "tokens", "rejects", "error"}."""
+    spec, options = batch.spec, batch.options
+    if batch.encoder is None:
+        batch.encoder = prepare_encoder(spec, batch.checked)
+    encoder_spec, seeds_matrix = batch.encoder
+    scored_dir = storage.join(work_dir, "scored")
+    rejects_dir = storage.join(spec.out, "rejects")
+    uris = [info.uri for info in infos]
+    try:
+        encode_shards(spec, batch.checked, uris, encoder_spec, seeds_matrix, scored_dir, rejects_dir)
+    except Exception as error:
+        storage.remove(work_dir, options)
+        if len(infos) == 1:
+            logger.exception("shard %s failed", uris[0])
+            return {uris[0]: {"error": f"{type(error).__name__}: {error}"}}
+        # One bad shard must not fail its round-mates: run each alone to find it.
+        logger.warning("round of %d shards failed (%s): running them one at a time", len(infos), error)
+        results: dict[str, dict[str, Any]] = {}
+        for index, info in enumerate(infos):
+            results.update(_run_round(batch, [info], f"{work_dir}-{index}"))
+        return results
+    candidates, documents, tokens = shard_candidates(scored_dir, options, batch.selection)
+    storage.remove(work_dir, options)
+    results = {}
+    for uri in uris:
+        rejects_file = rejects_uri(rejects_dir, uri)
+        rejects = storage.read_parquet(rejects_file, options, columns=["reason", "detail"])
+        error = shard_failure(rejects, documents.get(uri, 0), spec.max_bad_line_fraction)
+        results[uri] = {
+            "candidates": candidates.get(uri),
+            "documents": documents.get(uri, 0),
+            "tokens": tokens.get(uri, 0),
+            "rejects": dict(sorted(_value_counts(rejects.column("reason")).items())),
+            "error": error,
+        }
+    return results
+
+
+def _commit(batch: _Batch, lease: Lease, info: FileInfo, result: dict[str, Any]) -> None:
+    """Write a shard's output, then its record (done or failed)."""
+    catalog, options = batch.catalog, batch.options
+    if not catalog.holds(lease):
+        logger.warning("%s was taken over by another batch: dropping this batch's result", info.uri)
+        return
+    details = {k: result.get(k) for k in ("documents", "tokens", "rejects")}
+    if result.get("error"):
+        attempts = catalog.commit_failed(lease, info, result["error"], details)
+        logger.warning("shard %s failed (attempt %d): %s", info.uri, attempts, result["error"])
+        batch.shards[info.uri] = {"status": FAILED, "error": result["error"], "attempts": attempts, **details}
+        return
+    table = result.get("candidates")
+    if table is not None and table.num_rows:
+        storage.write_parquet_atomic(table, storage.join(batch.spec.out, "shards", f"{lease.key}.parquet"), options)
+    details["candidates"] = table.num_rows if table is not None else 0
+    catalog.commit_done(lease, info, details)
+    batch.shards[info.uri] = {"status": DONE, **details}
+
+
+def _claim_round(batch: _Batch, due: list[FileInfo], limit: int) -> list[tuple[Lease, FileInfo]]:
+    claimed = []
+    while due and len(claimed) < limit:
+        info = due.pop(0)
+        lease = batch.catalog.try_claim(info, batch.spec.max_attempts)
+        if lease is not None:
+            claimed.append((lease, info))
+    return claimed
+
+
+def _process_due(batch: _Batch, due: list[FileInfo], batch_id: str, ray_address: str | None) -> None:
+    """Claim, curate and commit due shards a round at a time, up to the spec's per-batch limit."""
+    spec = batch.spec
+    budget = spec.max_shards_per_batch or len(due)
+    processed = 0
+    with LeaseKeeper(batch.catalog) as keeper:
+        while due and processed < budget:
+            claimed = _claim_round(batch, due, min(spec.shards_per_round, budget - processed))
+            if not claimed:
+                break
+            # Ray starts only once there is work: a batch with nothing due stays cheap.
+            init_ray(ray_address or spec.ray_address)
+            keeper.add([lease for lease, _ in claimed])
+            work_dir = storage.join(spec.out, "work", f"{batch_id}-{processed}")
+            logger.info("round of %d shards: %s", len(claimed), [info.uri for _, info in claimed])
+            results = _run_round(batch, [info for _, info in claimed], work_dir)
+            for lease, info in claimed:
+                keeper.remove(lease)
+                _commit(batch, lease, info, results[info.uri])
+            processed += len(claimed)
+
+
+def _batch_record(
+    batch: _Batch, batch_id: str, spec_id: str, started: float, snapshot: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What `batches/<id>.json` says about a finished batch."""
+    shards = batch.shards
+    return {
+        "batch": batch_id,
+        "spec": batch.spec.name,
+        "spec_id": spec_id,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished_at": utc_now(),
+        "seconds": round(time.time() - started, 3),
+        "shards": shards,
+        "documents_encoded": sum(shard.get("documents") or 0 for shard in shards.values()),
+        "tokens_encoded": sum(shard.get("tokens") or 0 for shard in shards.values()),
+        "done": sorted(uri for uri, shard in shards.items() if shard["status"] == DONE),
+        "failed": sorted(uri for uri, shard in shards.items() if shard["status"] == FAILED),
+        "snapshot": (snapshot or {}).get("version"),
+        "rows_curated": (snapshot or {}).get("rows", 0),
+    }
+
+
+def run_batch(spec: ScheduleSpec, ray_address: str | None = None) -> dict[str, Any]:
+    """One batch: claim due shards round by round, curate and commit each, publish a snapshot.
+
+    Returns the batch record (also written to `batches/<id>.json`): the shards it processed with their
+    outcome, `documents_encoded` (rows the encode stage saw), tokens, the snapshot and timings.
+    """
+    started = time.time()
+    options = spec.storage_options()
+    checked = plan(spec)
+    identity = spec_identity(spec, checked)
+    spec_id = _bind_output(spec, identity, options)
+    batch_id = new_batch_id()
+    catalog = Catalog(spec.out, options, owner=batch_id, lease_seconds=spec.lease_seconds)
+    batch = _Batch(spec, checked, catalog, selection_spec(spec, checked.seeds), options)
+    records = catalog.records()
+    due = [info for info in checked.inputs if needs_work(records.get(shard_key(info.uri)), info, spec.max_attempts)]
+    logger.info("spec %s (%s): %d shards listed, %d due", spec.name, spec_id, len(checked.inputs), len(due))
+    _process_due(batch, due, batch_id, ray_address)
+    snapshot = current_snapshot(spec.out, options)
+    # The first batch publishes even when it committed nothing, so readers always find a snapshot.
+    if snapshot is None or any(shard["status"] == DONE for shard in batch.shards.values()):
+        snapshot = publish_snapshot(spec, batch.selection, catalog)
+    record = _batch_record(batch, batch_id, spec_id, started, snapshot)
+    storage.write_json_atomic(storage.join(spec.out, "batches", f"{batch_id}.json"), record, options)
+    logger.info(
+        "batch %s: %d done, %d failed, %d documents encoded, snapshot v%s",
+        batch_id,
+        len(record["done"]),
+        len(record["failed"]),
+        record["documents_encoded"],
+        record["snapshot"],
+    )
+    return record
+
+
+# Status --------------------------------------------------------------------------------------------
+
+
+def spec_status(spec: ScheduleSpec) -> dict[str, Any]:
+    """Shards seen, done, in progress, failed (with errors), rows curated and the last batch, from storage."""
+    options = spec.storage_options()
+    catalog = Catalog(spec.out, options, owner="status")
+    try:
+        listed = {info.uri for info in storage.expand(spec.corpus, options)}
+    except ConfigError:
+        listed = set()
+    records = catalog.records()
+    seen = listed | {record["shard"] for record in records.values()}
+    done = sorted(record["shard"] for record in records.values() if record.get("status") == DONE)
+    failed = sorted(
+        (
+            {"shard": r["shard"], "attempts": r.get("attempts", 0), "error": r.get("error")}
+            for r in records.values()
+            if r.get("status") == FAILED
+        ),
+        key=lambda r: r["shard"],
+    )
+    leased = catalog.in_progress([key for key in catalog.leased_keys() if records.get(key, {}).get("status") != DONE])
+    in_progress = sorted(lease["shard"] for lease in leased.values())
+    pointer = current_snapshot(spec.out, options)
+    batches_dir = storage.join(spec.out, "batches")
+    last_batch = None
+    if storage.exists(batches_dir, options):
+        names = sorted(info.uri for info in storage.expand(batches_dir, options, config_field="out"))
+        if names:
+            last_batch = storage.read_json(names[-1], options).get("finished_at")
+    return {
+        "spec": spec.name,
+        "out": spec.out,
+        "seen": len(seen),
+        "done": len(done),
+        "in_progress": in_progress,
+        "failed": failed,
+        "pending": len(seen - set(done) - set(in_progress) - {f["shard"] for f in failed}),
+        "rows_curated": pointer["rows"] if pointer else 0,
+        "snapshot": pointer["version"] if pointer else None,
+        "last_batch": last_batch,
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"spec {status['spec']} ({status['out']})",
+        f"  shards seen {status['seen']}, done {status['done']}, in progress {len(status['in_progress'])}, "
+        f"failed {len(status['failed'])}, pending {status['pending']}",
+        f"  rows curated {status['rows_curated']} (snapshot v{status['snapshot']}), last batch {status['last_batch']}",
+    ]
+    lines += [f"  in progress: {shard}" for shard in status["in_progress"]]
+    lines += [f"  failed ({f['attempts']} attempts): {f['shard']}: {f['error']}" for f in status["failed"]]
+    return "\n".join(lines)
+
+
+def run_schedule(config: ScheduleJobConfig) -> list[dict[str, Any]]:
+    """`jobs.schedule`: status, one batch per spec (--once), or batches on each spec's interval."""
+    specs = [load_spec(path) for path in config.spec]
+    if config.status:
+        return [spec_status(spec) for spec in specs]
+    records: list[dict[str, Any]] = []
+    rounds = 0
+    while True:
+        for spec in specs:
+            try:
+                records.append(run_batch(spec, config.ray_address))
+            except ConfigError:
+                raise
+            except Exception:
+                if config.once:
+                    raise
+                logger.exception("batch for spec %s failed; trying again next interval", spec.name)
+        rounds += 1
+        if config.once or (config.max_batches and rounds >= config.max_batches):
+            return records
+        time.sleep(min(spec.interval_s for spec in specs))

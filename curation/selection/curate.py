@@ -1,0 +1,347 @@
+"""Stage 1: curate a domain dataset from a corpus, a few seeds and an SAE, on Ray Data.
+
+read -> clean -> tokenize -> encode (truncated forward, SAE, pooling, cosine to every seed) -> write
+`scored/` -> per-block top-N -> merge on the driver -> write `curated/`, `rejects/`, `report.md`,
+and, last, `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from core import manifest, models, storage
+from core.batching import tokenize_batch, tokenize_texts
+from core.errors import ConfigError
+from core.reader import CleanConfig, count_rejects, read_corpus
+from core.runtime import RunConfig, default_torch_threads, init_ray
+from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec, Pooling
+from curation.sae.model import TopKSAE
+from curation.seeds import Seeds, load_seeds
+from curation.selection.rules import SelectionRule, SelectionSpec, block_candidates, label_selected, merge_candidates
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CurateConfig(RunConfig):
+    execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {
+        "encode_actors",
+        "cpus_per_actor",
+        "torch_threads",
+    }
+
+    corpus: list[str] = field(default_factory=list)
+    """Corpus shards: paths, directories or globs (`**` allowed), local or s3://. JSONL(.gz/.zst) or Parquet."""
+    seeds: str = ""
+    """JSONL file of seed examples: {"text": ..., "domain": ...}; several domains may share one file."""
+    sae: str = ""
+    """SAE directory written by `python -m jobs.train_sae` (cfg.json + sae.safetensors)."""
+    out: str = ""
+    """Output directory, local or s3://: curated/, scored/, rejects/, report.md, manifest.json."""
+    model: str | None = None
+    """Base model; defaults to the one the SAE was trained on."""
+    rule: SelectionRule | None = None
+    """Selection rule. Unset: `threshold` when --threshold is given, else `per_seed_topn` (the paper's)."""
+    top_n: int = 100
+    """Documents per seed (per_seed_topn) or per domain (global_topn)."""
+    threshold: float | None = None
+    """Cosine-similarity cut for the `threshold` rule."""
+    max_tokens: int = 256
+    """Tokens of each document that are encoded (a longer document is cut)."""
+    pooling: Pooling = "rate"
+    """SAE codes to a document vector: `rate`, the share of its tokens each latent fires on, or `mean`."""
+    min_chars: int = 1
+    """Documents shorter than this, after stripping, are rejected."""
+    max_chars: int = 20_000
+    """Documents longer than this are truncated or rejected (see too_long)."""
+    too_long: Literal["truncate", "reject"] = "truncate"
+    """What to do with a document over max_chars: truncate or reject."""
+    encode_actors: int = 1
+    """Model actors in the encode pool (one per GPU on a cluster)."""
+    cpus_per_actor: float = 1.0
+    """CPUs each encode actor reserves. Keep it below the node's CPUs so read tasks can run."""
+    gpus_per_actor: float = 0.0
+    """GPUs each encode actor reserves; > 0 runs the encoder on CUDA."""
+    torch_threads: int = 0
+    """Torch threads per actor; 0 picks from the machine (local) or cpus_per_actor (cluster)."""
+    batch_size: int = 256
+    """Documents per encode batch; each is cut into length-sorted micro-batches."""
+    max_batch_tokens: int = 8192
+    """Padded tokens per forward micro-batch."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+        for name in ("seeds", "sae", "out"):
+            if not getattr(self, name):
+                raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
+        if not self.corpus:
+            raise ConfigError("corpus", self.corpus, "is required: pass --corpus PATH_OR_GLOB")
+        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError("threshold", self.threshold, "is a cosine similarity: use a value in [-1, 1]")
+        if self.rule is None:
+            self.rule = "threshold" if self.threshold is not None else "per_seed_topn"
+        if self.rule == "threshold" and self.threshold is None:
+            raise ConfigError("threshold", None, "the threshold rule needs --threshold T (a cosine in [-1, 1])")
+        for name in ("top_n", "max_tokens", "encode_actors", "batch_size", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be >= 1")
+        if self.max_batch_tokens < self.max_tokens:
+            raise ConfigError("max_batch_tokens", self.max_batch_tokens, f"must be >= max_tokens={self.max_tokens}")
+        if self.cpus_per_actor <= 0:
+            raise ConfigError("cpus_per_actor", self.cpus_per_actor, "must be > 0 (fractions are fine)")
+        self.clean_config()
+
+    def clean_config(self) -> CleanConfig:
+        if self.too_long not in ("truncate", "reject"):
+            raise ConfigError("too_long", self.too_long, "must be truncate or reject")
+        return CleanConfig(min_chars=self.min_chars, max_chars=self.max_chars, too_long=self.too_long)  # type: ignore[arg-type]
+
+
+@dataclass
+class CurationPlan:
+    """What validation found, so the run itself starts from checked facts."""
+
+    config: CurateConfig
+    inputs: list[storage.FileInfo]
+    seeds: Seeds
+    sae: TopKSAE
+    model: str
+    digest: str
+
+
+def plan(config: CurateConfig) -> CurationPlan:
+    """Check everything that can be checked without Ray, in about a second."""
+    options = config.storage_options()
+    seeds = load_seeds(config.seeds, options)
+    inputs = storage.expand(config.corpus, options)
+    if not storage.exists(storage.join(config.sae, "cfg.json"), options):
+        raise ConfigError("sae", config.sae, "no cfg.json there; train one with `python -m jobs.train_sae`")
+    sae = TopKSAE.load(storage.local_copy(config.sae, options))
+    model = config.model or sae.cfg.base_model.get("name")
+    if not model:
+        raise ConfigError("model", None, "the SAE does not name its base model; pass --model")
+    info = models.model_info(model)
+    if sae.cfg.layer >= info.num_layers:
+        raise ConfigError("sae", config.sae, f"its layer {sae.cfg.layer} is beyond {model}'s {info.num_layers} layers")
+    if sae.cfg.coords and max(sae.cfg.coords) >= info.hidden_size:
+        raise ConfigError("sae", config.sae, f"reads coordinates beyond {model}'s hidden size {info.hidden_size}")
+    seed_info = storage.expand(config.seeds, options, config_field="seeds")
+    sae_info = storage.expand(config.sae, options, config_field="sae")
+    digest = config.digest([*inputs, *seed_info, *sae_info])
+    return CurationPlan(config, inputs, seeds, sae, model, digest)
+
+
+def seed_vectors(encoder: DocumentEncoder, seeds: Seeds, max_tokens: int) -> np.ndarray:
+    """(seeds, latents) unit vectors of the seeds, encoded exactly like corpus documents."""
+    return encoder.encode(tokenize_texts(encoder.tokenizer, seeds.texts, max_tokens)).numpy()
+
+
+def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE) -> EncoderSpec:
+    threads = config.torch_threads or default_torch_threads(
+        config.encode_actors, config.cpus_per_actor, config.ray_address
+    )
+    return EncoderSpec(
+        model=model,
+        sae_dir=None,
+        layer=sae.cfg.layer,
+        skip_positions=sae.cfg.skip_positions,
+        pooling=config.pooling,
+        max_batch_tokens=config.max_batch_tokens,
+        device="cuda" if config.gpus_per_actor > 0 else "cpu",
+        torch_threads=threads,
+    )
+
+
+def _candidates_udf(batch: pa.Table, spec: SelectionSpec) -> pa.Table:
+    sims = np.stack(batch.column("seed_sims").to_numpy(zero_copy_only=False))
+    ids = batch.column("id").to_numpy(zero_copy_only=False)
+    sources = batch.column("source").to_numpy(zero_copy_only=False)
+    return block_candidates(ids, sources, sims, spec)
+
+
+def label_rows(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[str, list[int]]]) -> pa.Table:
+    """Scored rows -> the curated rows among them: one row per (selected document, domain), its kept source only."""
+    ids = batch.column("id").to_pylist()
+    sources = batch.column("source").to_pylist()
+    keep = [
+        i for i, (doc_id, src) in enumerate(zip(ids, sources, strict=True)) if selected.get(doc_id, ("",))[0] == src
+    ]
+    batch = batch.take(pa.array(keep, type=pa.int64()))
+    n_keys = len(spec.seed_domains) if spec.rule == "per_seed_topn" else len(spec.domains)
+    chosen = np.zeros((len(keep), n_keys), dtype=bool)
+    for row, doc_id in enumerate(batch.column("id").to_pylist()):
+        chosen[row, selected[doc_id][1]] = True
+    sims = (
+        np.stack(batch.column("seed_sims").to_numpy(zero_copy_only=False))
+        if len(keep)
+        else np.zeros((0, len(spec.seed_domains)))
+    )
+    labels = label_selected(np.asarray(batch.column("id").to_pylist(), dtype=object), sims, spec, chosen)
+    by_id = {doc_id: i for i, doc_id in enumerate(batch.column("id").to_pylist())}
+    take = pa.array([by_id[doc_id] for doc_id in labels.column("id").to_pylist()], type=pa.int64())
+    rows = batch.take(take)
+    return pa.table(
+        {
+            "id": labels.column("id"),
+            "text": rows.column("text"),
+            "domain": labels.column("domain"),
+            "score": labels.column("score"),
+            "nearest_seed": labels.column("nearest_seed"),
+            "source": rows.column("source"),
+            "meta": rows.column("meta"),
+            "n_tokens": rows.column("n_tokens"),
+        }
+    )
+
+
+def selection_spec(config: CurateConfig, seeds: Seeds) -> SelectionSpec:
+    return SelectionSpec(
+        rule=config.rule,  # type: ignore[arg-type]
+        seed_domains=seeds.domains,
+        top_n=config.top_n,
+        threshold=config.threshold if config.threshold is not None else 0.0,
+    )
+
+
+def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> tuple[EncoderSpec, np.ndarray]:
+    """The encoder actors' spec and the (seeds, latents) seed vectors, encoded on the driver."""
+    spec = _encoder_spec(config, checked.model, checked.sae)
+    encoder = DocumentEncoder(spec, sae=checked.sae)
+    seeds_matrix = seed_vectors(encoder, checked.seeds, config.max_tokens)
+    del encoder
+    return spec, seeds_matrix
+
+
+def encode_shards(
+    config: CurateConfig,
+    checked: CurationPlan,
+    uris: list[str],
+    spec: EncoderSpec,
+    seeds_matrix: np.ndarray,
+    scored_dir: str,
+    rejects_dir: str,
+) -> None:
+    """read -> clean -> tokenize -> encode actor pool -> `scored_dir` (Parquet with `seed_sims`), on Ray Data.
+
+    Rejects land in `rejects_dir`, one file per shard. Ray must be initialised.
+    """
+    import ray
+
+    options = config.storage_options()
+    docs = read_corpus(uris, options, config.clean_config(), rejects_dir)
+    tokens = docs.map_batches(
+        tokenize_batch,
+        fn_kwargs={"model": checked.model, "max_tokens": config.max_tokens},
+        batch_size=config.batch_size,
+        num_cpus=0.25,
+    )
+    scored = tokens.map_batches(
+        EncodeDocuments,
+        fn_constructor_args=(spec, seeds_matrix, checked.sae),
+        compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor or None,
+        batch_size=config.batch_size,
+    )
+    # A write task asks for 1 CPU by default: on a 2-CPU node with two batches' actor pools it never starts.
+    scored.write_parquet(**storage.arrow_target(scored_dir, options), ray_remote_args={"num_cpus": 0.25})
+
+
+def _select_and_write(
+    selection: SelectionSpec, scored_dir: str, curated_dir: str, options: storage.StorageOptions
+) -> None:
+    """Scored rows -> the selected documents, labelled, written to `curated_dir`. Ray must be initialised.
+
+    Two passes over `scored_dir`, so that only candidates (ids, sources, scores), never texts, reach the
+    driver: each block's candidates are merged there into the selection, then the selected documents' full
+    rows are labelled and written by the workers.
+    """
+    import ray
+
+    scored_target = storage.arrow_target(scored_dir, options)
+    scored_in = ray.data.read_parquet(scored_target["path"], filesystem=scored_target["filesystem"])
+    candidates = scored_in.select_columns(["id", "source", "seed_sims"]).map_batches(
+        _candidates_udf,
+        fn_kwargs={"spec": selection},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=0.5,
+    )
+    candidate_table = pa.concat_tables(ray.get(candidates.to_arrow_refs()))
+    selected = merge_candidates(candidate_table, selection)
+    curated = scored_in.map_batches(
+        label_rows,
+        fn_kwargs={"spec": selection, "selected": selected},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=0.5,
+    )
+    curated.write_parquet(**storage.arrow_target(curated_dir, options))
+
+
+def run_curation(config: CurateConfig) -> dict[str, Any]:
+    """Run stage 1 end to end and return its manifest. Skips when a manifest for this exact run exists."""
+    checked = plan(config)
+    options = config.storage_options()
+    if (done := manifest.finished(config.out, checked.digest, options, config.force)) is not None:
+        return done
+    timer = manifest.Timer()
+    manifest.prepare_output(config.out, options)
+    init_ray(config.ray_address)
+    selection = selection_spec(config, checked.seeds)
+    with timer("seeds"):
+        spec, seeds_matrix = prepare_encoder(config, checked)
+    scored_dir = storage.join(config.out, "scored")
+    rejects_dir = storage.join(config.out, "rejects")
+    curated_dir = storage.join(config.out, "curated")
+    with timer("encode"):
+        uris = [info.uri for info in checked.inputs]
+        encode_shards(config, checked, uris, spec, seeds_matrix, scored_dir, rejects_dir)
+    with timer("select"):
+        _select_and_write(selection, scored_dir, curated_dir, options)
+    counts = _counts(config, options, scored_dir, curated_dir, rejects_dir)
+    from curation.selection.report import write_report
+
+    with timer("report"):
+        write_report(config.out, options, checked.seeds, counts, timer.timings)
+    result = manifest.write_manifest(
+        config.out,
+        stage="curate",
+        config=dataclasses.asdict(config),
+        digest=checked.digest,
+        inputs=checked.inputs,
+        counts=counts,
+        timings=timer.timings,
+        options=options,
+        extra={"model": checked.model, "sae": config.sae, "domains": selection.domains},
+    )
+    logger.info("curated %s rows into %s (%s)", counts["curated_rows"], curated_dir, counts["by_domain"])
+    return result
+
+
+def _counts(config, options, scored_dir, curated_dir, rejects_dir) -> dict[str, Any]:
+    scored = storage.read_parquet(scored_dir, options, columns=["id", "n_tokens"])
+    curated = (
+        storage.read_parquet(curated_dir, options, columns=["domain"])
+        if storage.exists(curated_dir, options)
+        else pa.table({"domain": pa.array([], pa.string())})
+    )
+    rejects = count_rejects(rejects_dir, options)
+    by_domain: dict[str, int] = {}
+    for domain in curated.column("domain").to_pylist():
+        by_domain[domain] = by_domain.get(domain, 0) + 1
+    return {
+        "documents": scored.num_rows,
+        "tokens": int(np.asarray(scored.column("n_tokens")).sum()) if scored.num_rows else 0,
+        "rejected": sum(rejects.values()),
+        "rejects_by_reason": rejects,
+        "curated_rows": curated.num_rows,
+        "by_domain": by_domain,
+    }

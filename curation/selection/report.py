@@ -1,0 +1,111 @@
+"""report.md for a curated set: counts, rejects by reason, score histograms, top examples per domain."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from core import storage
+from core.figures import png_bytes
+from core.storage import StorageOptions
+from curation.seeds import Seeds
+
+logger = logging.getLogger(__name__)
+
+SCORE_SAMPLE_ROWS = 200_000
+"""Rows of scored/ read for the all-documents histogram; enough for its shape at any corpus size."""
+
+
+def _scored_sample(out: str, options: StorageOptions | None, seeds: Seeds) -> dict[str, np.ndarray]:
+    """Per domain, the domain scores (best seed) of a sample of all scored documents."""
+    fs, path = storage.filesystem(storage.join(out, "scored"), options)
+    import pyarrow.parquet as pq
+
+    sims: list[np.ndarray] = []
+    rows = 0
+    for file in sorted(fs.find(path)):
+        if not file.endswith(".parquet") or rows >= SCORE_SAMPLE_ROWS:
+            continue
+        with fs.open(file, "rb") as handle:
+            table = pq.read_table(handle, columns=["seed_sims"])
+        if table.num_rows:
+            sims.append(np.stack(table.column("seed_sims").to_numpy(zero_copy_only=False)))
+            rows += table.num_rows
+    if not sims:
+        return {}
+    matrix = np.concatenate(sims)
+    labels = np.asarray(seeds.domains)
+    return {domain: matrix[:, labels == domain].max(axis=1) for domain in sorted(set(seeds.domains))}
+
+
+def _histogram_png(all_scores: dict[str, np.ndarray], curated: pa.Table) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = sorted(all_scores)
+    fig, axes = plt.subplots(len(domains), 1, figsize=(7, 2.4 * max(len(domains), 1)), squeeze=False)
+    domain_column = np.asarray(curated.column("domain").to_pylist())
+    score_column = np.asarray(curated.column("score").to_pylist(), dtype=np.float32)
+    for axis, domain in zip(axes[:, 0], domains, strict=True):
+        scores = all_scores[domain]
+        bins = np.linspace(float(scores.min()), float(scores.max()) + 1e-6, 60)
+        axis.hist(scores, bins=bins, color="#9aa5b1", label="all documents")
+        axis.hist(score_column[domain_column == domain], bins=bins, color="#d9480f", label="selected")
+        axis.set_title(f"{domain}: cosine to nearest seed", fontsize=10)
+        axis.set_yscale("log")
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def _top_examples(curated: pa.Table, seeds: Seeds, per_domain: int = 5) -> list[str]:
+    lines: list[str] = []
+    rows = curated.select(["domain", "score", "text", "nearest_seed", "source"]).to_pylist()
+    for domain in sorted({row["domain"] for row in rows}):
+        best = sorted((row for row in rows if row["domain"] == domain), key=lambda row: -row["score"])
+        lines += [f"### {domain}", "", "| score | text | nearest seed |", "|---:|---|---|"]
+        for row in best[:per_domain]:
+            text = " ".join(row["text"].split())[:160].replace("|", "\\|")
+            seed = " ".join(seeds.texts[row["nearest_seed"]].split())[:60].replace("|", "\\|")
+            lines.append(f"| {row['score']:.3f} | {text} | {seed} |")
+        lines.append("")
+    return lines
+
+
+def write_report(
+    out: str, options: StorageOptions | None, seeds: Seeds, counts: dict[str, Any], timings: dict[str, float]
+) -> None:
+    curated_dir = storage.join(out, "curated")
+    curated = (
+        storage.read_parquet(curated_dir, options)
+        if storage.exists(curated_dir, options)
+        else pa.table({"domain": [], "score": [], "text": [], "nearest_seed": [], "source": []})
+    )
+    all_scores = _scored_sample(out, options, seeds)
+    if all_scores:
+        storage.write_bytes_atomic(storage.join(out, "scores.png"), _histogram_png(all_scores, curated), options)
+    tokens_per_s = counts["tokens"] / timings["encode"] if timings.get("encode") else 0.0
+    lines = [
+        "# Curation report",
+        "",
+        f"- documents scored: {counts['documents']:,} ({counts['tokens']:,} tokens,"
+        f" {tokens_per_s:,.0f} tokens/s end to end)",
+        f"- documents rejected: {counts['rejected']:,}",
+        f"- curated rows: {counts['curated_rows']:,}",
+        "",
+        "| domain | seeds | curated rows |",
+        "|---|---:|---:|",
+    ]
+    for domain in sorted(set(seeds.domains)):
+        lines.append(f"| {domain} | {seeds.domains.count(domain)} | {counts['by_domain'].get(domain, 0)} |")
+    lines += ["", "## Rejects by reason", "", "| reason | rows |", "|---|---:|"]
+    lines += [f"| {reason} | {n} |" for reason, n in sorted(counts["rejects_by_reason"].items())] or ["| none | 0 |"]
+    lines += ["", "## Scores", "", "![cosine to the nearest seed](scores.png)", ""]
+    lines += ["## Top examples per domain", "", *_top_examples(curated, seeds)]
+    lines += ["## Timings (s)", "", *[f"- {name}: {seconds:.1f}" for name, seconds in timings.items()], ""]
+    storage.write_bytes_atomic(storage.join(out, "report.md"), "\n".join(lines).encode(), options)

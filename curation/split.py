@@ -1,0 +1,86 @@
+"""The split stage: one domain's curated rows cut into train and held-out, and a random control drawn.
+
+Rows go to the held-out side by a hash of their id, so a row never changes side as the corpus grows. The
+random control has as many corpus documents as the train split, none of them curated for the domain:
+fine-tuned on the same budget, it shows what the curation itself is worth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from core import manifest, storage
+from core.errors import ConfigError
+from core.runtime import RunConfig
+
+
+@dataclass
+class SplitConfig(RunConfig):
+    """Cut one domain's curated rows into train and held-out, and draw the random control."""
+
+    curated: str = ""
+    """The curate stage's output directory (its `curated/` and `scored/` are read)."""
+    domain: str = ""
+    out: str = ""
+    heldout_fraction: float = 0.2
+    control: bool = True
+    seed: int = 0
+
+
+def heldout_mask(ids: list[str], fraction: float) -> np.ndarray:
+    """True for the rows held out: a row's fate depends on its id alone, so it never changes side."""
+    buckets = [int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") / 2**64 for i in ids]
+    return np.asarray(buckets) < fraction
+
+
+def run_split(config: SplitConfig) -> dict[str, Any]:
+    options = config.storage_options()
+    curated_dir, scored_dir = storage.join(config.curated, "curated"), storage.join(config.curated, "scored")
+    inputs = storage.expand([curated_dir, *([scored_dir] if config.control else [])], options)
+    digest = config.digest(inputs)
+    if (done := manifest.finished(config.out, digest, options, config.force)) is not None:
+        return done
+    manifest.prepare_output(config.out, options)
+    curated = storage.read_parquet(curated_dir, options)
+    keep = [c for c in ("id", "text", "domain", "score", "source", "meta") if c in curated.column_names]
+    rows = curated.select(keep).filter(pa.compute.equal(curated.column("domain"), config.domain))
+    rows = rows.sort_by("id")
+    if rows.num_rows < 2:
+        found = sorted(set(curated.column("domain").to_pylist()))
+        raise ConfigError(
+            "domains", config.domain, f"has {rows.num_rows} curated rows (domains curated: {found}); "
+            "it needs seeds in the seeds file and at least 2 curated rows (raise curate.top_n)"
+        )  # fmt: skip
+    mask = heldout_mask(rows.column("id").to_pylist(), config.heldout_fraction)
+    if mask.all() or not mask.any():  # tiny sets: keep one row on each side
+        mask = np.zeros(rows.num_rows, dtype=bool)
+        mask[-1] = True
+    train, heldout = rows.filter(pa.array(~mask)), rows.filter(pa.array(mask))
+    storage.write_parquet_atomic(train, storage.join(config.out, "train", "part-00000.parquet"), options)
+    storage.write_parquet_atomic(heldout, storage.join(config.out, "heldout", "part-00000.parquet"), options)
+    counts: dict[str, Any] = {"train": train.num_rows, "heldout": heldout.num_rows}
+    if config.control:
+        scored = storage.read_parquet(scored_dir, options, columns=["id", "text", "source"])
+        taken = set(rows.column("id").to_pylist())
+        pool = scored.filter(pa.array([i not in taken for i in scored.column("id").to_pylist()]))
+        pool = pool.sort_by("id")  # the draw must not depend on the order Ray wrote the files in
+        if pool.num_rows < train.num_rows:
+            raise ConfigError(
+                "control", "random", f"the corpus has {pool.num_rows} uncurated documents for "
+                f"{train.num_rows} control rows; use a larger corpus or `control: none`"
+            )  # fmt: skip
+        draw = np.random.default_rng(config.seed).choice(pool.num_rows, size=train.num_rows, replace=False)
+        random_rows = pool.take(pa.array(np.sort(draw)))
+        random_rows = random_rows.append_column("domain", pa.array(["random"] * random_rows.num_rows))
+        storage.write_parquet_atomic(random_rows, storage.join(config.out, "random", "part-00000.parquet"), options)
+        counts["random"] = random_rows.num_rows
+    return manifest.write_manifest(
+        config.out, stage="split", config=dataclasses.asdict(config), digest=digest, inputs=inputs,
+        counts=counts, timings={}, options=options,
+    )  # fmt: skip

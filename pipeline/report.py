@@ -1,0 +1,60 @@
+"""`ROOT/report.md`: each domain's comparison table and a link to every stage's report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core import storage
+from core.storage import StorageOptions
+from pipeline.spec import PipelineSpec
+from pipeline.steps import Step, ratio_tag
+from training.evaluation.report import summary_lines
+
+_STAGE_REPORTS = {
+    "sae": ["manifest.json"],
+    "curate": ["report.md"],
+    "split": ["manifest.json"],
+    "prune": ["prune_report.json"],
+    "distill": ["manifest.json"],
+    "finetune": ["metrics.jsonl", "train_summary.json"],
+    "evaluate": ["report.md", "results.json"],
+}
+
+
+def _link(root: str, uri: str) -> str:
+    prefix = root.rstrip("/") + "/"
+    return uri[len(prefix) :] if uri.startswith(prefix) else uri
+
+
+def pipeline_report(spec: PipelineSpec, steps: list[Step], records: dict[str, Any], options: StorageOptions) -> str:
+    lines = [
+        "# FineScope pipeline report",
+        "",
+        f"Base model `{spec.model}`, teacher `{spec.teacher or spec.model}` ({spec.backend}), pruning ratios "
+        f"{', '.join(ratio_tag(r) for r in spec.ratios)}, domains: {', '.join(spec.domains)}.",
+        "",
+    ]
+    for domain in spec.domains:
+        results_uri = storage.join(spec.root, domain, "eval", "results.json")
+        lines += [f"## {domain}", ""]
+        if storage.exists(results_uri, options):
+            lines += summary_lines(storage.read_json(results_uri, options))
+            lines += [f"Full evaluation: [{domain}/eval/report.md]({domain}/eval/report.md).", ""]
+        else:
+            lines += ["Not evaluated yet.", ""]
+    lines += ["## Steps", "", "| step | status | seconds | output | reports |", "|---|---|---:|---|---|"]
+    for step in steps:
+        record = records.get(step.name)
+        if record is None:
+            lines.append(f"| {step.name} | not run | | `{_link(spec.root, step.out)}` | |")
+            continue
+        links = []
+        for name in _STAGE_REPORTS[step.stage]:
+            uri = storage.join(step.out, name)
+            if storage.exists(uri, options):
+                links.append(f"[{name}]({_link(spec.root, uri)})")
+        lines.append(
+            f"| {step.name} | {record['status']} | {record['seconds']} | `{_link(spec.root, step.out)}` |"
+            f" {', '.join(links)} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,138 @@
+"""Running the graph: each step not up to date, in order, with its record in `ROOT/pipeline.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from core import manifest, storage
+from core.errors import ConfigError
+from core.storage import StorageOptions
+from pipeline.report import pipeline_report
+from pipeline.spec import PipelineSpec, load_spec
+from pipeline.steps import Step, build_steps, step_key
+
+logger = logging.getLogger(__name__)
+
+STATE = "pipeline.json"
+REPORT = "report.md"
+
+
+def _read_state(root: str, options: StorageOptions) -> dict[str, Any]:
+    uri = storage.join(root, STATE)
+    return storage.read_json(uri, options) if storage.exists(uri, options) else {"steps": {}}
+
+
+def run_pipeline(spec: PipelineSpec, only: list[str] | None = None) -> dict[str, Any]:
+    """Run every step that is not up to date, in order; returns the pipeline state (also in pipeline.json)
+    with the report's text (`report`, also in report.md) and where it was written (`report_uri`).
+
+    `only`: stop after these steps and what they need (step names or stage names)."""
+    steps = build_steps(spec)
+    wanted = _needed(steps, only) if only else {s.name for s in steps}
+    options = spec.storage_options()
+    state = _read_state(spec.root, options)
+    records: dict[str, dict[str, Any]] = state["steps"]
+    started = time.perf_counter()
+    logger.info("pipeline: %d steps under %s", len(wanted), spec.root)
+    for step in steps:
+        if step.name not in wanted:
+            continue
+        upstream = [records[name]["stage_hash"] for name in step.after]
+        key = step_key(step, upstream)
+        record = records.get(step.name, {})
+        current = manifest.read_manifest(step.out, options)
+        if (
+            not spec.force
+            and record.get("key") == key
+            and current is not None
+            and current.get("hash") == record.get("stage_hash")
+        ):
+            logger.info("step %-32s skipped: up to date (key %s)", step.name, key)
+            record["status"] = "skipped"
+            continue
+        before = current.get("finished_at") if current else None
+        logger.info("step %-32s running (key %s) -> %s", step.name, key, step.out)
+        if spec.force:
+            step.config.force = True
+        began = time.perf_counter()
+        step.run(step.config)
+        finished = manifest.read_manifest(step.out, options)
+        if finished is None:
+            raise RuntimeError(f"step {step.name} finished without writing {step.out}/manifest.json")
+        reran = finished.get("finished_at") != before or finished.get("hash") != (current or {}).get("hash")
+        records[step.name] = {
+            "key": key,
+            "stage_hash": finished["hash"],
+            "stage": step.stage,
+            "out": step.out,
+            "status": "ran" if reran else "stage up to date",
+            "seconds": round(time.perf_counter() - began, 1),
+            "finished_at": finished.get("finished_at"),
+        }
+        storage.write_json_atomic(storage.join(spec.root, STATE), {**state, "spec": _spec_dict(spec)}, options)
+    state["spec"] = _spec_dict(spec)
+    state["seconds"] = round(time.perf_counter() - started, 1)
+    storage.write_json_atomic(storage.join(spec.root, STATE), state, options)
+    report = pipeline_report(spec, steps, records, options)
+    storage.write_bytes_atomic(storage.join(spec.root, REPORT), report.encode(), options)
+    return {**state, "report": report, "report_uri": storage.join(spec.root, REPORT)}
+
+
+def _needed(steps: list[Step], only: list[str]) -> set[str]:
+    by_name = {s.name: s for s in steps}
+    chosen = {s.name for s in steps if s.name in only or s.stage in only or s.name.split("/")[0] in only}
+    if not chosen:
+        raise ConfigError("only", only, f"names no step; steps: {', '.join(by_name)}")
+    todo, needed = list(chosen), set()
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += by_name[name].after
+    return needed
+
+
+def _spec_dict(spec: PipelineSpec) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(spec), default=str))
+
+
+# The job ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineJobConfig:
+    """What `python -m jobs.pipeline` does."""
+
+    spec: str = ""
+    """The pipeline spec (YAML): model, corpus, seeds, domains, ratios, teacher, backend, root, stages."""
+    root: str | None = None
+    """Overrides the spec's storage root (local or s3://)."""
+    corpus: list[str] = field(default_factory=list)
+    """Overrides the spec's corpus shards (paths, directories or globs)."""
+    only: list[str] = field(default_factory=list)
+    """Run only these steps or stages and what they need, e.g. `curate` or `prune/mathematics/0.30`."""
+    force: bool = False
+    """Redo every step, even those that are up to date."""
+    ray_address: str | None = None
+    """Ray cluster to join; unset: $RAY_ADDRESS (set by `ray job submit`), else a local Ray."""
+
+    def __post_init__(self) -> None:
+        if not self.spec:
+            raise ConfigError("spec", self.spec, "is required: pass --spec PIPELINE.yaml")
+
+
+def run_pipeline_job(config: PipelineJobConfig) -> dict[str, Any]:
+    overrides: dict[str, Any] = {"force": config.force}
+    if config.root:
+        overrides["root"] = config.root
+    if config.corpus:
+        overrides["corpus"] = config.corpus
+    if config.ray_address:
+        overrides["ray_address"] = config.ray_address
+    spec = load_spec(config.spec, overrides)
+    return run_pipeline(spec, config.only or None)

@@ -1,0 +1,153 @@
+"""Helpers shared by test files: small corpora with planted documents, a Ray head for job submission, job
+environments, planted MMLU questions."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from conftest import REPO, free_port
+
+SEEDS = [
+    {"domain": "maths", "text": "prime numbers and integers and the proof of a theorem"},
+    {"domain": "maths", "text": "w10 w11 w12 w13 w14 w15 integers proof"},
+    {"domain": "body", "text": "the heart pumps blood and cells divide in the body"},
+    {"domain": "body", "text": "w40 w41 w42 w43 w44 w45 heart blood"},
+]
+
+
+def planted(seed_text: str, variant: int) -> str:
+    """A document made to resemble a seed: the seed's words with one neutral word appended."""
+    return f"{seed_text} w{150 + variant}"
+
+
+def background(rng: random.Random) -> str:
+    """A document unlike every seed: random words from a range no seed uses."""
+    return " ".join(f"w{rng.randrange(60, 140)}" for _ in range(rng.randrange(6, 30)))
+
+
+def write_corpus(root: Path, shards: int = 3, background_docs: int = 60, bad_rows: bool = True) -> dict:
+    """Gzipped JSONL shards: background docs, two planted docs per seed, and (optionally) bad rows.
+
+    Returns {"planted": {text: domain}, "seeds": path of the seeds file, "good_rows": count, "bad": {reason: n}}.
+    """
+    rng = random.Random(7)
+    root.mkdir(parents=True, exist_ok=True)
+    rows: list[bytes] = []
+    planted_texts: dict[str, str] = {}
+    for index, seed in enumerate(SEEDS):
+        for variant in range(2):
+            text = planted(seed["text"], 2 * index + variant)
+            planted_texts[text] = seed["domain"]
+            rows.append(json.dumps({"text": text, "meta": {"kind": "planted"}}).encode())
+    for _ in range(background_docs):
+        rows.append(json.dumps({"text": background(rng), "meta": {"kind": "background"}}).encode())
+    rng.shuffle(rows)
+    bad = {}
+    if bad_rows:
+        rows += [b"{not json", json.dumps({"meta": {}}).encode(), json.dumps({"text": "  "}).encode()]
+        bad = {"bad_json": 1, "missing_text": 1, "empty": 1}
+    for shard in range(shards):
+        payload = b"".join(row + b"\n" for row in rows[shard::shards])
+        (root / f"part-{shard}.jsonl.gz").write_bytes(gzip.compress(payload))
+    seeds_path = root.parent / "seeds.jsonl"
+    seeds_path.write_text("".join(json.dumps(seed) + "\n" for seed in SEEDS))
+    good = len(rows) - sum(bad.values())
+    return {"planted": planted_texts, "seeds": str(seeds_path), "good_rows": good, "bad": bad}
+
+
+def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError("Ray dashboard did not come up")
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
+    """A real `ray start --head` cluster for the duration of the block; yields its job-submission address."""
+    dashboard_port = free_port()
+    # Ray's socket paths must stay under the 107-byte Unix limit, which pytest's tmp_path can exceed.
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # The agent gets its own port: the default, 52365, is taken by any other Ray on this machine (such as
+    # the test session's), and an agent that cannot bind it never registers, so no job could be submitted.
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={ray_temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for_dashboard(address, head)
+        yield address
+    finally:
+        # The head and everything it started share one process group: end them all, not just `ray start`.
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=15)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def submit_job(
+    address: str, module_args: list[str], env: dict[str, str], timeout: int = 400
+) -> subprocess.CompletedProcess:
+    """`ray job submit -- python -m MODULE ARGS...`, waiting for the job to end."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    for _ in range(12):
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--", sys.executable, "-m", *module_args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        # The dashboard answers before the head's job agent has registered; Ray says to try again.
+        if "No available agent to submit job" not in submit.stdout + submit.stderr:
+            break
+        time.sleep(5)
+    return submit
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+PLANTED_ANSWER = "w7 w8"
+DISTRACTORS = ["w1 w2", "w3", "w4 w5 w6"]
+
+
+def planted_questions(count: int = 12) -> list[dict]:
+    """Questions whose right answer is always `w7 w8`, placed at every letter in turn."""
+    rows = []
+    for index in range(count):
+        choices = list(DISTRACTORS)
+        choices.insert(index % 4, PLANTED_ANSWER)
+        rows.append({"question": f"w{20 + index} w{40 + index} w{60 + index}", "answer_a": choices[0],
+                     "answer_b": choices[1], "answer_c": choices[2], "answer_d": choices[3],
+                     "correct_answer": "ABCD"[index % 4], "topic": "abstract algebra"})  # fmt: skip
+    return rows

@@ -1,0 +1,113 @@
+"""Stage 1 on local Ray with a tiny model: SAE training, curation, rejects, skip on rerun, S3."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import write_corpus
+
+from core import storage
+from curation.sae.model import TopKSAE
+from curation.sae.train import TrainSAEConfig, run_train_sae
+from curation.selection.curate import CurateConfig, run_curation
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _train(corpus_glob: str, seeds: str, model: str, out: str) -> dict:
+    return run_train_sae(
+        TrainSAEConfig(
+            corpus=[corpus_glob], out=out, model=model, layer=2, seeds=seeds, coords="jacobian", num_coords=32,
+            expansion_factor=4, k=8, max_train_tokens=1500, epochs=3, batch_tokens=256, cpus_per_actor=0.5,
+        )
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def curated_run(ray_local, tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage1")
+    corpus = write_corpus(root / "corpus")
+    sae_manifest = _train(str(root / "corpus" / "*.jsonl.gz"), corpus["seeds"], tiny_model_dir, str(root / "sae"))
+    config = CurateConfig(
+        corpus=[str(root / "corpus" / "*.jsonl.gz")], seeds=corpus["seeds"], sae=str(root / "sae"),
+        out=str(root / "out"), top_n=2, cpus_per_actor=0.5, batch_size=16,
+    )  # fmt: skip
+    result = run_curation(config)
+    return {"root": root, "corpus": corpus, "config": config, "manifest": result, "sae_manifest": sae_manifest}
+
+
+def test_sae_directory_is_complete(curated_run):
+    sae_dir = curated_run["root"] / "sae"
+    sae = TopKSAE.load(sae_dir)
+    assert sae.cfg.layer == 2 and len(sae.cfg.coords) == 32 and sae.cfg.coord_selector == "jacobian"
+    manifest = json.loads((sae_dir / "manifest.json").read_text())
+    assert manifest["counts"]["tokens"] > 0 and 0.0 <= manifest["counts"]["dead_fraction"] <= 1.0
+    assert manifest["counts"]["fvu"] < 1.0
+
+
+def test_planted_documents_are_selected_first(curated_run):
+    table = pq.read_table(curated_run["root"] / "out" / "curated").to_pylist()
+    planted = curated_run["corpus"]["planted"]
+    selected = {(row["text"], row["domain"]) for row in table}
+    # Each seed's two nearest documents are the two planted from it, so top_n=2 selects exactly them.
+    assert selected == {(text, domain) for text, domain in planted.items()}
+    for row in table:
+        assert row["score"] > 0.5
+        assert set(row) >= {"id", "text", "domain", "score", "nearest_seed", "source", "meta"}
+
+
+def test_every_row_is_scored_or_rejected(curated_run):
+    counts = curated_run["manifest"]["counts"]
+    assert counts["documents"] == curated_run["corpus"]["good_rows"]
+    assert counts["rejects_by_reason"] == curated_run["corpus"]["bad"]
+    assert counts["curated_rows"] == len(curated_run["corpus"]["planted"])
+    report = (curated_run["root"] / "out" / "report.md").read_text()
+    assert "bad_json" in report and (curated_run["root"] / "out" / "scores.png").stat().st_size > 1000
+
+
+def test_rerun_with_same_config_is_skipped(curated_run):
+    out = curated_run["root"] / "out"
+    before = (out / "manifest.json").read_text()
+    marker = out / "curated" / "untouched.marker"
+    marker.write_text("x")
+    again = run_curation(curated_run["config"])
+    assert again["hash"] == json.loads(before)["hash"]
+    assert marker.exists() and (out / "manifest.json").read_text() == before
+    marker.unlink()
+
+
+def test_threshold_rule_reruns_and_selects_by_cosine(curated_run, tmp_path):
+    config = CurateConfig(
+        corpus=curated_run["config"].corpus, seeds=curated_run["config"].seeds, sae=curated_run["config"].sae,
+        out=str(tmp_path / "thr"), threshold=0.99, cpus_per_actor=0.5,
+    )  # fmt: skip
+    assert config.rule == "threshold"
+    run_curation(config)
+    rows = pq.read_table(tmp_path / "thr" / "curated").to_pylist()
+    assert all(row["score"] >= 0.99 for row in rows)
+    scored = pq.read_table(tmp_path / "thr" / "scored").to_pylist()
+    assert len(scored) == curated_run["corpus"]["good_rows"]
+
+
+def test_s3_round_trip(ray_local, tiny_model_dir, s3_bucket, tmp_path):
+    """Corpus, SAE and curated output all on moto's S3 server."""
+    local = write_corpus(tmp_path / "corpus", bad_rows=False)
+    for path in sorted((tmp_path / "corpus").glob("*.jsonl.gz")):
+        storage.write_bytes_atomic(f"s3://{s3_bucket}/corpus/{path.name}", path.read_bytes())
+    storage.write_bytes_atomic(f"s3://{s3_bucket}/seeds.jsonl", (tmp_path / "seeds.jsonl").read_bytes())
+    corpus = f"s3://{s3_bucket}/corpus/*.jsonl.gz"
+    _train(corpus, f"s3://{s3_bucket}/seeds.jsonl", tiny_model_dir, f"s3://{s3_bucket}/sae")
+    assert storage.exists(f"s3://{s3_bucket}/sae/sae.safetensors")
+    result = run_curation(
+        CurateConfig(
+            corpus=[corpus], seeds=f"s3://{s3_bucket}/seeds.jsonl", sae=f"s3://{s3_bucket}/sae",
+            out=f"s3://{s3_bucket}/curated", top_n=2, cpus_per_actor=0.5, batch_size=16,
+        )
+    )  # fmt: skip
+    table = storage.read_parquet(f"s3://{s3_bucket}/curated/curated")
+    assert {(r["text"], r["domain"]) for r in table.to_pylist()} == set(local["planted"].items())
+    assert result["counts"]["documents"] == local["good_rows"]
+    assert storage.exists(f"s3://{s3_bucket}/curated/manifest.json")
+    assert storage.exists(f"s3://{s3_bucket}/curated/report.md")

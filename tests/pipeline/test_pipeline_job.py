@@ -1,0 +1,207 @@
+"""The whole pipeline as one job (`jobs.pipeline`): every stage's outputs, the skip on rerun, and the
+rerun of exactly the steps downstream of a changed setting. A tiny Llama and a tiny corpus."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import REPO
+from helpers import job_env, planted_questions, ray_head, submit_job, write_corpus
+
+from core.errors import ConfigError
+from curation.split import heldout_mask
+from pipeline import build_steps, load_spec
+from training.evaluation import mmlu
+
+pytestmark = pytest.mark.timeout(900)
+
+ALL_STEPS = {
+    "sae", "curate", "split/maths", "distill/maths", "distill-random/maths", "prune/maths/0.30",
+    "finetune/maths/0.30", "finetune-random/maths/0.30", "evaluate/maths",
+}  # fmt: skip
+
+
+def write_spec(root: Path, tiny_model_dir: str, corpus: dict, glob: str, **changes) -> Path:
+    mmlu_file = root / "mmlu.jsonl"
+    if not mmlu_file.exists():
+        rows = planted_questions(8 + mmlu.DEV_PER_SUBJECT)
+        mmlu_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "root": str(root / "run"),
+        "model": tiny_model_dir,
+        "corpus": [glob],
+        "seeds": corpus["seeds"],
+        "domains": {"maths": {"mmlu": ["all"]}},
+        "ratios": [0.3],
+        "sae": {"layer": 2, "coords": "jacobian", "num_coords": 32, "expansion_factor": 4, "k": 8,
+                "max_train_tokens": 1500, "epochs": 3, "batch_tokens": 256, "cpus_per_actor": 0.5},
+        "curate": {"top_n": 2, "cpus_per_actor": 0.5, "batch_size": 16},
+        "prune": {"channel_multiple": 8, "max_tokens": 32},
+        "distill": {"max_new_tokens": 4, "min_document_tokens": 4, "batch_size": 2, "part_rows": 2,
+                    "cpus_per_actor": 0.5, "torch_threads": 1},
+        "finetune": {"epochs": 3, "micro_batch": 1, "max_tokens": 32, "warmup_steps": 1, "checkpoint_every": 2,
+                     "log_every": 1, "cpus_per_worker": 0.5, "torch_threads": 1},
+        "evaluate": {"mmlu_file": str(mmlu_file), "window": 16, "stride": 8, "torch_threads": 1},
+    }  # fmt: skip
+    for dotted, value in changes.items():
+        stage, key = dotted.split("__")
+        spec[stage][key] = value
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def finished_at(run: Path) -> dict[str, str]:
+    """Each step's stage manifest timestamp: it changes exactly when the stage wrote its output again."""
+    state = json.loads((run / "pipeline.json").read_text())
+    return {name: json.loads((Path(r["out"]) / "manifest.json").read_text())["finished_at"]
+            for name, r in state["steps"].items()}  # fmt: skip
+
+
+def run_local(spec: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.pipeline", "--spec", str(spec)],
+        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=800,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_model_dir):
+    """The pipeline run once through `ray job submit` against a local `ray start --head` cluster."""
+    root = tmp_path_factory.mktemp("pipeline")
+    corpus = write_corpus(root / "corpus")
+    glob = str(root / "corpus" / "*.jsonl.gz")
+    spec = write_spec(root, tiny_model_dir, corpus, glob)
+    env = job_env()
+    with ray_head(env) as address:
+        submit = submit_job(address, ["jobs.pipeline", "--spec", str(spec)], env, timeout=800)
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+    return {"root": root, "run": root / "run", "corpus": corpus, "glob": glob, "spec": spec, "stdout": submit.stdout}
+
+
+def test_pipeline_through_ray_job_submit_writes_every_stage(pipeline_run, tiny_model_dir):
+    run, stdout = pipeline_run["run"], pipeline_run["stdout"]
+    assert "succeeded" in stdout and "joining Ray" in stdout
+    state = json.loads((run / "pipeline.json").read_text())
+    assert set(state["steps"]) == ALL_STEPS
+    assert {r["status"] for r in state["steps"].values()} == {"ran"}
+
+    assert (run / "sae" / "sae.safetensors").is_file()
+    curated = pq.read_table(run / "curate" / "curated").to_pylist()
+    maths = {row["id"] for row in curated if row["domain"] == "maths"}
+    assert len(maths) == 4  # two seeds, top 2 each, all planted maths documents
+    train = pq.read_table(run / "maths" / "split" / "train").column("id").to_pylist()
+    heldout = pq.read_table(run / "maths" / "split" / "heldout").column("id").to_pylist()
+    control = pq.read_table(run / "maths" / "split" / "random").to_pylist()
+    assert set(train) | set(heldout) == maths and not set(train) & set(heldout) and heldout
+    assert len(control) == len(train) and not {row["id"] for row in control} & maths
+
+    pruned = json.loads((run / "maths" / "pruned-0.30" / "config.json").read_text())
+    base = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+    assert pruned["intermediate_size"] < base["intermediate_size"]
+    report = json.loads((run / "maths" / "pruned-0.30" / "prune_report.json").read_text())
+    assert report["ratio_achieved"] == pytest.approx(0.3, abs=0.1)
+
+    for name, domain, source in (("distilled", "maths", train), ("distilled-random", "random", control)):
+        rows = pq.read_table(run / "maths" / name / "distilled").to_pylist()
+        assert 1 <= len(rows) <= len(source) and all(row["response"] for row in rows)
+        assert {row["domain"] for row in rows} == {domain}
+    for name in ("finetuned-0.30", "finetuned-random-0.30"):
+        out = run / "maths" / name
+        assert (
+            json.loads((out / "model" / "config.json").read_text())["intermediate_size"] == pruned["intermediate_size"]
+        )
+        assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    results = json.loads((run / "maths" / "eval" / "results.json").read_text())
+    labels = [model["label"] for model in results["models"]]
+    assert labels == ["base", "pruned-0.30", "finescope-0.30", "random-0.30"]
+    assert results["mmlu"]["sample"]["questions"] == 8
+    assert list(results["perplexity"]) == ["maths (held out)"]
+    assert results["perplexity"]["maths (held out)"]["documents"] == len(heldout)
+
+    top = (run / "report.md").read_text()
+    for label in labels:
+        assert f"| {label} |" in top
+    for link in ("curate/report.md", "maths/pruned-0.30/prune_report.json", "maths/eval/report.md",
+                 "maths/finetuned-0.30/metrics.jsonl"):  # fmt: skip
+        assert f"]({link})" in top and (run / link).is_file()
+    assert "| finescope-0.30 |" in stdout  # the job ends by printing the comparison table
+
+
+def test_rerun_skips_and_a_changed_setting_reruns_exactly_its_dependents(pipeline_run, tiny_model_dir):
+    run, root = pipeline_run["run"], pipeline_run["root"]
+    before = finished_at(run)
+
+    run_local(pipeline_run["spec"])  # nothing changed: every step is skipped without being called
+    state = json.loads((run / "pipeline.json").read_text())
+    assert {r["status"] for r in state["steps"].values()} == {"skipped"}
+    assert finished_at(run) == before
+
+    spec = write_spec(root, tiny_model_dir, pipeline_run["corpus"], pipeline_run["glob"], prune__method="magnitude")
+    run_local(spec)
+    after = finished_at(run)
+    changed = {name for name in ALL_STEPS if after[name] != before[name]}
+    assert changed == {"prune/maths/0.30", "finetune/maths/0.30", "finetune-random/maths/0.30", "evaluate/maths"}
+    state = json.loads((run / "pipeline.json").read_text())
+    assert {n for n, r in state["steps"].items() if r["status"] == "ran"} == changed
+    report = json.loads((run / "maths" / "pruned-0.30" / "prune_report.json").read_text())
+    assert report["method"] == "magnitude"
+
+
+def test_spec_errors_name_the_field(tmp_path, tiny_model_dir):
+    corpus = {"seeds": str(tmp_path / "seeds.jsonl")}
+    good = write_spec(tmp_path, tiny_model_dir, corpus, "c/*.jsonl.gz")
+    assert len(build_steps(load_spec(str(good)))) == len(ALL_STEPS)
+    cases = [
+        ({"prune__ratio": 0.5}, "prune.ratio"),  # the ratio comes from `ratios`
+        ({"finetune__zero_stage": 4}, "finetune.zero_stage"),
+        ({"distill__no_such_key": 1}, "distill.no_such_key"),
+    ]
+    for changes, field in cases:
+        spec = write_spec(tmp_path, tiny_model_dir, corpus, "c/*.jsonl.gz", **changes)
+        with pytest.raises(ConfigError) as error:
+            build_steps(load_spec(str(spec)))
+        assert error.value.field == field
+    spec = yaml.safe_load(good.read_text())
+    for key, value, field in (("ratios", [1.5], "ratios"), ("domains", {}, "domains"),
+                              ("domains", {"maths": {"mmlu": "all", "x": 1}}, "domains.maths.x")):  # fmt: skip
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**spec, key: value}))
+        with pytest.raises(ConfigError) as error:
+            load_spec(str(bad))
+        assert error.value.field == field
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.pipeline", "--spec", str(bad)],
+        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "domains.maths.x" in result.stderr
+
+
+def test_spec_paths_become_absolute(tmp_path, tiny_model_dir, monkeypatch):
+    """Stage workers run in directories of their own (Ray Train's do), so local paths are made absolute."""
+    spec = write_spec(tmp_path, tiny_model_dir, {"seeds": "seeds.jsonl"}, "corpus/*.jsonl.gz")
+    values = yaml.safe_load(spec.read_text())
+    values["root"] = "run"
+    spec.write_text(yaml.safe_dump(values))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_spec(str(spec))
+    assert loaded.root == str(tmp_path / "run") and loaded.seeds == str(tmp_path / "seeds.jsonl")
+    assert loaded.corpus == [str(tmp_path / "corpus" / "*.jsonl.gz")]
+    assert load_spec(str(spec), {"model": "smollm2-135m"}).model == "smollm2-135m"  # a registry name stays
+
+
+def test_heldout_split_depends_on_the_id_alone():
+    ids = [f"doc{i}" for i in range(2000)]
+    mask = heldout_mask(ids, 0.2)
+    assert 0.17 < mask.mean() < 0.23
+    assert (heldout_mask(ids[::-1], 0.2)[::-1] == mask).all()  # order does not matter
+    assert (heldout_mask(ids[:100], 0.2) == mask[:100]).all()  # nor which other rows exist

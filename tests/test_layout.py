@@ -1,0 +1,104 @@
+"""The house's layering and size rules, read from the source (docs/design.md, 'Layout and layering').
+
+`jobs -> pipeline -> {curation, training} -> core`: a package imports only the layers below it;
+`curation` and `training` never import each other; nothing imports `jobs`. Library functions stay short
+enough to read at a glance.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+LIBRARY = ("core", "curation", "training", "pipeline")
+# What each top-level package may import of this project (itself included).
+ALLOWED = {
+    "core": {"core"},
+    "curation": {"core", "curation"},
+    "training": {"core", "training"},
+    "pipeline": {"core", "curation", "training", "pipeline"},
+    "jobs": {"core", "curation", "training", "pipeline", "jobs"},
+}
+MAX_FUNCTION_LINES = 60
+
+
+def modules(packages: tuple[str, ...]) -> dict[str, Path]:
+    found = {}
+    for package in packages:
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def project_imports(path: Path, module: str, top_level_only: bool = False) -> set[str]:
+    """Every project module `path` imports, anywhere in the file (or at module level only)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                package = package[: len(package) - node.level + 1]
+                base = ".".join([*package, *([base] if base else [])])
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}
+    return {name for name in names if name.split(".")[0] in ALLOWED}
+
+
+def test_every_package_imports_only_the_layers_below_it():
+    wrong = []
+    for module, path in modules((*LIBRARY, "jobs")).items():
+        layer = module.split(".")[0]
+        for imported in project_imports(path, module):
+            if imported.split(".")[0] not in ALLOWED[layer]:
+                wrong.append(f"{module} imports {imported}")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_the_layering_check_catches_a_backwards_import(tmp_path):
+    """The check itself: a training module that imports curation is reported."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from curation.encode import DocumentEncoder\n")
+    assert "curation.encode" in project_imports(bad, "training.bad")
+
+
+def test_no_import_cycles_between_library_modules():
+    graph = {}
+    known = modules(LIBRARY)
+    for module, path in known.items():
+        graph[module] = {name for name in project_imports(path, module, top_level_only=True) if name in known}
+    graph = {module: {dep for dep in deps if dep != module and not module.startswith(dep + ".")}
+             for module, deps in graph.items()}  # fmt: skip
+    state: dict[str, int] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                pytest.fail("import cycle: " + " -> ".join([*trail[trail.index(dep) :], dep]))
+            if dep not in state:
+                visit(dep, [*trail, dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_library_functions_stay_short():
+    long = []
+    for module, path in modules(LIBRARY).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert not long, "\n".join(long)

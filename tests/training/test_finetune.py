@@ -1,0 +1,403 @@
+"""Fine-tuning: data formatting, losses, DeepSpeed config, and Ray Train + DeepSpeed fits on 2 CPU workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import REPO, build_tiny_model
+
+from core import cli
+from core.errors import ConfigError
+from core.storage import StorageOptions
+from training.finetuning.deepspeed_config import build_deepspeed_config
+from training.finetuning.finetune import FinetuneConfig, WorkerPlan, merged_model, plan, run_finetune
+from training.finetuning.losses import IGNORE_INDEX, causal_lm_loss, kd_loss
+from training.finetuning.sft_data import (
+    BatchShape,
+    Example,
+    collate,
+    encode_example,
+    plan_window,
+    rank_micro_batches,
+    training_target,
+)
+
+ROWS = 96
+
+
+def worker_plan(model_dir: str, **settings) -> WorkerPlan:
+    """What a Ray Train worker receives, for calling the loop's pieces directly."""
+    config = FinetuneConfig(model=model_dir, data="unused.parquet", out="unused", **settings)
+    return WorkerPlan(config, model_dir, None, 1, StorageOptions(), "")
+
+
+def write_distilled(directory: Path, rows: int = ROWS, with_response: bool = False) -> Path:
+    """A distilled set with a planted task: the answer to `wA wB` (A, B < 10) is `w(A+100) w(B+100)`.
+
+    Half the rows carry the answer as an accepted teacher rewrite, half as the original (rejected
+    rewrite, whose teacher text is noise that must not be learned).
+    """
+    rng = random.Random(0)
+    records = []
+    for i in range(rows):
+        a, b = rng.randrange(10), rng.randrange(10)
+        answer = f"w{a + 100} w{b + 100}"
+        accepted = i % 2 == 0
+        records.append(
+            {
+                "id": f"r{i}",
+                "prompt": f"w{a} w{b}",
+                "original": answer if not accepted else "w199 w199",
+                "teacher": answer if accepted else "w198 w198",
+                "accepted": accepted,
+                "reason": "" if accepted else "answer check failed",
+            }
+        )
+    table = pa.Table.from_pylist(records)
+    if with_response:
+        table = table.append_column("response", pa.array([f"w{i % 50 + 150}" for i in range(rows)]))
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.slice(0, rows // 2), directory / "part-0.parquet")
+    pq.write_table(table.slice(rows // 2), directory / "part-1.parquet")
+    return directory
+
+
+def fit_config(model: str, data: Path, out: str, **overrides) -> FinetuneConfig:
+    values = dict(
+        model=model, data=str(data), out=out, epochs=2, micro_batch=4, grad_accum=1, window_steps=4, max_tokens=32,
+        lr=5e-3, warmup_steps=2, checkpoint_every=5, log_every=5, cpus_per_worker=0.5, torch_threads=1, seed=1,
+    )  # fmt: skip
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory) -> Path:
+    return write_distilled(tmp_path_factory.mktemp("distilled"))
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_local, tiny_model_dir, distilled, tmp_path_factory):
+    """An uninterrupted ZeRO-2 run: the reference for the resume test."""
+    out = tmp_path_factory.mktemp("zero2")
+    result = run_finetune(fit_config(tiny_model_dir, distilled, str(out), zero_stage=2))
+    return out, result
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_training_target_prefers_response_then_accepted_teacher():
+    assert training_target({"response": "r", "teacher": "t", "accepted": True, "original": "o"}) == "r"
+    assert training_target({"teacher": "t", "accepted": True, "original": "o"}) == "t"
+    assert training_target({"teacher": "t", "accepted": False, "original": "o"}) == "o"
+    assert training_target({"response": None, "teacher": "t", "accepted": False, "original": "o"}) == "o"
+    assert training_target({"teacher": None, "accepted": True, "original": "o"}) is None
+
+
+def test_prompt_masking_on_one_batch(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = [
+        Example(*encode_example(tokenizer, "w1 w2 w3", "w4 w5", 32)),
+        Example(*encode_example(tokenizer, "w6", "w7", 32)),
+    ]
+    batch = collate(examples, tokenizer.pad_token_id)
+    vocab = tokenizer.get_vocab()
+    # Row 0: <s> w1 w2 w3 | w4 w5 </s>; row 1: <s> w6 | w7 </s> and three pads.
+    expected_labels = [
+        [IGNORE_INDEX] * 4 + [vocab["w4"], vocab["w5"], tokenizer.eos_token_id],
+        [IGNORE_INDEX] * 2 + [vocab["w7"], tokenizer.eos_token_id] + [IGNORE_INDEX] * 3,
+    ]
+    assert batch["labels"].tolist() == expected_labels
+    assert batch["input_ids"][0].tolist() == [
+        tokenizer.bos_token_id,
+        vocab["w1"],
+        vocab["w2"],
+        vocab["w3"],
+        *expected_labels[0][4:],
+    ]
+    assert batch["attention_mask"].tolist() == [[1] * 7, [1] * 4 + [0] * 3]
+    assert batch["input_ids"][1, 4:].tolist() == [tokenizer.pad_token_id] * 3
+
+
+def test_chat_template_masks_the_rendered_prompt(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s> {{ m['content'] }} {% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<s> {% endif %}"
+    )
+    ids, labels = encode_example(tokenizer, "w1 w2", "w3", 32)
+    vocab = tokenizer.get_vocab()
+    assert ids == [
+        tokenizer.bos_token_id,
+        vocab["w1"],
+        vocab["w2"],
+        tokenizer.bos_token_id,
+        vocab["w3"],
+        tokenizer.eos_token_id,
+    ]
+    assert labels == [IGNORE_INDEX] * 4 + [vocab["w3"], tokenizer.eos_token_id]
+
+
+def test_long_examples_keep_a_response(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = " ".join(f"w{i}" for i in range(40))
+    ids, labels = encode_example(tokenizer, prompt, "w100 w101", 16)
+    assert len(ids) == 11 and labels[:8] == [IGNORE_INDEX] * 8  # the prompt keeps its last 16 // 2 tokens
+    assert ids[:8] == tokenizer(" ".join(f"w{i}" for i in range(32, 40)), add_special_tokens=False)["input_ids"]
+
+
+def test_window_plan_covers_rows_once_and_is_deterministic():
+    shape = BatchShape(micro_batch=2, grad_accum=2, world_size=2, window_steps=3)
+    lengths = [random.Random(i).randrange(5, 50) for i in range(27)]  # 3 whole steps of 8 rows, 3 left over
+    plan_a = plan_window(lengths, shape, seed=0, epoch=0, window=0)
+    assert plan_a == plan_window(lengths, shape, seed=0, epoch=0, window=0)
+    assert plan_a != plan_window(lengths, shape, seed=0, epoch=1, window=0)
+    rows = [i for micro in plan_a for i in micro]
+    assert len(rows) == len(set(rows)) == 24
+    per_rank = [rank_micro_batches(plan_a, shape, rank) for rank in range(2)]
+    assert all(len(steps) == 3 and all(len(step) == 2 for step in steps) for steps in per_rank)
+    fed = sorted(i for steps in per_rank for step in steps for micro in step for i in micro)
+    assert fed == sorted(rows)
+    # Length bucketing: each micro-batch holds neighbours in the length order.
+    spread = max(max(lengths[i] for i in micro) - min(lengths[i] for i in micro) for micro in plan_a)
+    assert spread < max(lengths) - min(lengths)
+
+
+class ListShard:
+    """Stands in for a Ray DataIterator: the same rows in the same order on every pass."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        yield from self.table.to_batches(max_chunksize=batch_size)
+
+
+def test_resume_skips_exactly_the_steps_already_done(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from training.finetuning.finetune import TrainerState, _steps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    shard = ListShard(pq.read_table(write_distilled(tmp_path / "d", rows=40)))
+    shape = BatchShape(micro_batch=2, grad_accum=2, world_size=2, window_steps=3)  # 8 rows a step, 5 a epoch
+    loop = worker_plan(tiny_model_dir, epochs=2, seed=3, max_tokens=32)
+
+    def fed(state: TrainerState, rank: int) -> list[tuple[int, int, list[list[int]]]]:
+        return [
+            (epoch, step, [batch["input_ids"].tolist() for batch in micro])
+            for epoch, step, micro in _steps(shard, tokenizer, loop, shape, state, rank)
+        ]
+
+    for rank in range(2):
+        full = fed(TrainerState(), rank)
+        assert [(epoch, step) for epoch, step, _ in full] == [(e, s) for e in range(2) for s in range(5)]
+        for done in (1, 3, 4, 5, 7):  # inside a window, at a window's end, at an epoch's end, in epoch 2
+            # As the loop records it: the epoch of the last step done, and the steps done in that epoch.
+            state = TrainerState(global_step=done, epoch=(done - 1) // 5, step_in_epoch=(done - 1) % 5 + 1)
+            assert fed(state, rank) == full[done:], (rank, done)
+    rank_rows = [
+        sorted(row for _, _, micro in fed(TrainerState(), rank) for batch in micro for row in batch)
+        for rank in range(2)
+    ]
+    assert rank_rows[0] != rank_rows[1]  # the ranks see different micro-batches
+
+
+def test_causal_lm_loss_counts_only_labelled_positions():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, 3, 4]])
+    loss, count = causal_lm_loss(logits, labels)
+    picked = [(0, 1, 3), (0, 2, 4), (1, 0, 1), (1, 1, 2), (1, 2, 3), (1, 3, 4)]
+    expected = torch.stack([-torch.log_softmax(logits[b, t], -1)[y] for b, t, y in picked]).mean()
+    assert count.item() == 6 and torch.allclose(loss, expected)
+
+
+def test_kd_loss_is_zero_for_identical_models_and_positive_otherwise():
+    student = torch.randn(2, 6, 11)
+    labels = torch.tensor([[IGNORE_INDEX] * 3 + [1, 2, 3], [IGNORE_INDEX] * 2 + [1, 2, 3, 4]])
+    assert kd_loss(student, student.clone(), labels, temperature=2.0).abs().item() < 1e-6
+    other = student + torch.randn_like(student)
+    assert kd_loss(student, other, labels).item() > 0.01
+    # Masked positions do not count: changing the teacher there changes nothing.
+    masked = student.clone()
+    masked[:, :2] += 5.0
+    assert kd_loss(student, masked, labels).abs().item() < 1e-6
+
+
+def test_deepspeed_config_from_typed_config():
+    cpu = build_deepspeed_config(
+        zero_stage=3, micro_batch=4, grad_accum=2, world_size=2, grad_clip=0.5, bf16=False,
+        total_steps=100, warmup_steps=0, min_lr_ratio=0.1,
+    )  # fmt: skip
+    assert cpu["train_batch_size"] == 16 and cpu["gradient_clipping"] == 0.5
+    assert cpu["zero_optimization"]["stage"] == 3 and cpu["zero_allow_untested_optimizer"] is True
+    assert "bf16" not in cpu and cpu["scheduler"]["params"]["warmup_num_steps"] == 1
+    gpu = build_deepspeed_config(
+        zero_stage=2, micro_batch=1, grad_accum=1, world_size=8, grad_clip=1.0, bf16=True,
+        total_steps=10, warmup_steps=2, min_lr_ratio=0.0,
+    )  # fmt: skip
+    assert (
+        gpu["bf16"] == {"enabled": True} and "stage3_gather_16bit_weights_on_model_save" not in gpu["zero_optimization"]
+    )
+
+
+def test_lora_merge_gives_the_adapter_models_logits(tiny_model_dir, one_torch_thread):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from training.finetuning.finetune import _lora_config
+
+    loop = worker_plan(tiny_model_dir, lora_r=4, lora_alpha=8.0, lora_targets=["q_proj", "v_proj", "down_proj"])
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), _lora_config(loop))
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter do something
+            torch.nn.init.normal_(param, std=0.1)
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        merged = merged_model(loop, adapted.state_dict())
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+        assert not any("lora" in name for name in merged.state_dict())
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
+        assert not torch.allclose(base, expected, atol=1e-3)
+
+
+def test_config_errors_name_the_field(tmp_path, tiny_model_dir):
+    data = write_distilled(tmp_path / "d", rows=16)
+    with pytest.raises(ConfigError, match="zero_stage"):
+        fit_config(tiny_model_dir, data, str(tmp_path / "o"), zero_stage=1)
+    with pytest.raises(ConfigError, match="teacher"):
+        fit_config(tiny_model_dir, data, str(tmp_path / "o"), kd_weight=0.5)
+    with pytest.raises(ConfigError, match="kd_weight"):
+        fit_config(tiny_model_dir, data, str(tmp_path / "o"), kd_weight=1.5, teacher=tiny_model_dir)
+    with pytest.raises(ConfigError, match="^model="):
+        plan(fit_config(str(tmp_path / "nope"), data, str(tmp_path / "o")))
+    with pytest.raises(ConfigError, match="do not fill one step"):
+        plan(fit_config(tiny_model_dir, data, str(tmp_path / "o"), micro_batch=16))
+    pq.write_table(pa.table({"prompt": ["a"], "text": ["b"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ConfigError, match="lacks the columns"):
+        plan(fit_config(tiny_model_dir, tmp_path / "bad.parquet", str(tmp_path / "o")))
+    other_vocab = build_tiny_model(tmp_path / "other", num_layers=1)
+    config = json.loads((other_vocab / "config.json").read_text())
+    config["vocab_size"] += 8
+    (other_vocab / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="same tokenizer"):
+        plan(fit_config(tiny_model_dir, data, str(tmp_path / "o"), kd_weight=0.5, teacher=str(other_vocab)))
+
+
+# ---------------------------------------------------------------- Ray Train + DeepSpeed fits
+
+
+@pytest.mark.timeout(600)
+def test_zero2_learns_the_planted_task_and_exports(zero2_run, distilled):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, result = zero2_run
+    metrics = read_metrics(out)
+    assert [row["step"] for row in metrics] == list(range(1, 25))  # 2 epochs x 96 rows / 8 rows per step
+    first, last = metrics[0]["loss"], sum(row["loss"] for row in metrics[-3:]) / 3
+    assert last < 0.6 * first, (first, last)
+    assert all(row["tokens_per_s"] > 0 for row in metrics)
+    assert metrics[0]["lr"] < metrics[2]["lr"] <= 5e-3 and metrics[-1]["lr"] < metrics[2]["lr"]  # warm-up, decay
+    assert result["stage"] == "finetune" and result["counts"]["steps"] == 24
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer("w3 w7", add_special_tokens=False)["input_ids"]]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1]
+    logits[tokenizer.all_special_ids] = -float("inf")
+    # The first answer word is in the task's answer range, w100..w109 (24 tiny steps do not learn which one).
+    assert tokenizer.convert_ids_to_tokens(logits.argmax().item()).startswith("w10")
+
+
+@pytest.mark.timeout(600)
+def test_run_killed_midway_resumes_to_the_same_loss(zero2_run, tiny_model_dir, distilled, tmp_path):
+    reference = read_metrics(zero2_run[0])
+    out = tmp_path / "resumed"
+    result = run_finetune(fit_config(tiny_model_dir, distilled, str(out), zero_stage=2, fail_at_step=8))
+    assert result["resumed_from_step"] == 5  # the checkpoint before the failure
+    resumed = read_metrics(out)
+    assert [row["step"] for row in resumed] == list(range(1, 25))  # no step lost or repeated
+    assert [row["samples"] for row in resumed] == [row["samples"] for row in reference]
+    for mine, theirs in zip(resumed, reference, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-3, abs=1e-4), mine["step"]
+
+
+@pytest.mark.timeout(600)
+def test_zero3_with_checkpoints_on_s3(ray_local, s3_bucket, tiny_model_dir, distilled, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from core import storage
+
+    out = f"s3://{s3_bucket}/finetune"
+    result = run_finetune(fit_config(tiny_model_dir, distilled, out, zero_stage=3, epochs=1))
+    assert result["counts"]["steps"] == 12
+    checkpoints = [info.uri for info in storage.expand(f"{out}/checkpoints", config_field="checkpoints")]
+    assert any(uri.endswith("step_00000010/trainer_state.json") for uri in checkpoints)
+    assert any("zero_pp_rank_1" in uri for uri in checkpoints)  # both ranks' shards merged in one checkpoint
+    metrics = [json.loads(line) for line in storage.open_read(f"{out}/metrics.jsonl").read().decode().splitlines()]
+    assert metrics[-1]["loss"] < 0.75 * metrics[0]["loss"]
+    model = AutoModelForCausalLM.from_pretrained(storage.local_copy(f"{out}/model"))
+    assert model.config.num_hidden_layers == 4
+
+
+@pytest.mark.timeout(600)
+def test_job_with_lora_and_kd_as_subprocess(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = write_distilled(tmp_path / "distilled", rows=48, with_response=True)
+    overrides = tmp_path / "finetune.yaml"
+    overrides.write_text(
+        "epochs: 1\nmicro_batch: 4\nwindow_steps: 2\nmax_tokens: 32\ncpus_per_worker: 0.5\nlr: 0.003\n"
+        "lora_targets: [q_proj, v_proj]\n"
+    )
+    out = tmp_path / "out"
+    # Relative paths, as a user types them (Ray Train runs its workers in directories of their own).
+    model = os.path.relpath(tiny_model_dir, tmp_path)
+    job = [sys.executable, "-m", "jobs.finetune", "--model", model, "--data", data.name, "--out", out.name]
+    args = [*job, "--config", overrides.name, "--zero-stage", "3", "--kd-weight", "0.5", "--teacher", model,
+            "--lora-r", "4"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=380)
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = read_metrics(out)
+    assert len(metrics) == 6
+    assert metrics[0]["kd"] < 1e-4  # student starts equal to the teacher (LoRA B = 0)
+    # Step 1 runs at lr 0 (warm-up), so the student leaves the teacher from step 3 on and KD grows.
+    assert metrics[-1]["kd"] > metrics[2]["kd"] >= 0 and metrics[-1]["kd"] > 1e-5
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not any("lora" in name for name in merged.state_dict())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(merged.model.layers[0].self_attn.k_proj.weight, base.model.layers[0].self_attn.k_proj.weight)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "finetune" and manifest["config"]["lora_r"] == 4
+    bad = subprocess.run([*job, "--zero-stage", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "zero_stage" in bad.stderr
+
+
+def test_shipped_config_loads():
+    values = cli.load_yaml(str(REPO / "jobs" / "configs" / "demo-finetune.yaml"))
+    config = cli.from_mapping(FinetuneConfig, {"model": "m", "data": "d", "out": "o", **values})
+    assert config.zero_stage in (2, 3)

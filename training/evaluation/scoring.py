@@ -1,0 +1,185 @@
+"""Log-likelihood scoring of multiple-choice continuations, all choices of a question in one row.
+
+A question's context and its four continuations are packed into one row,
+`[context, choice A, choice B, choice C, choice D]`, with a 4-D attention mask in which each choice sees
+the context and itself (causally) but no other choice, and position ids in which every choice starts
+right after the context. The context is run once instead of four times, and many questions share one
+forward, sorted by length so that little is padded. The LM head runs only at the positions whose next
+token is scored, not over the whole row (its 49,152-way product is about a fifth of SmolLM2's forward).
+
+The packed scores equal those of four separate forwards (tested); `score_naive` is that plain path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.batching import length_batches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PackedItem:
+    """One question's tokens: the (possibly left-truncated) context and each choice's continuation."""
+
+    context: list[int]
+    choices: list[list[int]]
+
+    @property
+    def length(self) -> int:
+        return len(self.context) + sum(len(choice) for choice in self.choices)
+
+
+@dataclass
+class ChoiceScores:
+    """Per question and choice: summed log-likelihood, and the tokens and characters it covers."""
+
+    logprob: np.ndarray
+    """(questions, choices) summed log-probability of the continuation, in nats."""
+    n_tokens: np.ndarray
+    """(questions, choices) tokens in each continuation."""
+    n_chars: np.ndarray
+    """(questions, choices) characters in each continuation (with its leading space)."""
+
+    def predictions(self, norm: str) -> np.ndarray:
+        """(questions,) chosen index. norm: `sum` (summed log-likelihood), `char` (per character, the
+        lm-evaluation-harness `acc_norm`) or `token` (per token)."""
+        if norm == "sum":
+            return self.logprob.argmax(axis=1)
+        if norm == "char":
+            return (self.logprob / self.n_chars).argmax(axis=1)
+        if norm == "token":
+            return (self.logprob / self.n_tokens).argmax(axis=1)
+        raise ValueError(f"norm={norm!r}: use sum, char or token")
+
+
+def encode_item(tokenizer, context: str, continuations: Sequence[str], max_length: int) -> PackedItem:
+    """Tokenize a context and its continuations separately (so no token spans the boundary), cutting the
+    context from the left so that the context plus the longest continuation fit in `max_length`."""
+    context_ids = tokenizer(context)["input_ids"]
+    choice_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in continuations]
+    if any(not ids for ids in choice_ids):
+        raise ValueError(f"a continuation tokenizes to nothing: {list(continuations)!r}")
+    room = max_length - max(len(ids) for ids in choice_ids)
+    if room < 1:
+        raise ValueError(f"a continuation alone is longer than max_length={max_length}")
+    return PackedItem(context_ids[-room:], choice_ids)
+
+
+def pack_batch(items: Sequence[PackedItem], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of packed items -> model inputs and the gather indices of every scored token.
+
+    Returns input_ids and position_ids (batch, length), attention_mask (batch, 1, length, length) bool,
+    and, per scored token (flattened over the batch): `row`, `source` (the position whose logits
+    predict it), `target` (its id) and `choice` (the flat index item * n_choices + choice).
+    """
+    longest = max(item.length for item in items)
+    n_choices = len(items[0].choices)
+    input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(items), longest), dtype=torch.long)
+    segment = torch.full((len(items), longest), -1, dtype=torch.long)  # 0 context, 1.. choices, -1 padding
+    rows, sources, targets, choice_index = [], [], [], []
+    for row, item in enumerate(items):
+        n_context = len(item.context)
+        input_ids[row, :n_context] = torch.as_tensor(item.context)
+        position_ids[row, :n_context] = torch.arange(n_context)
+        segment[row, :n_context] = 0
+        start = n_context
+        for choice, tokens in enumerate(item.choices):
+            span = slice(start, start + len(tokens))
+            input_ids[row, span] = torch.as_tensor(tokens)
+            position_ids[row, span] = torch.arange(n_context, n_context + len(tokens))
+            segment[row, span] = choice + 1
+            # The first token is predicted from the context's last position, the others from the token
+            # before them in the same choice.
+            sources.extend([n_context - 1, *range(start, start + len(tokens) - 1)])
+            targets.extend(tokens)
+            rows.extend([row] * len(tokens))
+            choice_index.extend([row * n_choices + choice] * len(tokens))
+            start += len(tokens)
+    causal = torch.ones(longest, longest, dtype=torch.bool).tril()
+    # (batch, query, key): a query sees the context and its own segment, causally; padding sees itself.
+    same_or_context = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+    mask = causal[None] & same_or_context & (segment[:, :, None] >= 0)
+    mask |= torch.eye(longest, dtype=torch.bool)[None] & (segment[:, :, None] < 0)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": mask[:, None],
+        "row": torch.as_tensor(rows),
+        "source": torch.as_tensor(sources),
+        "target": torch.as_tensor(targets),
+        "choice": torch.as_tensor(choice_index),
+    }
+
+
+def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n, d_model) final hidden states and (n,) next-token ids -> (n,) log-probabilities, in float32."""
+    logits = model.get_output_embeddings()(hidden).float()  # (n, vocab)
+    return logits.log_softmax(dim=-1).gather(1, targets[:, None])[:, 0]
+
+
+@torch.inference_mode()
+def score_packed_batch(model: nn.Module, items: Sequence[PackedItem], pad_id: int) -> np.ndarray:
+    """(items, choices) summed log-likelihood of every continuation, in one forward."""
+    batch = pack_batch(items, pad_id)
+    device = next(model.parameters()).device
+    output = model.get_decoder()(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        use_cache=False,
+    )
+    hidden = output.last_hidden_state[batch["row"].to(device), batch["source"].to(device)]  # (scored, d_model)
+    logprobs = token_logprobs(model, hidden, batch["target"].to(device)).cpu().double()
+    n_choices = len(items[0].choices)
+    sums = torch.zeros(len(items) * n_choices, dtype=torch.float64).index_add_(0, batch["choice"], logprobs)
+    return sums.view(len(items), n_choices).numpy()
+
+
+def score_items(
+    model: nn.Module,
+    items: Sequence[PackedItem],
+    pad_id: int,
+    max_batch_tokens: int = 4096,
+    max_batch_size: int = 32,
+) -> np.ndarray:
+    """(items, choices) summed log-likelihoods; items are batched by length (see `length_batches`)."""
+    if not items:
+        return np.zeros((0, 4))
+    n_choices = len(items[0].choices)
+    if any(len(item.choices) != n_choices for item in items):
+        raise ValueError("every item must have the same number of choices")
+    scores = np.zeros((len(items), n_choices))
+    lengths = [item.length for item in items]
+    started, done = time.perf_counter(), 0
+    batches = length_batches(lengths, max(max_batch_tokens, max(lengths)), max_batch_size)
+    for number, indices in enumerate(batches, start=1):
+        scores[indices] = score_packed_batch(model, [items[i] for i in indices], pad_id)
+        done += len(indices)
+        if number % 10 == 0 or number == len(batches):
+            rate = done / (time.perf_counter() - started)
+            logger.info("scored %d/%d questions (%.1f questions/s)", done, len(items), rate)
+    return scores
+
+
+@torch.inference_mode()
+def score_naive(model: nn.Module, items: Sequence[PackedItem]) -> np.ndarray:
+    """The plain path: one forward of the whole model per (question, choice), batch size 1."""
+    device = next(model.parameters()).device
+    scores = np.zeros((len(items), len(items[0].choices)) if items else (0, 4))
+    for index, item in enumerate(items):
+        for choice, tokens in enumerate(item.choices):
+            ids = torch.as_tensor([item.context + tokens], device=device)
+            logprobs = model(input_ids=ids).logits[0].float().log_softmax(dim=-1)  # (tokens, vocab)
+            positions = torch.arange(len(item.context) - 1, ids.shape[1] - 1, device=device)
+            scores[index, choice] = logprobs[positions, ids[0, positions + 1]].double().sum().item()
+    return scores

@@ -1,0 +1,715 @@
+"""Stage 2c: fine-tune the pruned model on the distilled set, with Ray Train and DeepSpeed (ZeRO 2 or 3).
+
+The driver checks the config and inputs, reads the distilled Parquet as a Ray Dataset and runs a
+`TorchTrainer`. Each worker builds the model from the Hugging Face directory (optionally with LoRA
+adapters), wraps it with `deepspeed.initialize` using a config built from `FinetuneConfig`, streams rows
+through `ray.train.get_dataset_shard`, and trains on response tokens only, optionally with a KD term
+against the unpruned teacher whose logits are computed on the fly.
+
+Exact resume. Every worker iterates the whole dataset in the same order (the dataset is not split and
+Ray Data preserves order), and `training.finetuning.sft_data` turns that order into steps with a pure function:
+windows of whole optimizer steps, length-sorted, cut into micro-batches, shuffled with a seed of
+(seed, epoch, window); rank r takes every world-th micro-batch. A checkpoint records the epoch and the
+optimizer steps done in it, next to DeepSpeed's model, optimizer and LR-schedule state. On restart (Ray
+Train's FailureConfig restarts the worker group and hands back the latest checkpoint), each worker skips
+the windows already consumed without tokenizing them, rebuilds the partly consumed window and skips its
+first steps. No row is repeated or skipped, and the batches after resume are the ones an uninterrupted
+run would have seen. Ray Data's `streaming_split` is not used because it hands blocks to workers
+dynamically, so which rows a worker sees differs from run to run; reading the text W times is cheap next
+to training on it.
+
+Outputs under `out`: model/ (HF directory: weights with LoRA merged, tokenizer), metrics.jsonl,
+checkpoints/ (Ray Train, unless `checkpoints` points elsewhere) and, last, manifest.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow.parquet as pq
+import torch
+
+from core import manifest, models, storage
+from core.errors import ConfigError
+from core.runtime import RunConfig, init_ray, is_local_ray
+from training.finetuning.deepspeed_config import build_deepspeed_config
+from training.finetuning.losses import causal_lm_loss, combined_loss, kd_loss
+from training.finetuning.sft_data import (
+    DISTILLED_COLUMNS,
+    BatchShape,
+    Example,
+    collate,
+    encode_example,
+    plan_window,
+    rank_micro_batches,
+    training_target,
+)
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+SUMMARY_FILE = "train_summary.json"
+DS_TAG = "ds"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    # These do not change the trained weights: they stay out of the manifest hash.
+    execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {
+        "torch_threads",
+        "cpus_per_worker",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_failures",
+        "fail_at_step",
+        "checkpoints",
+    }
+
+    model: str = ""
+    """The student: a Hugging Face directory (e.g. the pruned model from `jobs.prune`) or an embedded name."""
+    data: str = ""
+    """Distilled set from `jobs.distill`: a Parquet file or directory, local or s3://."""
+    out: str = ""
+    """Output directory, local or s3://: model/, metrics.jsonl, checkpoints/, manifest.json."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 2 (shard optimizer state and gradients) or 3 (also the parameters)."""
+    teacher: str | None = None
+    """Unpruned model for knowledge distillation (same tokenizer); needed when kd_weight > 0."""
+    kd_weight: float = 0.0
+    """Weight w of the KD term: loss = (1 - w) * cross-entropy + w * KL(teacher || student). 0: no KD."""
+    kd_temperature: float = 1.0
+    """Softmax temperature of the KD term."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains all weights. Adapters are merged into the weights at export."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Module names that get LoRA adapters."""
+    epochs: int = 1
+    """Passes over the data."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 runs all epochs."""
+    micro_batch: int = 4
+    """Sequences per worker per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    window_steps: int = 8
+    """Optimizer steps per length-bucketing window (rows are sorted by length inside a window)."""
+    max_tokens: int = 512
+    """Longest training sequence, prompt plus response."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 10
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Learning rate at the end of the cosine decay, as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping threshold."""
+    seed: int = 0
+    """Seed of the batch order and of LoRA's initialisation."""
+    num_workers: int = 2
+    """Ray Train workers (one per GPU on a cluster)."""
+    use_gpu: bool = False
+    """Train on GPUs (bf16); otherwise CPU (fp32, gloo)."""
+    cpus_per_worker: float = 0.0
+    """CPUs each worker reserves; 0: 1 on a cluster, and on a local Ray a share that leaves room for reads."""
+    torch_threads: int = 0
+    """Torch threads per worker; 0 picks from the CPUs reserved."""
+    log_every: int = 10
+    """Log a progress line and report metrics every this many steps."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every this many optimizer steps (and restart from the latest one after a failure)."""
+    checkpoints: str | None = None
+    """Where Ray Train keeps checkpoints (local or s3://); default OUT/checkpoints."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in storage."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train allows before the run fails."""
+    fail_at_step: int = 0
+    """Test hook: rank 0's process exits at this step, once per output directory."""
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
+        if self.zero_stage not in (2, 3):
+            raise ConfigError("zero_stage", self.zero_stage, "must be 2 or 3")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ConfigError("kd_weight", self.kd_weight, "is a mixing weight: use a value in [0, 1]")
+        if self.kd_weight > 0 and not self.teacher:
+            raise ConfigError("teacher", self.teacher, "KD needs the unpruned model: pass --teacher DIR")
+        if self.kd_temperature <= 0:
+            raise ConfigError("kd_temperature", self.kd_temperature, "must be > 0")
+        if self.lora_r < 0:
+            raise ConfigError("lora_r", self.lora_r, "must be >= 0 (0 trains all weights)")
+        if self.lora_r and not self.lora_targets:
+            raise ConfigError("lora_targets", self.lora_targets, "LoRA needs at least one module name")
+        for name in ("epochs", "micro_batch", "grad_accum", "window_steps", "num_workers", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be >= 1")
+        if self.checkpoint_every < 1:
+            raise ConfigError("checkpoint_every", self.checkpoint_every, "must be >= 1")
+        if self.max_tokens < 8:
+            raise ConfigError("max_tokens", self.max_tokens, "must be >= 8")
+        for name in ("max_steps", "warmup_steps", "max_failures", "fail_at_step", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError("lr", self.lr, "must be > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if self.cpus_per_worker < 0:
+            raise ConfigError("cpus_per_worker", self.cpus_per_worker, "must be >= 0 (0 picks one)")
+
+    @property
+    def checkpoint_uri(self) -> str:
+        return self.checkpoints or storage.join(self.out, "checkpoints")
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What every Ray Train worker runs from, resolved once on the driver: a typo fails at parse time."""
+
+    config: FinetuneConfig
+    """The job's config, with local paths absolute and `cpus_per_worker` resolved."""
+    model_dir: str
+    """The student's local Hugging Face directory."""
+    teacher_dir: str | None
+    """The KD teacher's local directory, when kd_weight > 0."""
+    total_steps: int
+    """Optimizer steps of the whole run (the learning-rate schedule's length)."""
+    storage_options: storage.StorageOptions
+    torch_extensions_dir: str
+    """Where DeepSpeed's compiled CPU op is cached, shared by every worker."""
+
+
+@dataclass
+class FinetunePlan:
+    """What validation found: resolved model dirs, input files, row count, schedule length, hash."""
+
+    config: FinetuneConfig
+    model_dir: str
+    teacher_dir: str | None
+    inputs: list[storage.FileInfo]
+    columns: list[str]
+    rows: int
+    total_steps: int
+    digest: str
+
+
+def _read_model_config(name: str, field_name: str) -> tuple[str, dict[str, Any]]:
+    try:
+        directory = models.local_model_dir(name)
+    except ConfigError as error:
+        raise ConfigError(field_name, name, error.fix) from None
+    return directory, json.loads(open(os.path.join(directory, "config.json")).read())
+
+
+def plan(config: FinetuneConfig) -> FinetunePlan:
+    """Check the models, the data and the schedule without Ray, in about a second."""
+    options = config.storage_options()
+    model_dir, model_config = _read_model_config(config.model, "model")
+    teacher_dir = None
+    if config.kd_weight > 0 and config.teacher:
+        teacher_dir, teacher_config = _read_model_config(config.teacher, "teacher")
+        if teacher_config.get("vocab_size") != model_config.get("vocab_size"):
+            raise ConfigError(
+                "teacher",
+                config.teacher,
+                f"vocabulary {teacher_config.get('vocab_size')} differs from the student's "
+                f"{model_config.get('vocab_size')}: KD needs the same tokenizer",
+            )
+    inputs = [
+        info for info in storage.expand(config.data, options, config_field="data") if info.uri.endswith(".parquet")
+    ]
+    if not inputs:
+        raise ConfigError("data", config.data, "holds no *.parquet file; pass the output of `jobs.distill`")
+    rows, columns = 0, None
+    for info in inputs:
+        with storage.open_read(info.uri, options) as handle:
+            metadata = pq.ParquetFile(handle)
+            rows += metadata.metadata.num_rows
+            columns = columns or list(metadata.schema_arrow.names)
+    missing = [name for name in ("prompt",) if name not in columns]
+    if "response" not in columns:
+        missing += [name for name in DISTILLED_COLUMNS if name not in columns]
+    if missing:
+        raise ConfigError("data", config.data, f"lacks the columns {missing}; expected a distilled set")
+    rows_per_step = config.micro_batch * config.grad_accum * config.num_workers
+    steps_per_epoch = rows // rows_per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            "micro_batch", config.micro_batch, f"{rows} rows do not fill one step of {rows_per_step} rows"
+        )
+    total = steps_per_epoch * config.epochs
+    total = min(total, config.max_steps) if config.max_steps else total
+    digest = config.digest([*inputs, *_model_files(model_dir), *_model_files(teacher_dir)])
+    read_columns = [name for name in ("id", "prompt", "response", *DISTILLED_COLUMNS) if name in columns]
+    return FinetunePlan(config, model_dir, teacher_dir, inputs, sorted(set(read_columns)), rows, total, digest)
+
+
+def _model_files(directory: str | None) -> list[storage.FileInfo]:
+    if directory is None:
+        return []
+    return [info for info in storage.expand(directory, config_field="model") if info.uri.endswith(".json")]
+
+
+# ---------------------------------------------------------------- worker side
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved next to DeepSpeed's state in every checkpoint."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples: int = 0
+    tokens: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int | None = None
+
+
+def _worker_threads(loop: WorkerPlan) -> int:
+    if loop.config.torch_threads:
+        return loop.config.torch_threads
+    return max(1, int(loop.config.cpus_per_worker))
+
+
+def _build_model(loop: WorkerPlan) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(loop.model_dir, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(loop.config.seed)
+    model = AutoModelForCausalLM.from_pretrained(loop.model_dir, dtype=torch.float32, local_files_only=True)
+    model.config.use_cache = False
+    if loop.config.lora_r:
+        model = _with_lora(model, loop)
+    return model, tokenizer
+
+
+def _lora_config(loop: WorkerPlan):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=loop.config.lora_r,
+        lora_alpha=loop.config.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=loop.config.lora_targets,
+    )
+
+
+def _with_lora(model: torch.nn.Module, loop: WorkerPlan) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, _lora_config(loop))
+
+
+def _load_teacher(loop: WorkerPlan, device: torch.device) -> torch.nn.Module | None:
+    if not loop.teacher_dir:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if loop.config.use_gpu else torch.float32
+    teacher = AutoModelForCausalLM.from_pretrained(loop.teacher_dir, dtype=dtype, local_files_only=True)
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def _build_engine(model: torch.nn.Module, loop: WorkerPlan, world_size: int):
+    import deepspeed
+
+    ds_config = build_deepspeed_config(
+        zero_stage=loop.config.zero_stage,
+        micro_batch=loop.config.micro_batch,
+        grad_accum=loop.config.grad_accum,
+        world_size=world_size,
+        grad_clip=loop.config.grad_clip,
+        bf16=loop.config.use_gpu,
+        total_steps=loop.total_steps,
+        warmup_steps=loop.config.warmup_steps,
+        min_lr_ratio=loop.config.min_lr_ratio,
+    )
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=loop.config.lr, weight_decay=loop.config.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def _restore(engine, loop: WorkerPlan) -> TrainerState:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainerState()
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag=DS_TAG)
+        with open(os.path.join(directory, STATE_FILE)) as handle:
+            state = TrainerState(**json.load(handle))
+    state.resumed_from_step = state.global_step
+    logger.info("resumed at step %d (epoch %d, step %d of it)", state.global_step, state.epoch, state.step_in_epoch)
+    return state
+
+
+def _rows(shard, batch_rows: int = 256) -> Iterator[dict[str, Any]]:
+    for batch in shard.iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
+        yield from batch.to_pylist()
+
+
+def _windows(shard, shape: BatchShape) -> Iterator[list[dict[str, Any]]]:
+    """The rows of one epoch in windows of shape.window_rows (the last one may be shorter)."""
+    window: list[dict[str, Any]] = []
+    for row in _rows(shard):
+        if training_target(row) is None:
+            continue  # no text to learn from; dropped the same way in every run
+        window.append(row)
+        if len(window) == shape.window_rows:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _steps(shard, tokenizer, loop: WorkerPlan, shape: BatchShape, state: TrainerState, rank: int):
+    """Yield (epoch, step_in_epoch, this rank's micro-batches) from where `state` stands."""
+    for epoch in range(state.epoch, loop.config.epochs):
+        skip = state.step_in_epoch if epoch == state.epoch else 0
+        for window_index, window in enumerate(_windows(shard, shape)):
+            first_step = window_index * shape.window_steps
+            if first_step + shape.window_steps <= skip:
+                continue  # consumed before the checkpoint: not even tokenized
+            examples = [
+                Example(*encode_example(tokenizer, row["prompt"], training_target(row), loop.config.max_tokens))
+                for row in window
+            ]
+            plan = plan_window([len(e.input_ids) for e in examples], shape, loop.config.seed, epoch, window_index)
+            for offset, micro in enumerate(rank_micro_batches(plan, shape, rank)):
+                if first_step + offset < skip:
+                    continue
+                yield (
+                    epoch,
+                    first_step + offset,
+                    [collate([examples[i] for i in ids], tokenizer.pad_token_id) for ids in micro],
+                )
+
+
+def _train_step(engine, teacher, micro_batches: list[dict[str, torch.Tensor]], loop: WorkerPlan) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns [loss, ce, kd, response tokens, tokens]."""
+    stats = torch.zeros(5, dtype=torch.float64)
+    for batch in micro_batches:
+        batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce, counted = causal_lm_loss(logits, batch["labels"])
+        kd = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            kd = kd_loss(logits, teacher_logits, batch["labels"], loop.config.kd_temperature)
+        loss = combined_loss(ce, kd, loop.config.kd_weight)
+        engine.backward(loss)
+        engine.step()
+        stats += torch.tensor(
+            [
+                loss.item(),
+                ce.item(),
+                kd.item() if kd is not None else 0.0,
+                counted.item(),
+                batch["attention_mask"].sum().item(),
+            ],
+            dtype=torch.float64,
+        )
+    return stats
+
+
+def _save_checkpoint(engine, state: TrainerState, metrics: dict[str, Any], rank: int) -> None:
+    """Every rank saves its DeepSpeed shard; Ray Train merges the ranks' directories in storage."""
+    import ray.train
+
+    directory = tempfile.mkdtemp(prefix="finescope-ckpt-")
+    try:
+        engine.save_checkpoint(directory, tag=DS_TAG)
+        if rank == 0:
+            with open(os.path.join(directory, STATE_FILE), "w") as handle:
+                json.dump(dataclasses.asdict(state), handle)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"step_{state.global_step:08d}",
+        )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _export(engine, tokenizer, loop: WorkerPlan, rank: int) -> None:
+    """Write the trained weights (LoRA merged) as a Hugging Face directory to OUT/model, from rank 0."""
+    import deepspeed
+    import torch.distributed as dist
+
+    parameters = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):  # no-op below ZeRO-3
+        state_dict = (
+            {name: tensor.detach().float().cpu().clone() for name, tensor in engine.module.state_dict().items()}
+            if rank == 0
+            else None
+        )
+    if rank == 0:
+        model = merged_model(loop, state_dict)
+        staging = tempfile.mkdtemp(prefix="finescope-export-")
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            target = storage.join(loop.config.out, "model")
+            storage.remove(target, loop.storage_options)
+            storage.upload_dir(staging, target, loop.storage_options)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+
+
+def merged_model(loop: WorkerPlan, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain transformers model holding `state_dict`; LoRA adapters are merged into the base weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(loop.model_dir, dtype=torch.float32, local_files_only=True)
+    if loop.config.lora_r:
+        model = _with_lora(model, loop)
+        model.load_state_dict(state_dict, strict=True)
+        return model.merge_and_unload()
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _write_metrics(history: list[dict[str, Any]], loop: WorkerPlan) -> None:
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
+    storage.write_bytes_atomic(storage.join(loop.config.out, "metrics.jsonl"), text.encode(), loop.storage_options)
+
+
+def _step_metrics(
+    engine, stats: torch.Tensor, state: TrainerState, seconds: float, world_size: int, loop: WorkerPlan
+) -> dict:
+    import torch.distributed as dist
+
+    dist.all_reduce(stats)
+    micro_batches = world_size * loop.config.grad_accum
+    return {
+        "step": state.global_step,
+        "epoch": state.epoch,
+        "loss": stats[0].item() / micro_batches,
+        "ce": stats[1].item() / micro_batches,
+        "kd": stats[2].item() / micro_batches,
+        "response_tokens": int(stats[3].item()),
+        "tokens": int(stats[4].item()),
+        "tokens_per_s": stats[4].item() / max(seconds, 1e-9),
+        "lr": float(engine.get_lr()[0]),
+        "samples": state.samples,
+    }
+
+
+def _inject_failure(loop: WorkerPlan) -> None:
+    """Test hook: kill this worker process once per output directory, as a crash would."""
+    marker = storage.join(loop.config.out, ".fail_at_step_done")
+    if storage.exists(marker, loop.storage_options):
+        return
+    storage.write_bytes_atomic(marker, b"", loop.storage_options)
+    # Ray Train registers a reported checkpoint when its controller next polls the workers; give it that
+    # time, so the restart finds the checkpoint just written, as it would after a real crash.
+    time.sleep(10)
+    logger.warning("fail_at_step=%d: rank 0 exits to test recovery", loop.config.fail_at_step)
+    os._exit(1)
+
+
+def train_loop_per_worker(train_loop_config: dict[str, WorkerPlan]) -> None:
+    """Ray Train worker function; everything it needs comes from its :class:`WorkerPlan`."""
+    loop = train_loop_config["plan"]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop.torch_extensions_dir)
+    import ray.train
+
+    torch.set_num_threads(_worker_threads(loop))
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    model, tokenizer = _build_model(loop)
+    engine = _build_engine(model, loop, world_size)
+    teacher = _load_teacher(loop, engine.device)
+    state = _restore(engine, loop)
+    shape = BatchShape(loop.config.micro_batch, loop.config.grad_accum, world_size, loop.config.window_steps)
+    shard = ray.train.get_dataset_shard("train")
+    last = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    for epoch, step_in_epoch, micro_batches in _steps(shard, tokenizer, loop, shape, state, rank):
+        if loop.config.max_steps and state.global_step >= loop.config.max_steps:
+            break
+        stats = _train_step(engine, teacher, micro_batches, loop)
+        state.global_step += 1
+        state.epoch, state.step_in_epoch = epoch, step_in_epoch + 1
+        state.samples += shape.rows_per_step
+        now = time.perf_counter()
+        metrics = _step_metrics(engine, stats, state, now - last, world_size, loop)
+        last = now
+        state.tokens += metrics["tokens"]
+        state.history.append(metrics)
+        if state.global_step == loop.config.fail_at_step and rank == 0:
+            _inject_failure(loop)
+        if state.global_step % loop.config.checkpoint_every == 0:
+            _save_checkpoint(engine, state, metrics, rank)
+        elif state.global_step % loop.config.log_every == 0:
+            ray.train.report(metrics)
+        if state.global_step % loop.config.log_every == 0 and rank == 0:
+            logger.info(
+                "step %d/%d epoch %d loss %.4f lr %.2e %.0f tokens/s",
+                state.global_step, loop.total_steps, epoch, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
+            )  # fmt: skip
+    _export(engine, tokenizer, loop, rank)
+    summary = {
+        "steps": state.global_step,
+        "samples": state.samples,
+        "tokens": state.tokens,
+        "final_loss": metrics.get("loss"),
+        "resumed_from_step": state.resumed_from_step,
+    }
+    if rank == 0:
+        _write_metrics(state.history, loop)
+        # Ray Train's Result carries the metrics of the latest checkpoint, not of the last report.
+        storage.write_json_atomic(storage.join(loop.config.out, SUMMARY_FILE), summary, loop.storage_options)
+    ray.train.report({**metrics, **summary})
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def _cpus_per_worker(config: FinetuneConfig) -> float:
+    if config.cpus_per_worker:
+        return config.cpus_per_worker
+    if not is_local_ray(config.ray_address):
+        return 1.0
+    # Leave half a CPU for Ray Data's read tasks: a pool that takes every CPU starves them (docs/design.md).
+    return max(0.25, ((os.cpu_count() or 1) - 0.5) / config.num_workers)
+
+
+def _worker_plan(checked: FinetunePlan) -> WorkerPlan:
+    config = checked.config
+    resolved = dataclasses.replace(
+        config,
+        # Ray Train runs each worker in a directory of its own: every local path must be absolute.
+        out=storage.absolute(config.out),
+        checkpoints=config.checkpoints and storage.absolute(config.checkpoints),
+        cpus_per_worker=_cpus_per_worker(config),
+    )
+    return WorkerPlan(
+        config=resolved,
+        model_dir=checked.model_dir,
+        teacher_dir=checked.teacher_dir,
+        total_steps=checked.total_steps,
+        storage_options=config.storage_options(),
+        torch_extensions_dir=os.environ.get("TORCH_EXTENSIONS_DIR", str(models.cache_root() / "torch_extensions")),
+    )
+
+
+def build_trainer(checked: FinetunePlan):
+    """The TorchTrainer for a checked plan (Ray must be running)."""
+    import ray.data
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    config = checked.config
+    options = config.storage_options()
+    source = storage.arrow_target([info.uri for info in checked.inputs], options)
+    # Materialized once in the object store (a distilled set is small next to the model): workers then
+    # stream blocks through get_dataset_shard with no read tasks of their own, which on a small machine
+    # would wait for CPUs that the training workers hold.
+    dataset = ray.data.read_parquet(
+        source["path"], filesystem=source["filesystem"], columns=checked.columns, num_cpus=0.25
+    )
+    dataset.context.execution_options.preserve_order = True  # blocks in file order, not in finishing order
+    dataset = dataset.materialize()
+    ckpt_fs, ckpt_path = storage.pyarrow_filesystem(storage.absolute(config.checkpoint_uri), options)
+    if not storage.is_remote(config.checkpoint_uri):
+        os.makedirs(ckpt_path, exist_ok=True)
+    loop = _worker_plan(checked)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": loop},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": loop.config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            # Named by the config hash: rerunning the same config after a driver crash restores this run.
+            name=f"finetune-{checked.digest}",
+            storage_path=ckpt_path,
+            storage_filesystem=ckpt_fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+        # Not split: every worker reads the same ordered stream and takes its micro-batches from it.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
+
+
+def _clear_outputs(out: str, options: storage.StorageOptions) -> None:
+    """Remove a previous run's outputs, but keep checkpoints: a rerun of the same config resumes from them."""
+    for name in ("model", "metrics.jsonl", SUMMARY_FILE, ".fail_at_step_done", manifest.MANIFEST):
+        storage.remove(storage.join(out, name), options)
+    storage.makedirs(out, options)
+
+
+def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune end to end and return the manifest. Skips when a manifest for this exact run exists."""
+    checked = plan(config)
+    options = config.storage_options()
+    if (done := manifest.finished(config.out, checked.digest, options, config.force)) is not None:
+        return done
+    timer = manifest.Timer()
+    _clear_outputs(config.out, options)
+    init_ray(config.ray_address)
+    logger.info(
+        "fine-tuning %s on %d rows: %d steps, ZeRO-%d, %d workers%s%s",
+        config.model, checked.rows, checked.total_steps, config.zero_stage, config.num_workers,
+        f", LoRA r={config.lora_r}" if config.lora_r else "", f", KD w={config.kd_weight}" if config.kd_weight else "",
+    )  # fmt: skip
+    with timer("fit"):
+        result = build_trainer(checked).fit()
+    summary = storage.read_json(storage.join(config.out, SUMMARY_FILE), options)
+    logger.info("fine-tuned %d steps, final loss %.4f; model in %s", summary["steps"], summary["final_loss"],
+                storage.join(config.out, "model"))  # fmt: skip
+    return manifest.write_manifest(
+        config.out,
+        stage="finetune",
+        config=dataclasses.asdict(config),
+        digest=checked.digest,
+        inputs=checked.inputs,
+        counts={
+            "rows": checked.rows,
+            "steps": summary["steps"],
+            "planned_steps": checked.total_steps,
+            "samples": summary["samples"],
+            "tokens": summary["tokens"],
+        },  # fmt: skip
+        timings=timer.timings,
+        options=options,
+        extra={
+            "model": config.model,
+            "final_loss": summary["final_loss"],
+            "resumed_from_step": summary["resumed_from_step"],
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        },
+    )

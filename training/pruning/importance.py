@@ -1,0 +1,192 @@
+"""Importance of every attention group and MLP channel: first-order Taylor, magnitude, or random.
+
+Taylor (Molchanov et al. 2019; LLM-Pruner's element-wise first-order term, Ma et al. 2023): for each batch
+of domain text, the causal-LM loss is back-propagated and every weight contributes |w * dL/dw|; the
+contributions are summed over the weights of a structure and accumulated over batches.
+
+Memory. Only the per-structure sums are kept: (layers, groups) and (layers, channels) floats, 46,170
+numbers for SmolLM2. No gradient outlives its own parameter's backward step: a post-accumulate-grad hook
+on each weight folds |w * grad| into those sums and frees the gradient at once, so during backward at
+most one weight matrix's gradient exists (the largest in SmolLM2 is 3.5 MB; in Llama-3.1-8B, a
+14,336 x 4,096 MLP matrix, 117 MB in bf16). Embeddings, norms and the LM head are frozen and never get a
+gradient. Peak memory is therefore the weights plus the activations of one batch:
+
+- SmolLM2-135M in fp32, batches of 8 x 256 tokens: 2.4 GB RSS for the whole process during the
+  importance pass (measured, see docs/results.md), of which the fp32 weights are 0.54 GB and the 49,152-way logits
+  of one batch with their gradient 0.8 GB.
+- Llama-3.1-8B in bf16: 16 GB of weights + one matrix's gradient + activations. With activation
+  checkpointing (`checkpointing=True`) the activations are one layer's inputs per layer plus one
+  layer's recomputed internals plus the logits and their gradient: about 3 GB at batch 4 x 512, most of
+  it the 128k-vocabulary logits. About 20 GB in all: it fits a 24 GB GPU.
+
+LLM-Pruner's `param_mix` keeps, for every parameter, its full gradient and an fp32 accumulator of
+gradients across batches (for its second-order term), i.e. weights (16 GB) + gradients (16 GB) + fp32
+accumulators (32 GB) for an 8B model, which is why it runs out of memory on a 40 GB GPU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.pruning.structures import Layout, decoder_layers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Importance:
+    """Per-structure scores: `groups` is (layers, kv_heads), `channels` is (layers, intermediate_size)."""
+
+    groups: torch.Tensor
+    channels: torch.Tensor
+    batches: int = 0
+    tokens: int = 0
+
+    def to_npz(self) -> bytes:
+        """The raw scores as a NumPy .npz (arrays `groups`, `channels`), for later analysis."""
+        buffer = io.BytesIO()
+        np.savez(buffer, groups=self.groups.numpy(), channels=self.channels.numpy())
+        return buffer.getvalue()
+
+    @classmethod
+    def from_npz(cls, data: bytes) -> Importance:
+        arrays = np.load(io.BytesIO(data), allow_pickle=False)
+        return cls(torch.from_numpy(arrays["groups"]), torch.from_numpy(arrays["channels"]))
+
+    def summary(self) -> dict:
+        return {
+            "batches": self.batches,
+            "tokens": self.tokens,
+            "attention_total": float(self.groups.sum()),
+            "mlp_total": float(self.channels.sum()),
+            "per_layer_attention": [round(float(x), 6) for x in self.groups.sum(1)],
+            "per_layer_mlp": [round(float(x), 6) for x in self.channels.sum(1)],
+        }
+
+
+def _zeros(layout: Layout) -> Importance:
+    return Importance(
+        groups=torch.zeros(layout.num_layers, layout.num_kv_heads, dtype=torch.float64),
+        channels=torch.zeros(layout.num_layers, layout.intermediate_size, dtype=torch.float64),
+    )
+
+
+# Per-structure reductions of an element-wise score matrix (rows = output features, columns = inputs).
+def _per_group_rows(score: torch.Tensor, groups: int) -> torch.Tensor:
+    """(groups * rows_per_group, in) -> (groups,): q_proj, k_proj, v_proj."""
+    return score.sum(1).view(groups, -1).sum(1)
+
+
+def _per_group_columns(score: torch.Tensor, groups: int) -> torch.Tensor:
+    """(out, groups * cols_per_group) -> (groups,): o_proj."""
+    return score.sum(0).view(groups, -1).sum(1)
+
+
+def _structure_reducers(model: nn.Module, layout: Layout, into: Importance) -> list[tuple[nn.Parameter, callable]]:
+    """For every sliced weight, a function that adds an element-wise score matrix into `into`."""
+    groups = layout.num_kv_heads
+    reducers = []
+    for index, layer in enumerate(decoder_layers(model)):
+        attention, mlp = layer.self_attn, layer.mlp
+
+        def add_groups(score: torch.Tensor, by_rows: bool, index: int = index) -> None:
+            reduce = _per_group_rows if by_rows else _per_group_columns
+            into.groups[index] += reduce(score, groups).double().cpu()
+
+        def add_channels(score: torch.Tensor, by_rows: bool, index: int = index) -> None:
+            into.channels[index] += (score.sum(1) if by_rows else score.sum(0)).double().cpu()
+
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
+            reducers.append((linear.weight, lambda s, f=add_groups: f(s, True)))
+        reducers.append((attention.o_proj.weight, lambda s, f=add_groups: f(s, False)))
+        for linear in (mlp.gate_proj, mlp.up_proj):
+            reducers.append((linear.weight, lambda s, f=add_channels: f(s, True)))
+        reducers.append((mlp.down_proj.weight, lambda s, f=add_channels: f(s, False)))
+    return reducers
+
+
+def magnitude_importance(model: nn.Module, layout: Layout) -> Importance:
+    """Sum of |w| over each structure: no data, the classic baseline."""
+    scores = _zeros(layout)
+    with torch.no_grad():
+        for weight, add in _structure_reducers(model, layout, scores):
+            add(weight.detach().abs().float())
+    return scores
+
+
+def random_importance(layout: Layout, seed: int = 0) -> Importance:
+    """Random scores per structure: the floor any informed method must beat.
+
+    Each score is uniform in [0, 1) times the structure's weight count, so that in expectation every
+    weight is worth the same whether it sits in attention or in the MLP, and the split between the two
+    is not biased (unscaled scores would make a 294,912-weight attention group as cheap to remove as a
+    1,728-weight channel, and the planner would strip attention first).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    scores = _zeros(layout)
+    scores.groups = torch.rand(scores.groups.shape, generator=generator, dtype=torch.float64) * layout.group_params
+    scores.channels = torch.rand(scores.channels.shape, generator=generator, dtype=torch.float64)
+    scores.channels *= layout.channel_params
+    return scores
+
+
+def taylor_importance(
+    model: nn.Module,
+    layout: Layout,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    checkpointing: bool = False,
+) -> Importance:
+    """Sum over batches and over each structure's weights of |w * dL/dw|, L the causal-LM loss.
+
+    `batches` yields (batch, tokens) input ids and attention masks; padded positions carry no loss.
+    Gradients are folded into the per-structure sums by hooks during backward and freed at once.
+    """
+    scores = _zeros(layout)
+    reducers = _structure_reducers(model, layout, scores)
+    sliced = {id(weight) for weight, _ in reducers}
+    saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in sliced)
+    handles = []
+    for weight, add in reducers:
+
+        def fold(parameter: torch.Tensor, add=add) -> None:
+            add((parameter.detach() * parameter.grad).abs_().float())
+            parameter.grad = None  # freed now, not at the end of backward
+
+        handles.append(weight.register_post_accumulate_grad_hook(fold))
+    was_training = model.training
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()  # transformers checkpoints only in train mode; Llama has no dropout to switch on
+    started = time.perf_counter()
+    try:
+        for input_ids, attention_mask in batches:
+            device = next(model.parameters()).device
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
+            loss.backward()
+            scores.batches += 1
+            scores.tokens += int(attention_mask.sum())
+            if scores.batches % 10 == 0:
+                rate = scores.tokens / (time.perf_counter() - started)
+                logger.info("importance: %d batches, %d tokens, %.0f tokens/s", scores.batches, scores.tokens, rate)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(saved_flags[name])
+            parameter.grad = None
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+    return scores

@@ -1,0 +1,464 @@
+"""Stage 2a: domain-aware structured pruning to a smaller, standard Hugging Face checkpoint.
+
+importance (Taylor on the curated set, or a magnitude / random baseline) -> plan (how many attention
+groups and MLP channels every layer keeps, and which) -> slice -> save (config.json, model.safetensors,
+tokenizer files) -> prune_report.json -> manifest.json (last).
+
+**What the ratio counts.** `ratio` is the share of TOTAL parameters removed, embeddings included, as
+LLM-Pruner reports it. Embeddings are never pruned, so the decoder layers lose a larger share (about 38%
+of SmolLM2's layers for a 30% cut); the report gives both figures.
+
+**Uniform sizes.** Every pruned layer keeps the same number of attention groups and MLP channels, so the
+output is described by a standard config (one `num_key_value_heads`, one `intermediate_size`) that
+transformers and vLLM load with no custom code. Which groups and channels go is still chosen per layer.
+The channel count is a multiple of `channel_multiple` (64 by default) so the matrix products stay on
+hardware-friendly shapes; attention keeps whole KV groups, so its sizes are multiples of the head size.
+
+**Allocation between attention and MLP.** The two kinds of structure differ in size (an attention group
+of SmolLM2 is 294,912 weights, an MLP channel 1,728), so the cut cannot be split by counting structures.
+For every feasible number of kept attention groups, the channel count that brings the total closest to the
+target ratio is found; of those candidates the plan removes the least importance, i.e. the candidate
+minimising the summed importance of everything it removes (lowest-scored groups and channels of each
+layer). With Taylor scores both kinds of structure are first-order estimates of the same loss change, so
+the sums are comparable. `ranking` decides how layers weigh in that sum: `global` compares raw scores
+across layers; `per_layer` divides each layer's scores by that layer's total first, so every layer counts
+alike. `keep_groups` fixes the number of attention groups instead.
+
+**First and last layers.** `keep_first_last` leaves layers 0 and L-1 whole. The model then has layers of
+two sizes, which no standard config describes: such a plan can be applied in memory (e.g. to measure its
+perplexity), but it cannot be saved as a standard checkpoint, and the job refuses it at validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from core import manifest, models, storage
+from core.batching import pad_right, tokenize_texts
+from core.errors import ConfigError
+from core.runtime import RunConfig
+from training.pruning.importance import Importance, magnitude_importance, random_importance, taylor_importance
+from training.pruning.structures import SUPPORTED_MODEL_TYPES, Layout, apply_plan, count_params, layout_of
+
+logger = logging.getLogger(__name__)
+
+PruneMethod = Literal["taylor", "magnitude", "random"]
+Ranking = Literal["global", "per_layer"]
+REPORT = "prune_report.json"
+# Not *.safetensors: vLLM loads every safetensors file of a model directory as weights.
+IMPORTANCE = "prune_importance.npz"
+
+
+@dataclass
+class PruneConfig(RunConfig):
+    model: str = models.DEFAULT_MODEL
+    """Base model: an embedded name (smollm2-135m), a Hugging Face directory, or a .gguf file."""
+    data: str = ""
+    """Curated set: Parquet file or directory with a `text` column, local or s3:// (e.g. <curate out>/curated)."""
+    out: str = ""
+    """Output directory, local or s3://: the pruned model, prune_report.json, manifest.json."""
+    ratio: float = 0.30
+    """Share of TOTAL parameters to remove (embeddings included, as LLM-Pruner counts); in (0, 1)."""
+    method: PruneMethod = "taylor"
+    """Importance: taylor (|w * grad| on the curated set), magnitude (|w|), or random."""
+    ranking: Ranking = "global"
+    """How layers weigh when choosing between attention and MLP: raw scores (global) or per-layer shares."""
+    channel_multiple: int = 64
+    """MLP sizes are a multiple of this (hardware-friendly shapes)."""
+    keep_groups: int | None = None
+    """Attention groups (KV heads) every layer keeps; unset chooses the split from importance."""
+    keep_first_last: bool = False
+    """Leave the first and last layers whole (gives non-uniform sizes; library only, see module docs)."""
+    max_docs: int = 256
+    """Documents of the curated set used for importance (the first ones, in file order)."""
+    max_tokens: int = 256
+    """Tokens of each document used for importance."""
+    batch_size: int = 8
+    """Documents per importance batch."""
+    checkpointing: bool = False
+    """Activation checkpointing during the importance backward (for big models)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights' dtype during importance and in the saved model."""
+    seed: int = 0
+    """Seed of the random baseline."""
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("out", self.out, "is required: pass --out DIR")
+        if not 0.0 < self.ratio < 1.0:
+            raise ConfigError("ratio", self.ratio, "is the share of parameters to remove: use a value in (0, 1)")
+        if self.method == "taylor" and not self.data:
+            raise ConfigError("data", self.data, "taylor importance needs the curated set: pass --data DIR")
+        for name in ("channel_multiple", "max_docs", "max_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be >= 1")
+        if self.keep_groups is not None and self.keep_groups < 1:
+            raise ConfigError("keep_groups", self.keep_groups, "must be >= 1 (a layer needs attention)")
+
+
+@dataclass
+class PrunePlan:
+    """Which attention groups and MLP channels each layer keeps, and what the cut amounts to."""
+
+    keep_groups: list[list[int]]
+    keep_channels: list[list[int]]
+    params_before: int
+    params_after: int
+    decoder_params_before: int
+    decoder_params_after: int
+    removed_importance: float
+    candidates: list[dict]
+
+    @property
+    def ratio(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+    @property
+    def decoder_ratio(self) -> float:
+        return 1.0 - self.decoder_params_after / self.decoder_params_before
+
+
+def _ranking_scores(importance: Importance, ranking: Ranking) -> tuple[torch.Tensor, torch.Tensor]:
+    groups, channels = importance.groups.clone(), importance.channels.clone()
+    if ranking == "per_layer":
+        totals = (groups.sum(1) + channels.sum(1)).clamp_min(1e-30).unsqueeze(1)
+        groups, channels = groups / totals, channels / totals
+    return groups, channels
+
+
+def plan_pruning(
+    importance: Importance,
+    layout: Layout,
+    ratio: float,
+    *,
+    ranking: Ranking = "global",
+    channel_multiple: int = 64,
+    keep_groups: int | None = None,
+    keep_first_last: bool = False,
+) -> PrunePlan:
+    """Uniform sizes for the pruned layers that hit `ratio` of total parameters, removing least importance."""
+    pruned = _prunable_layers(layout, keep_first_last)
+    params_before = layout.total_params(
+        [layout.num_kv_heads] * layout.num_layers, [layout.intermediate_size] * layout.num_layers
+    )
+    group_scores, channel_scores = _ranking_scores(importance, ranking)
+    candidates = _allocation_candidates(
+        layout,
+        pruned,
+        params_before,
+        ratio,
+        group_scores,
+        channel_scores,
+        channel_multiple=channel_multiple,
+        keep_groups=keep_groups,
+    )
+    # Hitting the ratio comes first (within one rounding step of the MLP size), then the least importance lost.
+    step = channel_multiple * layout.channel_params * len(pruned) / params_before
+    best = _least_costly_candidate(candidates, ratio, step)
+    keep_g, keep_c = _kept_structures(layout, pruned, group_scores, channel_scores, best)
+    params_after = layout.total_params([len(g) for g in keep_g], [len(c) for c in keep_c])
+    decoder_before = params_before - layout.embedding_params() - layout.hidden_size
+    return PrunePlan(
+        keep_groups=keep_g,
+        keep_channels=keep_c,
+        params_before=params_before,
+        params_after=params_after,
+        decoder_params_before=decoder_before,
+        decoder_params_after=params_after - layout.embedding_params() - layout.hidden_size,
+        removed_importance=best["removed_importance"],
+        candidates=candidates,
+    )
+
+
+def _prunable_layers(layout: Layout, keep_first_last: bool) -> list[int]:
+    """The layers the plan cuts: all of them, or all but the first and last with `keep_first_last`."""
+    pruned = [i for i in range(layout.num_layers) if not (keep_first_last and i in (0, layout.num_layers - 1))]
+    if not pruned:
+        raise ConfigError("keep_first_last", keep_first_last, "leaves no layer to prune; the model is too shallow")
+    return pruned
+
+
+def _channel_options(intermediate_size: int, channel_multiple: int) -> list[int]:
+    """MLP sizes a plan may keep: the multiples of `channel_multiple`, and the full size (no MLP cut)."""
+    return sorted({c for c in range(channel_multiple, intermediate_size + 1, channel_multiple)} | {intermediate_size})
+
+
+def _allocation_candidates(
+    layout: Layout,
+    pruned: list[int],
+    params_before: int,
+    ratio: float,
+    group_scores: torch.Tensor,
+    channel_scores: torch.Tensor,
+    *,
+    channel_multiple: int,
+    keep_groups: int | None,
+) -> list[dict]:
+    """Per feasible number of kept attention groups, the MLP size that brings the total closest to `ratio`,
+    with the ratio it achieves and the importance it removes (the lowest-scored structures of each layer)."""
+    full = layout.layer_params(layout.num_kv_heads, layout.intermediate_size)
+    target_after = params_before * (1.0 - ratio)
+    fixed = params_before - full * len(pruned)  # embeddings, final norm, untouched layers
+    sorted_groups = group_scores[pruned].sort(dim=1).values.sum(0)  # (kv_heads,) ascending per layer, summed
+    sorted_channels = channel_scores[pruned].sort(dim=1).values.sum(0)
+    group_options = [keep_groups] if keep_groups is not None else range(1, layout.num_kv_heads + 1)
+    channel_options = _channel_options(layout.intermediate_size, channel_multiple)
+    if keep_groups is not None and not 1 <= keep_groups <= layout.num_kv_heads:
+        raise ConfigError("keep_groups", keep_groups, f"must be in 1..{layout.num_kv_heads} (KV heads per layer)")
+    candidates = []
+    for groups in group_options:
+        per_layer_budget = (target_after - fixed) / len(pruned) - layout.layer_params(groups, 0)
+        channels = min(channel_options, key=lambda c: abs(c * layout.channel_params - per_layer_budget))
+        after = fixed + len(pruned) * layout.layer_params(groups, channels)
+        removed = float(sorted_groups[: layout.num_kv_heads - groups].sum())
+        removed += float(sorted_channels[: layout.intermediate_size - channels].sum())
+        candidates.append(
+            {
+                "groups": groups,
+                "channels": channels,
+                "ratio": 1.0 - after / params_before,
+                "removed_importance": removed,
+            }
+        )
+    return candidates
+
+
+def _least_costly_candidate(candidates: list[dict], ratio: float, step: float) -> dict:
+    """Of the candidates within half a rounding `step` of `ratio`, the one removing the least importance."""
+    feasible = [c for c in candidates if abs(c["ratio"] - ratio) <= step / 2 + 1e-12]
+    if not feasible:
+        closest = min(candidates, key=lambda c: abs(c["ratio"] - ratio))
+        raise ConfigError(
+            "ratio", ratio, f"not reachable with uniform sizes; the closest plan removes {closest['ratio']:.3f}"
+        )
+    return min(feasible, key=lambda c: c["removed_importance"])
+
+
+def _kept_structures(
+    layout: Layout, pruned: list[int], group_scores: torch.Tensor, channel_scores: torch.Tensor, best: dict
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Per layer, the attention groups and MLP channels kept: a pruned layer keeps its highest-scored ones
+    (in index order), an untouched layer all of them."""
+    keep_g, keep_c = [], []
+    for layer in range(layout.num_layers):
+        if layer in pruned:
+            keep_g.append(sorted(group_scores[layer].argsort(descending=True)[: best["groups"]].tolist()))
+            keep_c.append(sorted(channel_scores[layer].argsort(descending=True)[: best["channels"]].tolist()))
+        else:
+            keep_g.append(list(range(layout.num_kv_heads)))
+            keep_c.append(list(range(layout.intermediate_size)))
+    return keep_g, keep_c
+
+
+def domain_batches(
+    texts: list[str], tokenizer, max_tokens: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(batch, tokens) ids and masks of the texts, sorted by length so little padding is computed."""
+    token_lists = [ids for ids in tokenize_texts(tokenizer, texts, max_tokens) if len(ids) >= 2]
+    token_lists.sort(key=len)
+    for start in range(0, len(token_lists), batch_size):
+        yield pad_right(token_lists[start : start + batch_size], tokenizer.pad_token_id)
+
+
+def read_texts(data: str, max_docs: int, options: storage.StorageOptions | None = None) -> list[str]:
+    """The first `max_docs` non-empty texts of a Parquet file or directory; empty data fails with the fix."""
+    try:
+        table = storage.read_parquet(data, options)
+    except FileNotFoundError:
+        raise ConfigError(
+            "data", data, "holds no *.parquet file; pass the curated/ directory of a curate run"
+        ) from None
+    if "text" not in table.column_names:
+        raise ConfigError("data", data, f"has no `text` column (columns: {', '.join(table.column_names)})")
+    texts = [t for t in table.column("text").to_pylist() if t and t.strip()][:max_docs]
+    if not texts:
+        raise ConfigError("data", data, "holds no non-empty text; curate a domain set first")
+    return texts
+
+
+def compute_importance(
+    model: nn.Module, layout: Layout, config: PruneConfig, texts: list[str], tokenizer
+) -> Importance:
+    if config.method == "magnitude":
+        return magnitude_importance(model, layout)
+    if config.method == "random":
+        return random_importance(layout, config.seed)
+    batches = domain_batches(texts, tokenizer, config.max_tokens, config.batch_size)
+    return taylor_importance(model, layout, batches, checkpointing=config.checkpointing)
+
+
+def prune_report(config: PruneConfig, plan: PrunePlan, importance: Importance, layout: Layout) -> dict:
+    removed = []
+    for layer, (groups, channels) in enumerate(zip(plan.keep_groups, plan.keep_channels, strict=True)):
+        gone = sorted(set(range(layout.num_kv_heads)) - set(groups))
+        removed.append(
+            {
+                "layer": layer,
+                "kv_groups_removed": gone,
+                "query_heads_removed": [
+                    g * layout.heads_per_group + h for g in gone for h in range(layout.heads_per_group)
+                ],
+                "mlp_channels_removed": layout.intermediate_size - len(channels),
+                "mlp_channels_kept": len(channels),
+            }
+        )
+    kept_importance = sum(float(importance.groups[i, g].sum()) for i, g in enumerate(plan.keep_groups))
+    kept_importance += sum(float(importance.channels[i, c].sum()) for i, c in enumerate(plan.keep_channels))
+    total_importance = float(importance.groups.sum() + importance.channels.sum())
+    return {
+        "method": config.method,
+        "ranking": config.ranking,
+        "ratio_asked": config.ratio,
+        "ratio_achieved": round(plan.ratio, 6),
+        "decoder_ratio_achieved": round(plan.decoder_ratio, 6),
+        "params_before": plan.params_before,
+        "params_after": plan.params_after,
+        "decoder_params_before": plan.decoder_params_before,
+        "decoder_params_after": plan.decoder_params_after,
+        "sizes_before": {
+            "num_attention_heads": layout.num_heads,
+            "num_key_value_heads": layout.num_kv_heads,
+            "intermediate_size": layout.intermediate_size,
+        },
+        "sizes_after": {
+            "num_attention_heads": len(plan.keep_groups[len(plan.keep_groups) // 2]) * layout.heads_per_group,
+            "num_key_value_heads": len(plan.keep_groups[len(plan.keep_groups) // 2]),
+            "intermediate_size": len(plan.keep_channels[len(plan.keep_channels) // 2]),
+        },
+        "removed_per_layer": removed,
+        "allocation_candidates": plan.candidates,
+        "importance": {
+            **importance.summary(),
+            "share_kept": round(kept_importance / total_importance, 6) if total_importance else None,
+        },
+    }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_pruning(config: PruneConfig) -> dict:
+    """Run the stage; returns the report. Skipped when `out` holds a manifest for this config and inputs."""
+    options = config.storage_options()
+    layout = _checked_layout(config)
+    inputs = storage.expand(config.data, options, config_field="data") if config.data else []
+    texts = read_texts(config.data, config.max_docs, options) if config.method == "taylor" else []
+    digest = config.digest(inputs)
+    if manifest.finished(config.out, digest, options, config.force) is not None:
+        return storage.read_json(storage.join(config.out, REPORT), options)
+    manifest.prepare_output(config.out, options)
+    timer = manifest.Timer()
+    with timer("load"):
+        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+        model = models.load_model(config.model, dtype=dtype)
+        tokenizer = models.load_tokenizer(config.model)
+    with timer("importance"):
+        importance = compute_importance(model, layout, config, texts, tokenizer)
+    plan = plan_pruning(
+        importance,
+        layout,
+        config.ratio,
+        ranking=config.ranking,
+        channel_multiple=config.channel_multiple,
+        keep_groups=config.keep_groups,
+    )
+    with timer("slice"):
+        apply_plan(model, plan.keep_groups, plan.keep_channels)
+    if count_params(model) != plan.params_after:
+        raise RuntimeError(f"sliced model has {count_params(model)} parameters, the plan {plan.params_after}")
+    report = prune_report(config, plan, importance, layout)
+    report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    with timer("save"):
+        save_pruned(model, tokenizer, config.out, options)
+        storage.write_json_atomic(storage.join(config.out, REPORT), report, options)
+        storage.write_bytes_atomic(storage.join(config.out, IMPORTANCE), importance.to_npz(), options)
+    _log_pruned(config.model, plan, report)
+    manifest.write_manifest(
+        config.out,
+        stage="prune",
+        config=config.content(),
+        digest=digest,
+        inputs=inputs,
+        counts={"docs": len(texts), "batches": importance.batches, "tokens": importance.tokens},
+        timings=timer.timings,
+        options=options,
+        extra={"params_before": plan.params_before, "params_after": plan.params_after},
+    )
+    return report
+
+
+def _checked_layout(config: PruneConfig) -> Layout:
+    """The base model's layout, once the run is known to be one this stage can save as a standard checkpoint."""
+    if config.keep_first_last:
+        raise ConfigError(
+            "keep_first_last", True, "gives layers of two sizes, which no standard config describes; use the library"
+        )
+    # An unsupported model type fails here, from config.json or GGUF metadata, before any weights load.
+    model_type = _model_type(config.model)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError("model", config.model, f"is a {model_type!r} model; pruning supports {SUPPORTED_MODEL_TYPES}")
+    return layout_of(_read_config(config.model))
+
+
+def _log_pruned(model: str, plan: PrunePlan, report: dict) -> None:
+    logger.info(
+        "pruned %s: %d -> %d parameters (%.1f%% of total, %.1f%% of the decoder layers); %d heads / %d KV, MLP %d",
+        model,
+        plan.params_before,
+        plan.params_after,
+        100 * plan.ratio,
+        100 * plan.decoder_ratio,
+        report["sizes_after"]["num_attention_heads"],
+        report["sizes_after"]["num_key_value_heads"],
+        report["sizes_after"]["intermediate_size"],
+    )
+
+
+def _model_type(model: str) -> str:
+    config_file = os.path.join(model, "config.json")
+    if os.path.isfile(config_file):  # read directly: GPT-2 style configs lack the keys model_info expects
+        with open(config_file) as handle:
+            return str(json.load(handle).get("model_type", ""))
+    return models.model_info(model).model_type
+
+
+def _read_config(model: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(models.local_model_dir(model), local_files_only=True)
+
+
+def save_pruned(model: nn.Module, tokenizer, out: str, options: storage.StorageOptions | None = None) -> None:
+    """config.json + model.safetensors + tokenizer files, to a local or remote directory."""
+    staging = tempfile.mkdtemp(prefix="finescope-pruned-")
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "config.json")) as handle:
+            json.load(handle)  # written and parseable before it is published
+        storage.upload_dir(staging, out, options)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+__all__ = [
+    "PruneConfig",
+    "PrunePlan",
+    "plan_pruning",
+    "run_pruning",
+    "read_texts",
+    "domain_batches",
+    "save_pruned",
+]
