@@ -1,7 +1,18 @@
-"""GPU check of the whole pipeline: its GPU paths, in one go on SmolLM2, with their throughputs.
+"""GPU checks: each stage's core on the accelerator against the CPU, and the whole pipeline on a GPU cluster.
 
-Needs a CUDA GPU and the `gpu` extra (`pip install -e '.[gpu]'`, which brings vLLM through `ray[llm]`).
-It writes a slice of the demo corpus, then runs `jobs.pipeline` with every GPU path switched on:
+`--mode core` (the default) imports no Ray, DeepSpeed or vLLM, so it runs on any machine with torch and
+transformers. It runs every stage's pure core on `--device` in `--dtype` and the same core on the CPU in
+fp32, on models built from a config with seeded random weights (SmolLM2-135M's shape for agreement, a
+1B shape for MFU on CUDA), and asserts agreement (see `bench/gpu_cores.py` for each check and its
+threshold). Exit status 0 when every check holds, 1 otherwise.
+
+    python bench/gpu_check.py                                     # CUDA, bf16, SmolLM2's shape
+    python bench/gpu_check.py --device cpu --dtype bfloat16 --shape tiny --docs 96   # the CPU's bf16 path
+    python bench/gpu_check.py --json runs/gpu-core.json           # also write the figures as JSON
+
+`--mode pipeline` needs a CUDA GPU, Ray and the `gpu` extra (`pip install -e '.[gpu]'`, which brings vLLM
+through `ray[llm]`). It writes a slice of the demo corpus, then runs `jobs.pipeline` with every GPU path
+switched on:
 
 - encode on CUDA: SAE training and curation with GPU encode actors (`gpus_per_actor: 1`);
 - the vLLM teacher through `ray.data.llm` (`backend: vllm`, bfloat16);
@@ -12,8 +23,8 @@ It then reads the stages' manifests and metrics and prints encode tokens/s, SAE 
 teacher's generated tokens/s, fine-tuning tokens/s and MMLU questions/s, and checks what each stage
 produced. Exit status 0 when every check holds, 1 otherwise, 2 without a GPU or vLLM.
 
-    python bench/gpu_check.py
-    python bench/gpu_check.py --docs 4000 --out runs/gpu-check --max-steps 60
+    python bench/gpu_check.py --mode pipeline
+    python bench/gpu_check.py --mode pipeline --docs 4000 --out runs/gpu-check --max-steps 60
 """
 
 from __future__ import annotations
@@ -26,11 +37,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=2000, help="demo-corpus documents to curate from")
+    parser.add_argument("--mode", choices=["core", "pipeline"], default="core", help="stage cores or the pipeline")
+    parser.add_argument("--device", default="cuda", help="core mode: the candidate device")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="core mode: its dtype")
+    parser.add_argument("--shape", choices=["tiny", "smollm2-135m"], default="smollm2-135m", help="core mode")
+    parser.add_argument("--checks", default="encode,sae,prune,teacher,mmlu,train", help="core mode: which")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by GPU name)")
+    parser.add_argument("--json", default=None, help="core mode: also write the results to this JSON file")
+    parser.add_argument("--docs", type=int, default=None, help="documents (core: 256; pipeline: 2000)")
     parser.add_argument("--out", default="runs/gpu-check", help="the pipeline's root")
     parser.add_argument("--max-steps", type=int, default=40, help="fine-tuning steps")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="teacher tokens per row at most")
@@ -62,13 +81,53 @@ def spec_values(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
+def core_main(args: argparse.Namespace) -> int:
+    import torch
+    from gpu_cores import as_dict, format_results, peak_flops, run_core_checks
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here (use --device cpu to check the CPU's bf16 path)")
+        return 2
+    dtype = getattr(torch, args.dtype)
+    only = [name.strip() for name in args.checks.split(",") if name.strip()]
+    peak = peak_flops(args.device, args.peak_tflops)
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    started = time.perf_counter()
+    results = run_core_checks(args.shape, args.device, dtype, args.docs or 256, only)
+    print(f"\nstage cores on {where} in {args.dtype} against the CPU in float32, {args.shape} shape:")
+    print("\n".join(format_results(results, peak)))
+    if args.device.startswith("cuda") and args.shape != "tiny":  # MFU at a size that can fill the GPU
+        large = run_core_checks("1b", args.device, dtype, args.docs or 256, ["encode", "train"])
+        print("\n1B shape (throughput and MFU; agreement as above):")
+        print("\n".join(format_results(large, peak)))
+        results += large
+    imported = [name for name in ("ray", "deepspeed", "vllm") if sys.modules.get(name) is not None]
+    print(f"took {time.perf_counter() - started:.0f} s; imported of Ray, DeepSpeed, vLLM: {imported or 'none'}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "device": where,
+            "dtype": args.dtype,
+            "shape": args.shape,
+            "peak_flops": peak,
+            "date": time.strftime("%Y-%m-%d"),
+            "results": [as_dict(r, peak) for r in results],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=float))  # fmt: skip
+    return 0 if all(result.passed for result in results) else 1
+
+
 def main() -> int:
+    args = parse_args()
+    if args.mode == "core":
+        return core_main(args)
     import torch
 
     if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
         print("needs a CUDA GPU and vLLM (pip install -e '.[gpu]')")
         return 2
-    args = parse_args()
+    args.docs = args.docs or 2000
     from core import cli, logs
     from curation.demo_corpus import write_demo_corpus
     from pipeline import PipelineSpec, run_pipeline
