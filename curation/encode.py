@@ -95,7 +95,9 @@ class DocumentEncoder:
         self.forward = TruncatedForward(load_model(spec.model, device=spec.device), spec.layer)
         if sae is None and spec.sae_dir is not None:
             sae = TopKSAE.load(spec.sae_dir, device=spec.device)
-        self.sae = sae.eval() if sae is not None else None
+        # A passed-in SAE was built or loaded elsewhere (on the driver's CPU, say): everything that meets
+        # the activations must sit on this encoder's one device.
+        self.sae = sae.to(spec.device).eval() if sae is not None else None
         coords = spec.coords if spec.coords is not None else (sae.cfg.coords if sae is not None else None)
         self.coords = torch.as_tensor(coords, dtype=torch.long) if coords else None
 

@@ -233,6 +233,17 @@ def test_encode_with_sae_gives_latent_vectors(encoder, tiny_model_dir):
     torch.testing.assert_close(with_sae.encode([docs[2]])[0], vectors[2], atol=1e-5, rtol=0)
 
 
+def test_a_passed_in_sae_moves_to_the_encoders_device(tiny_model_dir):
+    """Curation builds the SAE once and hands it to every encoder actor: on a GPU actor it must follow the
+    model to CUDA. "meta" stands in for a second device on a CPU-only machine."""
+    from curation.encode import DocumentEncoder, EncoderSpec
+
+    sae = TopKSAE(SAEConfig(d_in=HIDDEN, k=8, layer=2))
+    encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, device="meta"), sae=sae)
+    assert next(encoder.forward.parameters()).device.type == "meta"
+    assert encoder.sae.device.type == "meta"
+
+
 @pytest.mark.parametrize("pooling", ["rate", "mean"])
 def test_sae_pooling_by_hand(encoder, tiny_model_dir, pooling):
     sae = TopKSAE(SAEConfig(d_in=HIDDEN, k=8, layer=2))
