@@ -34,6 +34,8 @@ class CurateConfig(RunConfig):
         "encode_actors",
         "cpus_per_actor",
         "torch_threads",
+        "read_attempts",
+        "read_backoff_s",
     }
 
     corpus: list[str] = field(default_factory=list)
@@ -74,6 +76,11 @@ class CurateConfig(RunConfig):
     """Documents per encode batch; each is cut into length-sorted micro-batches."""
     max_batch_tokens: int = 8192
     """Padded tokens per forward micro-batch."""
+    read_attempts: int = 5
+    """Tries of each open or read of a corpus shard when storage fails transiently (connection errors,
+    timeouts, 5xx); if all fail, the run fails, with no manifest, instead of losing the shard's rows."""
+    read_backoff_s: float = 1.0
+    """Seconds before the second try of a failed shard read; doubled for each further try, up to 30 s."""
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):
@@ -101,7 +108,13 @@ class CurateConfig(RunConfig):
     def clean_config(self) -> CleanConfig:
         if self.too_long not in ("truncate", "reject"):
             raise ConfigError("too_long", self.too_long, "must be truncate or reject")
-        return CleanConfig(min_chars=self.min_chars, max_chars=self.max_chars, too_long=self.too_long)  # type: ignore[arg-type]
+        return CleanConfig(
+            min_chars=self.min_chars,
+            max_chars=self.max_chars,
+            too_long=self.too_long,  # type: ignore[arg-type]
+            read_attempts=self.read_attempts,
+            read_backoff_s=self.read_backoff_s,
+        )
 
 
 @dataclass

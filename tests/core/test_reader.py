@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import random
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -370,3 +371,282 @@ def test_read_corpus_rejects_empty_input(tmp_path):
     with pytest.raises(ConfigError) as caught:
         read_corpus([], None, CleanConfig(), str(tmp_path))
     assert caught.value.field == "uris"
+
+
+# Memory bounds: over-long lines and decompression bombs ----------------------------------------------
+
+BOMB_SCRIPT = """
+import json, sys
+from core.reader import CleanConfig, iter_shard
+
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+before = peak_kib()
+results = [(kind, row["reason"] if kind == "reject" else row["text"], row.get("detail", ""))
+           for kind, row in iter_shard(sys.argv[1], None, CleanConfig())]
+print(json.dumps({"before_kib": before, "after_kib": peak_kib(), "results": results}))
+"""
+
+
+def bomb_shard(path: Path, bomb_bytes: int) -> str:
+    """One good line, one line of ``bomb_bytes`` bytes (a few hundred KB compressed), one good line."""
+    bomb = b'{"text": "' + b"a" * (bomb_bytes - 12) + b'"}'
+    return write_shard(path, [good_line("before the bomb"), bomb, good_line("after the bomb")])
+
+
+def test_overlong_line_is_rejected_with_its_size_and_reading_goes_on(tmp_path):
+    size = reader.CleanConfig().max_line_bytes + 5_000_000
+    uri = bomb_shard(tmp_path / "s.jsonl.gz", size)
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig())))
+    assert [doc["text"] for doc in docs] == ["before the bomb", "after the bomb"]
+    assert [(row["reason"], row["source"]) for row in rejects] == [(reader.REJECT_TOO_LONG, f"{uri}#2")]
+    assert f"line of {size} bytes > max_line_bytes" in rejects[0]["detail"]
+    assert rejects[0]["raw"] == ('{"text": "' + "a" * 5000)[: reader.RAW_MAX_CHARS]
+
+    # A small cap, on every format; the line after the long one is read, also within the same chunk.
+    lines = [good_line("one"), good_line("x" * 500), good_line("three"), good_line("y" * 300)]
+    for name in ("c.jsonl", "c.jsonl.gz", "c.jsonl.zst"):
+        uri = write_shard(tmp_path / name, lines, trailing_newline=False)
+        docs, rejects = split(list(iter_shard(uri, None, CleanConfig(max_line_bytes=200))))
+        assert [doc["text"] for doc in docs] == ["one", "three"]
+        assert [(row["reason"], row["source"]) for row in rejects] == [
+            (reader.REJECT_TOO_LONG, f"{uri}#2"),
+            (reader.REJECT_TOO_LONG, f"{uri}#4"),
+        ]
+        assert [row["detail"].split(" >")[0] for row in rejects] == [
+            f"line of {len(lines[1])} bytes",
+            f"line of {len(lines[3])} bytes",
+        ]
+
+
+@pytest.mark.parametrize("name", ["bomb.jsonl.gz", "bomb.jsonl.zst"])
+def test_decompression_bomb_keeps_peak_memory_bounded(tmp_path, name):
+    import subprocess
+    import sys
+
+    bomb_bytes = 128 << 20
+    uri = bomb_shard(tmp_path / name, bomb_bytes)
+    assert Path(uri).stat().st_size < 400_000  # a small file that expands to 128 MiB in one line
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-c", BOMB_SCRIPT, uri], capture_output=True, text=True, env=env, timeout=300, check=True
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [tuple(item[:2]) for item in result["results"]] == [
+        ("doc", "before the bomb"),
+        ("reject", reader.REJECT_TOO_LONG),
+        ("doc", "after the bomb"),
+    ]
+    assert f"line of {bomb_bytes} bytes" in result["results"][1][2]
+    grown_mib = (result["after_kib"] - result["before_kib"]) / 1024
+    # max_line_bytes (16 MiB) of buffer plus a decompressed chunk; unbounded, a line costs a few times its size.
+    assert grown_mib < 96, f"peak memory grew by {grown_mib:.0f} MiB reading a {bomb_bytes >> 20} MiB line"
+
+
+@pytest.mark.parametrize("name", ["s.jsonl", "s.jsonl.gz", "s.jsonl.zst"])
+def test_decompressed_bytes_per_shard_are_bounded(tmp_path, name):
+    lines = corpus_lines(200)
+    uri = write_shard(tmp_path / name, lines)
+    limit = sum(len(line) + 1 for line in lines[:50]) + 10  # stops 10 bytes into line 51
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig(max_shard_bytes=limit))))
+    assert [doc["text"] for doc in docs] == [json.loads(line)["text"] for line in lines[:50]]
+    assert [(row["reason"], row["source"]) for row in rejects] == [(reader.REJECT_SHARD_TOO_LARGE, f"{uri}#51")]
+    assert f"max_shard_bytes={limit}" in rejects[0]["detail"]
+    assert rejects[0]["raw"] == lines[50][:10].decode()
+
+
+def test_parquet_shard_over_max_shard_bytes_stops_at_a_row_group(tmp_path):
+    texts = [f"parquet row {index} " + "z" * 100 for index in range(300)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "big.parquet", row_group_size=100)
+    uri = str(tmp_path / "big.parquet")
+    metadata = pq.ParquetFile(uri).metadata
+    first = metadata.row_group(0).column(0).total_uncompressed_size
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig(max_shard_bytes=first + 10))))
+    assert [doc["text"] for doc in docs] == texts[:100]
+    assert [(row["reason"], row["source"]) for row in rejects] == [(reader.REJECT_SHARD_TOO_LARGE, f"{uri}#100")]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_line_bytes": 0}, "max_line_bytes"),
+        ({"max_shard_bytes": 0}, "max_shard_bytes"),
+        ({"read_attempts": 0}, "read_attempts"),
+        ({"read_backoff_s": -1.0}, "read_backoff_s"),
+    ],
+)
+def test_clean_config_validates_read_limits(kwargs, field):
+    with pytest.raises(ConfigError) as caught:
+        CleanConfig(**kwargs)
+    assert caught.value.field == field
+
+
+# Transient storage errors ----------------------------------------------------------------------------
+
+
+class FlakyStorage:
+    """Wraps ``storage.open_read``: the first ``open_failures`` opens and ``read_failures`` reads raise."""
+
+    def __init__(self, monkeypatch, open_failures: int = 0, read_failures: int = 0, error: type = ConnectionError):
+        self.open_failures, self.read_failures, self.error = open_failures, read_failures, error
+        self.opens = self.reads = 0
+        self.real_open = storage.open_read
+        monkeypatch.setattr(storage, "open_read", self.open_read)
+        self.sleeps: list[float] = []
+        monkeypatch.setattr(time, "sleep", self.sleeps.append)  # no real waits; the delays are recorded
+
+    def open_read(self, uri, options=None):
+        self.opens += 1
+        if self.opens <= self.open_failures:
+            raise self.error(f"blip opening {uri} (call {self.opens})")
+        return FlakyHandle(self, self.real_open(uri, options))
+
+
+class FlakyHandle:
+    def __init__(self, flaky: FlakyStorage, handle):
+        self.flaky, self.handle = flaky, handle
+
+    def read(self, size=-1):
+        self.flaky.reads += 1
+        # The second read of the shard fails: mid-stream, after some bytes have come through.
+        if 2 <= self.flaky.reads < 2 + self.flaky.read_failures:
+            raise self.flaky.error(f"blip reading (call {self.flaky.reads})")
+        return self.handle.read(size)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def small_reads(monkeypatch):
+    """Read 4 KiB at a time, so that a shard takes many reads and a failure can land mid-stream."""
+    monkeypatch.setattr(reader, "_READ_CHUNK_BYTES", 4096)
+
+
+def flaky_corpus(base: str) -> dict[str, list[str]]:
+    """A gzip JSONL shard and a Parquet shard under ``base``: uri -> expected texts."""
+    lines = corpus_lines(600)
+    texts = [json.loads(line)["text"] for line in lines]
+    gz_uri, pq_uri = storage.join(base, "f.jsonl.gz"), storage.join(base, "f.parquet")
+    storage.write_bytes_atomic(gz_uri, gzip.compress(b"\n".join(lines) + b"\n"))
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": texts}), buffer, row_group_size=100)
+    storage.write_bytes_atomic(pq_uri, buffer.getvalue().to_pybytes())
+    return {gz_uri: texts, pq_uri: texts}
+
+
+def check_blips_are_retried(monkeypatch, base: str) -> None:
+    small_reads(monkeypatch)
+    for uri, texts in flaky_corpus(base).items():
+        flaky = FlakyStorage(monkeypatch, open_failures=2, read_failures=2)
+        docs, rejects = split(list(iter_shard(uri, None, CleanConfig())))
+        assert rejects == [] and [doc["text"] for doc in docs] == texts, uri
+        assert flaky.opens == 5  # two failed opens, the open that worked, two reopens after failed reads
+        assert len(flaky.sleeps) == 4 and flaky.sleeps[1] > flaky.sleeps[0]  # backoff grows
+
+
+def test_transient_errors_are_retried_local(monkeypatch, tmp_path):
+    check_blips_are_retried(monkeypatch, str(tmp_path))
+
+
+def test_transient_errors_are_retried_s3(monkeypatch, s3_bucket):
+    check_blips_are_retried(monkeypatch, f"s3://{s3_bucket}/flaky")
+
+
+@pytest.mark.parametrize("where", ["open", "read"])
+def test_persistent_transient_errors_fail_the_shard_not_its_rows(monkeypatch, tmp_path, where):
+    small_reads(monkeypatch)
+    for uri in flaky_corpus(str(tmp_path)):
+        failures = {"open_failures": 100} if where == "open" else {"read_failures": 100}
+        flaky = FlakyStorage(monkeypatch, error=TimeoutError, **failures)
+        rejects_dir = str(tmp_path / "rejects")
+        with pytest.raises(reader.ShardReadError) as caught:
+            for _ in read_shard(uri, None, CleanConfig(read_attempts=3), rejects_dir):
+                pass
+        assert uri in str(caught.value) and "3 attempts" in str(caught.value)
+        assert isinstance(caught.value.__cause__, TimeoutError)
+        assert len(flaky.sleeps) == 2  # bounded: three attempts, two waits
+        # No rejects file: the shard is not recorded as read, so a rerun reads it again.
+        assert not storage.exists(reader.rejects_uri(rejects_dir, uri))
+
+
+def test_botocore_connection_errors_count_as_transient(monkeypatch, tmp_path):
+    from botocore.exceptions import EndpointConnectionError
+
+    def endpoint_error(message: str) -> Exception:
+        return EndpointConnectionError(endpoint_url=message)
+
+    uri = write_shard(tmp_path / "s.jsonl", [good_line("one"), good_line("two")])
+    flaky = FlakyStorage(monkeypatch, open_failures=1, error=endpoint_error)  # type: ignore[arg-type]
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig())))
+    assert [doc["text"] for doc in docs] == ["one", "two"] and rejects == [] and flaky.opens == 2
+
+
+def test_shard_that_changes_between_retries_fails(monkeypatch, tmp_path):
+    small_reads(monkeypatch)
+    lines = corpus_lines(600)
+    uri = write_shard(tmp_path / "s.jsonl", lines)
+    flaky = FlakyStorage(monkeypatch, read_failures=1)
+    real_read = FlakyHandle.read
+
+    def read_then_replace(self, size=-1):
+        if flaky.reads == 1:  # the next read fails; the file is rewritten before the reopen
+            Path(uri).write_bytes(b"\n".join(lines[:10]) + b"\n")
+        return real_read(self, size)
+
+    monkeypatch.setattr(FlakyHandle, "read", read_then_replace)
+    with pytest.raises(reader.ShardReadError, match="changed"):
+        list(iter_shard(uri, None, CleanConfig()))
+
+
+# Rows that used to be lost or mislabelled ------------------------------------------------------------
+
+
+def test_parquet_invalid_utf8_value_rejects_only_its_row(tmp_path):
+    values = [f"row {index}".encode() for index in range(3000)]
+    values[1500] = b"bad \xff value"
+    metas = [f'{{"n": {index}}}'.encode() for index in range(3000)]
+    metas[2500] = b'{"n": "\xfe"}'
+    as_string = {
+        name: pa.Array.from_buffers(pa.string(), 3000, pa.array(column, pa.binary()).buffers())
+        for name, column in (("text", values), ("meta", metas))
+    }
+    pq.write_table(pa.table(as_string), tmp_path / "s.parquet")
+    uri = str(tmp_path / "s.parquet")
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig())))
+    assert [(row["reason"], row["source"]) for row in rejects] == [
+        (reader.REJECT_NON_UTF8, f"{uri}#1500"),
+        (reader.REJECT_NON_UTF8, f"{uri}#2500"),
+    ]
+    assert rejects[0]["raw"] == "bad \ufffd value" and "'text'" in rejects[0]["detail"]
+    assert "'meta'" in rejects[1]["detail"]
+    expected = [f"row {index}" for index in range(3000) if index not in (1500, 2500)]
+    assert [doc["text"] for doc in docs] == expected
+    assert docs[0]["meta"] == '{"n": 0}'
+
+
+@pytest.mark.parametrize("name", ["s.jsonl", "s.jsonl.gz", "s.jsonl.zst"])
+def test_leading_bom_is_dropped(tmp_path, name):
+    uri = write_shard(tmp_path / name, [b"\xef\xbb\xbf" + good_line("first"), good_line("second")])
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig())))
+    assert [doc["text"] for doc in docs] == ["first", "second"] and rejects == []
+
+
+@pytest.mark.parametrize("name", ["empty.jsonl.gz", "empty.jsonl.zst"])
+def test_zero_byte_compressed_shard_is_a_reject(tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    uri = str(tmp_path / name)
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig())))
+    assert docs == []
+    assert [(row["reason"], row["source"]) for row in rejects] == [(reader.REJECT_TRUNCATED_STREAM, uri)]
+    assert "0 bytes" in rejects[0]["detail"]
+    rejects_dir = str(tmp_path / "rejects")
+    assert list(read_shard(uri, None, CleanConfig(), rejects_dir)) == []
+    assert count_rejects(rejects_dir) == {reader.REJECT_TRUNCATED_STREAM: 1}
