@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core import storage
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range
 from core.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -110,8 +110,8 @@ class CleanConfig:
     send the row to the rejects as ``too_long``."""
 
     def __post_init__(self) -> None:
-        if self.min_chars < 0:
-            raise ConfigError("min_chars", self.min_chars, "must be >= 0")
+        check_range("min_chars", self.min_chars, ge=0)
+        check_range("max_chars", self.max_chars, ge=1)
         if self.max_chars <= self.min_chars:
             raise ConfigError("max_chars", self.max_chars, f"must be greater than min_chars={self.min_chars}")
         if self.too_long not in ("truncate", "reject"):
