@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core import storage
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range
 from core.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -146,8 +146,8 @@ class CleanConfig:
     """Seconds before the second try; it doubles for each further one, up to 30 s, plus up to 50% jitter."""
 
     def __post_init__(self) -> None:
-        if self.min_chars < 0:
-            raise ConfigError("min_chars", self.min_chars, "must be >= 0")
+        check_range("min_chars", self.min_chars, ge=0)
+        check_range("max_chars", self.max_chars, ge=1)
         if self.max_chars <= self.min_chars:
             raise ConfigError("max_chars", self.max_chars, f"must be greater than min_chars={self.min_chars}")
         if self.too_long not in ("truncate", "reject"):

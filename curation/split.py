@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from core import manifest, storage
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range, check_seed
 from core.runtime import RunConfig
 
 
@@ -31,6 +31,10 @@ class SplitConfig(RunConfig):
     heldout_fraction: float = 0.2
     control: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("heldout_fraction", self.heldout_fraction, gt=0.0, lt=1.0)
+        check_seed("seed", self.seed)
 
 
 def heldout_mask(ids: list[str], fraction: float) -> np.ndarray:

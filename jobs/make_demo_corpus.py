@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core import cli
+from core.errors import check_range, check_seed
 from core.runtime import RunConfig
 from curation.demo_corpus import write_demo_corpus
 
@@ -23,6 +24,11 @@ class DemoCorpusConfig(RunConfig):
     """Keep only this many documents (after a seeded shuffle); unset keeps all 10,033."""
     seed: int = 0
     """Shuffle seed."""
+
+    def __post_init__(self) -> None:
+        check_range("shards", self.shards, ge=1)
+        check_range("limit", self.limit, ge=1, optional=True, hint="or unset for every document")
+        check_seed("seed", self.seed)
 
 
 def run(config: DemoCorpusConfig) -> list[str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from core import cli, models, storage
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range, check_seed
 from core.runtime import RunConfig
 
 
@@ -70,12 +70,12 @@ class PipelineSpec(RunConfig):
         if not self.domains:
             raise ConfigError("domains", self.domains, "name at least one domain of the seeds file")
         self.domains = {str(name): _domain_spec(name, value) for name, value in self.domains.items()}
-        if not self.ratios or any(not 0.0 < r < 1.0 for r in self.ratios):
+        if not self.ratios or any(not (isinstance(r, int | float) and 0.0 < r < 1.0) for r in self.ratios):
             raise ConfigError("ratios", self.ratios, "give one or more pruning ratios, each in (0, 1), e.g. [0.3]")
         if len(set(self.ratios)) != len(self.ratios):
             raise ConfigError("ratios", self.ratios, "each ratio once")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ConfigError("heldout_fraction", self.heldout_fraction, "must be in (0, 1), e.g. 0.2")
+        check_range("heldout_fraction", self.heldout_fraction, gt=0.0, lt=1.0, hint="e.g. 0.2")
+        check_seed("seed", self.seed)
         # Local paths become absolute: stage workers (Ray Train's above all) run in directories of their own.
         self.root = storage.absolute(self.root)
         self.corpus = [storage.absolute(pattern) for pattern in self.corpus]

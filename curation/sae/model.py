@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +72,12 @@ class SAEConfig:
     """Leading token positions excluded from training and pooling (the attention-sink position 0)."""
 
     def __post_init__(self) -> None:
-        if self.d_in < 1:
-            raise ConfigError("d_in", self.d_in, "must be >= 1 (the number of input coordinates)")
-        if self.expansion_factor < 1:
-            raise ConfigError("expansion_factor", self.expansion_factor, "must be >= 1")
-        if self.num_latents < 0:
-            raise ConfigError("num_latents", self.num_latents, "must be >= 0 (0 derives it from d_in)")
+        check_range("d_in", self.d_in, ge=1, hint="the number of input coordinates")
+        check_range("expansion_factor", self.expansion_factor, ge=1)
+        check_range("num_latents", self.num_latents, ge=0, hint="0 derives it from d_in")
         if self.num_latents == 0:
             self.num_latents = self.expansion_factor * self.d_in
-        if self.k < 1:
-            raise ConfigError("k", self.k, "must be >= 1")
+        check_range("k", self.k, ge=1)
         if self.k > self.num_latents:
             raise ConfigError(
                 "k", self.k, f"must be <= num_latents={self.num_latents}; lower k or raise expansion_factor"
@@ -90,18 +86,15 @@ class SAEConfig:
         self._validate_provenance()
 
     def _validate_aux(self) -> None:
-        if self.aux_k < 0:
-            raise ConfigError("aux_k", self.aux_k, "must be >= 0 (0 means d_in // 2)")
+        check_range("aux_k", self.aux_k, ge=0, hint="0 means d_in // 2")
         if self.aux_k == 0:
             self.aux_k = min(max(1, self.d_in // 2), self.num_latents)
         if self.aux_k > self.num_latents:
             raise ConfigError(
                 "aux_k", self.aux_k, f"must be <= num_latents={self.num_latents}; lower aux_k or set it to 0"
             )
-        if self.aux_coeff < 0:
-            raise ConfigError("aux_coeff", self.aux_coeff, "must be >= 0 (0 turns AuxK off)")
-        if self.dead_after_tokens < 1:
-            raise ConfigError("dead_after_tokens", self.dead_after_tokens, "must be >= 1")
+        check_range("aux_coeff", self.aux_coeff, ge=0, hint="0 turns AuxK off")
+        check_range("dead_after_tokens", self.dead_after_tokens, ge=1)
 
     def _validate_provenance(self) -> None:
         if len(self.coords) not in (0, self.d_in):
@@ -110,8 +103,8 @@ class SAEConfig:
             )
         if any(c < 0 for c in self.coords) or len(set(self.coords)) != len(self.coords):
             raise ConfigError("coords", self.coords, "must be distinct non-negative indices")
-        if self.skip_positions < 0:
-            raise ConfigError("skip_positions", self.skip_positions, "must be >= 0")
+        check_range("skip_positions", self.skip_positions, ge=0)
+        check_range("layer", self.layer, ge=-1, hint="a 0-based decoder layer index, or -1 when unset")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from core import manifest, models, storage
 from core.batching import tokenize_batch, tokenize_texts
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range, check_ranges
 from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
@@ -84,11 +84,13 @@ class TrainSAEConfig(RunConfig):
             raise ConfigError("corpus", self.corpus, "is required: pass --corpus PATH_OR_GLOB")
         if not self.out:
             raise ConfigError("out", self.out, "is required: pass --out DIR")
-        for name in ("max_train_tokens", "epochs", "batch_tokens", "max_tokens", "calibration_docs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be >= 1")
-        if self.layer < 0:
-            raise ConfigError("layer", self.layer, "must be >= 0 (a 0-based decoder layer index)")
+        positive = ("num_coords", "expansion_factor", "k", "max_train_tokens", "epochs", "batch_tokens")
+        check_ranges(self, (*positive, "max_tokens", "calibration_docs", "encode_actors"), ge=1)
+        check_range("layer", self.layer, ge=0, hint="a 0-based decoder layer index")
+        check_range("lr", self.lr, gt=0, optional=True, hint="unset uses the width-scaled default")
+        check_range("cpus_per_actor", self.cpus_per_actor, gt=0, hint="fractions are fine")
+        check_range("gpus_per_actor", self.gpus_per_actor, ge=0)
+        check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the machine")
 
 
 def check(config: TrainSAEConfig) -> tuple[models.ModelInfo, list[storage.FileInfo], str]:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core import storage
+from core.errors import check_range
 from core.reader import shard_key
 from core.storage import FileInfo, StorageOptions
 
@@ -83,6 +84,8 @@ class Catalog:
     """Records and leases of one spec's output root."""
 
     def __init__(self, root: str, options: StorageOptions | None, owner: str, lease_seconds: float = 600.0):
+        # A NaN expiry compares false with every clock, so no claimant would ever see the lease live.
+        check_range("lease_seconds", lease_seconds, gt=0)
         self.root = root
         self.options = options
         self.owner = owner
@@ -265,6 +268,7 @@ class LeaseKeeper:
     """Renews held leases from a background thread while the batch works on them."""
 
     def __init__(self, catalog: Catalog, every_s: float | None = None):
+        check_range("every_s", every_s, gt=0, optional=True)
         self.catalog = catalog
         self.every_s = every_s or max(catalog.lease_seconds / 3.0, 0.5)
         self.leases: dict[str, Lease] = {}

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core import cli, storage
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range, check_ranges
 from core.reader import (
     REJECT_BAD_JSON,
     REJECT_MISSING_TEXT_COLUMN,
@@ -101,15 +101,12 @@ class ScheduleSpec(CurateConfig):
         super().__post_init__()
         if not self.name:
             self.name = posixpath.basename(self.out.rstrip("/")) or self.out
-        for name in ("shards_per_round", "max_attempts", "keep_snapshots"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be >= 1")
-        if self.max_shards_per_batch < 0:
-            raise ConfigError("max_shards_per_batch", self.max_shards_per_batch, "must be >= 0 (0: no limit)")
-        if self.lease_seconds <= 0 or self.interval_s < 0:
-            raise ConfigError("lease_seconds", self.lease_seconds, "must be > 0 (and interval_s >= 0)")
-        if not 0.0 <= self.max_bad_line_fraction <= 1.0:
-            raise ConfigError("max_bad_line_fraction", self.max_bad_line_fraction, "must be in [0, 1]")
+        check_ranges(self, ("shards_per_round", "max_attempts", "keep_snapshots"), ge=1)
+        check_range("max_shards_per_batch", self.max_shards_per_batch, ge=0, hint="0: no limit")
+        # A NaN or infinite lease never expires and compares false with every clock: claims would race.
+        check_range("lease_seconds", self.lease_seconds, gt=0)
+        check_range("interval_s", self.interval_s, ge=0)
+        check_range("max_bad_line_fraction", self.max_bad_line_fraction, ge=0.0, le=1.0)
 
 
 @dataclass
@@ -132,6 +129,7 @@ class ScheduleJobConfig:
             self.spec = [self.spec]
         if not self.spec:
             raise ConfigError("spec", self.spec, "is required: pass --spec SPEC.yaml")
+        check_range("max_batches", self.max_batches, ge=0, hint="0: run until stopped")
 
 
 def load_spec(path: str) -> ScheduleSpec:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from core import manifest, models, storage
 from core.batching import tokenize_batch, tokenize_texts
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range, check_ranges
 from core.reader import CleanConfig, count_rejects, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec, Pooling
@@ -90,19 +90,17 @@ class CurateConfig(RunConfig):
                 raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
         if not self.corpus:
             raise ConfigError("corpus", self.corpus, "is required: pass --corpus PATH_OR_GLOB")
-        if self.threshold is not None and not -1.0 <= self.threshold <= 1.0:
-            raise ConfigError("threshold", self.threshold, "is a cosine similarity: use a value in [-1, 1]")
+        check_range("threshold", self.threshold, ge=-1.0, le=1.0, optional=True, hint="a cosine similarity")
         if self.rule is None:
             self.rule = "threshold" if self.threshold is not None else "per_seed_topn"
         if self.rule == "threshold" and self.threshold is None:
             raise ConfigError("threshold", None, "the threshold rule needs --threshold T (a cosine in [-1, 1])")
-        for name in ("top_n", "max_tokens", "encode_actors", "batch_size", "max_batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be >= 1")
+        check_ranges(self, ("top_n", "max_tokens", "encode_actors", "batch_size", "max_batch_tokens"), ge=1)
         if self.max_batch_tokens < self.max_tokens:
             raise ConfigError("max_batch_tokens", self.max_batch_tokens, f"must be >= max_tokens={self.max_tokens}")
-        if self.cpus_per_actor <= 0:
-            raise ConfigError("cpus_per_actor", self.cpus_per_actor, "must be > 0 (fractions are fine)")
+        check_range("cpus_per_actor", self.cpus_per_actor, gt=0, hint="fractions are fine")
+        check_range("gpus_per_actor", self.gpus_per_actor, ge=0)
+        check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the machine")
         self.clean_config()
 
     def clean_config(self) -> CleanConfig:

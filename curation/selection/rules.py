@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range
 
 SelectionRule = Literal["per_seed_topn", "global_topn", "threshold"]
 
@@ -41,10 +41,10 @@ class SelectionSpec:
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.rule != "threshold" and self.top_n < 1:
-            raise ConfigError("top_n", self.top_n, "must be >= 1")
-        if self.rule == "threshold" and not -1.0 <= self.threshold <= 1.0:
-            raise ConfigError("threshold", self.threshold, "is a cosine similarity: use a value in [-1, 1]")
+        if self.rule != "threshold":
+            check_range("top_n", self.top_n, ge=1)
+        else:
+            check_range("threshold", self.threshold, ge=-1.0, le=1.0, hint="a cosine similarity")
         if not self.seed_domains:
             raise ConfigError("seeds", 0, "need at least one seed")
 

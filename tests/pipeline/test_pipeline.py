@@ -9,9 +9,11 @@ import pytest
 from helpers import write_corpus
 
 from core import storage
+from core.errors import ConfigError
 from curation.sae.model import TopKSAE
 from curation.sae.train import TrainSAEConfig, run_train_sae
 from curation.selection.curate import CurateConfig, run_curation
+from curation.split import SplitConfig, run_split
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -89,6 +91,60 @@ def test_threshold_rule_reruns_and_selects_by_cosine(curated_run, tmp_path):
     assert all(row["score"] >= 0.99 for row in rows)
     scored = pq.read_table(tmp_path / "thr" / "scored").to_pylist()
     assert len(scored) == curated_run["corpus"]["good_rows"]
+
+
+def _files(directory) -> list[str]:
+    return sorted(str(p) for p in directory.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+
+
+def test_prune_reads_a_curate_output_through_its_manifest(curated_run, tiny_model_dir, tmp_path):
+    """`jobs.prune --data <curate --out>` takes its texts from curated/ alone, never from scored/ or rejects/;
+    a path into scored/ or rejects/ is refused, naming the curated/ directory to pass."""
+    from training.pruning.prune import PruneConfig, run_pruning
+
+    out = curated_run["root"] / "out"
+    config = PruneConfig(
+        model=tiny_model_dir, data=str(out), out=str(tmp_path / "pruned"), ratio=0.3, channel_multiple=8, max_tokens=32
+    )
+    run_pruning(config)
+    written = json.loads((tmp_path / "pruned" / "manifest.json").read_text())
+    assert [info["uri"] for info in written["inputs"]] == _files(out / "curated")
+    assert written["counts"]["docs"] == curated_run["manifest"]["counts"]["curated_rows"]
+    for wrong in ("scored", "rejects"):
+        with pytest.raises(ConfigError) as error:
+            run_pruning(PruneConfig(model=tiny_model_dir, data=str(out / wrong), out=str(tmp_path / wrong)))
+        assert error.value.field == "data" and str(out / "curated") in str(error.value)
+        assert not (tmp_path / wrong).exists()
+
+
+def test_a_split_output_gives_evaluation_its_heldout_and_is_refused_where_ambiguous(
+    curated_run, tiny_model_dir, tmp_path
+):
+    """--ppl <split --out> reads heldout/ only; distill refuses a split root (train/ or random/?) naming
+    both; finetune refuses a curate output, which is no distilled set; --ppl refuses it too."""
+    from training.distillation import distill
+    from training.evaluation import evaluate
+    from training.finetuning import finetune
+
+    curate_out = curated_run["root"] / "out"
+    split_out = tmp_path / "split"
+    run_split(SplitConfig(curated=str(curate_out), domain="maths", out=str(split_out)))
+    assert {"train", "heldout", "random", "manifest.json"} <= {p.name for p in split_out.iterdir()}
+    checked = evaluate.plan(
+        evaluate.EvaluateConfig(models=[tiny_model_dir], out=str(tmp_path / "eval"), ppl=[str(split_out)])
+    )
+    assert checked.documents["documents"] == pq.read_table(split_out / "heldout").column("text").to_pylist()
+    assert [info.uri for info in checked.inputs if "split" in info.uri] == _files(split_out / "heldout")
+    with pytest.raises(ConfigError) as error:
+        distill.plan(distill.DistillConfig(data=str(split_out), out=str(tmp_path / "d"), teacher=tiny_model_dir))
+    assert error.value.field == "data"
+    assert str(split_out / "train") in str(error.value) and str(split_out / "random") in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        finetune.plan(finetune.FinetuneConfig(model=tiny_model_dir, data=str(curate_out), out=str(tmp_path / "f")))
+    assert error.value.field == "data" and "`curate`" in str(error.value) and "`distill`" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        evaluate.plan(evaluate.EvaluateConfig(models=[tiny_model_dir], out=str(tmp_path / "e"), ppl=[str(curate_out)]))
+    assert error.value.field == "ppl" and "heldout/" in str(error.value)
 
 
 def test_s3_round_trip(ray_local, tiny_model_dir, s3_bucket, tmp_path):

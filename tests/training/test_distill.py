@@ -305,6 +305,33 @@ def test_pipeline_reads_a_curated_output(ray_local, scripted_model, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_finetune_reads_a_distill_output_through_its_manifest(ray_local, scripted_model, tmp_path):
+    """`jobs.finetune --data <distill --out>` trains on distilled/ alone: never on the parts/ copies of the
+    same rows or on rejects/; a path into parts/ or rejects/, and an unfinished output, are refused."""
+    from training.finetuning import finetune
+    from training.finetuning.finetune import FinetuneConfig
+
+    out = tmp_path / "out"
+    run_distill(mechanics_config(write_rows(tmp_path / "rows", INSTRUCTION_ROWS), out, scripted_model))
+    assert {"distilled", "parts", "rejects", "manifest.json"} <= {p.name for p in out.iterdir()}
+
+    def plan(data: str):
+        config = FinetuneConfig(model=scripted_model, data=data, out=str(tmp_path / "ft"), micro_batch=1, num_workers=1)
+        return finetune.plan(config)
+
+    checked = plan(str(out))
+    assert sorted(info.uri for info in checked.inputs) == sorted(str(p) for p in (out / "distilled").glob("*.parquet"))
+    assert checked.rows == pq.read_table(out / "distilled").num_rows == len(EXPECTED)
+    for wrong in (out / "parts", out / "rejects", out / "**" / "*.parquet"):
+        with pytest.raises(ConfigError) as error:
+            plan(str(wrong))
+        assert error.value.field == "data" and str(out / "distilled") in str(error.value), wrong
+    (out / "manifest.json").unlink()  # as a run killed before its end leaves it
+    with pytest.raises(ConfigError) as error:
+        plan(str(out))
+    assert error.value.field == "data" and "manifest.json" in str(error.value) and "parts/" in str(error.value)
+
+
 def test_vllm_processor_builds_without_vllm(ray_local, scripted_model):
     import importlib.util
 

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from core import manifest, models, storage
 from core.batching import cached_tokenizer
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range, check_ranges
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from training.distillation.teacher import (
     Backend,
@@ -166,21 +166,16 @@ class DistillConfig(RunConfig, GenerationSettings):
         for name in ("data", "out", "teacher"):
             if not getattr(self, name):
                 raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
-        if not 0.05 <= self.prefix_fraction <= 0.95:
-            raise ConfigError("prefix_fraction", self.prefix_fraction, "must be in [0.05, 0.95]")
-        if self.min_document_tokens < 2:
-            raise ConfigError("min_document_tokens", self.min_document_tokens, "must be >= 2")
+        check_range("prefix_fraction", self.prefix_fraction, ge=0.05, le=0.95)
+        check_range("min_document_tokens", self.min_document_tokens, ge=2)
         if self.max_document_tokens < self.min_document_tokens:
             raise ConfigError(
                 "max_document_tokens",
                 self.max_document_tokens,
                 f"must be >= min_document_tokens={self.min_document_tokens}",
             )
-        if self.part_rows < 1:
-            raise ConfigError("part_rows", self.part_rows, "must be >= 1")
-        for name in ("context_length", "limit"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, getattr(self, name), "must be >= 0 (0: default)")
+        check_range("part_rows", self.part_rows, ge=1)
+        check_ranges(self, ("context_length", "limit"), ge=0, hint="0: default")
         if self.backend == "vllm" and self.gpus_per_actor:
             raise ConfigError(
                 "gpus_per_actor", self.gpus_per_actor, "is for the transformers backend; vLLM takes GPUs itself"
@@ -403,10 +398,12 @@ class DistillPlan:
     digest: str
 
 
+DATA_READS = {"curate": "curated"}
+"""--data may name a curate output root: its curated/ is read (never its scored/ or rejects/)."""
+
+
 def input_files(data: str, options: storage.StorageOptions) -> list[storage.FileInfo]:
-    curated = storage.join(data, "curated")
-    source = curated if "*" not in data and storage.exists(curated, options) else data
-    files = [info for info in storage.expand(source, options, config_field="data") if info.uri.endswith(".parquet")]
+    files = manifest.input_files(data, field="data", reads=DATA_READS, options=options, suffixes=(".parquet",))
     if not files:
         raise ConfigError("data", data, "holds no *.parquet file; pass a curated output directory or Parquet files")
     return files

@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from core.batching import length_batches
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
 
 logger = logging.getLogger(__name__)
@@ -90,15 +90,13 @@ class TeacherConfig(GenerationSettings):
             raise ConfigError("model", self.model, "is required: name the teacher model")
         if self.backend not in ("transformers", "vllm"):
             raise ConfigError("backend", self.backend, "must be transformers or vllm")
-        for name in ("max_new_tokens", "batch_size", "max_batch_tokens", "actors"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be >= 1")
-        if self.temperature < 0:
-            raise ConfigError("temperature", self.temperature, "must be >= 0 (0 decodes greedily)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("top_p", self.top_p, "must be in (0, 1]")
-        if self.cpus_per_actor <= 0:
-            raise ConfigError("cpus_per_actor", self.cpus_per_actor, "must be > 0 (fractions are fine)")
+        check_ranges(self, ("max_new_tokens", "batch_size", "max_batch_tokens", "actors"), ge=1)
+        check_range("temperature", self.temperature, ge=0, hint="0 decodes greedily")
+        check_range("top_p", self.top_p, gt=0, le=1)
+        check_seed("seed", self.seed)
+        check_range("cpus_per_actor", self.cpus_per_actor, gt=0, hint="fractions are fine")
+        check_range("gpus_per_actor", self.gpus_per_actor, ge=0)
+        check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the machine")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError("dtype", self.dtype, "must be float32 or bfloat16")
         if any(not text for text in self.stop):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import numbers
 import os
 import re
 import time
@@ -22,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from core import manifest, models, storage
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
 from core.runtime import RunConfig, init_ray, is_local_ray
 from training.evaluation import mmlu, stats
@@ -31,6 +32,8 @@ from training.evaluation.mmlu import Question
 logger = logging.getLogger(__name__)
 
 NORMS = ("char", "sum", "token")
+PPL_READS = {"split": "heldout"}
+"""--ppl may name a split output root: its heldout/ is read."""
 _LABEL = re.compile(r"^([A-Za-z][\w.+-]*)=(.+)$")
 
 
@@ -100,17 +103,20 @@ class EvaluateConfig(RunConfig):
         duplicate = next((label for label in labels if labels.count(label) > 1), None)
         if duplicate:
             raise ConfigError("models", self.models, f"the label {duplicate!r} appears twice; give LABEL=MODEL")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError("limit", self.limit, "must be >= 1, or unset for every question")
-        if any(k < 0 or k > mmlu.DEV_PER_SUBJECT for k in self.shots):
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        check_range("limit", self.limit, ge=1, optional=True, hint="or unset for every question")
+        check_seed("sample_seed", self.sample_seed)
+        if not all(isinstance(k, numbers.Integral) and 0 <= k <= mmlu.DEV_PER_SUBJECT for k in self.shots):
             raise ConfigError("shots", self.shots, f"each must be in 0..{mmlu.DEV_PER_SUBJECT} (the held-out pool)")
+        check_range("ppl_max_docs", self.ppl_max_docs, ge=1, optional=True, hint="or unset for every document")
+        check_ranges(self, ("window", "max_length", "max_batch_tokens"), ge=2)
         if not 1 <= self.stride <= self.window:
             raise ConfigError("stride", self.stride, f"must be in 1..window={self.window}")
-        for name in ("window", "max_length", "max_batch_tokens"):
-            if getattr(self, name) < 2:
-                raise ConfigError(name, getattr(self, name), "must be >= 2")
-        if self.cpus_per_model < 0 or self.gpus_per_model < 0:
-            raise ConfigError("cpus_per_model", self.cpus_per_model, "must be >= 0 (fractions are fine)")
+        check_range("cpus_per_model", self.cpus_per_model, ge=0, hint="0 shares this machine's CPUs")
+        check_range("gpus_per_model", self.gpus_per_model, ge=0)
+        check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the CPUs reserved")
 
     def labelled_models(self) -> list[tuple[str, str]]:
         pairs = []
@@ -243,8 +249,12 @@ def plan(config: EvaluateConfig) -> EvaluationPlan:
         from training.evaluation.perplexity import load_documents
 
         name = config.ppl_name or config.ppl_topic or "documents"
-        documents[name], skipped[name] = load_documents(config.ppl, config.ppl_topic, config.ppl_max_docs, options)
-        inputs += storage.expand(config.ppl, options, config_field="ppl")
+        # A split output root gives its heldout/; never its train/ or random/, which pruning and fine-tuning saw.
+        files = manifest.input_files(config.ppl, field="ppl", reads=PPL_READS, options=options)
+        documents[name], skipped[name] = load_documents(
+            [info.uri for info in files], config.ppl_topic, config.ppl_max_docs, options
+        )
+        inputs += files
     digest = config.digest(inputs, prompt=mmlu.PROMPT_FORM)  # a new prompt makes new results
     return EvaluationPlan(config, pairs, questions, dev, rejects, in_file, documents, skipped, inputs, digest)
 

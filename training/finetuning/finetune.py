@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 from core import manifest, models, storage
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.runtime import RunConfig, init_ray, is_local_ray
 from training.finetuning.deepspeed_config import build_deepspeed_config
 from training.finetuning.losses import causal_lm_loss, combined_loss, kd_loss
@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 SUMMARY_FILE = "train_summary.json"
 DS_TAG = "ds"
+DATA_READS = {"distill": "distilled"}
+"""--data may name a distill output root: its distilled/ is read (never its parts/ or rejects/)."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -147,32 +149,28 @@ class FinetuneConfig(RunConfig):
                 raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
         if self.zero_stage not in (2, 3):
             raise ConfigError("zero_stage", self.zero_stage, "must be 2 or 3")
-        if not 0.0 <= self.kd_weight <= 1.0:
-            raise ConfigError("kd_weight", self.kd_weight, "is a mixing weight: use a value in [0, 1]")
+        check_range("kd_weight", self.kd_weight, ge=0.0, le=1.0, hint="a mixing weight")
         if self.kd_weight > 0 and not self.teacher:
             raise ConfigError("teacher", self.teacher, "KD needs the unpruned model: pass --teacher DIR")
-        if self.kd_temperature <= 0:
-            raise ConfigError("kd_temperature", self.kd_temperature, "must be > 0")
-        if self.lora_r < 0:
-            raise ConfigError("lora_r", self.lora_r, "must be >= 0 (0 trains all weights)")
+        check_range("kd_temperature", self.kd_temperature, gt=0)
+        check_range("lora_r", self.lora_r, ge=0, hint="0 trains all weights")
+        check_range("lora_alpha", self.lora_alpha, gt=0)
         if self.lora_r and not self.lora_targets:
             raise ConfigError("lora_targets", self.lora_targets, "LoRA needs at least one module name")
-        for name in ("epochs", "micro_batch", "grad_accum", "window_steps", "num_workers", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be >= 1")
-        if self.checkpoint_every < 1:
-            raise ConfigError("checkpoint_every", self.checkpoint_every, "must be >= 1")
-        if self.max_tokens < 8:
-            raise ConfigError("max_tokens", self.max_tokens, "must be >= 8")
-        for name in ("max_steps", "warmup_steps", "max_failures", "fail_at_step", "torch_threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, getattr(self, name), "must be >= 0")
-        if self.lr <= 0:
-            raise ConfigError("lr", self.lr, "must be > 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError("min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        if self.cpus_per_worker < 0:
-            raise ConfigError("cpus_per_worker", self.cpus_per_worker, "must be >= 0 (0 picks one)")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """The schedule, optimiser and execution settings; NaN and infinities are refused everywhere."""
+        positive = ("epochs", "micro_batch", "grad_accum", "window_steps", "num_workers", "log_every")
+        check_ranges(self, (*positive, "checkpoint_every", "keep_checkpoints"), ge=1)
+        check_range("max_tokens", self.max_tokens, ge=8)
+        check_ranges(self, ("max_steps", "warmup_steps", "max_failures", "fail_at_step", "torch_threads"), ge=0)
+        check_range("lr", self.lr, gt=0)
+        check_range("weight_decay", self.weight_decay, ge=0)
+        check_range("min_lr_ratio", self.min_lr_ratio, ge=0.0, le=1.0)
+        check_range("grad_clip", self.grad_clip, ge=0, hint="0 turns clipping off")
+        check_seed("seed", self.seed)
+        check_range("cpus_per_worker", self.cpus_per_worker, ge=0, hint="0 picks one")
 
     @property
     def checkpoint_uri(self) -> str:
@@ -232,9 +230,7 @@ def plan(config: FinetuneConfig) -> FinetunePlan:
                 f"vocabulary {teacher_config.get('vocab_size')} differs from the student's "
                 f"{model_config.get('vocab_size')}: KD needs the same tokenizer",
             )
-    inputs = [
-        info for info in storage.expand(config.data, options, config_field="data") if info.uri.endswith(".parquet")
-    ]
+    inputs = manifest.input_files(config.data, field="data", reads=DATA_READS, options=options, suffixes=(".parquet",))
     if not inputs:
         raise ConfigError("data", config.data, "holds no *.parquet file; pass the output of `jobs.distill`")
     rows, columns = 0, None

@@ -46,7 +46,7 @@ from torch import nn
 
 from core import manifest, models, storage
 from core.batching import pad_right, tokenize_texts
-from core.errors import ConfigError
+from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.runtime import RunConfig
 from training.pruning.importance import Importance, magnitude_importance, random_importance, taylor_importance
 from training.pruning.structures import SUPPORTED_MODEL_TYPES, Layout, apply_plan, count_params, layout_of
@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 PruneMethod = Literal["taylor", "magnitude", "random"]
 Ranking = Literal["global", "per_layer"]
+DATA_READS = {"curate": "curated", "split": "train"}
+"""--data may name a curate or split output root: its curated/ or train/ is read (never scored/ or rejects/;
+a split's held-out rows stay out of pruning)."""
 REPORT = "prune_report.json"
 # Not *.safetensors: vLLM loads every safetensors file of a model directory as weights.
 IMPORTANCE = "prune_importance.npz"
@@ -96,15 +99,12 @@ class PruneConfig(RunConfig):
     def __post_init__(self) -> None:
         if not self.out:
             raise ConfigError("out", self.out, "is required: pass --out DIR")
-        if not 0.0 < self.ratio < 1.0:
-            raise ConfigError("ratio", self.ratio, "is the share of parameters to remove: use a value in (0, 1)")
+        check_range("ratio", self.ratio, gt=0.0, lt=1.0, hint="the share of parameters to remove")
         if self.method == "taylor" and not self.data:
             raise ConfigError("data", self.data, "taylor importance needs the curated set: pass --data DIR")
-        for name in ("channel_multiple", "max_docs", "max_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be >= 1")
-        if self.keep_groups is not None and self.keep_groups < 1:
-            raise ConfigError("keep_groups", self.keep_groups, "must be >= 1 (a layer needs attention)")
+        check_ranges(self, ("channel_multiple", "max_docs", "max_tokens", "batch_size"), ge=1)
+        check_range("keep_groups", self.keep_groups, ge=1, optional=True, hint="a layer needs attention")
+        check_seed("seed", self.seed)
 
 
 @dataclass
@@ -287,6 +287,17 @@ def read_texts(data: str, max_docs: int, options: storage.StorageOptions | None 
     return texts
 
 
+def _domain_data(config: PruneConfig, options: storage.StorageOptions) -> tuple[list[storage.FileInfo], list[str]]:
+    """The curated set's files (for the manifest hash) and its texts (for taylor importance). A curate or split
+    output root is read through its manifest; its scored/ and rejects/ never are."""
+    if not config.data:
+        return [], []
+    inputs = manifest.input_files(config.data, field="data", reads=DATA_READS, options=options)
+    source = manifest.resolve_input(config.data, field="data", reads=DATA_READS, options=options)
+    texts = read_texts(source, config.max_docs, options) if config.method == "taylor" else []
+    return inputs, texts
+
+
 def compute_importance(
     model: nn.Module, layout: Layout, config: PruneConfig, texts: list[str], tokenizer
 ) -> Importance:
@@ -353,8 +364,7 @@ def run_pruning(config: PruneConfig) -> dict:
     """Run the stage; returns the report. Skipped when `out` holds a manifest for this config and inputs."""
     options = config.storage_options()
     layout = _checked_layout(config)
-    inputs = storage.expand(config.data, options, config_field="data") if config.data else []
-    texts = read_texts(config.data, config.max_docs, options) if config.method == "taylor" else []
+    inputs, texts = _domain_data(config, options)
     digest = config.digest(inputs)
     if manifest.finished(config.out, digest, options, config.force) is not None:
         return storage.read_json(storage.join(config.out, REPORT), options)

@@ -1,0 +1,99 @@
+"""Finding the dataset inside a stage output (core.manifest.resolve_input / input_files), local and on S3.
+
+The stage tests run the real stages (tests/training/test_distill.py, tests/pipeline/test_pipeline.py);
+these cover the rules themselves on small hand-made layouts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core import manifest, storage
+from core.errors import ConfigError
+
+READS = {"distill": "distilled"}
+
+
+def _parquet(path, rows: int = 2) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(rows)]}), path)
+
+
+def _distill_output(root, finished: bool = True):
+    _parquet(root / "distilled" / "part-0.parquet")
+    _parquet(root / "parts" / "part-00000.parquet")
+    _parquet(root / "rejects" / "rejects.parquet", rows=1)
+    if finished:
+        (root / "manifest.json").write_text(json.dumps({"stage": "distill"}))
+    return root
+
+
+def test_an_output_root_resolves_through_its_manifest_and_a_plain_directory_is_itself(tmp_path):
+    out = _distill_output(tmp_path / "out")
+    files = manifest.input_files(str(out), field="data", reads=READS)
+    assert [info.uri for info in files] == [str(out / "distilled" / "part-0.parquet")]
+    assert manifest.resolve_input(str(out / "distilled"), field="data", reads=READS) == str(out / "distilled")
+    plain = tmp_path / "plain"
+    _parquet(plain / "a.parquet")
+    assert manifest.resolve_input(str(plain), field="data", reads=READS) == str(plain)
+
+
+def test_a_hand_made_root_with_only_the_dataset_directory_is_read_through_it(tmp_path):
+    _parquet(tmp_path / "run" / "distilled" / "x.parquet")
+    resolved = manifest.resolve_input(str(tmp_path / "run"), field="data", reads=READS)
+    assert resolved == str(tmp_path / "run" / "distilled")
+
+
+@pytest.mark.parametrize("inside", ["parts", "rejects", "parts/part-00000.parquet", "*/*.parquet"])
+def test_a_path_into_a_stage_outputs_internals_is_refused(tmp_path, inside):
+    out = _distill_output(tmp_path / "out")
+    with pytest.raises(ConfigError) as error:
+        manifest.input_files(f"{out}/{inside}", field="data", reads=READS)
+    assert error.value.field == "data" and str(out / "distilled") in str(error.value)
+
+
+def test_an_unfinished_output_and_another_stages_output_are_refused(tmp_path):
+    unfinished = _distill_output(tmp_path / "unfinished", finished=False)
+    with pytest.raises(ConfigError) as error:
+        manifest.input_files(str(unfinished), field="data", reads=READS)
+    assert "manifest.json" in str(error.value) and "parts/, rejects/" in str(error.value)
+    split = tmp_path / "split"
+    for part in ("train", "heldout", "random"):
+        _parquet(split / part / "part-00000.parquet")
+    (split / "manifest.json").write_text(json.dumps({"stage": "split"}))
+    with pytest.raises(ConfigError) as error:
+        manifest.input_files(str(split), field="data", reads=READS)
+    message = str(error.value)
+    assert "`split`" in message and "`distill` (or its distilled/)" in message and str(split / "heldout") in message
+
+
+def test_a_scheduled_curation_root_is_refused_naming_its_current_snapshot(tmp_path):
+    root = tmp_path / "schedule"
+    _parquet(root / "shards" / "abc.parquet")
+    _parquet(root / "snapshots" / "v000003" / "curated.parquet")
+    (root / "spec.json").write_text("{}")
+    (root / "CURRENT").write_text(json.dumps({"version": 3, "path": "snapshots/v000003"}))
+    with pytest.raises(ConfigError) as error:
+        manifest.input_files(str(root), field="data", reads={"curate": "curated"})
+    assert str(root / "snapshots" / "v000003" / "curated.parquet") in str(error.value)
+    with pytest.raises(ConfigError):  # its per-shard candidates are no dataset either
+        manifest.input_files(str(root / "shards"), field="data", reads={"curate": "curated"})
+    snapshot = str(root / "snapshots" / "v000003" / "curated.parquet")
+    assert [i.uri for i in manifest.input_files(snapshot, field="data", reads={})] == [snapshot]
+
+
+def test_on_s3_the_root_resolves_and_parts_are_refused(s3_bucket, tmp_path):
+    local = _distill_output(tmp_path / "out")
+    for path in local.rglob("*"):
+        if path.is_file():
+            storage.write_bytes_atomic(f"s3://{s3_bucket}/out/{path.relative_to(local)}", path.read_bytes())
+    root = f"s3://{s3_bucket}/out"
+    files = manifest.input_files(root, field="data", reads=READS)
+    assert [info.uri for info in files] == [f"{root}/distilled/part-0.parquet"]
+    with pytest.raises(ConfigError) as error:
+        manifest.input_files(f"{root}/parts", field="data", reads=READS)
+    assert f"{root}/distilled" in str(error.value)
