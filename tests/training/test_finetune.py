@@ -401,3 +401,18 @@ def test_shipped_config_loads():
     values = cli.load_yaml(str(REPO / "jobs" / "configs" / "demo-finetune.yaml"))
     config = cli.from_mapping(FinetuneConfig, {"model": "m", "data": "d", "out": "o", **values})
     assert config.zero_stage in (2, 3)
+
+
+def test_worker_plan_carries_no_s3_credentials(tiny_model_dir, distilled, tmp_path, monkeypatch):
+    """What TorchTrainer ships to every worker (train_loop_config) holds the endpoint but no credentials."""
+    import ray.cloudpickle
+
+    from training.finetuning.finetune import _worker_plan
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFINESCOPECANARY7")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "finescope-canary-secret-3f9c1d7e5b")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    loop = _worker_plan(plan(fit_config(tiny_model_dir, distilled, str(tmp_path / "o"))))
+    shipped = ray.cloudpickle.dumps({"plan": loop})
+    assert b"AKIAFINESCOPECANARY7" not in shipped and b"finescope-canary-secret" not in shipped
+    assert ray.cloudpickle.loads(shipped)["plan"].storage_options.endpoint_url == "http://127.0.0.1:9"
