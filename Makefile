@@ -7,7 +7,10 @@ DEMO ?= runs/demo
 # The demo's corpus size; every other budget is in jobs/configs/demo-pipeline.yaml.
 DEMO_DOCS ?= 1000
 
-export RAY_AUTH_MODE ?= disabled
+# Ray's token authentication stays at Ray's default (on for a local cluster, with a token it generates in
+# ~/.ray/auth_token) for the demo and the benches. Only the test suite turns it off, for the throwaway
+# clusters the tests start on this machine themselves (dashboard on 127.0.0.1, stopped when a test ends).
+TEST_RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_DEDUP_LOGS := 1
@@ -40,7 +43,7 @@ warm-deepspeed: install
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 
 test: install lint warm-deepspeed
-	$(PY) -m pytest -q -ra
+	RAY_AUTH_MODE=$(TEST_RAY_AUTH_MODE) $(PY) -m pytest -q -ra
 
 bench: install
 	$(PY) bench/curation_throughput.py

@@ -63,21 +63,35 @@ class StorageOptions:
     """Unsigned requests, for public buckets."""
 
     def resolved(self) -> StorageOptions:
-        """A copy with every None field that this process's environment supplies filled in.
+        """A copy with the endpoint and region that this process's environment supplies filled in.
 
         Call it on the Ray driver before shipping options to workers: a worker's environment is the one
         Ray started it with, which need not match the driver's (a local Ray started before the endpoint
-        variables were set, or a cluster node with other settings).
+        variables were set, or a cluster node with other settings). Credentials are not copied: they stay
+        in each process's environment (or the cluster's secret, or an instance role), where botocore's
+        credential chain finds them, and never become part of a Ray task's arguments, where Ray's task
+        tables, dashboards and error messages could show them.
         """
         env = os.environ
         return replace(
             self,
             endpoint_url=self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
-            key=self.key or env.get("AWS_ACCESS_KEY_ID"),
-            secret=self.secret or env.get("AWS_SECRET_ACCESS_KEY"),
-            token=self.token or env.get("AWS_SESSION_TOKEN"),
             region=self.region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION"),
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickled copy carries (Ray pickles task and actor arguments): everything but credentials.
+
+        Credentials given explicitly stay in this process; a worker that unpickles the options falls back
+        to botocore's credential chain in its own environment.
+        """
+        return {**self.__dict__, "key": None, "secret": None, "token": None}
+
+    def __copy__(self) -> StorageOptions:
+        return self  # frozen: a copy within this process is the same options, credentials included
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> StorageOptions:
+        return self
 
     def fsspec_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``s3fs.S3FileSystem``.

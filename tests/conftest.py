@@ -18,6 +18,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray workers read S3 credentials from their own environment, never from task arguments, and a session's
+# local Ray may start before the S3 fixture: give every process moto's test credentials from the start.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 # DeepSpeed compiles its CPU shared-memory op once into this directory (45-70 s); later runs load it.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "finescope" / "torch_extensions"))
 

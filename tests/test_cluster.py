@@ -207,3 +207,109 @@ def test_documented_job_commands_parse():
         spec = getattr(config, "spec", None)
         if module == "jobs.pipeline" and (REPO / spec).is_file():
             pipeline.build_steps(pipeline.load_spec(str(REPO / spec)))
+
+
+# ---------------------------------------------------------------- job API authentication
+
+TOKEN_SECRET = "finescope-ray-token"
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {entry["name"]: entry for entry in container.get("env") or []}
+
+
+def token_env_problems(container: dict, where: str) -> list[str]:
+    """RAY_AUTH_MODE=token and RAY_AUTH_TOKEN read from a Kubernetes Secret, never written in the manifest."""
+    env = env_of(container)
+    problems = []
+    if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+        problems.append(f"{where}: RAY_AUTH_MODE is {env.get('RAY_AUTH_MODE', {}).get('value')!r}, not 'token'")
+    token = env.get("RAY_AUTH_TOKEN", {})
+    if "value" in token or not token.get("valueFrom", {}).get("secretKeyRef", {}).get("name"):
+        problems.append(f"{where}: RAY_AUTH_TOKEN must come from a Secret (valueFrom.secretKeyRef)")
+    return problems
+
+
+def kuberay_problems(spec: dict, where: str) -> list[str]:
+    """A KubeRay cluster's dashboard (the job API) listens on the pod network for the head Service, so every
+    Ray container must enforce the token (or KubeRay's authOptions must turn it on for all of them)."""
+    if (spec.get("authOptions") or {}).get("mode") == "token":
+        return []
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    return [
+        problem
+        for name, group in groups
+        for container in containers(group["template"])
+        for problem in token_env_problems(container, f"{where} {name}/{container['name']}")
+    ]
+
+
+def launcher_problems(launcher: dict, where: str) -> list[str]:
+    """`ray up`: every node starts Ray in token mode with the token file, and the dashboard stays on loopback
+    (reached through `ray dashboard`'s SSH tunnel)."""
+    problems = []
+    commands = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    starts = [command for command in commands if "ray start" in command]
+    for command in starts:
+        if "RAY_AUTH_MODE=token" not in command:
+            problems.append(f"{where}: `{command}` starts Ray without RAY_AUTH_MODE=token")
+        if "dashboard-host" in command and "dashboard-host=127.0.0.1" not in command:
+            problems.append(f"{where}: `{command}` binds the dashboard beyond loopback")
+    if not any(target.endswith(".ray/auth_token") for target in launcher.get("file_mounts", {})):
+        problems.append(f"{where}: no node receives the token file (~/.ray/auth_token)")
+    return problems
+
+
+def auth_problems(name: str, document: dict) -> list[str]:
+    """Everything that would leave a job API of the manifest open."""
+    text = yaml.safe_dump(document)
+    problems = [f"{name}: RAY_AUTH_MODE=disabled"] if "disabled" in text and "RAY_AUTH_MODE" in text else []
+    kind = document.get("kind")
+    if kind == "RayCluster":
+        problems += kuberay_problems(document["spec"], name)
+    elif kind == "RayJob":
+        problems += kuberay_problems(document["spec"]["rayClusterSpec"], name)
+    elif kind == "CronJob":
+        pod = document["spec"]["jobTemplate"]["spec"]["template"]
+        for container in containers(pod):
+            if container.get("command", [])[:3] == ["ray", "job", "submit"]:
+                problems += token_env_problems(container, f"{name} {container['name']}")
+    elif "head_start_ray_commands" in document:
+        problems += launcher_problems(document, name)
+    if kind in ("RayCluster", "RayJob", "CronJob") or "head_start_ray_commands" in document:
+        return problems
+    assert "env_vars" in document, f"{name}: a manifest this test does not know how to check"
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in CLUSTER.glob("*.yaml")))
+def test_every_job_api_requires_the_token(name):
+    document = manifest(name)
+    assert auth_problems(name, document) == []
+
+
+def test_the_cluster_secret_feeds_the_token_to_kuberay_and_the_cronjob():
+    cluster, cron = manifest("raycluster.yaml"), manifest("cronjob-schedule.yaml")
+    head = containers(cluster["spec"]["headGroupSpec"]["template"])[0]
+    submit = containers(cron["spec"]["jobTemplate"]["spec"]["template"])[0]
+    # The CronJob must present the token the RayCluster enforces: the same Secret and key.
+    head_ref = env_of(head)["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert env_of(submit)["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == head_ref
+    assert head_ref == {"name": TOKEN_SECRET, "key": "auth_token"}
+
+
+@pytest.mark.parametrize(
+    "name, breakage",
+    [
+        ("raycluster.yaml", lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("env")),
+        ("rayjob-pipeline.yaml", lambda d: d["spec"]["rayClusterSpec"].pop("authOptions")),
+        ("cronjob-schedule.yaml", lambda d: d["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+         .update(env=[{"name": "RAY_AUTH_MODE", "value": "disabled"}])),
+        ("ray-cluster-launcher.yaml", lambda d: d["head_start_ray_commands"].append(
+            "ray start --head --dashboard-host=0.0.0.0")),
+    ],
+)  # fmt: skip
+def test_the_check_catches_an_open_job_api(name, breakage):
+    document = manifest(name)
+    breakage(document)
+    assert auth_problems(name, document)

@@ -650,3 +650,50 @@ def test_zero_byte_compressed_shard_is_a_reject(tmp_path, name):
     rejects_dir = str(tmp_path / "rejects")
     assert list(read_shard(uri, None, CleanConfig(), rejects_dir)) == []
     assert count_rejects(rejects_dir) == {reader.REJECT_TRUNCATED_STREAM: 1}
+
+
+CANARY_KEY, CANARY_SECRET = "AKIAFINESCOPECANARY7", "finescope-canary-secret-3f9c1d7e5b"
+
+
+def record_shipped(monkeypatch) -> list[bytes]:
+    """Every payload Ray serialises on this driver from now on: task and actor arguments, remote functions,
+    Ray Data's map functions with their fn_kwargs, ray.put objects (all go through ray.cloudpickle.dumps)."""
+    import ray.cloudpickle
+
+    shipped: list[bytes] = []
+    dumps = ray.cloudpickle.dumps
+
+    def recording_dumps(obj, *args, **kwargs):
+        data = dumps(obj, *args, **kwargs)
+        shipped.append(bytes(data))
+        return data
+
+    monkeypatch.setattr(ray.cloudpickle, "dumps", recording_dumps)
+    return shipped
+
+
+@pytest.mark.timeout(180)
+def test_s3_credentials_never_travel_as_task_arguments(ray_local, s3_bucket, monkeypatch, caplog):
+    """A corpus read on moto's S3 with distinctive credentials in the driver's environment: nothing Ray ships
+    to a task, no log line and no object written holds them; the workers sign with their own environment."""
+    import ray
+
+    base, rejects_dir = f"s3://{s3_bucket}/corpus", f"s3://{s3_bucket}/out/rejects"
+    uris, expected_docs, expected_rejects = build_corpus(base)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CANARY_KEY)  # moto's server accepts any key
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY_SECRET)
+    needles = [CANARY_KEY.encode(), CANARY_SECRET.encode()]
+    shipped = record_shipped(monkeypatch)
+    caplog.set_level("DEBUG")
+    rows = read_corpus(uris, None, CleanConfig(), rejects_dir, rows_per_batch=16).take_all()
+    assert {(row["id"], row["text"]) for row in rows} == expected_docs  # the run really read S3
+    assert count_rejects(rejects_dir) == expected_rejects  # and wrote it
+    assert shipped, "nothing was recorded: Ray no longer serialises through ray.cloudpickle.dumps"
+    leaked = [blob[:160] for blob in shipped if any(needle in blob for needle in needles)]
+    assert leaked == [], f"{len(leaked)} of {len(shipped)} shipped payloads hold the credentials"
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [message for message in messages if CANARY_SECRET in message or CANARY_KEY in message]
+    fs, _ = storage.filesystem(base)
+    assert [path for path in fs.find(s3_bucket) if any(needle in fs.cat_file(path) for needle in needles)] == []
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    assert [p for p in logs.rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)] == []

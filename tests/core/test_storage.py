@@ -44,9 +44,25 @@ def test_storage_options_fall_back_to_env(monkeypatch):
     assert (kwargs["key"], kwargs["secret"]) == ("k", "s")
 
     resolved = StorageOptions().resolved()
-    assert resolved.endpoint_url == "http://s3-specific:2"
-    assert (resolved.key, resolved.secret, resolved.region) == ("from-env", "secret-from-env", "eu-west-3")
+    assert (resolved.endpoint_url, resolved.region) == ("http://s3-specific:2", "eu-west-3")
+    # Credentials stay in the environment: what the driver ships to Ray workers never holds them.
+    assert (resolved.key, resolved.secret, resolved.token) == (None, None, None)
     assert "secret-from-env" not in repr(resolved)
+
+
+def test_pickled_options_carry_no_credentials():
+    import pickle
+
+    import ray.cloudpickle
+
+    explicit = StorageOptions(endpoint_url="http://minio:9000", key="k-id", secret="s-value", token="t-value")
+    for data in (pickle.dumps(explicit), ray.cloudpickle.dumps({"options": [explicit]})):
+        assert not any(value in data for value in (b"k-id", b"s-value", b"t-value"))
+    shipped = pickle.loads(pickle.dumps(explicit))
+    assert (shipped.endpoint_url, shipped.key, shipped.secret, shipped.token) == ("http://minio:9000", None, None, None)
+    import copy
+
+    assert copy.deepcopy(explicit).secret == "s-value"  # within the process nothing is lost
 
 
 def _roundtrip(base: str, options: StorageOptions | None) -> None:

@@ -401,3 +401,82 @@ def test_shipped_config_loads():
     values = cli.load_yaml(str(REPO / "jobs" / "configs" / "demo-finetune.yaml"))
     config = cli.from_mapping(FinetuneConfig, {"model": "m", "data": "d", "out": "o", **values})
     assert config.zero_stage in (2, 3)
+
+
+def test_worker_plan_carries_no_s3_credentials(tiny_model_dir, distilled, tmp_path, monkeypatch):
+    """What TorchTrainer ships to every worker (train_loop_config) holds the endpoint but no credentials."""
+    import ray.cloudpickle
+
+    from training.finetuning.finetune import _worker_plan
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFINESCOPECANARY7")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "finescope-canary-secret-3f9c1d7e5b")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    loop = _worker_plan(plan(fit_config(tiny_model_dir, distilled, str(tmp_path / "o"))))
+    shipped = ray.cloudpickle.dumps({"plan": loop})
+    assert b"AKIAFINESCOPECANARY7" not in shipped and b"finescope-canary-secret" not in shipped
+    assert ray.cloudpickle.loads(shipped)["plan"].storage_options.endpoint_url == "http://127.0.0.1:9"
+
+
+RESUME_PROBE = r"""
+import json, os, sys
+import torch
+import deepspeed  # noqa: F401
+# One rank needs no collective: skip building DeepSpeed's CPU shared-memory op, which only speeds them up.
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+import ray.train
+from conftest import build_tiny_model
+from core.storage import StorageOptions
+from training.finetuning import finetune as ft
+
+work, marker = sys.argv[1], sys.argv[2]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+model_dir = str(build_tiny_model(__import__("pathlib").Path(work) / "model", num_layers=1))
+config = ft.FinetuneConfig(model=model_dir, data="unused.parquet", out=work, zero_stage=2, torch_threads=1)
+loop = ft.WorkerPlan(config, model_dir, None, 10, StorageOptions(), "")
+model, _ = ft._build_model(loop)
+engine = ft._build_engine(model, loop, 1)
+checkpoint = os.path.join(work, "checkpoint")
+engine.save_checkpoint(checkpoint, tag=ft.DS_TAG)  # what _save_checkpoint writes, before Ray Train uploads it
+with open(os.path.join(checkpoint, ft.STATE_FILE), "w") as handle:
+    json.dump({"global_step": 7, "epoch": 1, "step_in_epoch": 2}, handle)
+ray.train.get_checkpoint = lambda: ray.train.Checkpoint.from_directory(checkpoint)
+report = {"clean_step": ft._restore(engine, loop).global_step}
+
+
+class Payload:
+    def __reduce__(self):
+        return os.system, (f"touch {marker}",)
+
+
+torch.save({"module": Payload()}, os.path.join(checkpoint, ft.DS_TAG, "mp_rank_00_model_states.pt"))
+try:
+    report["tampered_step"] = ft._restore(engine, loop).global_step
+except Exception as error:
+    report["error"] = [type(error).__name__, str(error)]
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_resume_refuses_a_planted_pickle(tmp_path):
+    """A checkpoint written by a real DeepSpeed save loads; the same checkpoint with one file replaced by a
+    pickle whose __reduce__ runs a command is refused with an error naming the file, and nothing runs."""
+    from conftest import free_port
+
+    marker = tmp_path / "payload-ran"
+    script = tmp_path / "probe.py"
+    script.write_text(RESUME_PROBE)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(marker), str(free_port())],
+        env=env, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert lines, done.stderr[-4000:]
+    report = json.loads(lines[-1][len("REPORT ") :])
+    assert not marker.exists(), "the planted pickle ran"
+    assert report["clean_step"] == 7  # the untampered checkpoint resumes
+    assert "tampered_step" not in report
+    kind, message = report["error"]
+    assert kind == "CheckpointRefused" and "mp_rank_00_model_states.pt" in message and "posix.system" in message

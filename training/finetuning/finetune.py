@@ -24,6 +24,7 @@ checkpoints/ (Ray Train, unless `checkpoints` points elsewhere) and, last, manif
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -347,6 +348,76 @@ def _build_engine(model: torch.nn.Module, loop: WorkerPlan, world_size: int):
     return engine
 
 
+class CheckpointRefused(RuntimeError):
+    """A checkpoint file holds something other than what DeepSpeed saves; it was not loaded."""
+
+
+def _checkpoint_safe_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its ZeRO-2/3 checkpoints besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _check_checkpoint_files(directory: str, allowed: list[Any]) -> None:
+    """Refuse any `*.pt` file that is not a torch.save archive or that pickles a global outside `allowed`.
+
+    Reads each archive's pickle opcodes without running them, so a planted payload never executes.
+    """
+    names = {f"{item.__module__}.{item.__qualname__}" for item in allowed}
+    for root, _, files in os.walk(directory):
+        for name in sorted(files):
+            if not name.endswith(".pt"):
+                continue
+            path = os.path.join(root, name)
+            try:
+                found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception as error:  # not a zip archive: an old-format or hand-made pickle
+                raise CheckpointRefused(f"checkpoint file {path} is not a torch.save archive ({error})") from None
+            if unexpected := sorted(set(found) - names):
+                raise CheckpointRefused(
+                    f"checkpoint file {path} pickles {unexpected}, which no DeepSpeed checkpoint holds: refusing "
+                    f"to load it; delete the checkpoint (or restore a copy you trust) and rerun"
+                )
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every torch.load in here (DeepSpeed passes weights_only=False) unpickles only tensors, plain
+    containers and DeepSpeed's own safe classes."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_checkpoint_safe_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def load_checkpoint(engine, directory: str) -> TrainerState:
+    """Load a checkpoint written by `_save_checkpoint` into `engine` and return its trainer state.
+
+    Checkpoints may live on shared storage that others can write to, and DeepSpeed's own loader would
+    unpickle anything. Every file is checked first and then loaded with weights_only unpickling; a file
+    that holds anything else raises CheckpointRefused and nothing of it runs.
+    """
+    import pickle
+
+    _check_checkpoint_files(directory, _checkpoint_safe_globals())
+    with _weights_only_loads():
+        try:
+            engine.load_checkpoint(directory, tag=DS_TAG)
+        except pickle.UnpicklingError as error:
+            raise CheckpointRefused(f"checkpoint {directory} refused: {str(error).splitlines()[0]}") from None
+    with open(os.path.join(directory, STATE_FILE)) as handle:
+        return TrainerState(**json.load(handle))
+
+
 def _restore(engine, loop: WorkerPlan) -> TrainerState:
     import ray.train
 
@@ -354,9 +425,7 @@ def _restore(engine, loop: WorkerPlan) -> TrainerState:
     if checkpoint is None:
         return TrainerState()
     with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory, tag=DS_TAG)
-        with open(os.path.join(directory, STATE_FILE)) as handle:
-            state = TrainerState(**json.load(handle))
+        state = load_checkpoint(engine, directory)
     state.resumed_from_step = state.global_step
     logger.info("resumed at step %d (epoch %d, step %d of it)", state.global_step, state.epoch, state.step_in_epoch)
     return state
