@@ -25,7 +25,11 @@ CoordSelector = Literal["jacobian", "magnitude", "all"]
 
 @torch.no_grad()
 def jacobian_row_norms(
-    encoder: DocumentEncoder, token_lists: Sequence[Sequence[int]], probes: int = 8, rel_eps: float = 1e-2
+    encoder: DocumentEncoder,
+    token_lists: Sequence[Sequence[int]],
+    probes: int = 8,
+    rel_eps: float = 1e-2,
+    seed: int = 0,
 ) -> torch.Tensor:
     """(d_model,) estimate of the mean squared Jacobian row norm of each coordinate of layer L.
 
@@ -33,6 +37,8 @@ def jacobian_row_norms(
     the constant d does not change the ranking and is left out); J v is taken by a central
     finite difference of the truncated forward along v in input-embedding space, so one probe costs
     two batched forwards and no backward pass. Padding and the skipped leading positions are left out.
+    The probe directions come from a CPU generator seeded with ``seed``, so the estimate (and the ranking
+    built on it) is the same from run to run and on every device.
     """
     if not any(token_lists):
         raise ConfigError("seeds", len(token_lists), "need at least one non-empty text to measure a Jacobian")
@@ -40,6 +46,7 @@ def jacobian_row_norms(
     embed = base.get_input_embeddings()
     total = torch.zeros(base.config.hidden_size)
     count = 0
+    generator = torch.Generator().manual_seed(seed)
     for rows, _, mask in encoder.hidden_batches(token_lists):
         ids, attention = pad_right([token_lists[row] for row in rows], encoder.pad_id)
         embeds = embed(ids.to(encoder.spec.device)).float()
@@ -48,7 +55,7 @@ def jacobian_row_norms(
         # well above float32 rounding and well inside the linear regime.
         eps = rel_eps * embeds.norm(dim=-1)[attention.bool()].mean()
         for _ in range(probes):
-            direction = torch.randn_like(embeds)
+            direction = torch.randn(embeds.shape, generator=generator).to(embeds.device)
             direction = direction / direction.norm(dim=-1, keepdim=True)
             plus = base(inputs_embeds=embeds + eps * direction, attention_mask=attention, use_cache=False)
             minus = base(inputs_embeds=embeds - eps * direction, attention_mask=attention, use_cache=False)
@@ -73,16 +80,23 @@ def mean_magnitude(encoder: DocumentEncoder, token_lists: Sequence[Sequence[int]
 
 
 def select_coords(
-    encoder: DocumentEncoder, token_lists: Sequence[Sequence[int]], selector: CoordSelector, num_coords: int
+    encoder: DocumentEncoder,
+    token_lists: Sequence[Sequence[int]],
+    selector: CoordSelector,
+    num_coords: int,
+    seed: int = 0,
 ) -> list[int]:
-    """The sorted coordinates the SAE will read. The encoder must read all coordinates (coords=None)."""
+    """The sorted coordinates the SAE will read. The encoder must read all coordinates (coords=None).
+
+    ``seed`` draws the Jacobian probes; ``magnitude`` and ``all`` draw nothing.
+    """
     d_model = encoder.forward.base.config.hidden_size
     if selector == "all":
         return list(range(d_model))
     if not 1 <= num_coords <= d_model:
         raise ConfigError("num_coords", num_coords, f"must be in 1..{d_model} (the model's hidden size)")
     if selector == "jacobian":
-        scores = jacobian_row_norms(encoder, token_lists)
+        scores = jacobian_row_norms(encoder, token_lists, seed=seed)
     else:
         scores = mean_magnitude(encoder, token_lists)
     chosen = torch.topk(scores, num_coords).indices.sort().values.tolist()

@@ -145,7 +145,10 @@ class TopKSAE(nn.Module):
         cfg: SAEConfig,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        seed: int = 0,
     ):
+        """``seed`` decides the initial weights alone: they are drawn on the CPU from a generator of their own,
+        so the same seed gives the same SAE on every device, whatever the global torch generator's state."""
         super().__init__()
         self.cfg = cfg
         n, d = cfg.num_latents, cfg.d_in
@@ -153,7 +156,8 @@ class TopKSAE(nn.Module):
         self.register_buffer("input_scale", torch.ones((), device=device, dtype=dtype))
         # Gao et al. 2024, sec. A.1: unit-norm decoder rows, encoder initialised as the decoder's transpose.
         # (W_enc is stored as (num_latents, d_in) like W_dec, so "transpose" means equal tensors here.)
-        decoder = torch.randn(n, d, device=device, dtype=dtype)
+        generator = torch.Generator().manual_seed(seed)
+        decoder = torch.randn(n, d, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
         decoder /= decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.W_dec = nn.Parameter(decoder)
         self.W_enc = nn.Parameter(decoder.clone())
@@ -383,19 +387,22 @@ def train_sae(
     log_every: int = 50,
     normalizer_tokens: int = 8192,
     lr: float | None = None,
+    seed: int = 0,
 ) -> tuple[TopKSAE, dict]:
     """Train a Top-K SAE on raw activation batches, each (n, d_in), one optimiser step per batch.
 
     The normaliser is fitted on the first >= ``normalizer_tokens`` rows (those batches are buffered and
     then trained on like the rest). Training stops when the batches run out or after ``max_tokens`` rows.
-    ``lr`` None uses :class:`SAETrainer`'s default (Gao et al.'s width-scaled rule).
+    ``lr`` None uses :class:`SAETrainer`'s default (Gao et al.'s width-scaled rule). ``seed`` draws the
+    initial weights (the only random numbers here), so the result is a function of the batches, in their
+    order, and the arguments.
 
     Returns the SAE (on the device of the first batch) and ``{"fvu", "dead_fraction", "tokens",
     "tokens_per_s", "steps"}``, where ``fvu`` is the mean over the last ``log_every`` steps.
     """
     iterator = iter(batches)
     buffered, sample = _take_normalizer_sample(iterator, cfg.d_in, normalizer_tokens)
-    sae = TopKSAE(cfg, device=sample.device)
+    sae = TopKSAE(cfg, device=sample.device, seed=seed)
     sae.fit_normalizer(sample)
     # b_dec starts at the data mean (Gao et al. 2024, sec. A.1 use the geometric median); in normalised
     # space that mean is 0, which is already its value.

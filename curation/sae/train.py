@@ -4,6 +4,11 @@ read -> clean -> tokenize -> activations (truncated forward at layer L, the chos
 positions that count only) -> shuffled batches -> `train_sae` on the driver -> SAE directory plus
 manifest. Coordinates are chosen first, on the seeds (`jacobian`, the paper's) or on a calibration
 sample of the corpus.
+
+The SAE is a function of the config (its `seed` included) and the inputs: every random draw comes from a
+generator seeded with `seed`, and the activation stream keeps the corpus order (sorted shards, rows in file
+order), so the token budget, the normaliser's sample and the shuffles see the same rows in the same order
+in every run. docs/curation.md ("Determinism") says under which conditions the bytes are identical.
 """
 
 from __future__ import annotations
@@ -76,12 +81,16 @@ class TrainSAEConfig(RunConfig):
     """GPUs each activation actor reserves; > 0 runs it on CUDA."""
     torch_threads: int = 0
     """Torch threads per actor; 0 picks from the machine (local) or cpus_per_actor (cluster)."""
+    seed: int = 0
+    """Seed of every random draw: the Jacobian probes, the SAE's initial weights, the shuffles."""
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):
             self.corpus = [self.corpus]
         if not self.corpus:
             raise ConfigError("corpus", self.corpus, "is required: pass --corpus PATH_OR_GLOB")
+        if self.seed < 0:
+            raise ConfigError("seed", self.seed, "must be >= 0")
         if not self.out:
             raise ConfigError("out", self.out, "is required: pass --out DIR")
         positive = ("num_coords", "expansion_factor", "k", "max_train_tokens", "epochs", "batch_tokens")
@@ -129,8 +138,12 @@ def calibration_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo]) ->
     return texts
 
 
-def _batches(stream: Iterator[torch.Tensor], epochs: int, batch_tokens: int) -> Iterator[torch.Tensor]:
-    """Yield the stream's batches; with epochs > 1, keep them and replay them shuffled."""
+def replay_batches(
+    stream: Iterator[torch.Tensor], epochs: int, batch_tokens: int, seed: int = 0
+) -> Iterator[torch.Tensor]:
+    """Yield the stream's batches; with epochs > 1, keep them and replay them shuffled by a generator seeded
+    with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
     kept: list[torch.Tensor] = []
     for batch in stream:
         if epochs > 1:
@@ -141,7 +154,7 @@ def _batches(stream: Iterator[torch.Tensor], epochs: int, batch_tokens: int) -> 
     everything = torch.cat(kept)
     del kept
     for _ in range(epochs - 1):
-        order = torch.randperm(everything.shape[0])
+        order = torch.randperm(everything.shape[0], generator=generator)
         for start in range(0, everything.shape[0], batch_tokens):
             yield everything[order[start : start + batch_tokens]]
 
@@ -160,7 +173,7 @@ def _choose_coords(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[stora
     encoder = DocumentEncoder(spec)
     texts = calibration_texts(config, inputs)
     token_lists = tokenize_texts(encoder.tokenizer, texts, config.max_tokens)
-    return select_coords(encoder, token_lists, config.coords, config.num_coords)
+    return select_coords(encoder, token_lists, config.coords, config.num_coords, seed=config.seed)
 
 
 def _activation_stream(
@@ -168,7 +181,9 @@ def _activation_stream(
 ) -> Iterator[torch.Tensor]:
     """read -> clean -> tokenize -> activation actors, as locally shuffled batches of `batch_tokens` activations.
 
-    Ray must be initialised.
+    The stream is ordered: the rows come in corpus order whichever task finishes first, so `.limit()` keeps
+    the same leading rows and the seeded local shuffle sees the same sequence in every run. Ray must be
+    initialised.
     """
     import ray
 
@@ -188,10 +203,16 @@ def _activation_stream(
         )
         .limit(config.max_train_tokens)
     )
+    # The setting lands in this dataset's own DataContext (ray.data copies the context when a dataset is
+    # created), so other datasets of the process stream as they did.
+    activations.context.execution_options.preserve_order = True
     return (
         batch["act"]
         for batch in activations.iter_torch_batches(
-            batch_size=config.batch_tokens, local_shuffle_buffer_size=16 * config.batch_tokens, drop_last=False
+            batch_size=config.batch_tokens,
+            local_shuffle_buffer_size=16 * config.batch_tokens,
+            local_shuffle_seed=config.seed,
+            drop_last=False,
         )
     )
 
@@ -224,7 +245,8 @@ def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     stream = _activation_stream(config, spec, inputs)
     sae_config = _sae_config(config, info, coords)
     with timer("train"):
-        sae, metrics = train_sae(_batches(stream, config.epochs, config.batch_tokens), sae_config)
+        batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed)
+        sae, metrics = train_sae(batches, sae_config, seed=config.seed)
     with tempfile.TemporaryDirectory() as staging:
         sae.save(staging)
         storage.upload_dir(staging, config.out, options)

@@ -241,7 +241,8 @@ def encode_shards(
 ) -> None:
     """read -> clean -> tokenize -> encode actor pool -> `scored_dir` (Parquet with `seed_sims`), on Ray Data.
 
-    Rejects land in `rejects_dir`, one file per shard. Ray must be initialised.
+    Rejects land in `rejects_dir`, one file per shard. The stream is ordered, so every run cuts the corpus
+    into the same encode batches (see the comment below). Ray must be initialised.
     """
     import ray
 
@@ -261,6 +262,12 @@ def encode_shards(
         num_gpus=config.gpus_per_actor or None,
         batch_size=config.batch_size,
     )
+    # A document's padding partners come from its encode batch, and a different partner can move its
+    # activations by a rounding error, enough to flip an SAE latent in or out of the top-k. Unordered, the
+    # batches are cut from whichever shard's rows arrive first; ordered, they are cut from the corpus in
+    # shard order, so scores (and the selection) repeat. The setting is this dataset's own (ray.data copies
+    # the DataContext when a dataset is created).
+    scored.context.execution_options.preserve_order = True
     # A write task asks for 1 CPU by default: on a 2-CPU node with two batches' actor pools it never starts.
     scored.write_parquet(**storage.arrow_target(scored_dir, options), ray_remote_args={"num_cpus": 0.25})
 
