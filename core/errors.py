@@ -16,15 +16,20 @@ class ConfigError(ValueError):
         super().__init__(f"{field}={value!r}: {fix}")
 
 
+def _number(bound: float) -> str:
+    """A bound as a person writes it: 1 rather than 1.0, 0.5 as it is."""
+    return str(int(bound)) if float(bound).is_integer() else repr(bound)
+
+
 def _bounds(ge: float | None, gt: float | None, le: float | None, lt: float | None) -> str:
-    low = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else None
-    high = f"{le}]" if le is not None else f"{lt})" if lt is not None else None
+    low = f"[{_number(ge)}" if ge is not None else f"({_number(gt)}" if gt is not None else None
+    high = f"{_number(le)}]" if le is not None else f"{_number(lt)})" if lt is not None else None
     if low and high:
         return f"in {low}, {high}"
     if low:
-        return f">= {ge}" if ge is not None else f"> {gt}"
+        return f">= {_number(ge)}" if ge is not None else f"> {_number(gt)}"
     if high:
-        return f"<= {le}" if le is not None else f"< {lt}"
+        return f"<= {_number(le)}" if le is not None else f"< {_number(lt)}"
     return ""
 
 
