@@ -22,8 +22,9 @@ Guarantees, stated honestly:
 - Two live batches never hold the same shard, as long as the store's exclusive create is atomic (local
   POSIX filesystems and AWS S3 are; moto's server checks then writes), listings are read-after-write
   consistent (AWS S3 since 2020), and the holders' clocks agree to well within ``lease_seconds``.
-- A holder stops renewing and never commits once its own clock says its lease has expired, and it commits
-  only while its generation is still the newest. Renewing rewrites only the holder's own generation object.
+- A holder commits only while its generation is still the newest, and stops renewing and never commits
+  once its own clock says its lease has been expired for half of ``lease_seconds``. Renewing rewrites only
+  the holder's own generation object.
 - A holder that stalls between that last check and its record write (a pause of the whole process
   there) can overlap with the batch that took over. That costs duplicate work, never a duplicate row: a
   shard's output and record are written to names keyed by the shard, each write replaces the whole
@@ -269,8 +270,13 @@ class Catalog:
         return True
 
     def holds(self, lease: Lease) -> bool:
-        """Whether `lease` is unexpired by this host's clock and still the newest generation on its shard."""
-        if lease.expires_at <= time.time():
+        """Whether `lease` is still the newest generation on its shard and, by this host's clock, has not
+        been expired for more than half of `lease_seconds`.
+
+        The half lease of grace lets a holder whose renewals were late (a loaded host) go on when nobody has
+        taken the shard over; a batch that sweeps round directories waits a whole lease past expiry.
+        """
+        if lease.expires_at + self.lease_seconds / 2 <= time.time():
             return False
         generations = self._generations(lease.key)
         return bool(generations) and generations[-1] == lease.generation

@@ -606,12 +606,15 @@ def _commit(batch: _Batch, lease: Lease, info: FileInfo, result: dict[str, Any])
     batch.shards[info.uri] = {"status": DONE, **details}
 
 
-def _claim_round(batch: _Batch, due: list[FileInfo], limit: int) -> list[tuple[Lease, FileInfo]]:
+def _claim_round(batch: _Batch, due: list[FileInfo], limit: int, keeper: LeaseKeeper) -> list[tuple[Lease, FileInfo]]:
+    """Claim up to `limit` due shards; each lease is renewed from its claim on, until the round's deadline."""
     claimed = []
+    deadline = _round_deadline(batch.spec, limit)
     while due and len(claimed) < limit:
         info = due.pop(0)
         lease = batch.catalog.try_claim(info, batch.spec.max_attempts)
         if lease is not None:
+            keeper.add([lease], deadline)
             claimed.append((lease, info))
     return claimed
 
@@ -630,11 +633,9 @@ def _process_due(batch: _Batch, due: list[FileInfo], batch_id: str, ray_address:
     processed = 0
     with LeaseKeeper(batch.catalog) as keeper:
         while due and processed < budget:
-            claimed = _claim_round(batch, due, min(spec.shards_per_round, budget - processed))
+            claimed = _claim_round(batch, due, min(spec.shards_per_round, budget - processed), keeper)
             if not claimed:
                 break
-            # Renewed from now on: joining Ray and loading the encoder can take longer than a short lease.
-            keeper.add([lease for lease, _ in claimed], _round_deadline(spec, len(claimed)))
             # Ray starts only once there is work: a batch with nothing due stays cheap.
             init_ray(ray_address or spec.ray_address)
             work_dir = storage.join(spec.out, "work", f"{batch_id}-{processed}")
