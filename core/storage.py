@@ -173,6 +173,11 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
+def file_mtime(info: dict[str, Any]) -> float | None:
+    """The modification time (seconds since the epoch) in an fsspec ``info``/``find(detail=True)`` entry."""
+    return _mtime(info)
+
+
 def _is_hidden(path: str, root: str) -> bool:
     relative = posixpath.relpath(path, root) if root else path
     return any(part.startswith(_HIDDEN_PREFIXES) for part in relative.split("/"))

@@ -401,6 +401,21 @@ def _held(catalog: Catalog, key: str, generation: int, now: float) -> bool:
     )
 
 
+def _killed_while_starting(directory: str, options: StorageOptions, before: float) -> bool:
+    """Whether `directory` holds nothing but temp files of its `_ROUND.json`, all older than `before`: its
+    batch was killed while it wrote that file (locally a write is a temp file, then a rename)."""
+    fs, path = storage.filesystem(directory, options)
+    try:
+        found = fs.find(path, detail=True)
+    except FileNotFoundError:
+        return False
+    prefix = f".{ROUND_FILE}."
+    return bool(found) and all(
+        posixpath.basename(name).startswith(prefix) and (storage.file_mtime(info) or before) < before
+        for name, info in found.items()
+    )
+
+
 def _sweep_work(spec: ScheduleSpec, catalog: Catalog) -> None:
     """Remove round directories whose leases are all released, taken over, or expired.
 
@@ -419,7 +434,9 @@ def _sweep_work(spec: ScheduleSpec, catalog: Catalog) -> None:
         try:
             round_info = storage.read_json(storage.join(directory, ROUND_FILE), options)
         except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-            continue  # not a round directory (or one being set up): not ours to judge
+            if _killed_while_starting(directory, options, margin):
+                storage.remove(directory, options)
+            continue  # otherwise not a round directory (or one being set up): not ours to judge
         if round_info.get("owner") == catalog.owner:
             continue
         if not any(_held(catalog, key, int(gen), margin) for key, gen in round_info.get("leases", [])):

@@ -414,6 +414,21 @@ def test_lost_attempts_count_when_the_holder_dies(tmp_path):
     assert last.live_lease(shard_key(info.uri)) is None
 
 
+def test_sweep_removes_a_round_directory_killed_while_it_started(tmp_path):
+    """A batch killed while writing its round's `_ROUND.json` leaves only that file's temp file behind."""
+    from types import SimpleNamespace
+
+    work, long_ago = tmp_path / "out" / "work", time.time() - 100
+    for name, file in {"dead-1": "._ROUND.json.a.tmp", "live-1": "._ROUND.json.b.tmp", "other": "x.parquet"}.items():
+        (work / name).mkdir(parents=True)
+        (work / name / file).write_text("{")
+        if name != "live-1":
+            os.utime(work / name / file, (long_ago, long_ago))
+    spec = SimpleNamespace(out=str(tmp_path / "out"), lease_seconds=4.0)
+    service._sweep_work(spec, Catalog(spec.out, None, owner="sweeper"))
+    assert sorted(path.name for path in work.iterdir()) == ["live-1", "other"]
+
+
 def test_lease_keeper_stops_renewing_a_round_past_its_budget(tmp_path):
     root, options = str(tmp_path / "out"), storage.StorageOptions().resolved()
     catalog = Catalog(root, options, owner="batch", lease_seconds=1.0)
