@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import IO, Any
@@ -186,6 +187,11 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
+def file_mtime(info: dict[str, Any]) -> float | None:
+    """The modification time (seconds since the epoch) in an fsspec ``info``/``find(detail=True)`` entry."""
+    return _mtime(info)
+
+
 def _is_hidden(path: str, root: str) -> bool:
     relative = posixpath.relpath(path, root) if root else path
     return any(part.startswith(_HIDDEN_PREFIXES) for part in relative.split("/"))
@@ -337,7 +343,9 @@ def write_bytes_exclusive(uri: str, data: bytes, options: StorageOptions | None 
     wins. Locally: the data goes to a temp file first, then ``os.link`` names it, which fails if the name
     exists (readers never see a half-written object, unlike ``O_EXCL`` followed by a write). On S3: a PUT
     with ``If-None-Match: *`` (S3 conditional writes, 2024; s3fs ``mode="create"``), which the store
-    refuses with 412 when the key exists. A store that ignores the header would make this an overwrite:
+    refuses with 412 when the key exists, and with 409 ConditionalRequestConflict while another conditional
+    write to the key is in flight: that is asked again a few times, then counted as a lost race (False).
+    A store that ignores the header would make this an overwrite:
     check it with a test against your store.
     """
     fs, path = filesystem(uri, options)
@@ -351,16 +359,39 @@ def write_bytes_exclusive(uri: str, data: bytes, options: StorageOptions | None 
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp_path)
         return True
-    try:
-        fs.pipe_file(path, bytes(data), mode="create")
-    except FileExistsError:
-        return False
-    except OSError as err:
-        # s3fs maps a 412 without the "Condition" field (some S3-compatible stores) to a plain EINVAL.
-        if "precondition" in str(err).lower():
+    for attempt in range(_CONFLICT_RETRIES + 1):
+        try:
+            fs.pipe_file(path, bytes(data), mode="create")
+        except FileExistsError:
             return False
-        raise
-    return True
+        except OSError as err:
+            # s3fs maps a 412 without the "Condition" field (some S3-compatible stores) to a plain EINVAL.
+            if "precondition" in str(err).lower():
+                return False
+            if not _is_conditional_conflict(err):
+                raise
+            # 409 ConditionalRequestConflict: another conditional write to this key was in flight. Asking
+            # again settles it (the other write landed: 412; it failed: ours may win); if the key stays
+            # contested, this writer lost the race.
+            if attempt == _CONFLICT_RETRIES:
+                logger.info("exclusive create of %s: still contested after %d tries, lost the race", uri, attempt + 1)
+                return False
+            time.sleep(0.05 * 2**attempt)
+        else:
+            return True
+    return False
+
+
+# Retries of an exclusive create that S3 answers with 409 ConditionalRequestConflict.
+_CONFLICT_RETRIES = 4
+
+
+def _is_conditional_conflict(err: OSError) -> bool:
+    """Whether `err` is S3's 409 ConditionalRequestConflict, which s3fs raises as a plain OSError (EIO)."""
+    cause = err.__cause__
+    response = getattr(cause, "response", None) or {}
+    code = (response.get("Error") or {}).get("Code")
+    return code == "ConditionalRequestConflict" or "ConditionalRequestConflict" in str(err)
 
 
 def write_json_atomic(uri: str, obj: Any, options: StorageOptions | None = None) -> None:

@@ -127,6 +127,9 @@ BAD: dict[str, dict[str, tuple]] = {
         "max_bad_line_fraction": (-0.1, 1.5, *FLOATS),
         "interval_s": (-5.0, *FLOATS),
         "keep_snapshots": (0,),
+        "settle_seconds": (-1.0, *FLOATS),
+        "task_retries": (-1,),
+        "round_timeout_s": (-1.0, *FLOATS),
         "cpus_per_actor": (NAN,),  # inherited from CurateConfig
     },
     "ScheduleJobConfig": {"max_batches": (-1,)},

@@ -11,19 +11,28 @@ database. Under the spec's output root:
   object with an exclusive create (:func:`core.storage.write_bytes_exclusive`: ``os.link`` locally,
   ``If-None-Match: *`` on S3), which exactly one of several racing batches wins. A lease names its owner
   and an expiry; its holder renews it while it works. A shard whose newest lease has expired (its batch
-  crashed) is claimed again by creating the next generation, so two batches that both see the expiry
-  still race for one name.
+  crashed or stalled) is claimed again by creating the next generation, so two batches that both see the
+  expiry still race for one name. Giving a shard back (after its record is written, or unprocessed)
+  creates the next generation as a *release* object instead of deleting anything: lease objects are never
+  deleted or rewritten by anyone but their creator, so a generation number names one claim forever and a
+  stalled holder can never mistake a later claim for its own.
 
 Guarantees, stated honestly:
 
 - Two live batches never hold the same shard, as long as the store's exclusive create is atomic (local
   POSIX filesystems and AWS S3 are; moto's server checks then writes), listings are read-after-write
   consistent (AWS S3 since 2020), and the holders' clocks agree to well within ``lease_seconds``.
-- A holder that stalls past its expiry (a long GC pause, a partition) can overlap with the batch that
-  takes over. That costs duplicate work, never a duplicate row: a shard's output and record are written
-  to names keyed by the shard, each write replaces the whole object, and dataset rows are keyed by
-  content (``id``), so the second writer overwrites the first with an equivalent result. Before
-  committing, a holder checks that its lease is still the newest and drops its result if not.
+- A holder commits only while its generation is still the newest, and stops renewing and never commits
+  once its own clock says its lease has been expired for half of ``lease_seconds``. Renewing rewrites only
+  the holder's own generation object.
+- A holder that stalls between that last check and its record write (a pause of the whole process
+  there) can overlap with the batch that took over. That costs duplicate work, never a duplicate row: a
+  shard's output and record are written to names keyed by the shard, each write replaces the whole
+  object, and dataset rows are keyed by content (``id``), so the second writer overwrites the first with
+  an equivalent result.
+- Every claim counts: a batch that takes over an expired lease first records the lost attempt as a
+  failure (the holder died or stalled: a worker-killing shard can kill its driver too), so a shard that
+  keeps killing its batches runs out of ``max_attempts`` like any other failing shard.
 """
 
 from __future__ import annotations
@@ -53,14 +62,15 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lease:
-    """A claim on one shard: the generation object this batch created."""
+    """A claim on one shard: the generation object this batch created, and its expiry as last written."""
 
     key: str
     uri: str
     generation: int
     owner: str
+    expires_at: float = 0.0
 
 
 def needs_work(record: dict[str, Any] | None, info: FileInfo, max_attempts: int) -> bool:
@@ -134,14 +144,19 @@ class Catalog:
         self.release(lease)
 
     def commit_failed(self, lease: Lease, info: FileInfo, error: str, details: dict[str, Any] | None = None) -> int:
-        """Record a failed attempt with its error, then drop the leases; returns the attempt count."""
-        previous = self.record(lease.key)
+        """Record a failed attempt with its error, then give the shard back; returns the attempt count."""
+        attempts = self._write_failed(lease.key, info, error, details)
+        self.release(lease)
+        return attempts
+
+    def _write_failed(self, key: str, info: FileInfo, error: str, details: dict[str, Any] | None = None) -> int:
+        previous = self.record(key)
         attempts = 1
         if previous is not None and previous.get("status") == FAILED and not _changed(previous, info):
             attempts = int(previous.get("attempts", 0)) + 1
         record = {
             "shard": info.uri,
-            "key": lease.key,
+            "key": key,
             "status": FAILED,
             "size": info.size,
             "mtime": info.mtime,
@@ -151,8 +166,7 @@ class Catalog:
             "finished_at": utc_now(),
             **(details or {}),
         }
-        storage.write_json_atomic(self.record_uri(lease.key), record, self.options)
-        self.release(lease)
+        storage.write_json_atomic(self.record_uri(key), record, self.options)
         return attempts
 
     # Leases ----------------------------------------------------------------------------------------
@@ -182,18 +196,21 @@ class Catalog:
         except FileNotFoundError:
             return None
 
-    def live_lease(self, key: str, now: float | None = None) -> dict[str, Any] | None:
-        """The newest lease on `key` if it has not expired, else None."""
+    def newest(self, key: str) -> dict[str, Any] | None:
+        """The newest lease object on `key` (a claim or a release), or None if it was never claimed."""
         generations = self._generations(key)
-        if not generations:
-            return None
-        lease = self._read_lease(key, generations[-1])
-        if lease is None or lease.get("expires_at", 0.0) <= (now or time.time()):
+        return self._read_lease(key, generations[-1]) if generations else None
+
+    def live_lease(self, key: str, now: float | None = None) -> dict[str, Any] | None:
+        """The newest lease on `key` if it is a claim that has not expired, else None."""
+        lease = self.newest(key)
+        if lease is None or lease.get("released") or lease.get("expires_at", 0.0) <= (now or time.time()):
             return None
         return lease
 
-    def _lease_body(self, generation: int, uri: str) -> bytes:
+    def _lease_body(self, generation: int, uri: str, released: bool = False) -> tuple[bytes, float]:
         now = time.time()
+        expires_at = 0.0 if released else now + self.lease_seconds
         body = {
             "owner": self.owner,
             "shard": uri,
@@ -201,9 +218,10 @@ class Catalog:
             "host": platform.node(),
             "pid": os.getpid(),
             "claimed_at": now,
-            "expires_at": now + self.lease_seconds,
+            "expires_at": expires_at,
+            "released": released,
         }
-        return json.dumps(body, sort_keys=True).encode()
+        return json.dumps(body, sort_keys=True).encode(), expires_at
 
     def try_claim(self, info: FileInfo, max_attempts: int) -> Lease | None:
         """Claim a due shard for this batch; None if it is done, out of attempts, or held by a live lease."""
@@ -211,40 +229,69 @@ class Catalog:
         if not needs_work(self.record(key), info, max_attempts):
             return None
         generations = self._generations(key)
-        if generations:
-            newest = self._read_lease(key, generations[-1])
-            if newest is None or newest.get("expires_at", 0.0) > time.time():
-                return None  # held, or released this instant by a batch that just finished it
-            logger.info("lease %d on %s expired (owner %s): taking over", generations[-1], info.uri, newest["owner"])
+        newest = self._read_lease(key, generations[-1]) if generations else None
+        if generations and newest is None:
+            return None  # listed but not readable: treat it as held, the next batch looks again
+        claimed_before = newest is not None and not newest.get("released")
+        if claimed_before and newest.get("expires_at", 0.0) > time.time():
+            return None  # held
         generation = generations[-1] + 1 if generations else 0
-        if not storage.write_bytes_exclusive(
-            self._lease_uri(key, generation), self._lease_body(generation, info.uri), self.options
-        ):
+        body, expires_at = self._lease_body(generation, info.uri)
+        if not storage.write_bytes_exclusive(self._lease_uri(key, generation), body, self.options):
             return None  # another batch won the race for this generation
-        lease = Lease(key, info.uri, generation, self.owner)
-        # A batch may have committed the shard and dropped its leases between our check and our claim.
+        lease = Lease(key, info.uri, generation, self.owner, expires_at)
+        if claimed_before:  # and expired: its holder never gave it back
+            self._record_lost_attempt(lease, info, newest)
+        # A batch may have committed the shard between our check and our claim, or the lost attempt may
+        # have been its last.
         if not needs_work(self.record(key), info, max_attempts):
             self.release(lease)
             return None
         return lease
 
+    def _record_lost_attempt(self, lease: Lease, info: FileInfo, lost: dict[str, Any]) -> None:
+        """Count the attempt of a holder whose lease expired: it died (or stalled) without a result."""
+        logger.info("lease %d on %s expired (owner %s): taking over", lost["generation"], info.uri, lost["owner"])
+        if (self.record(lease.key) or {}).get("status") == DONE:
+            return  # it finished after all, just before it died
+        error = (
+            f"lost: batch {lost['owner']} held the shard and stopped renewing its lease before a result "
+            "(its driver died, was killed, or stalled past the lease)"
+        )
+        self._write_failed(lease.key, info, error)
+
     def renew(self, lease: Lease) -> bool:
-        """Push the expiry of our own lease forward; False if a newer generation has taken the shard."""
+        """Push the expiry of our own lease forward; False if it expired or a newer generation exists.
+
+        Only this holder's own generation object is rewritten: nobody else writes that name.
+        """
         if not self.holds(lease):
             return False
-        storage.write_bytes_atomic(
-            self._lease_uri(lease.key, lease.generation), self._lease_body(lease.generation, lease.uri), self.options
-        )
+        body, expires_at = self._lease_body(lease.generation, lease.uri)
+        storage.write_bytes_atomic(self._lease_uri(lease.key, lease.generation), body, self.options)
+        lease.expires_at = expires_at
         return True
 
     def holds(self, lease: Lease) -> bool:
-        """Whether `lease` is still the newest generation on its shard."""
+        """Whether `lease` is still the newest generation on its shard and, by this host's clock, has not
+        been expired for more than half of `lease_seconds`.
+
+        The half lease of grace lets a holder whose renewals were late (a loaded host) go on when nobody has
+        taken the shard over; a batch that sweeps round directories waits a whole lease past expiry.
+        """
+        if lease.expires_at + self.lease_seconds / 2 <= time.time():
+            return False
         generations = self._generations(lease.key)
         return bool(generations) and generations[-1] == lease.generation
 
     def release(self, lease: Lease) -> None:
-        """Drop every lease object of the shard (after its record is written, or to give it back)."""
-        storage.remove(self._lease_dir(lease.key), self.options)
+        """Give the shard back by creating the next generation as a release object; nothing is deleted.
+
+        If that generation exists already, another batch took the shard over and nothing is left to do.
+        """
+        body, _ = self._lease_body(lease.generation + 1, lease.uri, released=True)
+        storage.write_bytes_exclusive(self._lease_uri(lease.key, lease.generation + 1), body, self.options)
+        lease.expires_at = 0.0
 
     def in_progress(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         """Live leases among `keys`, by key."""
@@ -273,6 +320,7 @@ class LeaseKeeper:
         self.every_s = every_s or max(catalog.lease_seconds / 3.0, 0.5)
         self.leases: dict[str, Lease] = {}
         self.lost: set[str] = set()
+        self.deadlines: dict[str, float | None] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
@@ -285,13 +333,18 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def add(self, leases: list[Lease]) -> None:
+    def add(self, leases: list[Lease], deadline: float | None = None) -> None:
+        """Renew `leases` until removed, or until `deadline` (epoch seconds): a round over its time
+        budget stops holding its shards, so other batches can take them over once the leases expire."""
         with self._lock:
             self.leases.update({lease.key: lease for lease in leases})
+            for lease in leases:
+                self.deadlines[lease.key] = deadline
 
     def remove(self, lease: Lease) -> None:
         with self._lock:
             self.leases.pop(lease.key, None)
+            self.deadlines.pop(lease.key, None)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -299,6 +352,12 @@ class LeaseKeeper:
             # flight and a committed shard never gets its lease written back.
             with self._lock:
                 for lease in list(self.leases.values()):
+                    deadline = self.deadlines.get(lease.key)
+                    if deadline is not None and time.time() > deadline:
+                        if lease.key not in self.lost:
+                            logger.warning("round holding %s is over its time budget: no longer renewing", lease.uri)
+                            self.lost.add(lease.key)
+                        continue
                     try:
                         if not self.catalog.renew(lease):
                             logger.warning("lost the lease on %s to another batch", lease.uri)

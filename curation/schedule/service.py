@@ -12,7 +12,8 @@ per shard. Then it publishes a new snapshot of the dataset. Output root layout:
 | `shards/<key>.parquet` | a shard's candidates: its own top-N per seed/domain (all rows over the threshold), scored |
 | `rejects/<key>.parquet` | a shard's rejected rows with their reasons |
 | `catalog/<key>.json` | the shard's record: done (rows, candidates, rejects) or failed (error, attempts) |
-| `leases/<key>/<gen>.json` | live claims; removed when the shard is recorded |
+| `leases/<key>/<gen>.json` | claims and releases, one object per generation, never deleted (a few per attempt) |
+| `work/<batch>-<n>/` | a round's scored rows and `_ROUND.json` (its leases); removed after the round, or later |
 | `batches/<id>.json` | one record per batch: shards, documents encoded, tokens, snapshot, timings |
 | `snapshots/v000012/` | `curated.parquet` and `manifest.json`: the dataset as of one batch |
 | `CURRENT` | `{"version": 12, ...}`: the snapshot readers use; written after the snapshot is complete |
@@ -27,6 +28,8 @@ with the lexically first source, whichever batch saw it first.
 
 from __future__ import annotations
 
+import calendar
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,6 +37,7 @@ import logging
 import os
 import platform
 import posixpath
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -70,6 +74,10 @@ from curation.selection.rules import SelectionSpec, block_candidates, merge_cand
 
 logger = logging.getLogger(__name__)
 
+# A shard's status in a batch record when it changed while the batch processed it (not recorded).
+CHANGED = "changed"
+# The file in a round's work directory that names the round's leases.
+ROUND_FILE = "_ROUND.json"
 # Reasons that condemn a whole file: it cannot be opened, has no text column, or breaks partway.
 FILE_FAILURES = (REJECT_UNREADABLE, REJECT_MISSING_TEXT_COLUMN, REJECT_TRUNCATED_STREAM)
 # Line reasons that, when they are most of a file, mean it is not JSONL at all.
@@ -96,6 +104,16 @@ class ScheduleSpec(CurateConfig):
     """Seconds between batches when `jobs.schedule` loops (without --once)."""
     keep_snapshots: int = 5
     """Snapshot versions kept; older ones are deleted after a new one is published."""
+    settle_seconds: float = 0.0
+    """A shard modified less than this many seconds before the batch lists it is left for a later batch: it
+    may still be being written (a local copy in progress). 0: claim it at once. Either way, a shard whose
+    size or mtime changed while it was processed is not recorded, and a later batch processes it again."""
+    task_retries: int = 2
+    """Times a round's tokenize or write task is retried, or an encode actor restarted, after its worker
+    process dies (OOM, segfault); past that the round fails and its shards are run one at a time."""
+    round_timeout_s: float = 3600.0
+    """Time budget of one round's Ray Data pipeline. Past it the round is stopped and its shards are run
+    one at a time, each with the same budget; a shard that alone runs past it is recorded failed. 0: none."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,6 +125,9 @@ class ScheduleSpec(CurateConfig):
         check_range("lease_seconds", self.lease_seconds, gt=0)
         check_range("interval_s", self.interval_s, ge=0)
         check_range("max_bad_line_fraction", self.max_bad_line_fraction, ge=0.0, le=1.0)
+        check_range("settle_seconds", self.settle_seconds, ge=0)
+        check_range("task_retries", self.task_retries, ge=0)
+        check_range("round_timeout_s", self.round_timeout_s, ge=0, hint="0: no budget")
 
 
 @dataclass
@@ -176,8 +197,13 @@ def _bind_output(spec: ScheduleSpec, identity: dict[str, Any], options: StorageO
     digest = identity_hash(identity)
     uri = storage.join(spec.out, "spec.json")
     body = json.dumps({"id": digest, "name": spec.name, "identity": identity}, indent=2, sort_keys=True)
-    if not storage.write_bytes_exclusive(uri, body.encode(), options):
-        existing = storage.read_json(uri, options)
+    for _ in range(5):
+        if storage.write_bytes_exclusive(uri, body.encode(), options):
+            return digest
+        try:
+            existing = storage.read_json(uri, options)
+        except FileNotFoundError:
+            continue  # lost a contested create whose winner then failed: nobody wrote it, try again
         if existing.get("id") != digest:
             raise ConfigError(
                 "out",
@@ -185,7 +211,8 @@ def _bind_output(spec: ScheduleSpec, identity: dict[str, Any], options: StorageO
                 f"holds spec {existing.get('id')}, this spec is {digest} (seeds, SAE, model or selection changed): "
                 "give it a new output root",
             )
-    return digest
+        return digest
+    raise OSError(f"could not create or read {uri}: every exclusive create of it was contested")
 
 
 # Per-shard results ---------------------------------------------------------------------------------
@@ -361,6 +388,89 @@ def _prune_snapshots(out: str, options: StorageOptions, keep: int) -> None:
             storage.remove(storage.join(out, "snapshots", f"v{version:06d}"), options)
 
 
+def _held(catalog: Catalog, key: str, generation: int, now: float) -> bool:
+    """Whether lease `generation` on `key` is still the newest claim and unexpired at `now`."""
+    newest = catalog.newest(key)
+    return (
+        newest is not None
+        and int(newest.get("generation", -1)) == generation
+        and not newest.get("released")
+        and float(newest.get("expires_at", 0.0)) > now
+    )
+
+
+def _killed_while_starting(directory: str, options: StorageOptions, before: float) -> bool:
+    """Whether `directory` holds nothing but temp files of its `_ROUND.json`, all older than `before`: its
+    batch was killed while it wrote that file (locally a write is a temp file, then a rename)."""
+    fs, path = storage.filesystem(directory, options)
+    try:
+        found = fs.find(path, detail=True)
+    except FileNotFoundError:
+        return False
+    prefix = f".{ROUND_FILE}."
+    return bool(found) and all(
+        posixpath.basename(name).startswith(prefix) and (storage.file_mtime(info) or before) < before
+        for name, info in found.items()
+    )
+
+
+def _sweep_work(spec: ScheduleSpec, catalog: Catalog) -> None:
+    """Remove round directories whose leases are all released, taken over, or expired.
+
+    Expiry is judged a further `lease_seconds` late, so a holder whose clock runs behind ours has stopped
+    using its directory (it never commits past its own expiry) before we delete it.
+    """
+    options = catalog.options
+    fs, path = storage.filesystem(storage.join(spec.out, "work"), options)
+    try:
+        names = [posixpath.basename(name.rstrip("/")) for name in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return
+    margin = time.time() - spec.lease_seconds
+    for name in names:
+        directory = storage.join(spec.out, "work", name)
+        try:
+            round_info = storage.read_json(storage.join(directory, ROUND_FILE), options)
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            if _killed_while_starting(directory, options, margin):
+                storage.remove(directory, options)
+            continue  # otherwise not a round directory (or one being set up): not ours to judge
+        if round_info.get("owner") == catalog.owner:
+            continue
+        if not any(_held(catalog, key, int(gen), margin) for key, gen in round_info.get("leases", [])):
+            logger.info("removing %s, left by batch %s", directory, round_info.get("owner"))
+            storage.remove(directory, options)
+
+
+def _sweep_snapshots(spec: ScheduleSpec, options: StorageOptions) -> None:
+    """Remove snapshot directories that were claimed but never published, below CURRENT's version.
+
+    Such a version can never become CURRENT (a publisher only moves CURRENT forward); one claimed less than
+    `lease_seconds` ago is left alone in case its publisher is still writing it.
+    """
+    pointer = current_snapshot(spec.out, options)
+    if pointer is None:
+        return
+    for version in _versions(spec.out, options):
+        directory = storage.join(spec.out, "snapshots", f"v{version:06d}")
+        if version >= int(pointer["version"]) or storage.exists(storage.join(directory, "manifest.json"), options):
+            continue
+        try:
+            with storage.open_read(storage.join(directory, "_CLAIM"), options) as handle:
+                claimed = calendar.timegm(time.strptime(handle.read().decode().strip(), "%Y-%m-%dT%H:%M:%SZ"))
+        except (FileNotFoundError, ValueError):
+            claimed = 0.0
+        if claimed < time.time() - spec.lease_seconds:
+            logger.info("removing unpublished snapshot v%d", version)
+            storage.remove(directory, options)
+
+
+def sweep(spec: ScheduleSpec, catalog: Catalog) -> None:
+    """Remove what crashed batches left behind: round work directories and unpublished snapshot versions."""
+    _sweep_work(spec, catalog)
+    _sweep_snapshots(spec, catalog.options)
+
+
 # Batches -------------------------------------------------------------------------------------------
 
 
@@ -379,6 +489,55 @@ class _Batch:
     options: StorageOptions
     encoder: tuple[Any, np.ndarray] | None = None
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settling: list[str] = field(default_factory=list)
+
+
+class RoundTimeout(Exception):
+    """A round's Ray Data pipeline ran past the spec's `round_timeout_s`."""
+
+
+def _executors() -> set[threading.Thread]:
+    """Ray Data's streaming executors running in this process (each runs its execution on a thread)."""
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:  # a Ray Data without it: the budget still stops renewals and fails the round late
+        return set()
+    return {thread for thread in threading.enumerate() if isinstance(thread, StreamingExecutor)}
+
+
+def _encode_within_budget(batch: _Batch, uris: list[str], scored_dir: str, rejects_dir: str) -> None:
+    """The round's pipeline; past `round_timeout_s` its executors are shut down and RoundTimeout raised.
+
+    Shutting an executor down cancels its tasks and kills its actors; what the pipeline wrote by then is
+    discarded with the round's work directory, never committed.
+    """
+    spec = batch.spec
+    encoder_spec, seeds_matrix = batch.encoder
+    args = (spec, batch.checked, uris, encoder_spec, seeds_matrix, scored_dir, rejects_dir)
+    before, fired = _executors(), threading.Event()
+    message = f"round_timeout: the round ran past its budget of {spec.round_timeout_s:g} s (round_timeout_s)"
+
+    def stop() -> None:
+        fired.set()
+        for executor in _executors() - before:
+            with contextlib.suppress(Exception):
+                executor.shutdown(force=True, exception=TimeoutError(message))
+
+    timer = threading.Timer(spec.round_timeout_s, stop) if spec.round_timeout_s else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        encode_shards(*args, retries=spec.task_retries)
+    except Exception as error:
+        if fired.is_set():
+            raise RoundTimeout(message) from error
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if fired.is_set():
+        raise RoundTimeout(message)
 
 
 def _run_round(batch: _Batch, infos: list[FileInfo], work_dir: str) -> dict[str, dict[str, Any]]:
@@ -386,14 +545,13 @@ def _run_round(batch: _Batch, infos: list[FileInfo], work_dir: str) -> dict[str,
     spec, options = batch.spec, batch.options
     if batch.encoder is None:
         batch.encoder = prepare_encoder(spec, batch.checked)
-    encoder_spec, seeds_matrix = batch.encoder
     scored_dir = storage.join(work_dir, "scored")
     rejects_dir = storage.join(spec.out, "rejects")
     uris = [info.uri for info in infos]
     try:
-        encode_shards(spec, batch.checked, uris, encoder_spec, seeds_matrix, scored_dir, rejects_dir)
+        _encode_within_budget(batch, uris, scored_dir, rejects_dir)
     except Exception as error:
-        storage.remove(work_dir, options)
+        storage.remove(scored_dir, options)
         if len(infos) == 1:
             logger.exception("shard %s failed", uris[0])
             return {uris[0]: {"error": f"{type(error).__name__}: {error}"}}
@@ -401,10 +559,10 @@ def _run_round(batch: _Batch, infos: list[FileInfo], work_dir: str) -> dict[str,
         logger.warning("round of %d shards failed (%s): running them one at a time", len(infos), error)
         results: dict[str, dict[str, Any]] = {}
         for index, info in enumerate(infos):
-            results.update(_run_round(batch, [info], f"{work_dir}-{index}"))
+            results.update(_run_round(batch, [info], storage.join(work_dir, f"alone-{index}")))
         return results
     candidates, documents, tokens = shard_candidates(scored_dir, options, batch.selection)
-    storage.remove(work_dir, options)
+    storage.remove(scored_dir, options)
     results = {}
     for uri in uris:
         rejects_file = rejects_uri(rejects_dir, uri)
@@ -420,11 +578,34 @@ def _run_round(batch: _Batch, infos: list[FileInfo], work_dir: str) -> dict[str,
     return results
 
 
+def unchanged(info: FileInfo, options: StorageOptions) -> bool:
+    """Whether the shard still has the size and mtime it was listed with.
+
+    Mtimes are compared to within a second: S3 lists them in milliseconds but reports whole seconds on HEAD.
+    """
+    try:
+        (now,) = storage.expand(info.uri, options)
+    except (ConfigError, ValueError, FileNotFoundError):
+        return False  # gone, or it became a directory
+    if now.size != info.size:
+        return False
+    if now.mtime is None or info.mtime is None:
+        return now.mtime is info.mtime
+    return abs(now.mtime - info.mtime) < 1.0
+
+
 def _commit(batch: _Batch, lease: Lease, info: FileInfo, result: dict[str, Any]) -> None:
-    """Write a shard's output, then its record (done or failed)."""
+    """Write a shard's output, then its record (done or failed), if the lease and the shard still stand."""
     catalog, options = batch.catalog, batch.options
     if not catalog.holds(lease):
-        logger.warning("%s was taken over by another batch: dropping this batch's result", info.uri)
+        logger.warning("%s: the lease expired or was taken over: dropping this batch's result", info.uri)
+        return
+    if not unchanged(info, options):
+        # Still being written when listed, or replaced since: this result may be of a prefix. Not recorded,
+        # so a later batch processes the file as it is then (after `settle_seconds` without change).
+        logger.warning("%s changed while it was processed: left for a later batch", info.uri)
+        catalog.release(lease)
+        batch.shards[info.uri] = {"status": CHANGED}
         return
     details = {k: result.get(k) for k in ("documents", "tokens", "rejects")}
     if result.get("error"):
@@ -440,14 +621,24 @@ def _commit(batch: _Batch, lease: Lease, info: FileInfo, result: dict[str, Any])
     batch.shards[info.uri] = {"status": DONE, **details}
 
 
-def _claim_round(batch: _Batch, due: list[FileInfo], limit: int) -> list[tuple[Lease, FileInfo]]:
+def _claim_round(batch: _Batch, due: list[FileInfo], limit: int, keeper: LeaseKeeper) -> list[tuple[Lease, FileInfo]]:
+    """Claim up to `limit` due shards; each lease is renewed from its claim on, until the round's deadline."""
     claimed = []
+    deadline = _round_deadline(batch.spec, limit)
     while due and len(claimed) < limit:
         info = due.pop(0)
         lease = batch.catalog.try_claim(info, batch.spec.max_attempts)
         if lease is not None:
+            keeper.add([lease], deadline)
             claimed.append((lease, info))
     return claimed
+
+
+def _round_deadline(spec: ScheduleSpec, shards: int) -> float | None:
+    """When a round's leases stop being renewed: the round, then each shard alone, each within the budget."""
+    if not spec.round_timeout_s:
+        return None
+    return time.time() + spec.round_timeout_s * (shards + 1) + spec.lease_seconds
 
 
 def _process_due(batch: _Batch, due: list[FileInfo], batch_id: str, ray_address: str | None) -> None:
@@ -457,18 +648,22 @@ def _process_due(batch: _Batch, due: list[FileInfo], batch_id: str, ray_address:
     processed = 0
     with LeaseKeeper(batch.catalog) as keeper:
         while due and processed < budget:
-            claimed = _claim_round(batch, due, min(spec.shards_per_round, budget - processed))
+            claimed = _claim_round(batch, due, min(spec.shards_per_round, budget - processed), keeper)
             if not claimed:
                 break
             # Ray starts only once there is work: a batch with nothing due stays cheap.
             init_ray(ray_address or spec.ray_address)
-            keeper.add([lease for lease, _ in claimed])
             work_dir = storage.join(spec.out, "work", f"{batch_id}-{processed}")
+            # Names the round's leases, so a later batch can tell when this directory is left over.
+            leases = [[lease.key, lease.generation] for lease, _ in claimed]
+            round_info = {"owner": batch_id, "leases": leases}
+            storage.write_json_atomic(storage.join(work_dir, ROUND_FILE), round_info, batch.options)
             logger.info("round of %d shards: %s", len(claimed), [info.uri for _, info in claimed])
             results = _run_round(batch, [info for _, info in claimed], work_dir)
             for lease, info in claimed:
                 keeper.remove(lease)
                 _commit(batch, lease, info, results[info.uri])
+            storage.remove(work_dir, batch.options)
             processed += len(claimed)
 
 
@@ -489,6 +684,8 @@ def _batch_record(
         "tokens_encoded": sum(shard.get("tokens") or 0 for shard in shards.values()),
         "done": sorted(uri for uri, shard in shards.items() if shard["status"] == DONE),
         "failed": sorted(uri for uri, shard in shards.items() if shard["status"] == FAILED),
+        "changed": sorted(uri for uri, shard in shards.items() if shard["status"] == CHANGED),
+        "settling": batch.settling,
         "snapshot": (snapshot or {}).get("version"),
         "rows_curated": (snapshot or {}).get("rows", 0),
     }
@@ -510,12 +707,22 @@ def run_batch(spec: ScheduleSpec, ray_address: str | None = None) -> dict[str, A
     batch = _Batch(spec, checked, catalog, selection_spec(spec, checked.seeds), options)
     records = catalog.records()
     due = [info for info in checked.inputs if needs_work(records.get(shard_key(info.uri)), info, spec.max_attempts)]
-    logger.info("spec %s (%s): %d shards listed, %d due", spec.name, spec_id, len(checked.inputs), len(due))
+    fresh_after = started - spec.settle_seconds
+    batch.settling = [i.uri for i in due if spec.settle_seconds and i.mtime is not None and i.mtime > fresh_after]
+    due = [info for info in due if info.uri not in batch.settling]
+    logger.info(
+        "spec %s (%s): %d shards listed, %d due, %d still settling",
+        spec.name, spec_id, len(checked.inputs), len(due), len(batch.settling),
+    )  # fmt: skip
     _process_due(batch, due, batch_id, ray_address)
     snapshot = current_snapshot(spec.out, options)
-    # The first batch publishes even when it committed nothing, so readers always find a snapshot.
-    if snapshot is None or any(shard["status"] == DONE for shard in batch.shards.values()):
+    committed = sorted(r["shard"] for r in catalog.records().values() if r.get("status") == DONE)
+    # Publish whenever CURRENT does not hold exactly the committed shards: on the first batch (so readers
+    # always find a snapshot), after this batch committed some, and after a batch that died between its
+    # last commit and its publish.
+    if snapshot is None or sorted(snapshot.get("shards", [])) != committed:
         snapshot = publish_snapshot(spec, batch.selection, catalog)
+    sweep(spec, catalog)
     record = _batch_record(batch, batch_id, spec_id, started, snapshot)
     storage.write_json_atomic(storage.join(spec.out, "batches", f"{batch_id}.json"), record, options)
     logger.info(

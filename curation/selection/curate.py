@@ -238,21 +238,27 @@ def encode_shards(
     seeds_matrix: np.ndarray,
     scored_dir: str,
     rejects_dir: str,
+    retries: int | None = None,
 ) -> None:
     """read -> clean -> tokenize -> encode actor pool -> `scored_dir` (Parquet with `seed_sims`), on Ray Data.
 
     Rejects land in `rejects_dir`, one file per shard. The stream is ordered, so every run cuts the corpus
-    into the same encode batches (see the comment below). Ray must be initialised.
+    into the same encode batches (see the comment below). Ray must be initialised. `retries` bounds how often
+    a tokenize or write task is retried, and an encode actor restarted, after its worker process dies
+    (None: Ray Data's default, which retries without end); the read tasks keep the reader's settings.
     """
     import ray
 
     options = config.storage_options()
     docs = read_corpus(uris, options, config.clean_config(), rejects_dir)
+    task_retries = {} if retries is None else {"max_retries": retries}
+    actor_retries = {} if retries is None else {"max_restarts": retries, "max_task_retries": retries}
     tokens = docs.map_batches(
         tokenize_batch,
         fn_kwargs={"model": checked.model, "max_tokens": config.max_tokens},
         batch_size=config.batch_size,
         num_cpus=0.25,
+        **task_retries,
     )
     scored = tokens.map_batches(
         EncodeDocuments,
@@ -261,6 +267,7 @@ def encode_shards(
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor or None,
         batch_size=config.batch_size,
+        **actor_retries,
     )
     # A document's padding partners come from its encode batch, and a different partner can move its
     # activations by a rounding error, enough to flip an SAE latent in or out of the top-k. Unordered, the
@@ -269,7 +276,9 @@ def encode_shards(
     # the DataContext when a dataset is created).
     scored.context.execution_options.preserve_order = True
     # A write task asks for 1 CPU by default: on a 2-CPU node with two batches' actor pools it never starts.
-    scored.write_parquet(**storage.arrow_target(scored_dir, options), ray_remote_args={"num_cpus": 0.25})
+    scored.write_parquet(
+        **storage.arrow_target(scored_dir, options), ray_remote_args={"num_cpus": 0.25, **task_retries}
+    )
 
 
 def _select_and_write(

@@ -24,10 +24,12 @@ from helpers import write_corpus
 from core import cli, storage
 from core.errors import ConfigError
 from core.reader import shard_key
-from curation.schedule.catalog import Catalog
+from curation.schedule import service
+from curation.schedule.catalog import Catalog, LeaseKeeper
 from curation.schedule.service import (
     ScheduleJobConfig,
     ScheduleSpec,
+    current_snapshot,
     load_spec,
     read_current,
     run_batch,
@@ -66,15 +68,37 @@ def write_spec(path: Path, values: dict) -> str:
     return str(path)
 
 
-def start_job(args: list[str], log: Path) -> subprocess.Popen:
+# `python -c PAUSE_BEFORE_PUBLISH ARGS` runs jobs.schedule, but the batch stops for good right after it
+# claims its snapshot version: every commit is done, the publish is not. It touches $PAUSE_MARKER there.
+PAUSE_BEFORE_PUBLISH = """
+import os, runpy, sys, time
+from pathlib import Path
+from curation.schedule import service
+claim = service._claim_version
+def pause(out, options):
+    version = claim(out, options)
+    Path(os.environ["PAUSE_MARKER"]).write_text(str(version))
+    time.sleep(3600)
+service._claim_version = pause
+sys.argv = ["jobs.schedule", *sys.argv[1:]]
+runpy.run_module("jobs.schedule", run_name="__main__")
+"""
+
+
+def start_job(args: list[str], log: Path, pause_marker: Path | None = None) -> subprocess.Popen:
     """`python -m jobs.schedule ARGS`, joining the tests' Ray the way a batch joins a long-lived cluster."""
     import ray
 
     args = [*args, "--ray-address", ray.get_runtime_context().gcs_address]
     handle = log.open("w")
+    env = job_env()
+    command = ["-m", "jobs.schedule"]
+    if pause_marker is not None:
+        command = ["-c", PAUSE_BEFORE_PUBLISH]
+        env["PAUSE_MARKER"] = str(pause_marker)
     # A session of its own, so the test can kill the batch with its local Ray, and nothing else.
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.schedule", *args], cwd=REPO, env=job_env(), stdout=handle,
+        [sys.executable, *command, *args], cwd=REPO, env=env, stdout=handle,
         stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 
@@ -117,6 +141,27 @@ def kill_after_commits(proc: subprocess.Popen, out: str, at_least: int, log: Pat
     finally:
         kill_session(proc.pid)
         proc.wait(timeout=30)
+
+
+def kill_before_publish(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 300) -> None:
+    """SIGKILL the batch once it has committed every shard and claimed, but not written, its snapshot."""
+    deadline = time.time() + timeout
+    try:
+        while not marker.exists():
+            assert time.time() < deadline, "the batch never reached its publish:\n" + log.read_text()[-3000:]
+            assert proc.poll() is None, "the batch ended before it could be killed:\n" + log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        kill_session(proc.pid)
+        proc.wait(timeout=30)
+
+
+def files_under(uri: str) -> list[str]:
+    fs, path = storage.filesystem(uri, storage.StorageOptions().resolved())
+    try:
+        return sorted(fs.find(path))
+    except FileNotFoundError:
+        return []
 
 
 def dataset(out: str) -> list[tuple[str, str]]:
@@ -215,7 +260,28 @@ def test_leases_are_exclusive_and_expire(backend, tmp_path, request):
     taker.commit_done(lease, other, {"documents": 3, "candidates": 0})
     assert Catalog(root, options, owner="again", lease_seconds=120).try_claim(other, 3) is None  # done
     assert taker.record(shard_key(other.uri))["status"] == "done"
-    assert not storage.exists(storage.join(root, "leases", lease.key), options)  # released after the record
+    assert taker.live_lease(lease.key) is None  # released after the record
+
+    # A stalled holder: A claims and stalls past its expiry; B takes over, fails the shard and gives it
+    # back; C claims it. A generation is never reused, so A can neither pass for C nor overwrite C's lease.
+    third = storage.FileInfo("s3://corpus/part-2.jsonl.gz", 10, 1.0)
+    stalled = Catalog(root, options, owner="stalled", lease_seconds=0.5)
+    a = stalled.try_claim(third, 5)
+    time.sleep(0.6)
+    b_catalog = Catalog(root, options, owner="b", lease_seconds=120)
+    b = b_catalog.try_claim(third, 5)
+    assert b is not None and b.generation > a.generation
+    b_catalog.commit_failed(b, third, "boom")
+    c_catalog = Catalog(root, options, owner="c", lease_seconds=120)
+    c = c_catalog.try_claim(third, 5)
+    assert c is not None and c.generation not in (a.generation, b.generation)
+    assert not stalled.holds(a) and not stalled.renew(a)
+    assert c_catalog.holds(c) and c_catalog.live_lease(c.key)["owner"] == "c"
+    # A stalled holder that nobody took over from does not renew or commit well past its expiry either.
+    fourth = storage.FileInfo("s3://corpus/part-3.jsonl.gz", 10, 1.0)
+    alone = stalled.try_claim(fourth, 5)
+    time.sleep(0.8)  # past its expiry and the half lease of grace
+    assert not stalled.holds(alone) and not stalled.renew(alone) and stalled.live_lease(alone.key) is None
 
 
 def test_shard_failure_reasons():
@@ -229,6 +295,151 @@ def test_shard_failure_reasons():
     assert shard_failure(rejects(("bad_json", "x")), 10, 0.5) is None  # one bad line in a good shard
     assert "truncated_stream" in shard_failure(rejects(("truncated_stream", "gzip stream ends early")), 10, 0.5)
     assert "not JSONL: 3 of 3" in shard_failure(rejects(*[("bad_json", "Expecting value")] * 3), 0, 0.5)
+
+
+def test_a_commit_never_fails_on_a_concurrent_claim(tmp_path, monkeypatch):
+    """Another batch's claim lands in the shard's lease directory while the committing batch releases it."""
+    root, options = str(tmp_path / "out"), storage.StorageOptions().resolved()
+    info = storage.FileInfo(str(tmp_path / "part-0.jsonl.gz"), 10, 1.0)
+    committer = Catalog(root, options, owner="committer", lease_seconds=120)
+    lease = committer.try_claim(info, 3)
+    lease_dir = Path(root) / "leases" / lease.key
+    real_rmdir = os.rmdir
+
+    def rmdir_as_a_claim_lands(path, *args, **kwargs):
+        # The racing batch read the shard as due and its lease directory as empty a moment ago.
+        (lease_dir / f"{lease.generation + 1:06d}.json").write_text(json.dumps({"owner": "racer", "expires_at": 0}))
+        return real_rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", rmdir_as_a_claim_lands)
+    stop, errors = threading.Event(), []
+
+    def claim_in_a_loop(name: str) -> None:
+        racer = Catalog(root, options, owner=name, lease_seconds=120)
+        while not stop.is_set():
+            try:
+                claimed = racer.try_claim(info, 3)
+                if claimed is not None:
+                    racer.release(claimed)
+            except Exception as error:  # a racer's failure is what this test looks for
+                errors.append(error)
+
+    racers = [threading.Thread(target=claim_in_a_loop, args=(f"racer-{i}",)) for i in range(3)]
+    for thread in racers:
+        thread.start()
+    try:
+        committer.commit_done(lease, info, {"documents": 3, "candidates": 0})
+    finally:
+        stop.set()
+        for thread in racers:
+            thread.join()
+    assert errors == []
+    assert committer.record(lease.key)["status"] == "done" and committer.live_lease(lease.key) is None
+    assert Catalog(root, options, owner="late", lease_seconds=120).try_claim(info, 3) is None
+
+
+def s3_conflict() -> OSError:
+    """The error s3fs raises for S3's 409 ConditionalRequestConflict (two conditional PUTs racing)."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    body = {
+        "Error": {"Code": "ConditionalRequestConflict", "Message": "A conflicting conditional operation is "
+                  "currently in progress against this resource. Please try again."},
+        "ResponseMetadata": {"HTTPStatusCode": 409},
+    }  # fmt: skip
+    return translate_boto_error(ClientError(body, "PutObject"))
+
+
+def test_s3_conflicting_conditional_writes_are_a_lost_race(s3_bucket, monkeypatch):
+    root, options = f"s3://{s3_bucket}/out", storage.StorageOptions().resolved()
+    conflicts = {"left": 0, "winner_lands": True}
+    real_filesystem = storage.filesystem
+
+    class Racing:
+        """The store's filesystem, but each exclusive create meets a racing one while `left` > 0."""
+
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def pipe_file(self, path, data, mode="overwrite", **kwargs):
+            if mode == "create" and conflicts["left"] > 0:
+                conflicts["left"] -= 1
+                if conflicts["winner_lands"]:  # the racing PUT completes: ours is asked again and gets 412
+                    self.fs.pipe_file(path, b'{"owner": "racer", "expires_at": 1e12, "generation": 0}')
+                raise s3_conflict()
+            return self.fs.pipe_file(path, data, mode=mode, **kwargs)
+
+    def racing_filesystem(uri, opts=None):
+        fs, path = real_filesystem(uri, opts)
+        return (Racing(fs), path) if uri.startswith("s3://") else (fs, path)
+
+    monkeypatch.setattr(storage, "filesystem", racing_filesystem)
+    info = storage.FileInfo("s3://corpus/part-0.jsonl.gz", 10, 1.0)
+    conflicts["left"] = 1
+    assert Catalog(root, options, owner="loser", lease_seconds=120).try_claim(info, 3) is None
+    # The racing write failed too, and the key stays contested: a lost race all the same, never a crash.
+    conflicts.update(left=100, winner_lands=False)
+    other = storage.FileInfo("s3://corpus/part-1.jsonl.gz", 10, 1.0)
+    assert Catalog(root, options, owner="loser", lease_seconds=120).try_claim(other, 3) is None
+    # Once the race settles, the shard is claimed as usual; a contested snapshot version is skipped.
+    conflicts["left"] = 0
+    assert Catalog(root, options, owner="later", lease_seconds=120).try_claim(other, 3) is not None
+    conflicts.update(left=1, winner_lands=True)
+    assert service._claim_version(root, options) == 2
+
+
+def test_lost_attempts_count_when_the_holder_dies(tmp_path):
+    """A batch that dies holding a shard (a worker-killing shard can take its driver down) costs an attempt."""
+    root, options = str(tmp_path / "out"), storage.StorageOptions().resolved()
+    info = storage.FileInfo(str(tmp_path / "part-0.jsonl.gz"), 10, 1.0)
+    for attempt in (1, 2):
+        dying = Catalog(root, options, owner=f"dies-{attempt}", lease_seconds=0.3)
+        assert dying.try_claim(info, 2) is not None
+        time.sleep(0.4)
+        if attempt == 1:
+            taker = Catalog(root, options, owner="taker", lease_seconds=120)
+            lease = taker.try_claim(info, 2)
+            assert lease is not None
+            record = taker.record(lease.key) or {}
+            assert record.get("status") == "failed" and record["attempts"] == 1 and "dies-1" in record["error"]
+            taker.release(lease)  # the taker gives it back unprocessed; the next holder dies again
+    last = Catalog(root, options, owner="last", lease_seconds=120)
+    assert last.try_claim(info, 2) is None  # its second lost attempt was its last
+    record = last.record(shard_key(info.uri))
+    assert record["status"] == "failed" and record["attempts"] == 2 and "stopped renewing" in record["error"]
+    assert last.live_lease(shard_key(info.uri)) is None
+
+
+def test_sweep_removes_a_round_directory_killed_while_it_started(tmp_path):
+    """A batch killed while writing its round's `_ROUND.json` leaves only that file's temp file behind."""
+    from types import SimpleNamespace
+
+    work, long_ago = tmp_path / "out" / "work", time.time() - 100
+    for name, file in {"dead-1": "._ROUND.json.a.tmp", "live-1": "._ROUND.json.b.tmp", "other": "x.parquet"}.items():
+        (work / name).mkdir(parents=True)
+        (work / name / file).write_text("{")
+        if name != "live-1":
+            os.utime(work / name / file, (long_ago, long_ago))
+    spec = SimpleNamespace(out=str(tmp_path / "out"), lease_seconds=4.0)
+    service._sweep_work(spec, Catalog(spec.out, None, owner="sweeper"))
+    assert sorted(path.name for path in work.iterdir()) == ["live-1", "other"]
+
+
+def test_lease_keeper_stops_renewing_a_round_past_its_budget(tmp_path):
+    root, options = str(tmp_path / "out"), storage.StorageOptions().resolved()
+    catalog = Catalog(root, options, owner="batch", lease_seconds=1.0)
+    within = catalog.try_claim(storage.FileInfo(str(tmp_path / "a.jsonl"), 1, 1.0), 3)
+    over = catalog.try_claim(storage.FileInfo(str(tmp_path / "b.jsonl"), 1, 1.0), 3)
+    with LeaseKeeper(catalog, every_s=0.2) as keeper:
+        keeper.add([within])
+        keeper.add([over], deadline=time.time() + 0.3)
+        time.sleep(2.0)
+        assert catalog.live_lease(within.key) is not None  # renewed all along
+        assert catalog.live_lease(over.key) is None and over.key in keeper.lost
 
 
 def test_new_shards_only_later_documents_displace_earlier_and_duplicates_enter_once(world, tmp_path):
@@ -264,6 +475,78 @@ def test_new_shards_only_later_documents_displace_earlier_and_duplicates_enter_o
     assert third["documents_encoded"] == 0 and third["shards"] == {} and third["snapshot"] == 2
     # Old snapshots are kept up to the retention limit.
     assert sorted(p.name for p in (tmp_path / "out" / "snapshots").iterdir()) == ["v000001", "v000002"]
+
+
+def test_a_shard_still_being_written_is_not_committed_as_a_prefix(world, tmp_path, monkeypatch):
+    """A shard listed while its copy goes on: changed during its round, it is not recorded and a later batch
+    processes it whole; with `settle_seconds`, a shard modified that recently is not even claimed (a later
+    batch takes it like any due shard once it has settled)."""
+    corpus, out = tmp_path / "corpus", str(tmp_path / "out")
+    corpus.mkdir()
+    sources = sorted((world["root"] / "corpus").glob("*.jsonl.gz"))
+    lines = [gzip.decompress(path.read_bytes()).splitlines(keepends=True) for path in sources[:2]]
+    growing, fresh = corpus / "growing.jsonl", corpus / "fresh.jsonl"
+    half = len(lines[0]) // 2
+    growing.write_bytes(b"".join(lines[0][:half]))
+    real_encode = service.encode_shards
+
+    def encode_while_the_copy_goes_on(*args, **kwargs):
+        real_encode(*args, **kwargs)
+        with growing.open("ab") as handle:
+            handle.write(b"".join(lines[0][half:]))
+
+    monkeypatch.setattr(service, "encode_shards", encode_while_the_copy_goes_on)
+    first = run_batch(make_spec(world, out, str(corpus / "*.jsonl")))
+    assert first["done"] == [] and first["changed"] == [str(growing)]
+    assert Catalog(out, None, owner="test").records() == {}  # not recorded: still due
+
+    monkeypatch.setattr(service, "encode_shards", real_encode)
+    fresh.write_bytes(b"".join(lines[1]))  # arrives just now
+    an_hour_ago = time.time() - 3600
+    os.utime(growing, (an_hour_ago, an_hour_ago))
+    settled = make_spec(world, out, str(corpus / "*.jsonl"), settle_seconds=600)
+    second = run_batch(settled)
+    assert second["done"] == [str(growing)] and second["settling"] == [str(fresh)]
+    assert Catalog(out, None, owner="test").record(shard_key(str(growing)))["documents"] == len(lines[0])
+    catalog = Catalog(out, None, owner="test")
+    assert catalog.record(shard_key(str(fresh))) is None and catalog.newest(shard_key(str(fresh))) is None
+    assert {source.rsplit("#", 1)[0] for source in read_current(out).column("source").to_pylist()} == {str(growing)}
+
+
+def test_worker_killing_and_hanging_shards_fail_within_bounds(world, tmp_path, monkeypatch):
+    """A shard whose processing kills its worker shares a round with a good shard; one that hangs its
+    worker runs past the round's time budget. Both are recorded failed with their reason, and the batches end
+    (Ray Data alone would retry the killed task without end, and wait on the hung one)."""
+    from curation.selection import curate
+
+    corpus, out = tmp_path / "corpus", str(tmp_path / "out")
+    corpus.mkdir()
+    shutil.copy(sorted((world["root"] / "corpus").glob("*.jsonl.gz"))[0], corpus / "good.jsonl.gz")
+    for name in ("crash", "hang"):
+        text = f"{name.upper()}-THE-WORKER, then some ordinary words"
+        (corpus / f"{name}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    real_tokenize = curate.tokenize_batch
+
+    def tokenize_or_kill(batch, **kwargs):
+        texts = [str(text) for text in batch["text"]]
+        if any("CRASH-THE-WORKER" in text for text in texts):
+            os._exit(1)  # what an OOM kill or a segfault looks like to Ray
+        if any("HANG-THE-WORKER" in text for text in texts):
+            time.sleep(120)
+        return real_tokenize(batch, **kwargs)
+
+    monkeypatch.setattr(curate, "tokenize_batch", tokenize_or_kill)
+    crashing = make_spec(world, out, str(corpus / "[cg]*"), task_retries=0)
+    record = run_batch(crashing)
+    names = {Path(uri).name: shard for uri, shard in record["shards"].items()}
+    assert names["good.jsonl.gz"]["status"] == "done" and names["good.jsonl.gz"]["documents"] > 0
+    crash = names["crash.jsonl"]
+    assert crash["status"] == "failed" and crash["attempts"] == 1 and "died" in crash["error"].lower(), crash
+    hanging = make_spec(world, out, str(corpus / "hang.jsonl"), round_timeout_s=10)
+    record = run_batch(hanging)
+    hang = record["shards"][str(corpus / "hang.jsonl")]
+    assert hang["status"] == "failed" and hang["attempts"] == 1 and "round_timeout" in hang["error"], hang
+    assert files_under(storage.join(out, "work")) == []
 
 
 @pytest.fixture(scope="module")
@@ -313,19 +596,51 @@ def test_status_reports_every_shard_state(poisoned, tmp_path):
     assert f"rows curated {status['rows_curated']} (snapshot v1)" in result.stdout
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
-def test_killed_batch_then_rerun_equals_a_clean_run(world, backend, tmp_path, request):
+def upload_corpus(world: dict, backend: str, tmp_path: Path, request, first: int = SHARDS) -> tuple[str, str, object]:
+    """The world's first `first` shards where a batch lists them; returns (glob, out, add_the_rest)."""
+    shards = sorted((world["root"] / "corpus").glob("*.jsonl.gz"))
     if backend == "s3":
         bucket = request.getfixturevalue("s3_bucket")
-        for path in sorted((world["root"] / "corpus").glob("*.jsonl.gz")):
-            storage.write_bytes_atomic(f"s3://{bucket}/corpus/{path.name}", path.read_bytes())
         corpus, out = f"s3://{bucket}/corpus/*.jsonl.gz", f"s3://{bucket}/out"
+
+        def put(paths):
+            for path in paths:
+                storage.write_bytes_atomic(f"s3://{bucket}/corpus/{path.name}", path.read_bytes())
     else:
-        corpus, out = world["glob"], str(tmp_path / "out")
+        (tmp_path / "corpus").mkdir()
+        corpus, out = str(tmp_path / "corpus" / "*.jsonl.gz"), str(tmp_path / "out")
+
+        def put(paths):
+            for path in paths:
+                shutil.copy(path, tmp_path / "corpus" / path.name)
+
+    put(shards[:first])
+    return corpus, out, lambda: put(shards[first:])
+
+
+@pytest.mark.parametrize("stage", ["mid_round", "before_publish"])
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_killed_batch_then_rerun_equals_a_clean_run(world, backend, stage, tmp_path, request):
+    """SIGKILL a batch after its first commit (no snapshot yet), or, once batch 1 published v1 from two
+    shards and two more arrived, after its last commit and before its publish. A rerun serves them all."""
+    corpus, out, add_the_rest = upload_corpus(
+        world, backend, tmp_path, request, 2 if stage == "before_publish" else SHARDS
+    )
     spec = write_spec(tmp_path / "spec.yaml", spec_values(world, out, corpus, shards_per_round=1, lease_seconds=4))
-    proc = start_job(["--spec", spec, "--once"], tmp_path / "killed.log")
-    committed = kill_after_commits(proc, out, 1, tmp_path / "killed.log")
-    assert committed < SHARDS
+    if stage == "before_publish":
+        first = run_batch(make_spec(world, out, corpus, shards_per_round=1, lease_seconds=4))
+        assert first["snapshot"] == 1 and len(first["done"]) == 2
+        add_the_rest()
+        marker = tmp_path / "paused"
+        proc = start_job(["--spec", spec, "--once"], tmp_path / "killed.log", pause_marker=marker)
+        kill_before_publish(proc, marker, tmp_path / "killed.log")
+        records = Catalog(out, storage.StorageOptions().resolved(), owner="test").records()
+        assert len(records) == SHARDS and {r["status"] for r in records.values()} == {"done"}
+        assert current_snapshot(out)["version"] == 1  # v1, from two shards, is what readers get now
+    else:
+        proc = start_job(["--spec", spec, "--once"], tmp_path / "killed.log")
+        committed = kill_after_commits(proc, out, 1, tmp_path / "killed.log")
+        assert committed < SHARDS
     time.sleep(4.5)  # the killed batch's leases expire
     # The rerun may run its rounds wider: scheduling fields are not part of the spec's identity.
     wide = write_spec(tmp_path / "wide.yaml", spec_values(world, out, corpus, shards_per_round=4, lease_seconds=4))
@@ -334,6 +649,15 @@ def test_killed_batch_then_rerun_equals_a_clean_run(world, backend, tmp_path, re
     assert rows == world["clean"] and len(rows) == len(set(rows))
     records = Catalog(out, storage.StorageOptions().resolved(), owner="test").records()
     assert len(records) == SHARDS and {r["status"] for r in records.values()} == {"done"}
+    assert len(current_snapshot(out)["shards"]) == SHARDS
+    # What the killed batch left is cleaned up: its round directory, and the version it claimed but never wrote.
+    assert files_under(storage.join(out, "work")) == []
+    options = storage.StorageOptions().resolved()
+    versions = service._versions(out, options)
+    assert versions and all(
+        storage.exists(storage.join(out, "snapshots", f"v{version:06d}", "manifest.json"), options)
+        for version in versions
+    )
 
 
 def test_two_batches_started_together_split_the_shards(world, tmp_path):
