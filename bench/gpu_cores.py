@@ -154,7 +154,8 @@ def check_encode(setup: Setup) -> CheckResult:
     from core.models import load_model
     from curation.sae.model import SAEConfig, TopKSAE
 
-    hidden = load_model(setup.model_dir).config.hidden_size
+    full_model = load_model(setup.model_dir)  # its shape and the weights a truncated forward multiplies by
+    hidden = full_model.config.hidden_size
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=hidden, expansion_factor=4, k=32, layer=setup.layer))
     reference = _encoder(setup, "cpu", torch.float32, sae)
@@ -169,7 +170,7 @@ def check_encode(setup: Setup) -> CheckResult:
     before, after = per_seed_top(expected, seed_rows, top_n), per_seed_top(got, seed_rows, top_n)
     overlap = len(before & after) / len(before)
     tokens = sum(len(doc) for doc in setup.docs)
-    flops = 2 * (linear_params(load_model(setup.model_dir), setup.layer + 1) + 2 * hidden * sae.cfg.num_latents)
+    flops = 2 * (linear_params(full_model, setup.layer + 1) + 2 * hidden * sae.cfg.num_latents)
     agreement = {"min document cosine": float(cosine.min()), "selection overlap": overlap}
     return CheckResult("encode", agreement, cosine.min() >= 0.99 and overlap >= 0.95, tokens / seconds, flops)
 
@@ -276,13 +277,13 @@ def check_mmlu(setup: Setup, questions: int = 96) -> CheckResult:
     from training.evaluation.scoring import PackedItem, score_items
 
     rng = np.random.default_rng(2)
-    vocab = load_model(setup.model_dir).config.vocab_size
+    reference = load_model(setup.model_dir)
+    vocab = reference.config.vocab_size
     items = [
         PackedItem(rng.integers(4, vocab, size=int(rng.integers(40, 120))).tolist(),
                    [rng.integers(4, vocab, size=int(rng.integers(1, 6))).tolist() for _ in range(4)])
         for _ in range(questions)
     ]  # fmt: skip
-    reference = load_model(setup.model_dir)
     expected = score_items(reference, items, pad_id=1).argmax(axis=1)
     candidate = load_model(setup.model_dir, dtype=setup.dtype, device=setup.device)
     got, seconds = timed(lambda: score_items(candidate, items, pad_id=1).argmax(axis=1), setup.device)
