@@ -43,7 +43,7 @@ warm-deepspeed: install
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 
 test: install lint warm-deepspeed
-	RAY_AUTH_MODE=$(TEST_RAY_AUTH_MODE) $(PY) -m pytest -q -ra
+	RAY_AUTH_MODE=$(TEST_RAY_AUTH_MODE) $(PY) -m pytest -q -ra --durations=25
 
 bench: install
 	$(PY) bench/curation_throughput.py

@@ -54,7 +54,9 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    from core.placement import propagated_env
+
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **propagated_env()}}
     if address:
         logger.info("joining Ray at %s", address)
         ray.init(address=address, runtime_env=env, log_to_driver=True)

@@ -19,6 +19,7 @@ import torch
 from core.batching import length_batches, pad_right
 from core.logs import worker_logging
 from core.models import TruncatedForward, load_model, load_tokenizer
+from core.placement import resolve_device
 from curation.sae.model import TopKSAE
 
 # How a document's per-token SAE codes become one vector. `rate` counts how often each latent fires
@@ -80,6 +81,7 @@ class EncoderSpec:
     pooling: Pooling = "rate"
     max_batch_tokens: int = 8192
     device: str = "cpu"
+    """cpu, cuda, or `accelerator`: the GPU Ray gives the actor (core.placement.resolve_device)."""
     torch_threads: int = 0
 
 
@@ -90,14 +92,15 @@ class DocumentEncoder:
         if spec.torch_threads > 0:
             torch.set_num_threads(spec.torch_threads)
         self.spec = spec
+        self.device = resolve_device(spec.device)
         self.tokenizer = load_tokenizer(spec.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.forward = TruncatedForward(load_model(spec.model, device=spec.device), spec.layer)
+        self.forward = TruncatedForward(load_model(spec.model, device=self.device), spec.layer)
         if sae is None and spec.sae_dir is not None:
-            sae = TopKSAE.load(spec.sae_dir, device=spec.device)
+            sae = TopKSAE.load(spec.sae_dir, device=self.device)
         # A passed-in SAE was built or loaded elsewhere (on the driver's CPU, say): everything that meets
         # the activations must sit on this encoder's one device.
-        self.sae = sae.to(spec.device).eval() if sae is not None else None
+        self.sae = sae.to(self.device).eval() if sae is not None else None
         coords = spec.coords if spec.coords is not None else (sae.cfg.coords if sae is not None else None)
         self.coords = torch.as_tensor(coords, dtype=torch.long) if coords else None
 
@@ -108,7 +111,7 @@ class DocumentEncoder:
         lengths = [len(tokens) for tokens in token_lists]
         for rows in length_batches(lengths, self.spec.max_batch_tokens):
             ids, attention = pad_right([token_lists[row] for row in rows], self.pad_id)
-            hidden = self.forward(ids.to(self.spec.device), attention.to(self.spec.device)).float()
+            hidden = self.forward(ids.to(self.device), attention.to(self.device)).float()
             if self.coords is not None:
                 hidden = hidden[..., self.coords.to(hidden.device)]
             yield rows, hidden, pooling_mask(attention, self.spec.skip_positions).to(hidden.device)

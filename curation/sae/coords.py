@@ -49,7 +49,7 @@ def jacobian_row_norms(
     generator = torch.Generator().manual_seed(seed)
     for rows, _, mask in encoder.hidden_batches(token_lists):
         ids, attention = pad_right([token_lists[row] for row in rows], encoder.pad_id)
-        embeds = embed(ids.to(encoder.spec.device)).float()
+        embeds = embed(ids.to(encoder.device)).float()
         attention = attention.to(embeds.device)
         # One step size per batch, relative to the typical embedding norm, keeps the difference
         # well above float32 rounding and well inside the linear regime.

@@ -1,7 +1,7 @@
 """Train the Top-K SAE on corpus activations streamed through Ray Data.
 
 read -> clean -> tokenize -> activations (truncated forward at layer L, the chosen coordinates,
-positions that count only) -> shuffled batches -> `train_sae` on the driver -> SAE directory plus
+positions that count only) -> shuffled batches -> `train_sae` in the trainer task -> SAE directory plus
 manifest. Coordinates are chosen first, on the seeds (`jacobian`, the paper's) or on a calibration
 sample of the corpus.
 
@@ -25,6 +25,8 @@ import torch
 from core import manifest, models, storage
 from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
+from core.logs import worker_logging
+from core.placement import record_model_load, requested_device, resolve_device, run_remote
 from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
@@ -41,6 +43,7 @@ class TrainSAEConfig(RunConfig):
         "encode_actors",
         "cpus_per_actor",
         "torch_threads",
+        "train_cpus",
     }
 
     corpus: list[str] = field(default_factory=list)
@@ -79,6 +82,10 @@ class TrainSAEConfig(RunConfig):
     """CPUs each activation actor reserves."""
     gpus_per_actor: float = 0.0
     """GPUs each activation actor reserves; > 0 runs it on CUDA."""
+    train_cpus: float = 0.5
+    """CPUs the SAE trainer task reserves (it uses every core of a local machine, int(train_cpus) on a cluster)."""
+    train_gpus: float = 0.0
+    """GPUs the SAE trainer task reserves; > 0 trains on CUDA."""
     torch_threads: int = 0
     """Torch threads per actor; 0 picks from the machine (local) or cpus_per_actor (cluster)."""
     seed: int = 0
@@ -99,6 +106,8 @@ class TrainSAEConfig(RunConfig):
         check_range("lr", self.lr, gt=0, optional=True, hint="unset uses the width-scaled default")
         check_range("cpus_per_actor", self.cpus_per_actor, gt=0, hint="fractions are fine")
         check_range("gpus_per_actor", self.gpus_per_actor, ge=0)
+        check_range("train_cpus", self.train_cpus, gt=0, hint="fractions are fine")
+        check_range("train_gpus", self.train_gpus, ge=0)
         check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the machine")
 
 
@@ -164,12 +173,14 @@ def _encoder_spec(config: TrainSAEConfig) -> EncoderSpec:
     threads = config.torch_threads or default_torch_threads(
         config.encode_actors, config.cpus_per_actor, config.ray_address
     )
-    device = "cuda" if config.gpus_per_actor > 0 else "cpu"
+    device = requested_device(config.gpus_per_actor)
     return EncoderSpec(model=config.model, sae_dir=None, layer=config.layer, device=device, torch_threads=threads)
 
 
 def _choose_coords(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]) -> list[int]:
-    """The SAE's input coordinates, measured on the driver over the seeds or a corpus sample."""
+    """The SAE's input coordinates, measured over the seeds or a corpus sample (in a task holding an actor's
+    resources: see run_train_sae)."""
+    worker_logging()
     encoder = DocumentEncoder(spec)
     texts = calibration_texts(config, inputs)
     token_lists = tokenize_texts(encoder.tokenizer, texts, config.max_tokens)
@@ -217,6 +228,26 @@ def _activation_stream(
     )
 
 
+def _train_and_save(
+    config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo], sae_config: SAEConfig, threads: int
+) -> dict[str, Any]:
+    """Stream activations, train the SAE on this task's device and write it to `config.out`; its metrics."""
+    from ray.data import DataContext
+
+    worker_logging()
+    DataContext.get_current().enable_progress_bars = False
+    torch.set_num_threads(threads)
+    device = resolve_device(requested_device(config.train_gpus))
+    stream = _activation_stream(config, spec, inputs)
+    batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed)
+    sae, metrics = train_sae((batch.to(device) for batch in batches), sae_config, seed=config.seed)
+    record_model_load("sae-trainer", sae.device)
+    with tempfile.TemporaryDirectory() as staging:
+        sae.save(staging)
+        storage.upload_dir(staging, config.out, config.storage_options())
+    return metrics
+
+
 def _sae_config(config: TrainSAEConfig, info: models.ModelInfo, coords: list[int]) -> SAEConfig:
     return SAEConfig(
         d_in=len(coords),
@@ -239,17 +270,20 @@ def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     manifest.prepare_output(config.out, options)
     init_ray(config.ray_address)
     spec = _encoder_spec(config)
+    # The driver loads no model: coordinates are measured in a task holding one activation actor's
+    # resources, and the SAE trains in a task holding the trainer's, which streams the activations itself.
     with timer("coords"):
-        coords = _choose_coords(config, spec, inputs)
+        coords = run_remote(
+            _choose_coords, config, spec, inputs, num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor
+        )
     spec = dataclasses.replace(spec, coords=coords)
-    stream = _activation_stream(config, spec, inputs)
     sae_config = _sae_config(config, info, coords)
+    threads = default_torch_threads(1, config.train_cpus, config.ray_address)
     with timer("train"):
-        batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed)
-        sae, metrics = train_sae(batches, sae_config, seed=config.seed)
-    with tempfile.TemporaryDirectory() as staging:
-        sae.save(staging)
-        storage.upload_dir(staging, config.out, options)
+        metrics = run_remote(
+            _train_and_save, config, spec, inputs, sae_config, threads,
+            num_cpus=config.train_cpus, num_gpus=config.train_gpus,
+        )  # fmt: skip
     counts = {"train_tokens_drawn": metrics["tokens"] // max(config.epochs, 1), **metrics}
     logger.info(
         "SAE written to %s: fvu=%.3f dead=%.3f %.0f tokens/s",

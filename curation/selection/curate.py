@@ -18,6 +18,8 @@ import pyarrow as pa
 from core import manifest, models, storage
 from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
+from core.logs import worker_logging
+from core.placement import requested_device, run_remote
 from core.reader import CleanConfig, count_rejects, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec, Pooling
@@ -165,7 +167,7 @@ def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE) -> EncoderSpec
         skip_positions=sae.cfg.skip_positions,
         pooling=config.pooling,
         max_batch_tokens=config.max_batch_tokens,
-        device="cuda" if config.gpus_per_actor > 0 else "cpu",
+        device=requested_device(config.gpus_per_actor),
         torch_threads=threads,
     )
 
@@ -221,12 +223,19 @@ def selection_spec(config: CurateConfig, seeds: Seeds) -> SelectionSpec:
     )
 
 
+def _encode_seeds(spec: EncoderSpec, sae: TopKSAE, seeds: Seeds, max_tokens: int) -> np.ndarray:
+    worker_logging()
+    return seed_vectors(DocumentEncoder(spec, sae=sae), seeds, max_tokens)
+
+
 def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> tuple[EncoderSpec, np.ndarray]:
-    """The encoder actors' spec and the (seeds, latents) seed vectors, encoded on the driver."""
+    """The encoder actors' spec and the (seeds, latents) seed vectors, encoded in a Ray task that holds one
+    encoder actor's resources (the driver loads no model). Ray must be initialised."""
     spec = _encoder_spec(config, checked.model, checked.sae)
-    encoder = DocumentEncoder(spec, sae=checked.sae)
-    seeds_matrix = seed_vectors(encoder, checked.seeds, config.max_tokens)
-    del encoder
+    seeds_matrix = run_remote(
+        _encode_seeds, spec, checked.sae, checked.seeds, config.max_tokens,
+        num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
+    )  # fmt: skip
     return spec, seeds_matrix
 
 

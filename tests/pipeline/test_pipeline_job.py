@@ -12,12 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO
-from helpers import job_env, planted_questions, ray_head, submit_job, write_corpus
+from helpers import job_env, ray_head, submit_job, write_corpus, write_spec
 
 from core.errors import ConfigError
 from curation.split import heldout_mask
 from pipeline import build_steps, load_spec
-from training.evaluation import mmlu
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -25,36 +24,6 @@ ALL_STEPS = {
     "sae", "curate", "split/maths", "distill/maths", "distill-random/maths", "prune/maths/0.30",
     "finetune/maths/0.30", "finetune-random/maths/0.30", "evaluate/maths",
 }  # fmt: skip
-
-
-def write_spec(root: Path, tiny_model_dir: str, corpus: dict, glob: str, **changes) -> Path:
-    mmlu_file = root / "mmlu.jsonl"
-    if not mmlu_file.exists():
-        rows = planted_questions(8 + mmlu.DEV_PER_SUBJECT)
-        mmlu_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = {
-        "root": str(root / "run"),
-        "model": tiny_model_dir,
-        "corpus": [glob],
-        "seeds": corpus["seeds"],
-        "domains": {"maths": {"mmlu": ["all"]}},
-        "ratios": [0.3],
-        "sae": {"layer": 2, "coords": "jacobian", "num_coords": 32, "expansion_factor": 4, "k": 8,
-                "max_train_tokens": 1500, "epochs": 3, "batch_tokens": 256, "cpus_per_actor": 0.5},
-        "curate": {"top_n": 2, "cpus_per_actor": 0.5, "batch_size": 16},
-        "prune": {"channel_multiple": 8, "max_tokens": 32},
-        "distill": {"max_new_tokens": 4, "min_document_tokens": 4, "batch_size": 2, "part_rows": 2,
-                    "cpus_per_actor": 0.5, "torch_threads": 1},
-        "finetune": {"epochs": 3, "micro_batch": 1, "max_tokens": 32, "warmup_steps": 1, "checkpoint_every": 2,
-                     "log_every": 1, "cpus_per_worker": 0.5, "torch_threads": 1},
-        "evaluate": {"mmlu_file": str(mmlu_file), "window": 16, "stride": 8, "torch_threads": 1},
-    }  # fmt: skip
-    for dotted, value in changes.items():
-        stage, key = dotted.split("__")
-        spec[stage][key] = value
-    path = root / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def finished_at(run: Path) -> dict[str, str]:

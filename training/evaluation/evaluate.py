@@ -25,6 +25,7 @@ import numpy as np
 from core import manifest, models, storage
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
+from core.placement import requested_device, resolve_device
 from core.runtime import RunConfig, init_ray, is_local_ray
 from training.evaluation import mmlu, stats
 from training.evaluation.mmlu import Question
@@ -169,7 +170,8 @@ def evaluate_model(task: ModelTask) -> dict[str, Any]:
     started = time.perf_counter()
     path = storage.local_copy(task.model, task.storage_options) if storage.is_remote(task.model) else task.model
     tokenizer = models.load_tokenizer(path)
-    model = models.load_model(path, dtype=getattr(torch, task.dtype), device=task.device)
+    device = resolve_device(task.device)
+    model = models.load_model(path, dtype=getattr(torch, task.dtype), device=device)
     limit = int(getattr(model.config, "max_position_embeddings", task.max_length) or task.max_length)
     max_length, window = min(task.max_length, limit), min(task.window, limit)
     stride = min(task.stride, window)
@@ -279,7 +281,7 @@ def build_tasks(checked: EvaluationPlan) -> list[ModelTask]:
             stride=config.stride,
             max_batch_tokens=config.max_batch_tokens,
             dtype=config.dtype,
-            device="cuda" if config.gpus_per_model > 0 else "cpu",
+            device=requested_device(config.gpus_per_model),
             torch_threads=threads,
             storage_options=config.storage_options(),
         )

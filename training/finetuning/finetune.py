@@ -41,6 +41,7 @@ import torch
 
 from core import manifest, models, storage
 from core.errors import ConfigError, check_range, check_ranges, check_seed
+from core.placement import cpu_forced, record_model_load, requested_device, resolve_device
 from core.runtime import RunConfig, init_ray, is_local_ray
 from training.finetuning.deepspeed_config import build_deepspeed_config
 from training.finetuning.losses import causal_lm_loss, combined_loss, kd_loss
@@ -286,6 +287,11 @@ def _worker_threads(loop: WorkerPlan) -> int:
     return max(1, int(loop.config.cpus_per_worker))
 
 
+def _worker_device(loop: WorkerPlan) -> str:
+    """cuda for a worker given a GPU (use_gpu), unless FINESCOPE_FORCE_CPU; it also decides bf16."""
+    return resolve_device(requested_device(1 if loop.config.use_gpu else 0))
+
+
 def _build_model(loop: WorkerPlan) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -294,6 +300,7 @@ def _build_model(loop: WorkerPlan) -> tuple[torch.nn.Module, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(loop.config.seed)
     model = AutoModelForCausalLM.from_pretrained(loop.model_dir, dtype=torch.float32, local_files_only=True)
+    record_model_load(loop.model_dir, _worker_device(loop))
     model.config.use_cache = False
     if loop.config.lora_r:
         model = _with_lora(model, loop)
@@ -322,8 +329,9 @@ def _load_teacher(loop: WorkerPlan, device: torch.device) -> torch.nn.Module | N
         return None
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if loop.config.use_gpu else torch.float32
+    dtype = torch.bfloat16 if _worker_device(loop) == "cuda" else torch.float32
     teacher = AutoModelForCausalLM.from_pretrained(loop.teacher_dir, dtype=dtype, local_files_only=True)
+    record_model_load(loop.teacher_dir, device)
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 
@@ -337,7 +345,7 @@ def _build_engine(model: torch.nn.Module, loop: WorkerPlan, world_size: int):
         grad_accum=loop.config.grad_accum,
         world_size=world_size,
         grad_clip=loop.config.grad_clip,
-        bf16=loop.config.use_gpu,
+        bf16=_worker_device(loop) == "cuda",
         total_steps=loop.total_steps,
         warmup_steps=loop.config.warmup_steps,
         min_lr_ratio=loop.config.min_lr_ratio,
@@ -689,7 +697,7 @@ def build_trainer(checked: FinetunePlan):
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     config = checked.config
     options = config.storage_options()
@@ -714,6 +722,8 @@ def build_trainer(checked: FinetunePlan):
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": loop.config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
         ),
+        # NCCL for GPU workers; gloo when the GPU configuration runs on CPU (core.placement.FORCE_CPU).
+        torch_config=TorchConfig(backend="gloo" if cpu_forced() else None),
         run_config=ray.train.RunConfig(
             # Named by the config hash: rerunning the same config after a driver crash restores this run.
             name=f"finetune-{checked.digest}",

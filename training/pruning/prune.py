@@ -39,7 +39,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -47,7 +47,9 @@ from torch import nn
 from core import manifest, models, storage
 from core.batching import pad_right, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges, check_seed
-from core.runtime import RunConfig
+from core.logs import worker_logging
+from core.placement import requested_device, resolve_device, run_remote
+from core.runtime import RunConfig, default_torch_threads, init_ray
 from training.pruning.importance import Importance, magnitude_importance, random_importance, taylor_importance
 from training.pruning.structures import SUPPORTED_MODEL_TYPES, Layout, apply_plan, count_params, layout_of
 
@@ -65,6 +67,8 @@ IMPORTANCE = "prune_importance.npz"
 
 @dataclass
 class PruneConfig(RunConfig):
+    execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {"cpus"}
+
     model: str = models.DEFAULT_MODEL
     """Base model: an embedded name (smollm2-135m), a Hugging Face directory, or a .gguf file."""
     data: str = ""
@@ -95,6 +99,10 @@ class PruneConfig(RunConfig):
     """Weights' dtype during importance and in the saved model."""
     seed: int = 0
     """Seed of the random baseline."""
+    cpus: float = 1.0
+    """CPUs the pruning task reserves (it uses every core of a local machine, int(cpus) on a cluster)."""
+    gpus: float = 0.0
+    """GPUs the pruning task reserves; > 0 loads the model and measures importance on CUDA."""
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -105,6 +113,8 @@ class PruneConfig(RunConfig):
         check_ranges(self, ("channel_multiple", "max_docs", "max_tokens", "batch_size"), ge=1)
         check_range("keep_groups", self.keep_groups, ge=1, optional=True, hint="a layer needs attention")
         check_seed("seed", self.seed)
+        check_range("cpus", self.cpus, gt=0, hint="fractions are fine")
+        check_range("gpus", self.gpus, ge=0)
 
 
 @dataclass
@@ -361,7 +371,11 @@ def _peak_rss_mb() -> float:
 
 
 def run_pruning(config: PruneConfig) -> dict:
-    """Run the stage; returns the report. Skipped when `out` holds a manifest for this config and inputs."""
+    """Run the stage; returns the report. Skipped when `out` holds a manifest for this config and inputs.
+
+    The driver checks the config and reads the documents; the model is loaded, scored, sliced and saved in
+    one Ray task that holds `cpus` and `gpus` (docs/design.md, "Placement").
+    """
     options = config.storage_options()
     layout = _checked_layout(config)
     inputs, texts = _domain_data(config, options)
@@ -369,10 +383,34 @@ def run_pruning(config: PruneConfig) -> dict:
     if manifest.finished(config.out, digest, options, config.force) is not None:
         return storage.read_json(storage.join(config.out, REPORT), options)
     manifest.prepare_output(config.out, options)
+    init_ray(config.ray_address)
+    threads = default_torch_threads(1, config.cpus, config.ray_address)
+    report, timings, counts, params = run_remote(
+        _prune_and_save, config, layout, texts, threads, num_cpus=config.cpus, num_gpus=config.gpus
+    )
+    manifest.write_manifest(
+        config.out,
+        stage="prune",
+        config=config.content(),
+        digest=digest,
+        inputs=inputs,
+        counts=counts,
+        timings=timings,
+        options=options,
+        extra=params,
+    )
+    return report
+
+
+def _prune_and_save(config: PruneConfig, layout: Layout, texts: list[str], threads: int) -> tuple:
+    """The model work of the stage, on this task's device: (report, timings, counts, parameter counts)."""
+    worker_logging()
+    torch.set_num_threads(threads)
+    options = config.storage_options()
     timer = manifest.Timer()
     with timer("load"):
         dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-        model = models.load_model(config.model, dtype=dtype)
+        model = models.load_model(config.model, dtype=dtype, device=resolve_device(requested_device(config.gpus)))
         tokenizer = models.load_tokenizer(config.model)
     with timer("importance"):
         importance = compute_importance(model, layout, config, texts, tokenizer)
@@ -395,18 +433,8 @@ def run_pruning(config: PruneConfig) -> dict:
         storage.write_json_atomic(storage.join(config.out, REPORT), report, options)
         storage.write_bytes_atomic(storage.join(config.out, IMPORTANCE), importance.to_npz(), options)
     _log_pruned(config.model, plan, report)
-    manifest.write_manifest(
-        config.out,
-        stage="prune",
-        config=config.content(),
-        digest=digest,
-        inputs=inputs,
-        counts={"docs": len(texts), "batches": importance.batches, "tokens": importance.tokens},
-        timings=timer.timings,
-        options=options,
-        extra={"params_before": plan.params_before, "params_after": plan.params_after},
-    )
-    return report
+    counts = {"docs": len(texts), "batches": importance.batches, "tokens": importance.tokens}
+    return report, timer.timings, counts, {"params_before": plan.params_before, "params_after": plan.params_after}
 
 
 def _checked_layout(config: PruneConfig) -> Layout:

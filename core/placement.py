@@ -1,0 +1,85 @@
+"""Where model work runs: the device a worker uses, the Ray tasks that carry a stage's resources, and a
+record of every model load (docs/design.md, "Placement").
+
+The driver plans, schedules and merges small results; it never loads a model. Model work runs in a Ray
+task, actor or Train worker that asks for the stage's CPUs and GPUs, and picks its device there, from what
+Ray gave it: CUDA when it was given a GPU, the CPU when it was given none. `FINESCOPE_FORCE_CPU=1` makes a
+worker that was given a GPU use the CPU instead; it exists so that a GPU configuration, placed on a local
+cluster whose worker node only advertises a GPU, runs end to end on a machine without one (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+FORCE_CPU = "FINESCOPE_FORCE_CPU"
+LOAD_LOG = "FINESCOPE_LOAD_LOG"
+ACCELERATOR = "accelerator"
+"""A spec's device meaning "the GPU Ray gave this worker": resolved in the worker, never on the driver."""
+PROPAGATED = (FORCE_CPU, LOAD_LOG)
+"""Settings a driver passes on to every worker of its job."""
+
+T = TypeVar("T")
+
+
+def cpu_forced() -> bool:
+    return os.environ.get(FORCE_CPU, "") not in ("", "0")
+
+
+def requested_device(gpus: float) -> str:
+    """The device a driver writes into a spec: `accelerator` when the stage asks for GPUs, else cpu."""
+    return ACCELERATOR if gpus > 0 else "cpu"
+
+
+def resolve_device(device: str) -> str:
+    """A spec's device as this process runs it: `accelerator` becomes cuda (or cpu when forced)."""
+    if device != ACCELERATOR:
+        return device
+    if cpu_forced():
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"this worker was given a GPU but CUDA is not available here "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); ask for no GPUs "
+            f"(gpus_per_actor: 0 and the like), or set {FORCE_CPU}=1 to run a GPU configuration on CPU"
+        )
+    return "cuda"
+
+
+def record_model_load(what: str, device: Any) -> None:
+    """Append where a model was just loaded (pid, Ray node, driver or worker) to $FINESCOPE_LOAD_LOG, if set."""
+    path = os.environ.get(LOAD_LOG)
+    if not path:
+        return
+    row: dict[str, Any] = {"pid": os.getpid(), "node": None, "driver": True, "task": None}
+    ray = sys.modules.get("ray")  # never import Ray here: the stage cores run without it
+    if ray is not None and ray.is_initialized():
+        context = ray.get_runtime_context()
+        row["node"] = context.get_node_id()
+        row["driver"] = context.worker.mode != ray.WORKER_MODE
+        row["task"] = None if row["driver"] else context.get_task_name()
+    row.update(what=str(what), device=str(device))
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def run_remote(fn: Callable[..., T], /, *args: Any, num_cpus: float, num_gpus: float = 0, **kwargs: Any) -> T:
+    """Run `fn(*args, **kwargs)` in one Ray task holding these resources, and return its result.
+
+    Ray must be initialised. `fn` must be importable by the workers (a module-level function).
+    """
+    import ray
+
+    task = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, name=getattr(fn, "__qualname__", None))
+    return ray.get(task.remote(*args, **kwargs))
+
+
+def propagated_env() -> dict[str, str]:
+    """The placement settings of this process that its Ray workers must share."""
+    return {name: os.environ[name] for name in PROPAGATED if os.environ.get(name)}
