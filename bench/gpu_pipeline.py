@@ -267,8 +267,9 @@ def reference_configs(steps: list, root: str, rows: int, finetune_steps: int) ->
 
     - curate: the same corpus, seeds and SAE (the one the GPU run trained), encoded on the CPU;
     - distill: the first `rows` input rows, through the transformers backend in fp32 on the CPU;
-    - finetune: the same pruned model and distilled set, ZeRO-2 in fp32 on the CPU, the first
-      `finetune_steps` steps (with the GPU run's warm-up, so the learning rates match while warming up);
+    - finetune: the same pruned model and distilled set, ZeRO-2 in fp32 on the CPU, one worker taking as
+      many rows per step as the GPU run's workers together, the first `finetune_steps` steps (with the
+      GPU run's warm-up, so the learning rates match while warming up);
     - evaluate: the same models and MMLU sample, fp32 on the CPU, without perplexity.
     """
     gpu = _step_configs(steps)
@@ -282,6 +283,7 @@ def reference_configs(steps: list, root: str, rows: int, finetune_steps: int) ->
         ),
         "finetune": dataclasses.replace(
             finetune, out=f"{ref}/finetune", use_gpu=False, zero_stage=2, num_workers=1,
+            grad_accum=finetune.grad_accum * finetune.num_workers,  # the same rows per step on one worker
             max_steps=min(finetune_steps, finetune.max_steps or finetune_steps), checkpoint_every=finetune_steps,
             checkpoints=None,
         ),

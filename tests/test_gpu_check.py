@@ -223,6 +223,7 @@ def test_the_cpu_references_redo_the_gpu_work_in_fp32_on_the_cpu(tmp_path, monke
     assert (refs["distill"].data, refs["distill"].max_new_tokens) == (distill.data, distill.max_new_tokens)
     assert (refs["finetune"].use_gpu, refs["finetune"].zero_stage, refs["finetune"].max_steps) == (False, 2, 10)
     assert (refs["finetune"].model, refs["finetune"].data) == (finetune.model, finetune.data)
+    assert refs["finetune"].micro_batch * refs["finetune"].grad_accum == finetune.micro_batch * finetune.grad_accum
     assert refs["finetune"].warmup_steps >= 10  # the 10 compared steps are all in the shared warm-up
     assert (refs["evaluate"].dtype, refs["evaluate"].gpus_per_model, refs["evaluate"].ppl) == ("float32", 0.0, [])
     assert (refs["evaluate"].models, refs["evaluate"].limit) == (evaluate.models, evaluate.limit)
