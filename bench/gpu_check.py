@@ -17,13 +17,29 @@ switched on:
 - encode on CUDA: SAE training and curation with GPU encode actors (`gpus_per_actor: 1`);
 - the vLLM teacher through `ray.data.llm` (`backend: vllm`, bfloat16);
 - DeepSpeed ZeRO-3 on CUDA in bfloat16 (`use_gpu: true`), one worker per GPU;
-- evaluation on CUDA.
+- evaluation on CUDA in bfloat16.
 
-It then reads the stages' manifests and metrics and prints encode tokens/s, SAE training tokens/s, the
-teacher's generated tokens/s, fine-tuning tokens/s and MMLU questions/s, and checks what each stage
-produced. Exit status 0 when every check holds, 1 otherwise, 2 without a GPU or vLLM.
+Then it runs the same work on the CPU in fp32 (`--mode cpu-reference`, in a child process that sees no
+GPU and starts a Ray of its own; `bench/gpu_pipeline.py`'s `reference_configs`): curation of the same
+corpus with the same seeds and the GPU run's SAE; the transformers teacher on the first `--ref-rows`
+input rows; ZeRO-2 fine-tuning of the same pruned model on the same distilled set for `--ref-steps`
+steps; evaluation of the same models on the same MMLU sample. It compares (thresholds in
+`bench/gpu_pipeline.py`):
 
-    python bench/gpu_check.py --mode pipeline
+- curation: `seed_sims` per document, cosine >= 0.99 on every document; document vectors of
+  `--sample-docs` documents re-encoded here on CUDA and on the CPU, cosine >= 0.99 (with bf16 weights:
+  reported); curated ids, overlap >= 95%;
+- teacher: vLLM's greedy text identical to the transformers backend's on >= 90% of rows, the others
+  listed with the first token where they part;
+- fine-tuning: per-step loss within a mean relative gap of 3% and a largest of 10%, at equal learning
+  rates;
+- MMLU: predicted answers identical on >= 98% of questions, for every model.
+
+It prints each stage's tokens/s and MFU (2 x parameters run x tokens/s over the GPU's bf16 peak; 6 x for
+fine-tuning; the truncated forward for encode) and writes every figure to `--json`. Exit status 0 when
+every check holds, 1 otherwise, 2 without a GPU or vLLM.
+
+    python bench/gpu_check.py --mode pipeline --json runs/gpu-pipeline.json
     python bench/gpu_check.py --mode pipeline --docs 4000 --out runs/gpu-check --max-steps 60
 """
 
@@ -42,17 +58,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["core", "pipeline"], default="core", help="stage cores or the pipeline")
+    parser.add_argument(
+        "--mode",
+        choices=["core", "pipeline", "cpu-reference"],
+        default="core",
+        help="stage cores, or the pipeline (cpu-reference: the CPU runs pipeline mode starts itself)",
+    )
     parser.add_argument("--device", default="cuda", help="core mode: the candidate device")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="core mode: its dtype")
     parser.add_argument("--shape", choices=["tiny", "smollm2-135m"], default="smollm2-135m", help="core mode")
     parser.add_argument("--checks", default="encode,sae,prune,teacher,mmlu,train", help="core mode: which")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by GPU name)")
-    parser.add_argument("--json", default=None, help="core mode: also write the results to this JSON file")
+    parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     parser.add_argument("--docs", type=int, default=None, help="documents (core: 256; pipeline: 2000)")
     parser.add_argument("--out", default="runs/gpu-check", help="the pipeline's root")
     parser.add_argument("--max-steps", type=int, default=40, help="fine-tuning steps")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="teacher tokens per row at most")
+    parser.add_argument("--ref-rows", type=int, default=64, help="pipeline: teacher rows generated on the CPU too")
+    parser.add_argument("--ref-steps", type=int, default=10, help="pipeline: fine-tuning steps run on the CPU too")
+    parser.add_argument("--sample-docs", type=int, default=64, help="pipeline: documents re-encoded on both devices")
     return parser.parse_args()
 
 
@@ -118,60 +142,91 @@ def core_main(args: argparse.Namespace) -> int:
     return 0 if all(result.passed for result in results) else 1
 
 
-def main() -> int:
-    args = parse_args()
-    if args.mode == "core":
-        return core_main(args)
+def run_gpu_pipeline(args: argparse.Namespace):
+    """The pipeline with every GPU path on; returns its spec, its steps and its wall time."""
+    from core import cli, logs
+    from curation.demo_corpus import write_demo_corpus
+    from pipeline import PipelineSpec, run_pipeline
+    from pipeline.steps import build_steps
+
+    logs.setup_logging()
+    write_demo_corpus(str(Path(args.out) / "corpus"), shards=8, limit=args.docs)
+    spec = cli.from_mapping(PipelineSpec, spec_values(args), origin="bench/gpu_check.py")
+    started = time.perf_counter()
+    run_pipeline(spec)
+    return spec, build_steps(spec), time.perf_counter() - started
+
+
+def run_cpu_references(args: argparse.Namespace) -> int:
+    """The CPU references, in a child process that sees no GPU (so DeepSpeed, the teacher and the encode
+    actors take the CPU) and starts a Ray of its own on this machine."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    flags = ["--out", args.out, "--docs", str(args.docs), "--max-steps", str(args.max_steps),
+             "--max-new-tokens", str(args.max_new_tokens), "--ref-rows", str(args.ref_rows),
+             "--ref-steps", str(args.ref_steps)]  # fmt: skip
+    return subprocess.run([sys.executable, __file__, "--mode", "cpu-reference", *flags], env=env).returncode
+
+
+def reference_main(args: argparse.Namespace) -> int:
+    from gpu_pipeline import reference_configs, run_references
+
+    from core import cli, logs
+    from pipeline import PipelineSpec
+    from pipeline.steps import build_steps
+
+    logs.setup_logging()
+    spec = cli.from_mapping(PipelineSpec, spec_values(args), origin="bench/gpu_check.py")
+    run_references(reference_configs(build_steps(spec), spec.root, args.ref_rows, args.ref_steps))
+    return 0
+
+
+def pipeline_main(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
         print("needs a CUDA GPU and vLLM (pip install -e '.[gpu]')")
         return 2
+    import gpu_pipeline as checks
+    import ray
+    from gpu_cores import peak_flops
+
     args.docs = args.docs or 2000
-    from core import cli, logs
-    from curation.demo_corpus import write_demo_corpus
-    from pipeline import PipelineSpec, run_pipeline
-
-    logs.setup_logging()
-    root = Path(args.out)
-    write_demo_corpus(str(root / "corpus"), shards=8, limit=args.docs)
-    spec = cli.from_mapping(PipelineSpec, spec_values(args), origin="bench/gpu_check.py")
+    spec, steps, total = run_gpu_pipeline(args)
+    ray.shutdown()  # the references start a Ray of their own, without the GPU
     started = time.perf_counter()
-    state = run_pipeline(spec)
-    total = time.perf_counter() - started
+    if run_cpu_references(args) != 0:
+        print("the CPU reference runs failed; no agreement to check")
+        return 1
+    reference_s = time.perf_counter() - started
+    references = checks.reference_configs(steps, spec.root, args.ref_rows, args.ref_steps)
+    agreements = checks.completion_checks(steps, args.max_steps)
+    agreements += checks.pipeline_agreements(steps, references, args.sample_docs)
+    peak = peak_flops("cuda", args.peak_tflops)
+    rates = checks.stage_rates(steps, peak)
+    print(f"\nGPU check on {torch.cuda.get_device_name(0)}: pipeline {total:.0f} s, CPU references {reference_s:.0f} s")
+    print("\n".join(checks.format_rates(rates)))
+    print("agreement with the CPU in fp32:")
+    print("\n".join(checks.format_agreements(agreements)))
+    if args.json:
+        payload = {"device": torch.cuda.get_device_name(0), "peak_flops": peak, "date": time.strftime("%Y-%m-%d"),
+                   "pipeline_s": total, "reference_s": reference_s, "rates": rates,
+                   "agreements": [checks.as_dict(a) for a in agreements]}  # fmt: skip
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=float))
+    return 0 if all(agreement.passed for agreement in agreements) else 1
 
-    def manifest(step: str) -> dict:
-        return json.loads((Path(state["steps"][step]["out"]) / "manifest.json").read_text())
 
-    sae, curate, distill = manifest("sae"), manifest("curate"), manifest("distill/mathematics")
-    finetune_out = Path(state["steps"]["finetune/mathematics/0.30"]["out"])
-    metrics = [json.loads(line) for line in (finetune_out / "metrics.jsonl").read_text().splitlines()]
-    train_rates = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m][1:]  # the first includes warm-up
-    results = json.loads((root / "mathematics" / "eval" / "results.json").read_text())
-    evaluate = manifest("evaluate/mathematics")
-
-    figures = {
-        "encode tokens/s (curate, CUDA)": curate["counts"]["tokens"] / curate["timings_s"]["encode"],
-        "SAE training tokens/s (CUDA)": sae["counts"]["tokens_per_s"],
-        "teacher generated tokens/s (vLLM)": distill["counts"]["generated_tokens_per_s"],
-        "fine-tuning tokens/s (ZeRO-3, bf16, CUDA)": sum(train_rates) / max(len(train_rates), 1),
-        "MMLU questions/s per model (CUDA)": results["mmlu"]["sample"]["questions"]
-        * len(results["models"])
-        / max(sum(evaluate["timings_s"].values()), 1e-9),
-    }
-    checks = {
-        "curated rows > 0": curate["counts"]["curated_rows"] > 0,
-        "teacher ran on vLLM": distill.get("backend") == "vllm" and distill["counts"]["generated_rows"] > 0,
-        "fine-tuning finished its steps": bool(metrics) and metrics[-1].get("step", 0) >= args.max_steps,
-        "fine-tuned model exported": (finetune_out / "model" / "config.json").is_file(),
-        "every model evaluated": len(results["models"]) == 3,
-    }
-    print(f"\nGPU check on {torch.cuda.get_device_name(0)}: pipeline took {total:.0f} s")
-    for name, value in figures.items():
-        print(f"  {name:<44} {value:>12,.1f}")
-    for name, ok in checks.items():
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
-    return 0 if all(checks.values()) else 1
+def main() -> int:
+    args = parse_args()
+    if args.mode == "core":
+        return core_main(args)
+    if args.mode == "cpu-reference":
+        return reference_main(args)
+    return pipeline_main(args)
 
 
 if __name__ == "__main__":
