@@ -81,7 +81,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def spec_values(args: argparse.Namespace) -> dict:
-    gpu = {"encode_actors": 1, "cpus_per_actor": 2, "gpus_per_actor": 1}
+    # Half a GPU each: on a one-GPU machine the SAE trainer shares the device with the activation actor.
+    gpu = {"encode_actors": 1, "cpus_per_actor": 2, "gpus_per_actor": 0.5}
     return {
         "root": args.out,
         "model": "smollm2-135m",
@@ -91,9 +92,10 @@ def spec_values(args: argparse.Namespace) -> dict:
         "ratios": [0.3],
         "backend": "vllm",
         "control": "none",
-        "sae": {"layer": 15, "coords": "all", "expansion_factor": 4, "k": 32, "max_train_tokens": 400_000, **gpu},
+        "sae": {"layer": 15, "coords": "all", "expansion_factor": 4, "k": 32, "max_train_tokens": 400_000,
+                "train_gpus": 0.5, **gpu},
         "curate": {"rule": "per_seed_topn", "top_n": 20, "batch_size": 256, **gpu},
-        "prune": {"dtype": "bfloat16"},
+        "prune": {"dtype": "bfloat16", "gpus": 1},
         "distill": {
             "max_new_tokens": args.max_new_tokens,
             "batch_size": 64,
