@@ -213,7 +213,9 @@ def test_the_cpu_references_redo_the_gpu_work_in_fp32_on_the_cpu(tmp_path, monke
     refs = checks.reference_configs(list(build_steps(spec)), spec.root, rows=64, finetune_steps=10)
     curate, distill = steps["curate"], steps["distill/mathematics"]
     finetune, evaluate = steps["finetune/mathematics/0.30"], steps["evaluate/mathematics"]
-    assert (refs["curate"].gpus_per_actor, curate.gpus_per_actor) == (0.0, 1)
+    assert (refs["curate"].gpus_per_actor, curate.gpus_per_actor) == (0.0, 0.5)
+    # Every model stage of the GPU run asks for a GPU; on one GPU the SAE's actor and trainer share it.
+    assert (steps["sae"].gpus_per_actor, steps["sae"].train_gpus, steps["prune/mathematics/0.30"].gpus) == (0.5, 0.5, 1)
     assert (refs["curate"].sae, refs["curate"].corpus, refs["curate"].seeds) == (
         curate.sae,
         curate.corpus,
