@@ -25,6 +25,7 @@ import torch
 from core import manifest, models, storage
 from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
+from core.progress import Progress
 from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
@@ -139,16 +140,22 @@ def calibration_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo]) ->
 
 
 def replay_batches(
-    stream: Iterator[torch.Tensor], epochs: int, batch_tokens: int, seed: int = 0
+    stream: Iterator[torch.Tensor], epochs: int, batch_tokens: int, seed: int = 0, progress: Progress | None = None
 ) -> Iterator[torch.Tensor]:
     """Yield the stream's batches; with epochs > 1, keep them and replay them shuffled by a generator seeded
-    with `seed`."""
+    with `seed`. `progress` counts the tokens yielded (one SAE step per batch); once the stream ends, its
+    total becomes what the stream held times `epochs`."""
     generator = torch.Generator().manual_seed(seed)
+    progress = progress or Progress("sae train", unit="tokens", enabled=False)
     kept: list[torch.Tensor] = []
+    streamed = steps = 0
     for batch in stream:
         if epochs > 1:
             kept.append(batch)
+        streamed, steps = streamed + batch.shape[0], steps + 1
+        progress.add(batch.shape[0], note=f"step {steps:,}")
         yield batch
+    progress.total = streamed * epochs  # exact now: a corpus smaller than the budget ends the stream early
     if not kept:
         return
     everything = torch.cat(kept)
@@ -156,6 +163,8 @@ def replay_batches(
     for _ in range(epochs - 1):
         order = torch.randperm(everything.shape[0], generator=generator)
         for start in range(0, everything.shape[0], batch_tokens):
+            steps += 1
+            progress.add(min(batch_tokens, everything.shape[0] - start), note=f"step {steps:,}")
             yield everything[order[start : start + batch_tokens]]
 
 
@@ -244,8 +253,8 @@ def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     spec = dataclasses.replace(spec, coords=coords)
     stream = _activation_stream(config, spec, inputs)
     sae_config = _sae_config(config, info, coords)
-    with timer("train"):
-        batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed)
+    with timer("train"), Progress("sae train", config.max_train_tokens * config.epochs, "tokens") as progress:
+        batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed, progress)
         sae, metrics = train_sae(batches, sae_config, seed=config.seed)
     with tempfile.TemporaryDirectory() as staging:
         sae.save(staging)
