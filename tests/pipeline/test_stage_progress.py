@@ -11,7 +11,7 @@ from helpers import write_corpus
 from curation.sae.train import TrainSAEConfig, run_train_sae
 from curation.selection.curate import CurateConfig, run_curation
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)  # two stages on local Ray; a shared 2-core machine can take minutes
 
 
 def _lines(caplog, label: str) -> list[str]:
