@@ -11,13 +11,15 @@ models are loaded from their directories with plain `AutoModelForCausalLM.from_p
   jobs, wall time mostly measures their load, while one thread's CPU time is the latency the forward has
   on a free core. With more threads, wall time is used (CPU time would add the threads up); the
   wall-clock ratio is printed in both cases.
-- **peak memory**: each model is loaded and run once at batch 16 in a fresh subprocess, whose peak RSS
-  (`VmHWM`) is reported, so neither model's allocations leak into the other's figure.
+- **peak memory**: each model is loaded and run once, at batch 1 and at batch 16, in a fresh subprocess
+  per model and batch, whose peak RSS (`VmHWM`) is reported, so no run's allocations leak into another's
+  figure. `--memory-only` skips the latency rounds.
 
 Target: at least 1.25x faster at batch 16 for a 30% cut.
 
     python bench/pruned_speed.py
     python bench/pruned_speed.py --rounds 3 --threads 2 --json /tmp/pruned_speed.json
+    python bench/pruned_speed.py --memory-only      # parameters and peak memory, no latency rounds
 """
 
 from __future__ import annotations
@@ -59,20 +61,40 @@ def time_forward(model, batch: int, generator: torch.Generator) -> tuple[float, 
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def status_mb(field: str) -> float:
+    """A field of /proc/self/status (VmRSS, VmHWM), in MB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:")) / 1024
+
+
 def memory_child(directory: str, batch: int) -> None:
     """Run in a subprocess: load, one forward at `batch`, print peak RSS in MB."""
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     time_forward(model, batch, torch.Generator().manual_seed(0))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report its parent's peak.
-    with open("/proc/self/status") as status:
-        kilobytes = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_mb": kilobytes / 1024}))
+    print(json.dumps({"peak_rss_mb": status_mb("VmHWM")}))
 
 
 def peak_rss(directory: str, batch: int, threads: int) -> float:
     command = [sys.executable, __file__, "--memory-child", directory, "--batch", str(batch), "--threads", str(threads)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def measure_memory(directories: dict[str, str], threads: int) -> dict:
+    """Peak RSS of a fresh process per model and batch size (1: mostly weights; 16: the 16 x 256 x 49,152
+    fp32 logits, 805 MB, weigh as much as the unpruned weights)."""
+    results: dict = {"peak_rss_mb": {}, "memory_ratio": {}}
+    for batch in (1, 16):
+        peaks = {name: peak_rss(directory, batch, threads) for name, directory in directories.items()}
+        ratio = peaks["unpruned"] / peaks["pruned"]
+        results["peak_rss_mb"][f"batch{batch}"], results["memory_ratio"][f"batch{batch}"] = peaks, ratio
+        print(
+            f"peak RSS at batch {batch:>2} (fresh process each): unpruned {peaks['unpruned']:,.0f} MB, "
+            f"pruned {peaks['pruned']:,.0f} MB, ratio {ratio:.2f}x",
+            flush=True,
+        )
+    return results
 
 
 def main() -> None:
@@ -83,6 +105,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--memory-only", action="store_true", help="measure parameters and peak memory only")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,11 +128,11 @@ def main() -> None:
         f"parameters: unpruned {params['unpruned']:,}, pruned {params['pruned']:,} "
         f"({1 - params['pruned'] / params['unpruned']:.3f} removed); threads {args.threads}, seq {SEQUENCE}"
     )
-    results: dict = {"params": params, "latency_s": {}, "peak_rss_mb": {}}
+    results: dict = {"params": params, "latency_s": {}}
     clock = "cpu" if args.threads == 1 else "wall"
-    for model in models.values():
+    for model in models.values() if not args.memory_only else ():
         time_forward(model, 1, torch.Generator().manual_seed(0))  # warm-up: lazy initialisation
-    for batch in (1, 16):
+    for batch in (1, 16) if not args.memory_only else ():
         generator = torch.Generator().manual_seed(batch)
         rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
         for _ in range(args.rounds):
@@ -129,16 +152,10 @@ def main() -> None:
             flush=True,
         )
     del models
-    for name, directory in (("unpruned", base_dir), ("pruned", pruned_dir)):
-        results["peak_rss_mb"][name] = peak_rss(directory, 16, args.threads)
-    memory = results["peak_rss_mb"]
-    results["memory_ratio"] = memory["unpruned"] / memory["pruned"]
-    print(
-        f"peak RSS at batch 16: unpruned {memory['unpruned']:.0f} MB, pruned {memory['pruned']:.0f} MB, "
-        f"ratio {results['memory_ratio']:.2f}x"
-    )
-    verdict = "met" if results["speedup_batch16"] >= TARGET_BATCH16 else "NOT met"
-    print(f"target >= {TARGET_BATCH16}x at batch 16: {verdict}")
+    results.update(measure_memory({"unpruned": base_dir, "pruned": pruned_dir}, args.threads))
+    if not args.memory_only:
+        verdict = "met" if results["speedup_batch16"] >= TARGET_BATCH16 else "NOT met"
+        print(f"target >= {TARGET_BATCH16}x at batch 16: {verdict}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from core import manifest
+from core.progress import INTERVAL_ENV
 from core.storage import FileInfo, StorageOptions
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ def init_ray(address: str | None = None) -> None:
     from core.placement import propagated_env
 
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **propagated_env()}}
+    if os.environ.get(INTERVAL_ENV):  # workers' progress lines (fine-tuning, evaluation) keep the driver's interval
+        env["env_vars"][INTERVAL_ENV] = os.environ[INTERVAL_ENV]
     if address:
         logger.info("joining Ray at %s", address)
         ray.init(address=address, runtime_env=env, log_to_driver=True)
@@ -67,6 +70,8 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=env)
     from ray.data import DataContext
 
+    # Ray Data's bars redraw with carriage returns, which `ray job logs` and log files show as noise; every
+    # long stage logs plain progress lines instead (core/progress.py).
     DataContext.get_current().enable_progress_bars = False
 
 

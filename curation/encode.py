@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from core.batching import length_batches, pad_right
 from core.logs import worker_logging
 from core.models import TruncatedForward, load_model, load_tokenizer
 from core.placement import resolve_device
+from core.progress import bump
 from curation.sae.model import TopKSAE
 
 # How a document's per-token SAE codes become one vector. `rate` counts how often each latent fires
@@ -154,8 +155,9 @@ class EncodeDocuments:
     The output drops `input_ids` and adds `seed_sims` (float32 per seed) and `encoded_tokens`.
     """
 
-    def __init__(self, spec: EncoderSpec, seed_vectors: np.ndarray, sae: TopKSAE | None = None):
+    def __init__(self, spec: EncoderSpec, seed_vectors: np.ndarray, sae: TopKSAE | None = None, progress: Any = None):
         worker_logging()
+        self.progress = progress  # a core.progress.ray_counter, bumped once per batch
         self.encoder = DocumentEncoder(spec, sae=sae)
         self.seed_vectors = torch.tensor(seed_vectors, dtype=torch.float32)
         self.tokens = 0
@@ -170,7 +172,8 @@ class EncodeDocuments:
         batch["seed_sims"] = sims
         self.tokens += int(batch["n_tokens"].sum())
         self.seconds += time.perf_counter() - started
-        logger.info("encoded %d docs, %.0f tokens/s so far", len(token_lists), self.tokens / self.seconds)
+        logger.debug("encoded %d docs, %.0f tokens/s so far", len(token_lists), self.tokens / self.seconds)
+        bump(self.progress, len(token_lists))
         return batch
 
 

@@ -27,6 +27,7 @@ from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
 from core.logs import worker_logging
 from core.placement import record_model_load, requested_device, resolve_device, run_remote
+from core.progress import Progress
 from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
@@ -148,16 +149,22 @@ def calibration_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo]) ->
 
 
 def replay_batches(
-    stream: Iterator[torch.Tensor], epochs: int, batch_tokens: int, seed: int = 0
+    stream: Iterator[torch.Tensor], epochs: int, batch_tokens: int, seed: int = 0, progress: Progress | None = None
 ) -> Iterator[torch.Tensor]:
     """Yield the stream's batches; with epochs > 1, keep them and replay them shuffled by a generator seeded
-    with `seed`."""
+    with `seed`. `progress` counts the tokens yielded (one SAE step per batch); once the stream ends, its
+    total becomes what the stream held times `epochs`."""
     generator = torch.Generator().manual_seed(seed)
+    progress = progress or Progress("sae train", unit="tokens", enabled=False)
     kept: list[torch.Tensor] = []
+    streamed = steps = 0
     for batch in stream:
         if epochs > 1:
             kept.append(batch)
+        streamed, steps = streamed + batch.shape[0], steps + 1
+        progress.add(batch.shape[0], note=f"step {steps:,}")
         yield batch
+    progress.total = streamed * epochs  # exact now: a corpus smaller than the budget ends the stream early
     if not kept:
         return
     everything = torch.cat(kept)
@@ -165,6 +172,8 @@ def replay_batches(
     for _ in range(epochs - 1):
         order = torch.randperm(everything.shape[0], generator=generator)
         for start in range(0, everything.shape[0], batch_tokens):
+            steps += 1
+            progress.add(min(batch_tokens, everything.shape[0] - start), note=f"step {steps:,}")
             yield everything[order[start : start + batch_tokens]]
 
 
@@ -239,8 +248,9 @@ def _train_and_save(
     torch.set_num_threads(threads)
     device = resolve_device(requested_device(config.train_gpus))
     stream = _activation_stream(config, spec, inputs)
-    batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed)
-    sae, metrics = train_sae((batch.to(device) for batch in batches), sae_config, seed=config.seed)
+    with Progress("sae train", config.max_train_tokens * config.epochs, "tokens") as progress:
+        batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed, progress)
+        sae, metrics = train_sae((batch.to(device) for batch in batches), sae_config, seed=config.seed)
     record_model_load("sae-trainer", sae.device)
     with tempfile.TemporaryDirectory() as staging:
         sae.save(staging)

@@ -20,6 +20,7 @@ from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
 from core.logs import worker_logging
 from core.placement import requested_device, run_remote
+from core.progress import ray_counter
 from core.reader import CleanConfig, count_rejects, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec, Pooling
@@ -248,6 +249,7 @@ def encode_shards(
     scored_dir: str,
     rejects_dir: str,
     retries: int | None = None,
+    progress: Any = None,
 ) -> None:
     """read -> clean -> tokenize -> encode actor pool -> `scored_dir` (Parquet with `seed_sims`), on Ray Data.
 
@@ -255,6 +257,7 @@ def encode_shards(
     into the same encode batches (see the comment below). Ray must be initialised. `retries` bounds how often
     a tokenize or write task is retried, and an encode actor restarted, after its worker process dies
     (None: Ray Data's default, which retries without end); the read tasks keep the reader's settings.
+    `progress`, a `core.progress.ray_counter`, is bumped by the encode actors once per batch.
     """
     import ray
 
@@ -271,7 +274,7 @@ def encode_shards(
     )
     scored = tokens.map_batches(
         EncodeDocuments,
-        fn_constructor_args=(spec, seeds_matrix, checked.sae),
+        fn_constructor_args=(spec, seeds_matrix, checked.sae, progress),
         compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor or None,
@@ -337,9 +340,10 @@ def run_curation(config: CurateConfig) -> dict[str, Any]:
     scored_dir = storage.join(config.out, "scored")
     rejects_dir = storage.join(config.out, "rejects")
     curated_dir = storage.join(config.out, "curated")
-    with timer("encode"):
+    # The corpus's document count is unknown until it is read: the lines give the count and rate, no ETA.
+    with timer("encode"), ray_counter("curate encode", unit="docs") as progress:
         uris = [info.uri for info in checked.inputs]
-        encode_shards(config, checked, uris, spec, seeds_matrix, scored_dir, rejects_dir)
+        encode_shards(config, checked, uris, spec, seeds_matrix, scored_dir, rejects_dir, progress=progress)
     with timer("select"):
         _select_and_write(selection, scored_dir, curated_dir, options)
     counts = _counts(config, options, scored_dir, curated_dir, rejects_dir)

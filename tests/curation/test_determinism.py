@@ -110,3 +110,20 @@ def test_epoch_replay_order_depends_on_its_seed_only():
     assert first.shape == (45, 2)
     assert torch.equal(first[:15], torch.cat(batches))  # the first epoch is the stream as it came
     assert not torch.equal(first[15:], replay(8)[15:])
+
+
+def test_epoch_replay_reports_tokens_of_the_whole_budget_and_steps():
+    """SAE training's progress: the budget until the stream ends, then exactly what the epochs replay."""
+    import re
+
+    from core.progress import Progress
+
+    batches = [torch.zeros(5, 2) for _ in range(3)]
+    clock = iter(float(t) for t in range(1000))
+    lines: list[str] = []
+    progress = Progress("sae train", 1000 * 3, "tokens", interval=1, clock=lambda: next(clock), emit=lines.append)
+    with progress:
+        replayed = list(replay_batches(iter(batches), epochs=3, batch_tokens=4, seed=0, progress=progress))
+    assert sum(batch.shape[0] for batch in replayed) == 45
+    assert any("/3,000 tokens" in line for line in lines[:-1])  # the budget, before the stream ended
+    assert re.fullmatch(r"sae train: 45/45 tokens \(100%\) [\d.,]+ tokens/s, done in \w+, step 11", lines[-1]), lines

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -80,17 +82,25 @@ def test_rerun_with_same_config_is_skipped(curated_run):
     marker.unlink()
 
 
-def test_threshold_rule_reruns_and_selects_by_cosine(curated_run, tmp_path):
+def test_threshold_rule_reruns_and_selects_by_cosine_reporting_progress(curated_run, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FINESCOPE_PROGRESS_S", "0.2")
     config = CurateConfig(
         corpus=curated_run["config"].corpus, seeds=curated_run["config"].seeds, sae=curated_run["config"].sae,
         out=str(tmp_path / "thr"), threshold=0.99, cpus_per_actor=0.5,
     )  # fmt: skip
     assert config.rule == "threshold"
-    run_curation(config)
+    with caplog.at_level(logging.INFO, logger="core.progress"):
+        run_curation(config)
     rows = pq.read_table(tmp_path / "thr" / "curated").to_pylist()
     assert all(row["score"] >= 0.99 for row in rows)
     scored = pq.read_table(tmp_path / "thr" / "scored").to_pylist()
-    assert len(scored) == curated_run["corpus"]["good_rows"]
+    docs = curated_run["corpus"]["good_rows"]
+    assert len(scored) == docs
+    # The encode actors count batches into a counter the driver reads while it waits in write_parquet.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("curate encode: ")]
+    assert len(lines) >= 2, lines
+    assert re.fullmatch(rf"curate encode: {docs:,} docs [\d.,]+ docs/s, done in \w+", lines[-1]), lines
+    assert "ETA" not in "".join(lines)  # the corpus's size in documents is unknown
 
 
 def _files(directory) -> list[str]:

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from core import manifest, models, storage
 from core.batching import cached_tokenizer
 from core.errors import ConfigError, check_range, check_ranges
+from core.progress import Progress
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from training.distillation.teacher import (
     Backend,
@@ -490,10 +491,12 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
     source = storage.arrow_target([info.uri for info in checked.inputs], options)
     with timer("distill"):
         prepared = _read_prepared(source, spec, done_ids, config)
-        written = [
-            _judge_and_write(stream, config.leak_phrases, parts_dir, options)
-            for stream in _part_streams(prepared, config)
-        ]
+        streams, pending = _part_streams(prepared, config)
+        # Counted as each part is written (every part_rows rows), whichever backend generates.
+        with Progress("distill generate", pending, "rows") as progress:
+            written = [
+                _judge_and_write(stream, config.leak_phrases, parts_dir, options, progress) for stream in streams
+            ]
     run_counts = _run_counts(written, resumed_rows=len(done_ids))
     with timer("finalize"):
         counts = finalize(config.out, options)
@@ -550,8 +553,9 @@ def _read_prepared(source: dict[str, Any], spec: PrepareSpec, done_ids: set[str]
     ).materialize()
 
 
-def _part_streams(prepared, config: DistillConfig) -> list:
-    """The streams of rows to judge: the teacher's generations (when rows are pending), then the input rejects."""
+def _part_streams(prepared, config: DistillConfig) -> tuple[list, int]:
+    """The streams of rows to judge: the teacher's generations (when rows are pending), then the input rejects;
+    and the number of rows the teacher is to generate."""
     to_teacher = prepared.map_batches(
         keep_reason, fn_kwargs={"rejected": False}, batch_format="pyarrow", num_cpus=0.25
     ).materialize()
@@ -565,11 +569,17 @@ def _part_streams(prepared, config: DistillConfig) -> list:
     streams.append(
         prepared.map_batches(keep_reason, fn_kwargs={"rejected": True}, batch_format="pyarrow", num_cpus=0.25)
     )
-    return streams
+    return streams, pending
 
 
-def _judge_and_write(stream, leak_phrases: list[str], parts_dir: str, options: storage.StorageOptions):
-    """Judge one stream's rows and write them to part files; returns a frame of per-part counts (see write_part)."""
+def _judge_and_write(
+    stream, leak_phrases: list[str], parts_dir: str, options: storage.StorageOptions, progress: Progress
+):
+    """Judge one stream's rows and write them to part files; returns a frame of per-part counts (see write_part).
+
+    The counts reach the driver part by part, and `progress` counts the generated rows as they do."""
+    import pandas as pd
+
     judged = stream.map_batches(
         judge_batch,
         fn_kwargs={"leak_phrases": leak_phrases},
@@ -577,13 +587,18 @@ def _judge_and_write(stream, leak_phrases: list[str], parts_dir: str, options: s
         batch_size=None,
         num_cpus=0.25,
     )
-    return judged.map_batches(
+    written = judged.map_batches(
         write_part,
         fn_kwargs={"parts_dir": parts_dir, "options": options},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=0.25,
-    ).to_pandas()
+    )
+    frames = []
+    for frame in written.iter_batches(batch_format="pandas", batch_size=None):
+        progress.add(int(frame["generated"].sum()) if len(frame) else 0)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _run_counts(written: list, resumed_rows: int) -> dict[str, int]:

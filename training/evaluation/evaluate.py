@@ -180,7 +180,9 @@ def evaluate_model(task: ModelTask) -> dict[str, Any]:
     for shots, contexts in task.contexts.items():
         tick = time.perf_counter()
         items = [encode_item(tokenizer, c, row, max_length) for c, row in zip(contexts, task.choices, strict=True)]
-        logprob = score_items(model, items, tokenizer.pad_token_id, task.max_batch_tokens)
+        logprob = score_items(
+            model, items, tokenizer.pad_token_id, task.max_batch_tokens, label=f"evaluate {task.label} {shots}-shot"
+        )
         n_tokens = np.array([[len(ids) for ids in item.choices] for item in items])
         result["mmlu"][shots] = {"logprob": logprob, "n_tokens": n_tokens, "n_chars": n_chars}
         result["timings_s"][f"mmlu_{shots}shot"] = time.perf_counter() - tick
@@ -188,7 +190,8 @@ def evaluate_model(task: ModelTask) -> dict[str, Any]:
     for name, texts in task.documents.items():
         tick = time.perf_counter()
         token_lists = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        nll, counts = document_nll(model, token_lists, tokenizer.pad_token_id, window, stride, task.max_batch_tokens)
+        nll, counts = document_nll(model, token_lists, tokenizer.pad_token_id, window, stride, task.max_batch_tokens,
+                                   label=f"evaluate {task.label} ppl {name}")  # fmt: skip
         result["ppl"][name] = {"nll": nll, "tokens": counts}
         result["timings_s"][f"ppl_{name}"] = time.perf_counter() - tick
     result["parameters"] = sum(p.numel() for p in model.parameters())

@@ -24,6 +24,7 @@ from torch import nn
 from core import storage
 from core.batching import length_batches, pad_right
 from core.errors import ConfigError
+from core.progress import Progress
 from core.reader import CleanConfig, iter_shard
 from core.storage import StorageOptions
 from training.evaluation.scoring import token_logprobs
@@ -85,19 +86,24 @@ def document_nll(
     window: int,
     stride: int,
     max_batch_tokens: int = 8192,
+    label: str = "perplexity",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per document: summed negative log-likelihood (nats) and scored tokens, over sliding windows."""
+    """Per document: summed negative log-likelihood (nats) and scored tokens, over sliding windows.
+
+    Progress lines (windows scored of all, rate, ETA) start with `label`."""
     windows = [w for doc, tokens in enumerate(token_lists) for w in sliding_windows(doc, tokens, window, stride)]
     nll = np.zeros(len(token_lists))
     counts = np.zeros(len(token_lists), dtype=np.int64)
     if not windows:
         return nll, counts
     lengths = [len(w.tokens) for w in windows]
-    for indices in length_batches(lengths, max(max_batch_tokens, max(lengths))):
-        batch_nll, batch_counts = window_nll(model, [windows[i] for i in indices], pad_id)
-        for i, value, count in zip(indices, batch_nll, batch_counts, strict=True):
-            nll[windows[i].doc] += value
-            counts[windows[i].doc] += count
+    with Progress(label, len(windows), "windows") as progress:
+        for indices in length_batches(lengths, max(max_batch_tokens, max(lengths))):
+            batch_nll, batch_counts = window_nll(model, [windows[i] for i in indices], pad_id)
+            for i, value, count in zip(indices, batch_nll, batch_counts, strict=True):
+                nll[windows[i].doc] += value
+                counts[windows[i].doc] += count
+            progress.add(len(indices))
     return nll, counts
 
 

@@ -13,7 +13,6 @@ The packed scores equal those of four separate forwards (tested); `score_naive` 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from core.batching import length_batches
+from core.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,11 @@ def score_items(
     pad_id: int,
     max_batch_tokens: int = 4096,
     max_batch_size: int = 32,
+    label: str = "mmlu",
 ) -> np.ndarray:
-    """(items, choices) summed log-likelihoods; items are batched by length (see `length_batches`)."""
+    """(items, choices) summed log-likelihoods; items are batched by length (see `length_batches`).
+
+    Progress lines (questions scored of all, rate, ETA) start with `label`."""
     if not items:
         return np.zeros((0, 4))
     n_choices = len(items[0].choices)
@@ -160,14 +163,11 @@ def score_items(
         raise ValueError("every item must have the same number of choices")
     scores = np.zeros((len(items), n_choices))
     lengths = [item.length for item in items]
-    started, done = time.perf_counter(), 0
     batches = length_batches(lengths, max(max_batch_tokens, max(lengths)), max_batch_size)
-    for number, indices in enumerate(batches, start=1):
-        scores[indices] = score_packed_batch(model, [items[i] for i in indices], pad_id)
-        done += len(indices)
-        if number % 10 == 0 or number == len(batches):
-            rate = done / (time.perf_counter() - started)
-            logger.info("scored %d/%d questions (%.1f questions/s)", done, len(items), rate)
+    with Progress(label, len(items), "questions") as progress:
+        for indices in batches:
+            scores[indices] = score_packed_batch(model, [items[i] for i in indices], pad_id)
+            progress.add(len(indices))
     return scores
 
 

@@ -42,6 +42,7 @@ import torch
 from core import manifest, models, storage
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.placement import cpu_forced, record_model_load, requested_device, resolve_device
+from core.progress import Progress
 from core.runtime import RunConfig, init_ray, is_local_ray
 from training.finetuning.deepspeed_config import build_deepspeed_config
 from training.finetuning.losses import causal_lm_loss, combined_loss, kd_loss
@@ -133,7 +134,8 @@ class FinetuneConfig(RunConfig):
     torch_threads: int = 0
     """Torch threads per worker; 0 picks from the CPUs reserved."""
     log_every: int = 10
-    """Log a progress line and report metrics every this many steps."""
+    """Report metrics to Ray Train every this many steps. Progress lines (steps done of the total, rate, ETA,
+    loss) come every $FINESCOPE_PROGRESS_S seconds (default 30)."""
     checkpoint_every: int = 50
     """Save a checkpoint every this many optimizer steps (and restart from the latest one after a failure)."""
     checkpoints: str | None = None
@@ -593,6 +595,11 @@ def _step_metrics(
     }
 
 
+def _step_note(epoch: int, metrics: dict[str, Any]) -> str:
+    """What a fine-tuning progress line adds after its ETA."""
+    return f"epoch {epoch} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tokens/s"
+
+
 def _inject_failure(loop: WorkerPlan) -> None:
     """Test hook: kill this worker process once per output directory, as a crash would."""
     marker = storage.join(loop.config.out, ".fail_at_step_done")
@@ -623,6 +630,7 @@ def train_loop_per_worker(train_loop_config: dict[str, WorkerPlan]) -> None:
     shard = ray.train.get_dataset_shard("train")
     last = time.perf_counter()
     metrics: dict[str, Any] = {}
+    progress = Progress("finetune", loop.total_steps, "steps", initial=state.global_step, enabled=rank == 0)
     for epoch, step_in_epoch, micro_batches in _steps(shard, tokenizer, loop, shape, state, rank):
         if loop.config.max_steps and state.global_step >= loop.config.max_steps:
             break
@@ -641,11 +649,8 @@ def train_loop_per_worker(train_loop_config: dict[str, WorkerPlan]) -> None:
             _save_checkpoint(engine, state, metrics, rank)
         elif state.global_step % loop.config.log_every == 0:
             ray.train.report(metrics)
-        if state.global_step % loop.config.log_every == 0 and rank == 0:
-            logger.info(
-                "step %d/%d epoch %d loss %.4f lr %.2e %.0f tokens/s",
-                state.global_step, loop.total_steps, epoch, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
-            )  # fmt: skip
+        progress.update(state.global_step, note=_step_note(epoch, metrics))
+    progress.finish()
     _export(engine, tokenizer, loop, rank)
     summary = {
         "steps": state.global_step,
