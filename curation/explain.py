@@ -99,11 +99,12 @@ def explain_columns(
     docs = seed_sims.shape[0]
     nearest = nearest_seeds(seed_sims, drivers.members)
     latents, terms = top_contributions(doc_vectors, seed_vectors, nearest)
+    flat = (docs, latents.shape[1] * latents.shape[2])
     return {
-        "domain_latents": latents.reshape(docs, -1),
-        "domain_contributions": terms.reshape(docs, -1),
-        "driver_peaks": peaks.numpy().astype(np.float32).reshape(docs, -1),
-        "driver_positions": positions.numpy().astype(np.int32).reshape(docs, -1),
+        "domain_latents": latents.reshape(flat),
+        "domain_contributions": terms.reshape(flat),
+        "driver_peaks": peaks.numpy().astype(np.float32).reshape(docs, drivers.latents.size),
+        "driver_positions": positions.numpy().astype(np.int32).reshape(docs, drivers.latents.size),
     }
 
 

@@ -227,10 +227,11 @@ def profile_png(drivers: DomainDrivers, stats: DriverStats) -> bytes:
     fig, axes = plt.subplots(count, 1, figsize=(7, 2.4 * max(count, 1)), squeeze=False)
     frequency, selected = stats.frequency(), stats.selected_frequency()
     for d, (axis, domain) in enumerate(zip(axes[:, 0], drivers.domains, strict=True)):
-        x = np.arange(drivers.latents.shape[1])
-        axis.bar(x - 0.2, selected[d], width=0.4, color="#d9480f", label=f"selected for {domain}")
-        axis.bar(x + 0.2, frequency[d], width=0.4, color="#9aa5b1", label="all documents")
-        axis.set_xticks(x, [str(latent) for latent in drivers.latents[d]], fontsize=8)
+        slots = np.flatnonzero(drivers.weights[d] > 0)  # a latent absent from every seed drives nothing
+        x = np.arange(len(slots))
+        axis.bar(x - 0.2, selected[d, slots], width=0.4, color="#d9480f", label=f"selected for {domain}")
+        axis.bar(x + 0.2, frequency[d, slots], width=0.4, color="#9aa5b1", label="all documents")
+        axis.set_xticks(x, [str(latent) for latent in drivers.latents[d, slots]], fontsize=8)
         axis.set_ylim(0, 1)
         axis.set_title(f"{domain}: share of documents in which each driving latent fires", fontsize=10)
         axis.set_xlabel("SAE latent (heaviest in the seeds first)", fontsize=8)

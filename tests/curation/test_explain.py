@@ -18,7 +18,7 @@ from core.batching import cached_tokenizer, tokenize_texts
 from curation.encode import DocumentEncoder, EncoderSpec
 from curation.explain import domain_drivers, row_explanations, top_contributions
 from curation.sae.model import SAEConfig, TopKSAE
-from curation.selection.curate import CurateConfig, run_curation
+from curation.selection.curate import CurateConfig, label_rows, run_curation
 from curation.selection.explain_report import token_in_context
 from curation.selection.rules import SelectionSpec, domain_scores, nearest_seeds
 
@@ -99,6 +99,32 @@ def test_row_explanations_take_the_chosen_domain_and_drop_unshared_latents():
     # Output written before the explanation columns existed: null lists, not an error.
     old_latents, old_terms = row_explanations(pa.table({"id": ["a"]}), np.array([0]), domains=1)
     assert old_latents.to_pylist() == [None] and old_terms.to_pylist() == [None]
+
+
+def test_label_rows_give_each_curated_row_the_terms_of_its_own_domain():
+    spec = SelectionSpec("global_topn", ["b", "a"], top_n=1)  # domains ["a", "b"]: a is seed 1, b seed 0
+    scored = pa.table(
+        {
+            "id": ["d0", "d1"],
+            "text": ["zero", "one"],
+            "source": ["s#1", "s#2"],
+            "meta": ["{}", "{}"],
+            "n_tokens": [3, 4],
+            "seed_sims": [[0.6, 0.2], [0.1, 0.7]],
+            # Per row: domain a's two latents and terms, then domain b's.
+            "domain_latents": [[11, 12, 21, 22], [13, 14, 23, 24]],
+            "domain_contributions": [[0.15, 0.05, 0.4, 0.2], [0.5, 0.2, 0.1, 0.0]],
+        }
+    )
+    selected = {"d0": ("s#1", [1]), "d1": ("s#2", [0, 1])}  # d0 for b; d1 for a and b
+
+    rows = label_rows(scored, spec, selected).to_pylist()
+
+    got = {(row["id"], row["domain"]): (row["top_latents"], row["latent_contributions"]) for row in rows}
+    assert got.keys() == {("d0", "b"), ("d1", "a"), ("d1", "b")}
+    assert got[("d0", "b")][0] == [21, 22] and got[("d1", "a")][0] == [13, 14]
+    assert got[("d1", "b")] == ([23], [pytest.approx(0.1)])  # the 0 term is not listed
+    np.testing.assert_allclose(got[("d0", "b")][1], [0.4, 0.2], rtol=1e-6)
 
 
 # --- token-level peaks --------------------------------------------------------------------------------
