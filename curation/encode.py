@@ -21,6 +21,7 @@ from core.logs import worker_logging
 from core.models import TruncatedForward, load_model, load_tokenizer
 from core.placement import resolve_device
 from core.progress import bump
+from curation.explain import domain_drivers, explain_columns
 from curation.sae.model import TopKSAE
 
 # How a document's per-token SAE codes become one vector. `rate` counts how often each latent fires
@@ -125,19 +126,35 @@ class DocumentEncoder:
         `spec.pooling`: `rate`, the share of tokens each latent fires on, or `mean`, the mean code.
         Without one, the mean of the layer activations themselves (the dense baseline).
         """
+        return self.encode_with_peaks(token_lists)[0]
+
+    @torch.inference_mode()
+    def encode_with_peaks(
+        self, token_lists: Sequence[Sequence[int]], watch: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token lists -> (vectors, peaks, positions): `encode`'s vectors, and for each of the `watch` latents
+        (indices into dim) its largest code over each document's counted tokens, (docs, watched), and the
+        token position where it is (the first on ties), (docs, watched) long. Costs one gather per batch.
+        """
+        watched = 0 if watch is None else len(watch)
         out: torch.Tensor | None = None
+        peaks = torch.zeros((len(token_lists), watched))
+        positions = torch.zeros((len(token_lists), watched), dtype=torch.long)
         for rows, hidden, mask in self.hidden_batches(token_lists):
-            if self.sae is None:
-                pooled = mean_pool(hidden, mask)
-            elif self.spec.pooling == "rate":
-                pooled = firing_rate(self.sae.encode_dense(hidden), mask)
+            codes = hidden if self.sae is None else self.sae.encode_dense(hidden)
+            if self.sae is not None and self.spec.pooling == "rate":
+                pooled = firing_rate(codes, mask)
             else:
-                pooled = mean_pool(self.sae.encode_dense(hidden), mask)
+                pooled = mean_pool(codes, mask)
             pooled = l2_normalize(pooled).cpu()
             if out is None:
                 out = torch.zeros((len(token_lists), pooled.shape[-1]))
             out[rows] = pooled
-        return out if out is not None else torch.zeros((0, 0))
+            if watched:
+                values = codes[..., watch.to(codes.device)].masked_fill(~mask.unsqueeze(-1), -torch.inf)
+                top, where = values.max(dim=1)
+                peaks[rows], positions[rows] = top.cpu(), where.cpu()
+        return (out if out is not None else torch.zeros((0, 0))), peaks, positions
 
     @torch.inference_mode()
     def activations(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -152,14 +169,25 @@ class DocumentEncoder:
 class EncodeDocuments:
     """Ray Data actor: token ids -> cosine similarity of each document to every seed.
 
-    The output drops `input_ids` and adds `seed_sims` (float32 per seed) and `encoded_tokens`.
+    The output drops `input_ids` and adds `seed_sims` (float32 per seed). Given the seeds' domains, it also
+    adds the small explanation columns of curation/explain.py (`domain_latents`, `domain_contributions`,
+    `driver_peaks`, `driver_positions`): why each document scores as it does, computed here because only
+    here do the document vectors and token-level codes exist.
     """
 
-    def __init__(self, spec: EncoderSpec, seed_vectors: np.ndarray, sae: TopKSAE | None = None, progress: Any = None):
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        seed_vectors: np.ndarray,
+        sae: TopKSAE | None = None,
+        progress: Any = None,
+        seed_domains: list[str] | None = None,
+    ):
         worker_logging()
         self.progress = progress  # a core.progress.ray_counter, bumped once per batch
         self.encoder = DocumentEncoder(spec, sae=sae)
         self.seed_vectors = torch.tensor(seed_vectors, dtype=torch.float32)
+        self.drivers = domain_drivers(seed_vectors, seed_domains) if seed_domains else None
         self.tokens = 0
         self.seconds = 0.0
         logger.info("encoder ready on pid %d (layer %d)", os.getpid(), spec.layer)
@@ -167,9 +195,12 @@ class EncodeDocuments:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         token_lists = [row.tolist() for row in batch.pop("input_ids")]
-        vectors = self.encoder.encode(token_lists)
+        watch = torch.as_tensor(self.drivers.latents.reshape(-1)) if self.drivers is not None else None
+        vectors, peaks, positions = self.encoder.encode_with_peaks(token_lists, watch)
         sims = cosine_scores(vectors, self.seed_vectors).numpy().astype(np.float32)
         batch["seed_sims"] = sims
+        if self.drivers is not None:
+            batch.update(explain_columns(vectors, self.seed_vectors, sims, peaks, positions, self.drivers))
         self.tokens += int(batch["n_tokens"].sum())
         self.seconds += time.perf_counter() - started
         logger.debug("encoded %d docs, %.0f tokens/s so far", len(token_lists), self.tokens / self.seconds)

@@ -24,6 +24,7 @@ from core.progress import ray_counter
 from core.reader import CleanConfig, count_rejects, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec, Pooling
+from curation.explain import DomainDrivers, domain_drivers, row_explanations
 from curation.sae.model import TopKSAE
 from curation.seeds import Seeds, load_seeds
 from curation.selection.rules import SelectionRule, SelectionSpec, block_candidates, label_selected, merge_candidates
@@ -181,7 +182,11 @@ def _candidates_udf(batch: pa.Table, spec: SelectionSpec) -> pa.Table:
 
 
 def label_rows(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[str, list[int]]]) -> pa.Table:
-    """Scored rows -> the curated rows among them: one row per (selected document, domain), its kept source only."""
+    """Scored rows -> the curated rows among them: one row per (selected document, domain), its kept source only.
+
+    Each row carries `top_latents` and `latent_contributions`: the latents behind its score for that
+    domain, from the scored row's explanation columns (curation/explain.py).
+    """
     ids = batch.column("id").to_pylist()
     sources = batch.column("source").to_pylist()
     keep = [
@@ -201,6 +206,9 @@ def label_rows(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[s
     by_id = {doc_id: i for i, doc_id in enumerate(batch.column("id").to_pylist())}
     take = pa.array([by_id[doc_id] for doc_id in labels.column("id").to_pylist()], type=pa.int64())
     rows = batch.take(take)
+    position = {domain: index for index, domain in enumerate(spec.domains)}
+    domain_index = np.asarray([position[domain] for domain in labels.column("domain").to_pylist()], dtype=np.int64)
+    top_latents, contributions = row_explanations(rows, domain_index, len(spec.domains))
     return pa.table(
         {
             "id": labels.column("id"),
@@ -211,6 +219,8 @@ def label_rows(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[s
             "source": rows.column("source"),
             "meta": rows.column("meta"),
             "n_tokens": rows.column("n_tokens"),
+            "top_latents": top_latents,
+            "latent_contributions": contributions,
         }
     )
 
@@ -274,7 +284,7 @@ def encode_shards(
     )
     scored = tokens.map_batches(
         EncodeDocuments,
-        fn_constructor_args=(spec, seeds_matrix, checked.sae, progress),
+        fn_constructor_args=(spec, seeds_matrix, checked.sae, progress, checked.seeds.domains),
         compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor or None,
@@ -347,10 +357,9 @@ def run_curation(config: CurateConfig) -> dict[str, Any]:
     with timer("select"):
         _select_and_write(selection, scored_dir, curated_dir, options)
     counts = _counts(config, options, scored_dir, curated_dir, rejects_dir)
-    from curation.selection.report import write_report
-
+    drivers = domain_drivers(seeds_matrix, checked.seeds.domains)
     with timer("report"):
-        write_report(config.out, options, checked.seeds, counts, timer.timings)
+        _write_report(config, checked, counts, timer.timings, drivers)
     result = manifest.write_manifest(
         config.out,
         stage="curate",
@@ -360,10 +369,30 @@ def run_curation(config: CurateConfig) -> dict[str, Any]:
         counts=counts,
         timings=timer.timings,
         options=options,
-        extra={"model": checked.model, "sae": config.sae, "domains": selection.domains},
+        extra={
+            "model": checked.model,
+            "sae": config.sae,
+            "domains": selection.domains,
+            "driving_latents": drivers.as_dict(),
+        },
     )
     logger.info("curated %s rows into %s (%s)", counts["curated_rows"], curated_dir, counts["by_domain"])
     return result
+
+
+def _write_report(
+    config: CurateConfig,
+    checked: CurationPlan,
+    counts: dict[str, Any],
+    timings: dict[str, float],
+    drivers: DomainDrivers,
+) -> None:
+    from curation.selection.explain_report import TokenSource
+    from curation.selection.report import write_report
+
+    tokens = TokenSource(checked.model, config.max_tokens)
+    options = config.storage_options()
+    write_report(config.out, options, checked.seeds, counts, timings, drivers=drivers, tokens=tokens)
 
 
 def _counts(config, options, scored_dir, curated_dir, rejects_dir) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""report.md for a curated set: counts, rejects by reason, score histograms, top examples per domain."""
+"""report.md for a curated set: counts, rejects by reason, score histograms, top examples per domain, and
+why: the SAE latents that drive each domain's selection (curation/selection/explain_report.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pyarrow as pa
 from core import storage
 from core.figures import png_bytes
 from core.storage import StorageOptions
+from curation.explain import DomainDrivers
 from curation.seeds import Seeds
+from curation.selection.explain_report import TokenSource, peak_contexts, profile_png, scan_scored, why_section
 
 logger = logging.getLogger(__name__)
 
@@ -63,28 +66,61 @@ def _histogram_png(all_scores: dict[str, np.ndarray], curated: pa.Table) -> byte
     return png_bytes(fig)
 
 
+def _driving(row: dict[str, Any], shown: int = 3) -> str:
+    """A curated row's largest score terms, as `latent (contribution)`."""
+    pairs = list(zip(row.get("top_latents") or [], row.get("latent_contributions") or [], strict=True))
+    return ", ".join(f"{latent} ({term:.3f})" for latent, term in pairs[:shown]) or "-"
+
+
 def _top_examples(curated: pa.Table, seeds: Seeds, per_domain: int = 5) -> list[str]:
     lines: list[str] = []
-    rows = curated.select(["domain", "score", "text", "nearest_seed", "source"]).to_pylist()
+    columns = ["domain", "score", "text", "nearest_seed", "source"]
+    columns += [name for name in ("top_latents", "latent_contributions") if name in curated.column_names]
+    rows = curated.select(columns).to_pylist()
     for domain in sorted({row["domain"] for row in rows}):
         best = sorted((row for row in rows if row["domain"] == domain), key=lambda row: -row["score"])
-        lines += [f"### {domain}", "", "| score | text | nearest seed |", "|---:|---|---|"]
+        lines += [f"### {domain}", "", "| score | text | nearest seed | driving latents |", "|---:|---|---|---|"]
         for row in best[:per_domain]:
             text = " ".join(row["text"].split())[:160].replace("|", "\\|")
             seed = " ".join(seeds.texts[row["nearest_seed"]].split())[:60].replace("|", "\\|")
-            lines.append(f"| {row['score']:.3f} | {text} | {seed} |")
+            lines.append(f"| {row['score']:.3f} | {text} | {seed} | {_driving(row)} |")
         lines.append("")
     return lines
 
 
+def _why_lines(
+    out: str, options: StorageOptions | None, curated: pa.Table, drivers: DomainDrivers, tokens: TokenSource | None
+) -> list[str]:
+    """The "Why these documents" section and its figure, `latents.png`; nothing when scored/ cannot say."""
+    selected: dict[str, set[str]] = {}
+    for doc_id, domain in zip(curated.column("id").to_pylist(), curated.column("domain").to_pylist(), strict=True):
+        selected.setdefault(domain, set()).add(doc_id)
+    stats = scan_scored(out, options, drivers, selected)
+    if stats is None:
+        return []
+    contexts = peak_contexts(out, options, stats, tokens) if tokens is not None else {}
+    storage.write_bytes_atomic(storage.join(out, "latents.png"), profile_png(drivers, stats), options)
+    return why_section(drivers, stats, contexts, "latents.png")
+
+
 def write_report(
-    out: str, options: StorageOptions | None, seeds: Seeds, counts: dict[str, Any], timings: dict[str, float]
+    out: str,
+    options: StorageOptions | None,
+    seeds: Seeds,
+    counts: dict[str, Any],
+    timings: dict[str, float],
+    drivers: DomainDrivers | None = None,
+    tokens: TokenSource | None = None,
 ) -> None:
+    """Write `report.md`, `scores.png` and, given the domains' driving latents, `latents.png`.
+
+    `tokens` says how documents were tokenized, to show each driving latent's peak tokens in context.
+    """
     curated_dir = storage.join(out, "curated")
     curated = (
         storage.read_parquet(curated_dir, options)
         if storage.exists(curated_dir, options)
-        else pa.table({"domain": [], "score": [], "text": [], "nearest_seed": [], "source": []})
+        else pa.table({name: [] for name in ("id", "domain", "score", "text", "nearest_seed", "source")})
     )
     all_scores = _scored_sample(out, options, seeds)
     if all_scores:
@@ -107,5 +143,7 @@ def write_report(
     lines += [f"| {reason} | {n} |" for reason, n in sorted(counts["rejects_by_reason"].items())] or ["| none | 0 |"]
     lines += ["", "## Scores", "", "![cosine to the nearest seed](scores.png)", ""]
     lines += ["## Top examples per domain", "", *_top_examples(curated, seeds)]
+    if drivers is not None:
+        lines += _why_lines(out, options, curated, drivers, tokens)
     lines += ["## Timings (s)", "", *[f"- {name}: {seconds:.1f}" for name, seconds in timings.items()], ""]
     storage.write_bytes_atomic(storage.join(out, "report.md"), "\n".join(lines).encode(), options)

@@ -58,14 +58,22 @@ class SelectionSpec:
         return [np.flatnonzero(labels == domain) for domain in self.domains]
 
 
+def nearest_seeds(seed_sims: np.ndarray, members: list[np.ndarray]) -> np.ndarray:
+    """(docs, seeds) similarities, each domain's seed indices -> (docs, domains) index of its nearest seed.
+
+    Ties go to the lower seed index. The encode actor explains a document's score with the same function
+    (curation/explain.py), so its explanation is for the seed the selection scores it by.
+    """
+    nearest = np.empty((seed_sims.shape[0], len(members)), dtype=np.int32)
+    for column, rows in enumerate(members):
+        nearest[:, column] = rows[seed_sims[:, rows].argmax(axis=1)]
+    return nearest
+
+
 def domain_scores(seed_sims: np.ndarray, spec: SelectionSpec) -> tuple[np.ndarray, np.ndarray]:
     """(docs, seeds) similarities -> (docs, domains) best similarity and the seed index that gave it."""
-    scores = np.empty((seed_sims.shape[0], len(spec.domains)), dtype=np.float32)
-    nearest = np.empty_like(scores, dtype=np.int32)
-    for column, members in enumerate(spec.domain_members()):
-        best = seed_sims[:, members].argmax(axis=1)
-        nearest[:, column] = members[best]
-        scores[:, column] = seed_sims[np.arange(seed_sims.shape[0]), members[best]]
+    nearest = nearest_seeds(seed_sims, spec.domain_members())
+    scores = np.take_along_axis(seed_sims, nearest.astype(np.int64), axis=1).astype(np.float32)
     return scores, nearest
 
 
