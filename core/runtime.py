@@ -39,6 +39,12 @@ class RunConfig:
     def storage_options(self) -> StorageOptions:
         return StorageOptions(endpoint_url=self.s3_endpoint, region=self.s3_region).resolved()
 
+    def for_workers(self):
+        """This config with the endpoint and region this driver resolved, to ship to a Ray task: a worker's
+        environment need not hold them (see StorageOptions.resolved; credentials never travel)."""
+        options = self.storage_options()
+        return dataclasses.replace(self, s3_endpoint=options.endpoint_url, s3_region=options.region)
+
     def content(self) -> dict[str, Any]:
         """The fields that decide what the stage produces: all but `execution_fields`."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.execution_fields}

@@ -282,16 +282,17 @@ def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     spec = _encoder_spec(config)
     # The driver loads no model: coordinates are measured in a task holding one activation actor's
     # resources, and the SAE trains in a task holding the trainer's, which streams the activations itself.
+    shipped = config.for_workers()
     with timer("coords"):
         coords = run_remote(
-            _choose_coords, config, spec, inputs, num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor
+            _choose_coords, shipped, spec, inputs, num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor
         )
     spec = dataclasses.replace(spec, coords=coords)
     sae_config = _sae_config(config, info, coords)
     threads = default_torch_threads(1, config.train_cpus, config.ray_address)
     with timer("train"):
         metrics = run_remote(
-            _train_and_save, config, spec, inputs, sae_config, threads,
+            _train_and_save, shipped, spec, inputs, sae_config, threads,
             num_cpus=config.train_cpus, num_gpus=config.train_gpus,
         )  # fmt: skip
     counts = {"train_tokens_drawn": metrics["tokens"] // max(config.epochs, 1), **metrics}

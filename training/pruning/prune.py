@@ -386,7 +386,7 @@ def run_pruning(config: PruneConfig) -> dict:
     init_ray(config.ray_address)
     threads = default_torch_threads(1, config.cpus, config.ray_address)
     report, timings, counts, params = run_remote(
-        _prune_and_save, config, layout, texts, threads, num_cpus=config.cpus, num_gpus=config.gpus
+        _prune_and_save, config.for_workers(), layout, texts, threads, num_cpus=config.cpus, num_gpus=config.gpus
     )
     manifest.write_manifest(
         config.out,
