@@ -114,6 +114,8 @@ BAD: dict[str, dict[str, tuple]] = {
         "encode_actors": (0,),
         "cpus_per_actor": (0.0, *FLOATS),
         "gpus_per_actor": (-1.0, *FLOATS),
+        "train_cpus": (0.0, -1.0, *FLOATS),
+        "train_gpus": (-1.0, *FLOATS),
         "torch_threads": (-1,),
     },
     "CurateConfig": CURATE,
@@ -144,6 +146,8 @@ BAD: dict[str, dict[str, tuple]] = {
         "max_tokens": (0,),
         "batch_size": (0,),
         "seed": (-1,),
+        "cpus": (0.0, -1.0, *FLOATS),
+        "gpus": (-1.0, *FLOATS),
     },
     "TeacherConfig": {**GENERATION, "actors": (0,)},
     "DistillConfig": {
