@@ -8,6 +8,9 @@ Measured in one process, on real Wikipedia summaries from the demo corpus:
 - **floor**: the bare `TruncatedForward` on exactly the same micro-batches, already padded, nothing else;
 - **naive**: the full model (loaded separately, not truncated) at batch size 1 with
   `output_hidden_states=True`, taking `hidden_states[layer + 1]` and mean-pooling it;
+- **encode bf16**: the same `encode` with the truncated forward in bfloat16 (`--dtype bfloat16` of the
+  jobs); its target is >= 2x the fp32 floor, with every document's vector within cosine 0.99 of the fp32
+  one and the per-seed top-10 selections (the demo seeds, over the sampled documents) overlapping >= 95%;
 - **fixed-32** (for information): the truncated forward on fixed batches of 32 documents in sample order,
   each padded to its longest document, to show what length bucketing buys.
 
@@ -29,6 +32,7 @@ more rows to sort and pads less: pass `--docs 256` for numbers representative of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -40,21 +44,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from core.batching import length_batches, pad_right, tokenize_texts
 from core.models import DEFAULT_MODEL, load_model, model_info
 from curation.demo_corpus import load_summaries
-from curation.encode import (
-    DocumentEncoder,
-    EncoderSpec,
-    length_batches,
-    mean_pool,
-    pad_right,
-    pooling_mask,
-    tokenize_texts,
-)
+from curation.encode import DocumentEncoder, EncoderSpec, mean_pool, pooling_mask
 from curation.sae.model import SAEConfig, TopKSAE
 
 TARGET_VS_FLOOR = 0.85
 TARGET_VS_NAIVE = 2.0
+TARGET_BF16 = 2.0  # bf16 encode against the fp32 floor
+TARGET_COSINE = 0.99  # every document's bf16 vector against its fp32 one
+TARGET_OVERLAP = 0.95  # per-seed top-N selections, bf16 against fp32
+SELECT_TOP = 10
 FIXED_BATCH_SIZE = 32
 SAMPLE_SEED = 0
 WARMUP_DOCS = 8
@@ -107,6 +108,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sae", default=None, help="SAE directory; default: a fresh TopKSAE(d_in=96, k=32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per method, after one warm-up")
     parser.add_argument("--naive-docs", type=int, default=8, help="documents for the (slow) naive path")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 encode and its agreement")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     for name in ("docs", "max_tokens", "max_batch_tokens", "threads", "repeats", "naive_docs"):
@@ -165,6 +167,7 @@ def make_methods(
     full_model: nn.Module,
     token_lists: list[list[int]],
     naive_lists: list[list[int]],
+    bf16: DocumentEncoder | None = None,
 ) -> list[Method]:
     """The four measured methods on one document set; padded batches are built here, outside the timing.
 
@@ -186,6 +189,14 @@ def make_methods(
         return [sum(lengths[row] for row in rows) for rows in row_groups]
 
     layer, skip = encoder.forward.layer, encoder.spec.skip_positions
+    extra = [] if bf16 is None else [
+        Method(
+            "encode bf16 (SAE, length-bucketed)",
+            [lambda docs=docs: bf16.encode(docs) for docs in group_docs],
+            group_tokens(groups),
+            len(token_lists),
+        )
+    ]  # fmt: skip
     return [
         Method(
             "encode (SAE, length-bucketed)",
@@ -211,7 +222,34 @@ def make_methods(
             group_tokens(fixed),
             len(token_lists),
         ),
+        *extra,
     ]
+
+
+def bf16_agreement(fp32: DocumentEncoder, bf16: DocumentEncoder, token_lists: list[list[int]]) -> dict:
+    """Per-document cosine of the bf16 vectors to the fp32 ones, and the overlap of the per-seed top-10
+    selections (the demo seeds) that each set of vectors makes over these documents."""
+    from core.storage import StorageOptions
+    from curation.seeds import load_seeds
+
+    seeds = load_seeds("jobs/seeds/demo.jsonl", StorageOptions())
+    seed_lists = tokenize_texts(fp32.tokenizer, seeds.texts, max(len(tokens) for tokens in token_lists))
+    chosen = {}
+    vectors = {}
+    for name, encoder in (("fp32", fp32), ("bf16", bf16)):
+        vectors[name] = encoder.encode(token_lists)
+        sims = vectors[name] @ encoder.encode(seed_lists).T  # (docs, seeds)
+        top = min(SELECT_TOP, sims.shape[0])
+        chosen[name] = {int(row) for column in sims.T for row in column.topk(top).indices}
+    cosines = (vectors["fp32"] * vectors["bf16"]).sum(dim=1)
+    overlap = len(chosen["fp32"] & chosen["bf16"]) / max(len(chosen["fp32"]), 1)
+    return {
+        "cosine_min": float(cosines.min()),
+        "cosine_mean": float(cosines.mean()),
+        "docs_below_0.99": int((cosines < TARGET_COSINE).sum()),
+        "selection_overlap": overlap,
+        "selected": len(chosen["fp32"]),
+    }
 
 
 def run_rounds(methods: list[Method], repeats: int) -> None:
@@ -260,8 +298,26 @@ def mark(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def report_bf16(bf16: Method, floor: Method, agreement: dict) -> dict:
+    speedup = bf16.best_tokens_per_s / floor.best_tokens_per_s
+    cosine_ok = agreement["cosine_min"] >= TARGET_COSINE
+    overlap_ok = agreement["selection_overlap"] >= TARGET_OVERLAP
+    print(f"bf16 encode / fp32 floor = {speedup:.2f}  (target >= {TARGET_BF16}) {mark(speedup >= TARGET_BF16)}")
+    print(
+        f"bf16 vs fp32 vectors: cosine min {agreement['cosine_min']:.4f}, mean {agreement['cosine_mean']:.4f} "
+        f"(target min >= {TARGET_COSINE}) {mark(cosine_ok)}; per-seed top-{SELECT_TOP} overlap "
+        f"{agreement['selection_overlap']:.3f} of {agreement['selected']} (target >= {TARGET_OVERLAP}) "
+        f"{mark(overlap_ok)}"
+    )
+    return {
+        "bf16_vs_fp32_floor": speedup,
+        "bf16_agreement": agreement,
+        "bf16_pass": {"speedup": speedup >= TARGET_BF16, "cosine": cosine_ok, "overlap": overlap_ok},
+    }
+
+
 def report(methods: list[Method], efficiency: dict[str, float], args: argparse.Namespace, extra: dict) -> dict:
-    encode, floor, naive, fixed = methods
+    encode, floor, naive, fixed = methods[:4]
     header = f"{'method':<40} {'docs':>5} {'tokens':>7} {'best tok/s':>11} {'median tok/s':>13} {'x floor':>8}"
     print("\n" + header + "\n" + "-" * len(header))
     for method in methods:
@@ -317,6 +373,7 @@ def main() -> None:
         torch_threads=args.threads,
     )
     encoder = DocumentEncoder(spec, sae=sae)
+    bf16 = None if args.no_bf16 else DocumentEncoder(dataclasses.replace(spec, dtype="bfloat16"), sae=sae)
     full_model = load_model(args.model)
     token_lists = sample_documents(encoder.tokenizer, args.docs, args.max_tokens)
     naive_lists = token_lists[: args.naive_docs]
@@ -335,15 +392,17 @@ def main() -> None:
     print(f"max |truncated - full hidden_states[{layer + 1}]| on one document: {error:.2e}")
 
     print("warm-up")
-    run_rounds(make_methods(encoder, full_model, token_lists[:WARMUP_DOCS], naive_lists[:2]), repeats=1)
+    run_rounds(make_methods(encoder, full_model, token_lists[:WARMUP_DOCS], naive_lists[:2], bf16), repeats=1)
     print("timed rounds")
-    methods = make_methods(encoder, full_model, token_lists, naive_lists)
+    methods = make_methods(encoder, full_model, token_lists, naive_lists, bf16)
     run_rounds(methods, args.repeats)
     efficiency = {
         "bucketed": padding_efficiency(token_lists, length_batches(lengths, args.max_batch_tokens)),
         "fixed": padding_efficiency(token_lists, fixed_groups(len(token_lists), FIXED_BATCH_SIZE)),
     }
     results = report(methods, efficiency, args, {"layer": layer, "truncation_error": error, "busy_note": note})
+    if bf16 is not None:
+        results.update(report_bf16(methods[4], methods[1], bf16_agreement(encoder, bf16, token_lists)))
     if args.json is not None:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

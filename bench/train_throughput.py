@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curation import models  # noqa: E402
+from core import models  # noqa: E402
 from training.finetuning.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from training.finetuning.losses import causal_lm_loss  # noqa: E402
 from training.finetuning.sft_data import BatchShape, Example, collate, encode_example, plan_window, training_target  # noqa: E402

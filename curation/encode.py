@@ -84,6 +84,9 @@ class EncoderSpec:
     max_batch_tokens: int = 8192
     device: str = "cpu"
     """cpu, cuda, or `accelerator`: the GPU Ray gives the actor (core.placement.resolve_device)."""
+    dtype: str = "float32"
+    """The truncated forward's weights and activations: float32 or bfloat16. Its output is cast to float32
+    before the coordinates, the SAE and pooling, which stay in float32."""
     torch_threads: int = 0
 
 
@@ -97,7 +100,8 @@ class DocumentEncoder:
         self.device = resolve_device(spec.device)
         self.tokenizer = load_tokenizer(spec.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self.forward = TruncatedForward(load_model(spec.model, device=self.device), spec.layer)
+        model = load_model(spec.model, dtype=getattr(torch, spec.dtype), device=self.device)
+        self.forward = TruncatedForward(model, spec.layer)
         if sae is None and spec.sae_dir is not None:
             sae = TopKSAE.load(spec.sae_dir, device=self.device)
         # A passed-in SAE was built or loaded elsewhere (on the driver's CPU, say): everything that meets

@@ -18,7 +18,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -83,6 +83,9 @@ class TrainSAEConfig(RunConfig):
     """CPUs each activation actor reserves."""
     gpus_per_actor: float = 0.0
     """GPUs each activation actor reserves; > 0 runs it on CUDA."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The truncated forward's precision when computing activations (the SAE trains in float32 either way;
+    coordinates are always measured in float32)."""
     train_cpus: float = 0.5
     """CPUs the SAE trainer task reserves (it uses every core of a local machine, int(train_cpus) on a cluster)."""
     train_gpus: float = 0.0
@@ -183,14 +186,17 @@ def _encoder_spec(config: TrainSAEConfig) -> EncoderSpec:
         config.encode_actors, config.cpus_per_actor, config.ray_address
     )
     device = requested_device(config.gpus_per_actor)
-    return EncoderSpec(model=config.model, sae_dir=None, layer=config.layer, device=device, torch_threads=threads)
+    return EncoderSpec(
+        model=config.model, sae_dir=None, layer=config.layer, device=device, dtype=config.dtype, torch_threads=threads
+    )
 
 
 def _choose_coords(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]) -> list[int]:
     """The SAE's input coordinates, measured over the seeds or a corpus sample (in a task holding an actor's
     resources: see run_train_sae)."""
     worker_logging()
-    encoder = DocumentEncoder(spec)
+    # Finite differences need float32 whatever precision the activations are computed in.
+    encoder = DocumentEncoder(dataclasses.replace(spec, dtype="float32"))
     texts = calibration_texts(config, inputs)
     token_lists = tokenize_texts(encoder.tokenizer, texts, config.max_tokens)
     return select_coords(encoder, token_lists, config.coords, config.num_coords, seed=config.seed)

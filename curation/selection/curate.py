@@ -62,6 +62,8 @@ class CurateConfig(RunConfig):
     """Tokens of each document that are encoded (a longer document is cut)."""
     pooling: Pooling = "rate"
     """SAE codes to a document vector: `rate`, the share of its tokens each latent fires on, or `mean`."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The truncated forward's precision (SAE, pooling and scores stay in float32)."""
     min_chars: int = 1
     """Documents shorter than this, after stripping, are rejected."""
     max_chars: int = 20_000
@@ -170,6 +172,7 @@ def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE) -> EncoderSpec
         pooling=config.pooling,
         max_batch_tokens=config.max_batch_tokens,
         device=requested_device(config.gpus_per_actor),
+        dtype=config.dtype,
         torch_threads=threads,
     )
 

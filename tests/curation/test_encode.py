@@ -335,3 +335,19 @@ def test_jacobian_estimate_matches_autograd(full_width_encoder):
     top_estimate = set(estimate.topk(16).indices.tolist())
     top_exact = set(exact.topk(16).indices.tolist())
     assert len(top_estimate & top_exact) >= 11
+
+
+def test_a_bfloat16_forward_gives_the_float32_vectors_within_rounding(tiny_model_dir):
+    """`dtype=bfloat16` runs the truncated forward in bf16 and everything after it in float32."""
+    from curation.encode import DocumentEncoder, EncoderSpec
+
+    docs = random_docs(12, 5, 40, seed=3)
+    vectors = {}
+    for dtype in ("float32", "bfloat16"):
+        encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype=dtype))
+        assert next(encoder.forward.parameters()).dtype == getattr(torch, dtype)
+        vectors[dtype] = encoder.encode(docs)
+        assert vectors[dtype].dtype == torch.float32
+    cosines = (vectors["float32"] * vectors["bfloat16"]).sum(dim=1)
+    assert cosines.min() >= 0.99, cosines
+    assert not torch.equal(vectors["float32"], vectors["bfloat16"])  # the forward did run in bf16
