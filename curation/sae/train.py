@@ -57,10 +57,11 @@ class TrainSAEConfig(RunConfig):
     """Decoder layer (0-based) whose output the SAE reads; only layers 0..layer are run."""
     seeds: str | None = None
     """Seed examples (JSONL) on which `jacobian` coordinates are measured; without it, a corpus sample."""
-    coords: CoordSelector = "jacobian"
-    """How the SAE's input coordinates are chosen: jacobian (most input-sensitive), magnitude, or all."""
+    coords: CoordSelector = "all"
+    """The SAE's input coordinates: all (the best measured, docs/results.md), or K chosen by jacobian (the
+    paper's: most input-sensitive on the seeds) or magnitude."""
     num_coords: int = 96
-    """Input coordinates K (the paper's best was 96); ignored for coords=all."""
+    """Input coordinates K for jacobian or magnitude (the paper's best was 96); ignored for coords=all."""
     expansion_factor: int = 16
     """SAE latents per input coordinate."""
     k: int = 32

@@ -184,7 +184,17 @@ def job_commands(inputs: dict[str, str]) -> dict[str, list[str]]:
     return {
         "help": ["-m", "jobs.curate", "--help"],
         "train_layer": [*train, "--model", inputs["model"], "--layer", "9"],
-        "train_num_coords": [*train, "--model", inputs["model"], "--layer", "2", "--num-coords", "100"],
+        "train_num_coords": [
+            *train,
+            "--model",
+            inputs["model"],
+            "--layer",
+            "2",
+            "--coords",
+            "jacobian",
+            "--num-coords",
+            "100",
+        ],  # fmt: skip
         "train_model": [*train, "--model", "no-such-model"],
         "curate_seeds": [*curate, "--corpus", inputs["corpus"], "--seeds", inputs["out"] + "-missing.jsonl"],
         "curate_corpus": [*curate, "--corpus", inputs["empty_glob"], "--seeds", inputs["seeds"]],
@@ -253,6 +263,7 @@ def train_config(inputs: dict[str, str], **overrides) -> TrainSAEConfig:
         "out": inputs["out"] + "-sae",
         "model": inputs["model"],
         "layer": 2,
+        "coords": "jacobian",
         "num_coords": 16,
     }
     return TrainSAEConfig(**{**values, **overrides})
