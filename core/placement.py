@@ -21,7 +21,7 @@ LOAD_LOG = "FINESCOPE_LOAD_LOG"
 ACCELERATOR = "accelerator"
 """A spec's device meaning "the GPU Ray gave this worker": resolved in the worker, never on the driver."""
 PROPAGATED = (FORCE_CPU, LOAD_LOG)
-"""Settings a driver passes on to every worker of its job."""
+"""Placement settings a driver passes on to every worker of its job (core.runtime.init_ray)."""
 
 T = TypeVar("T")
 
@@ -52,6 +52,11 @@ def resolve_device(device: str) -> str:
     return "cuda"
 
 
+def worker_device(gpus: float) -> str:
+    """The device of a worker that holds `gpus` GPUs, decided in that worker."""
+    return resolve_device(requested_device(gpus))
+
+
 def record_model_load(what: str, device: Any) -> None:
     """Append where a model was just loaded (pid, Ray node, driver or worker) to $FINESCOPE_LOAD_LOG, if set."""
     path = os.environ.get(LOAD_LOG)
@@ -78,8 +83,3 @@ def run_remote(fn: Callable[..., T], /, *args: Any, num_cpus: float, num_gpus: f
 
     task = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, name=getattr(fn, "__qualname__", None))
     return ray.get(task.remote(*args, **kwargs))
-
-
-def propagated_env() -> dict[str, str]:
-    """The placement settings of this process that its Ray workers must share."""
-    return {name: os.environ[name] for name in PROPAGATED if os.environ.get(name)}

@@ -61,11 +61,11 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    from core.placement import propagated_env
+    from core.placement import PROPAGATED
 
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **propagated_env()}}
-    if os.environ.get(INTERVAL_ENV):  # workers' progress lines (fine-tuning, evaluation) keep the driver's interval
-        env["env_vars"][INTERVAL_ENV] = os.environ[INTERVAL_ENV]
+    # Workers keep the driver's placement settings and progress interval (fine-tuning, evaluation lines).
+    shared = {name: os.environ[name] for name in (*PROPAGATED, INTERVAL_ENV) if os.environ.get(name)}
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **shared}}
     if address:
         logger.info("joining Ray at %s", address)
         ray.init(address=address, runtime_env=env, log_to_driver=True)

@@ -26,7 +26,7 @@ from core import manifest, models, storage
 from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
 from core.logs import worker_logging
-from core.placement import record_model_load, requested_device, resolve_device, run_remote
+from core.placement import record_model_load, requested_device, run_remote, worker_device
 from core.progress import Progress
 from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
@@ -253,7 +253,7 @@ def _train_and_save(
     worker_logging()
     DataContext.get_current().enable_progress_bars = False
     torch.set_num_threads(threads)
-    device = resolve_device(requested_device(config.train_gpus))
+    device = worker_device(config.train_gpus)
     stream = _activation_stream(config, spec, inputs)
     with Progress("sae train", config.max_train_tokens * config.epochs, "tokens") as progress:
         batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed, progress)

@@ -31,7 +31,7 @@ import torch
 from core.batching import length_batches
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
-from core.placement import requested_device, resolve_device
+from core.placement import worker_device
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class TransformersTeacher:
 
     def __init__(self, config: TeacherConfig, threads: int = 0):
         worker_logging()
-        device = resolve_device(requested_device(config.gpus_per_actor))
+        device = worker_device(config.gpus_per_actor)
         self.generator = BatchedGenerator(config, device=device, threads=threads)
         self.generated_tokens = 0
         self.seconds = 0.0

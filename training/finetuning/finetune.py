@@ -41,7 +41,7 @@ import torch
 
 from core import manifest, models, storage
 from core.errors import ConfigError, check_range, check_ranges, check_seed
-from core.placement import cpu_forced, record_model_load, requested_device, resolve_device
+from core.placement import cpu_forced, record_model_load, worker_device
 from core.progress import Progress
 from core.runtime import RunConfig, init_ray, is_local_ray
 from training.finetuning.deepspeed_config import build_deepspeed_config
@@ -291,7 +291,7 @@ def _worker_threads(loop: WorkerPlan) -> int:
 
 def _worker_device(loop: WorkerPlan) -> str:
     """cuda for a worker given a GPU (use_gpu), unless FINESCOPE_FORCE_CPU; it also decides bf16."""
-    return resolve_device(requested_device(1 if loop.config.use_gpu else 0))
+    return worker_device(1 if loop.config.use_gpu else 0)
 
 
 def _build_model(loop: WorkerPlan) -> tuple[torch.nn.Module, Any]:

@@ -48,7 +48,7 @@ from core import manifest, models, storage
 from core.batching import pad_right, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
-from core.placement import requested_device, resolve_device, run_remote
+from core.placement import run_remote, worker_device
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from training.pruning.importance import Importance, magnitude_importance, random_importance, taylor_importance
 from training.pruning.structures import SUPPORTED_MODEL_TYPES, Layout, apply_plan, count_params, layout_of
@@ -410,7 +410,7 @@ def _prune_and_save(config: PruneConfig, layout: Layout, texts: list[str], threa
     timer = manifest.Timer()
     with timer("load"):
         dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-        model = models.load_model(config.model, dtype=dtype, device=resolve_device(requested_device(config.gpus)))
+        model = models.load_model(config.model, dtype=dtype, device=worker_device(config.gpus))
         tokenizer = models.load_tokenizer(config.model)
     with timer("importance"):
         importance = compute_importance(model, layout, config, texts, tokenizer)
