@@ -57,6 +57,40 @@ def worker_device(gpus: float) -> str:
     return resolve_device(requested_device(gpus))
 
 
+AUTO_DTYPE = "auto"
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+"""CPU flags (x86 /proc/cpuinfo `flags`, arm64 `Features`) of cores that compute bfloat16 natively."""
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The first core's feature flags; empty where /proc/cpuinfo does not exist (macOS, Windows)."""
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[-1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` (cpu or cuda) computes bfloat16 matmuls natively, so bf16 is faster, not emulated."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(BF16_FLAGS & cpu_flags())
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """A spec's dtype as this worker runs it: `auto` becomes bfloat16 where the device computes it natively
+    (a GPU with bf16, a CPU with AVX512-BF16, AMX or arm64 BF16), float32 elsewhere."""
+    if name != AUTO_DTYPE:
+        return name
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
 def record_model_load(what: str, device: Any) -> None:
     """Append where a model was just loaded (pid, Ray node, driver or worker) to $FINESCOPE_LOAD_LOG, if set."""
     path = os.environ.get(LOAD_LOG)

@@ -19,7 +19,7 @@ import torch
 from core.batching import length_batches, pad_right
 from core.logs import worker_logging
 from core.models import TruncatedForward, load_model, load_tokenizer
-from core.placement import resolve_device
+from core.placement import resolve_device, resolve_dtype
 from core.progress import bump
 from curation.explain import domain_drivers, explain_columns
 from curation.sae.model import TopKSAE
@@ -85,9 +85,13 @@ class EncoderSpec:
     device: str = "cpu"
     """cpu, cuda, or `accelerator`: the GPU Ray gives the actor (core.placement.resolve_device)."""
     dtype: str = "float32"
-    """The truncated forward's weights and activations: float32 or bfloat16. Its output is cast to float32
+    """The truncated forward's weights and activations: float32, bfloat16, or auto (bfloat16 where the
+    worker's device computes it natively: core.placement.resolve_dtype). Its output is cast to float32
     before the coordinates, the SAE and pooling, which stay in float32."""
     torch_threads: int = 0
+    latent_weights: list[float] | None = None
+    """Per SAE latent, a weight applied to the pooled vector before it is normalised: the rarity weights of
+    curation/scoring.py. None weighs every latent alike."""
 
 
 class DocumentEncoder:
@@ -100,7 +104,8 @@ class DocumentEncoder:
         self.device = resolve_device(spec.device)
         self.tokenizer = load_tokenizer(spec.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        model = load_model(spec.model, dtype=getattr(torch, spec.dtype), device=self.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
+        model = load_model(spec.model, dtype=getattr(torch, self.dtype), device=self.device)
         self.forward = TruncatedForward(model, spec.layer)
         if sae is None and spec.sae_dir is not None:
             sae = TopKSAE.load(spec.sae_dir, device=self.device)
@@ -109,6 +114,11 @@ class DocumentEncoder:
         self.sae = sae.to(self.device).eval() if sae is not None else None
         coords = spec.coords if spec.coords is not None else (sae.cfg.coords if sae is not None else None)
         self.coords = torch.as_tensor(coords, dtype=torch.long) if coords else None
+        self.weights = None
+        if spec.latent_weights is not None and self.sae is not None:
+            if len(spec.latent_weights) != self.sae.cfg.num_latents:
+                raise ValueError(f"{len(spec.latent_weights)} latent weights for {self.sae.cfg.num_latents} latents")
+            self.weights = torch.tensor(spec.latent_weights, dtype=torch.float32, device=self.device)
 
     def hidden_batches(
         self, token_lists: Sequence[Sequence[int]]
@@ -127,7 +137,8 @@ class DocumentEncoder:
         """Token lists -> (docs, dim) unit-norm document vectors, in input order.
 
         With an SAE, dim is its number of latents, pooled over the document's counted tokens by
-        `spec.pooling`: `rate`, the share of tokens each latent fires on, or `mean`, the mean code.
+        `spec.pooling`: `rate`, the share of tokens each latent fires on, or `mean`, the mean code; then
+        scaled by `spec.latent_weights` when given.
         Without one, the mean of the layer activations themselves (the dense baseline).
         """
         return self.encode_with_peaks(token_lists)[0]
@@ -150,6 +161,8 @@ class DocumentEncoder:
                 pooled = firing_rate(codes, mask)
             else:
                 pooled = mean_pool(codes, mask)
+            if self.weights is not None:
+                pooled = pooled * self.weights
             pooled = l2_normalize(pooled).cpu()
             if out is None:
                 out = torch.zeros((len(token_lists), pooled.shape[-1]))

@@ -233,6 +233,20 @@ def test_encode_with_sae_gives_latent_vectors(encoder, tiny_model_dir):
     torch.testing.assert_close(with_sae.encode([docs[2]])[0], vectors[2], atol=1e-5, rtol=0)
 
 
+def test_latent_weights_scale_the_pooled_vector_before_it_is_normalised(encoder, tiny_model_dir):
+    sae = TopKSAE(SAEConfig(d_in=HIDDEN, k=8, layer=2))
+    sae.fit_normalizer(encoder.activations(random_docs(20, 5, 30, seed=7)))
+    docs = random_docs(6, 5, 30, seed=9)
+    plain = make_encoder(tiny_model_dir, sae=sae).encode(docs)
+    weights = torch.linspace(0.5, 3.0, sae.cfg.num_latents)
+    weighted = make_encoder(tiny_model_dir, sae=sae, latent_weights=weights.tolist()).encode(docs)
+    expected = plain * weights
+    torch.testing.assert_close(weighted, expected / expected.norm(dim=1, keepdim=True), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(weighted, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="latent weights"):
+        make_encoder(tiny_model_dir, sae=sae, latent_weights=[1.0, 2.0])
+
+
 def test_a_passed_in_sae_moves_to_the_encoders_device(tiny_model_dir):
     """Curation builds the SAE once and hands it to every encoder actor: on a GPU actor it must follow the
     model to CUDA. "meta" stands in for a second device on a CPU-only machine."""
@@ -351,3 +365,15 @@ def test_a_bfloat16_forward_gives_the_float32_vectors_within_rounding(tiny_model
     cosines = (vectors["float32"] * vectors["bfloat16"]).sum(dim=1)
     assert cosines.min() >= 0.99, cosines
     assert not torch.equal(vectors["float32"], vectors["bfloat16"])  # the forward did run in bf16
+
+
+def test_auto_dtype_follows_the_device(tiny_model_dir, monkeypatch):
+    """`auto` loads the forward in bf16 where the CPU computes bf16 natively, in float32 where it does not."""
+    from core import placement
+    from curation.encode import DocumentEncoder, EncoderSpec
+
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(placement, "native_bf16", lambda device, native=native: native)
+        encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype="auto"))
+        assert next(encoder.forward.parameters()).dtype == dtype
+        assert encoder.dtype == str(dtype).removeprefix("torch.")
