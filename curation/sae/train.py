@@ -32,7 +32,8 @@ from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
 from curation.sae.coords import CoordSelector, select_coords
-from curation.sae.model import SAEConfig, train_sae
+from curation.sae.model import SAEConfig, TopKSAE, train_sae
+from curation.scoring import STATS_FILE, latent_stats
 from curation.seeds import load_seeds
 
 logger = logging.getLogger(__name__)
@@ -78,15 +79,19 @@ class TrainSAEConfig(RunConfig):
     """Tokens of each document that are read."""
     calibration_docs: int = 64
     """Corpus documents used to choose coordinates when no seeds are given."""
+    stats_docs: int = 2048
+    """Corpus documents (the first ones) on which each latent's document frequency is measured after
+    training, for curation's rarity weighting (curation/scoring.py); 0 skips it."""
     encode_actors: int = 1
     """Model actors computing activations."""
     cpus_per_actor: float = 1.0
     """CPUs each activation actor reserves."""
     gpus_per_actor: float = 0.0
     """GPUs each activation actor reserves; > 0 runs it on CUDA."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """The truncated forward's precision when computing activations (the SAE trains in float32 either way;
-    coordinates are always measured in float32)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The truncated forward's precision when computing activations: auto is bfloat16 where the actor's
+    device computes it natively, float32 elsewhere (the SAE trains in float32 either way; coordinates are
+    always measured in float32)."""
     train_cpus: float = 0.5
     """CPUs the SAE trainer task reserves (it uses every core of a local machine, int(train_cpus) on a cluster)."""
     train_gpus: float = 0.0
@@ -107,6 +112,7 @@ class TrainSAEConfig(RunConfig):
             raise ConfigError("out", self.out, "is required: pass --out DIR")
         positive = ("num_coords", "expansion_factor", "k", "max_train_tokens", "epochs", "batch_tokens")
         check_ranges(self, (*positive, "max_tokens", "calibration_docs", "encode_actors"), ge=1)
+        check_range("stats_docs", self.stats_docs, ge=0, hint="0 skips the latent statistics")
         check_range("layer", self.layer, ge=0, hint="a 0-based decoder layer index")
         check_range("lr", self.lr, gt=0, optional=True, hint="unset uses the width-scaled default")
         check_range("cpus_per_actor", self.cpus_per_actor, gt=0, hint="fractions are fine")
@@ -139,15 +145,20 @@ def check(config: TrainSAEConfig) -> tuple[models.ModelInfo, list[storage.FileIn
 
 def calibration_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo]) -> list[str]:
     """The seeds, or else the first documents of the corpus, to choose coordinates on."""
-    options = config.storage_options()
     if config.seeds:
-        return load_seeds(config.seeds, options).texts
+        return load_seeds(config.seeds, config.storage_options()).texts
+    return corpus_texts(config, inputs, config.calibration_docs)
+
+
+def corpus_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo], limit: int) -> list[str]:
+    """The corpus's first `limit` clean documents, in input order."""
+    options = config.storage_options()
     texts: list[str] = []
     for info in inputs:
         for kind, row in iter_shard(info.uri, options, CleanConfig()):
             if kind == DOC:
                 texts.append(row["text"])
-            if len(texts) >= config.calibration_docs:
+            if len(texts) >= limit:
                 return texts
     return texts
 
@@ -265,6 +276,19 @@ def _train_and_save(
     return metrics
 
 
+def _measure_latent_stats(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]) -> int:
+    """Encode the corpus's first `stats_docs` documents with the trained SAE and store in how many each latent
+    fires (curation/scoring.py), beside the SAE; the number of documents measured."""
+    worker_logging()
+    options = config.storage_options()
+    sae = TopKSAE.load(storage.local_copy(config.out, options))
+    encoder = DocumentEncoder(spec, sae=sae)
+    texts = corpus_texts(config, inputs, config.stats_docs)
+    stats = latent_stats(encoder.encode(tokenize_texts(encoder.tokenizer, texts, config.max_tokens)))
+    storage.write_bytes_atomic(storage.join(config.out, STATS_FILE), stats.to_bytes(), options)
+    return stats.docs
+
+
 def _sae_config(config: TrainSAEConfig, info: models.ModelInfo, coords: list[int]) -> SAEConfig:
     return SAEConfig(
         d_in=len(coords),
@@ -302,6 +326,12 @@ def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
             _train_and_save, shipped, spec, inputs, sae_config, threads,
             num_cpus=config.train_cpus, num_gpus=config.train_gpus,
         )  # fmt: skip
+    if config.stats_docs:
+        with timer("latent_stats"):
+            metrics["stats_docs"] = run_remote(
+                _measure_latent_stats, shipped, spec, inputs,
+                num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
+            )  # fmt: skip
     counts = {"train_tokens_drawn": metrics["tokens"] // max(config.epochs, 1), **metrics}
     logger.info(
         "SAE written to %s: fvu=%.3f dead=%.3f %.0f tokens/s",

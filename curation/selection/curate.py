@@ -26,6 +26,7 @@ from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec, Pooling
 from curation.explain import DomainDrivers, domain_drivers, row_explanations
 from curation.sae.model import TopKSAE
+from curation.scoring import STATS_FILE, LatentStats
 from curation.seeds import Seeds, load_seeds
 from curation.selection.rules import SelectionRule, SelectionSpec, block_candidates, label_selected, merge_candidates
 
@@ -62,8 +63,13 @@ class CurateConfig(RunConfig):
     """Tokens of each document that are encoded (a longer document is cut)."""
     pooling: Pooling = "rate"
     """SAE codes to a document vector: `rate`, the share of its tokens each latent fires on, or `mean`."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """The truncated forward's precision (SAE, pooling and scores stay in float32)."""
+    weighting: Literal["idf", "none"] = "idf"
+    """How much each latent counts in the cosine: `idf`, by its rarity over the corpus's documents, measured
+    when the SAE was trained (curation/scoring.py); `none`, all alike (the paper's)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The truncated forward's precision: auto is bfloat16 where the encode worker's device computes it
+    natively (2.85x the float32 forward on an AVX512-BF16 CPU, vectors within cosine 0.99: docs/results.md)
+    and float32 elsewhere. SAE, pooling and scores stay in float32."""
     min_chars: int = 1
     """Documents shorter than this, after stripping, are rejected."""
     max_chars: int = 20_000
@@ -131,6 +137,8 @@ class CurationPlan:
     sae: TopKSAE
     model: str
     digest: str
+    latent_weights: list[float] | None = None
+    """The rarity weights of `weighting: idf`; None for `none`."""
 
 
 def plan(config: CurateConfig) -> CurationPlan:
@@ -140,7 +148,20 @@ def plan(config: CurateConfig) -> CurationPlan:
     inputs = storage.expand(config.corpus, options)
     if not storage.exists(storage.join(config.sae, "cfg.json"), options):
         raise ConfigError("sae", config.sae, "no cfg.json there; train one with `python -m jobs.train_sae`")
-    sae = TopKSAE.load(storage.local_copy(config.sae, options))
+    sae_dir = storage.local_copy(config.sae, options)
+    sae = TopKSAE.load(sae_dir)
+    weights = None
+    if config.weighting == "idf":
+        stats = LatentStats.load(sae_dir)
+        if stats is None:
+            raise ConfigError(
+                "weighting", "idf", f"the SAE at {config.sae} has no {STATS_FILE}: train it again with "
+                "`python -m jobs.train_sae` (which measures it), or pass --weighting none",
+            )  # fmt: skip
+        if len(stats.fired_in) != sae.cfg.num_latents:
+            raise ConfigError("sae", config.sae, f"{STATS_FILE} has {len(stats.fired_in)} latents, the SAE "
+                              f"{sae.cfg.num_latents}: it belongs to another SAE; train this one again")  # fmt: skip
+        weights = stats.weights().tolist()
     model = config.model or sae.cfg.base_model.get("name")
     if not model:
         raise ConfigError("model", None, "the SAE does not name its base model; pass --model")
@@ -152,7 +173,7 @@ def plan(config: CurateConfig) -> CurationPlan:
     seed_info = storage.expand(config.seeds, options, config_field="seeds")
     sae_info = storage.expand(config.sae, options, config_field="sae")
     digest = config.digest([*inputs, *seed_info, *sae_info])
-    return CurationPlan(config, inputs, seeds, sae, model, digest)
+    return CurationPlan(config, inputs, seeds, sae, model, digest, weights)
 
 
 def seed_vectors(encoder: DocumentEncoder, seeds: Seeds, max_tokens: int) -> np.ndarray:
@@ -160,7 +181,7 @@ def seed_vectors(encoder: DocumentEncoder, seeds: Seeds, max_tokens: int) -> np.
     return encoder.encode(tokenize_texts(encoder.tokenizer, seeds.texts, max_tokens)).numpy()
 
 
-def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE) -> EncoderSpec:
+def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE, weights: list[float] | None) -> EncoderSpec:
     threads = config.torch_threads or default_torch_threads(
         config.encode_actors, config.cpus_per_actor, config.ray_address
     )
@@ -174,6 +195,7 @@ def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE) -> EncoderSpec
         device=requested_device(config.gpus_per_actor),
         dtype=config.dtype,
         torch_threads=threads,
+        latent_weights=weights,
     )
 
 
@@ -245,7 +267,7 @@ def _encode_seeds(spec: EncoderSpec, sae: TopKSAE, seeds: Seeds, max_tokens: int
 def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> tuple[EncoderSpec, np.ndarray]:
     """The encoder actors' spec and the (seeds, latents) seed vectors, encoded in a Ray task that holds one
     encoder actor's resources (the driver loads no model). Ray must be initialised."""
-    spec = _encoder_spec(config, checked.model, checked.sae)
+    spec = _encoder_spec(config, checked.model, checked.sae, checked.latent_weights)
     seeds_matrix = run_remote(
         _encode_seeds, spec, checked.sae, checked.seeds, config.max_tokens,
         num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,

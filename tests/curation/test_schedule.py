@@ -177,6 +177,7 @@ def build_sae(model: str, corpus_glob: str, seeds: str, out: Path) -> None:
     from curation.encode import DocumentEncoder, EncoderSpec
     from curation.sae.coords import select_coords
     from curation.sae.model import SAEConfig, train_sae
+    from curation.scoring import STATS_FILE, latent_stats
     from curation.seeds import load_seeds
 
     encoder = DocumentEncoder(EncoderSpec(model=model, sae_dir=None, layer=2))
@@ -193,6 +194,10 @@ def build_sae(model: str, corpus_glob: str, seeds: str, out: Path) -> None:
     batches = [activations[torch.randperm(len(activations))[:256]] for _ in range(30)]
     sae, _ = train_sae(batches, config)
     sae.save(out)
+    # The rarity statistics `jobs.train_sae` measures after training, here on the whole corpus.
+    encoder = DocumentEncoder(EncoderSpec(model=model, sae_dir=None, layer=2), sae=sae)
+    stats = latent_stats(encoder.encode(tokenize_texts(encoder.tokenizer, texts, 64)))
+    (Path(out) / STATS_FILE).write_bytes(stats.to_bytes())
 
 
 @pytest.fixture(scope="module")

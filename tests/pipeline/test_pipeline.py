@@ -14,6 +14,7 @@ from core import storage
 from core.errors import ConfigError
 from curation.sae.model import TopKSAE
 from curation.sae.train import TrainSAEConfig, run_train_sae
+from curation.scoring import LatentStats
 from curation.selection.curate import CurateConfig, run_curation
 from curation.split import SplitConfig, run_split
 
@@ -49,6 +50,10 @@ def test_sae_directory_is_complete(curated_run):
     manifest = json.loads((sae_dir / "manifest.json").read_text())
     assert manifest["counts"]["tokens"] > 0 and 0.0 <= manifest["counts"]["dead_fraction"] <= 1.0
     assert manifest["counts"]["fvu"] < 1.0
+    # Rarity statistics, measured after training on the corpus's first documents (all of this small one).
+    stats = LatentStats.load(sae_dir)
+    assert stats is not None and stats.docs == curated_run["corpus"]["good_rows"] == manifest["counts"]["stats_docs"]
+    assert len(stats.fired_in) == sae.cfg.num_latents and 0 < max(stats.fired_in) <= stats.docs
 
 
 def test_planted_documents_are_selected_first(curated_run):

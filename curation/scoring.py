@@ -1,0 +1,64 @@
+"""How much each SAE latent counts when documents are compared: rarity weighting.
+
+Pooled by firing rate, every document's vector shares a floor of latents that fire on nearly any text
+(function words, punctuation, sentence position). They carry most of a vector's norm, so plain cosine
+similarity partly measures how ordinary two texts are. Weighting each latent by its rarity over the
+corpus's documents, an inverse document frequency as retrieval weights words, lets the latents that
+name a topic decide the cosine instead (docs/results.md, "Curation quality", measures what it buys).
+
+The frequencies are measured once per SAE, on a sample of the corpus it was trained on, and stored beside
+its weights (`latent_stats.json`), so every curation with that SAE, each scheduled batch included,
+scores on the same scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATS_FILE = "latent_stats.json"
+
+
+@dataclass
+class LatentStats:
+    """In how many of `docs` sampled documents each latent fires at least once."""
+
+    docs: int
+    fired_in: list[int]
+
+    def weights(self) -> np.ndarray:
+        """(latents,) rarity weights: log((1 + docs) / (1 + documents it fires in)) + 1, float32.
+
+        The smoothing keeps a latent that fired in no sampled document finite (the largest weight), and
+        the + 1 keeps one that fires everywhere at weight 1 rather than 0: it still counts, just least.
+        """
+        fired = np.asarray(self.fired_in, dtype=np.float64)
+        return (np.log((1 + self.docs) / (1 + fired)) + 1).astype(np.float32)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LatentStats | None:
+        """A local SAE directory's stats, or None when it has none (an SAE trained without them)."""
+        path = Path(directory, STATS_FILE)
+        if not path.is_file():
+            return None
+        raw = json.loads(path.read_text())
+        return cls(docs=int(raw["docs"]), fired_in=[int(n) for n in raw["fired_in"]])
+
+
+def latent_stats(vectors: torch.Tensor | np.ndarray) -> LatentStats:
+    """(docs, latents) pooled document vectors (any pooling where a latent that never fired is 0) -> stats."""
+    fired = torch.as_tensor(vectors) > 0
+    return LatentStats(docs=int(fired.shape[0]), fired_in=fired.sum(dim=0).tolist())
+
+
+def max_weight(docs: int) -> float:
+    """The largest weight a sample of `docs` documents can give (a latent that never fired)."""
+    return math.log(1 + docs) + 1
