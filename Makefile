@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m jobs.make_demo_corpus --out $(DEMO)/corpus --limit $(DEMO_DOCS)
+	$(PY) -m jobs.make_demo_corpus --out $(DEMO)/corpus --limit $(DEMO_DOCS) --heldout-out $(DEMO)/heldout
 	$(PY) -m jobs.pipeline --spec jobs/configs/demo-pipeline.yaml --root $(DEMO) --corpus '$(DEMO)/corpus/*.jsonl.gz'
 
 lint: install

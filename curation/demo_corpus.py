@@ -49,17 +49,31 @@ def write_demo_corpus(
     out: str, shards: int = 8, limit: int | None = None, seed: int = 0, options: StorageOptions | None = None
 ) -> list[str]:
     """Write the summaries, shuffled with `seed`, as `shards` gzipped JSONL files; returns their URIs."""
-    if shards < 1:
-        raise ConfigError("shards", shards, "must be >= 1")
     rows = load_summaries()
     random.Random(seed).shuffle(rows)
-    if limit is not None:
-        rows = rows[:limit]
+    return _write_shards(out, rows[:limit] if limit is not None else rows, shards, options)
+
+
+def write_heldout(out: str, limit: int, seed: int = 0, options: StorageOptions | None = None) -> list[str]:
+    """Write the summaries `write_demo_corpus(limit=limit, seed=seed)` leaves out, as one gzipped JSONL shard:
+    labelled documents (`meta.topic`) that no stage can have curated, pruned on or trained on."""
+    rows = load_summaries()
+    random.Random(seed).shuffle(rows)
+    if limit >= len(rows):
+        raise ConfigError("limit", limit, f"leaves no held-out documents: the corpus has {len(rows)}")
+    return _write_shards(out, rows[limit:], 1, options, prefix="heldout")
+
+
+def _write_shards(
+    out: str, rows: list[dict], shards: int, options: StorageOptions | None, prefix: str = "wiki"
+) -> list[str]:
+    if shards < 1:
+        raise ConfigError("shards", shards, "must be >= 1")
     uris = []
     for index in range(shards):
         part = rows[index::shards]
         payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in part).encode()
-        uri = storage.join(out, f"wiki-{index:05d}.jsonl.gz")
+        uri = storage.join(out, f"{prefix}-{index:05d}.jsonl.gz")
         data = gzip.compress(payload, mtime=0)
         # Identical bytes are left alone, so a rerun keeps the shards' mtimes and the stages downstream
         # see the same inputs and skip.

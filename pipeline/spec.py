@@ -17,6 +17,12 @@ class DomainSpec:
 
     mmlu: list[str] = field(default_factory=list)
     """MMLU subjects or groups that test this domain (`high_school_mathematics`, `stem`); empty: none."""
+    heldout: list[str] = field(default_factory=list)
+    """Labelled held-out documents of this domain (paths or globs; JSONL or Parquet with `text`), outside the
+    corpus, so no stage curated, pruned on or trained on them: the domain perplexity is measured on them.
+    Empty: on a held-out split of the curated rows, which are FineScope's own choices and favour its arm."""
+    topic: str | None = None
+    """With `heldout`: keep only its documents whose `meta.topic` is this (e.g. Mathematics)."""
 
 
 @dataclass
@@ -96,9 +102,15 @@ def _domain_spec(name: str, value: Any) -> DomainSpec:
     if not isinstance(value, dict):
         raise ConfigError(f"domains.{name}", value, "give a mapping such as {mmlu: [high_school_mathematics]}")
     try:
-        return cli.from_mapping(DomainSpec, value, origin=f"domains.{name}")
+        domain = cli.from_mapping(DomainSpec, value, origin=f"domains.{name}")
     except ConfigError as error:
         raise ConfigError(f"domains.{name}.{error.field}", error.value, error.fix) from None
+    if isinstance(domain.heldout, str):
+        domain.heldout = [domain.heldout]
+    if domain.topic and not domain.heldout:
+        raise ConfigError(f"domains.{name}.topic", domain.topic, "filters `heldout`: give the held-out documents too")
+    domain.heldout = [storage.absolute(pattern) for pattern in domain.heldout]
+    return domain
 
 
 def load_spec(path: str, overrides: dict[str, Any] | None = None) -> PipelineSpec:

@@ -42,7 +42,7 @@ _WIRED = {
     "prune": {"model", "data", "out", "ratio"},
     "distill": {"data", "teacher", "backend", "out"},
     "finetune": {"model", "data", "out", "teacher"},
-    "evaluate": {"models", "out", "mmlu", "ppl", "ppl_name"},
+    "evaluate": {"models", "out", "mmlu", "ppl", "ppl_name", "ppl_topic"},
 }
 
 
@@ -115,13 +115,23 @@ def _domain_steps(
         "models": [f"{label}={path}" for label, path in models_to_compare],
         "out": storage.join(base, "eval"),
         "mmlu": domain_spec.mmlu,
-        "ppl": [storage.join(split_dir, "heldout")],
-        "ppl_name": f"{domain} (held out)",
+        **_heldout(domain, domain_spec, split_dir),
     }
     after = [s.name for s in steps if s.stage in ("prune", "finetune")]
     evaluate = _stage_config(spec, "evaluate", EvaluateConfig, wired)
     steps.append(Step(f"evaluate/{domain}", "evaluate", evaluate, run_evaluation, [f"split/{domain}", *after]))
     return steps
+
+
+def _heldout(domain: str, domain_spec: DomainSpec, split_dir: str) -> dict[str, Any]:
+    """The evaluation's perplexity documents: the domain's labelled held-out set when the spec names one,
+    else the held-out split of its curated rows. The name says which, so every table states it."""
+    if domain_spec.heldout:
+        label = f"{domain_spec.topic} documents" if domain_spec.topic else "documents"
+        return {"ppl": domain_spec.heldout, "ppl_topic": domain_spec.topic,
+                "ppl_name": f"{domain}: labelled {label}, not in the corpus"}  # fmt: skip
+    return {"ppl": [storage.join(split_dir, "heldout")], "ppl_topic": None,
+            "ppl_name": f"{domain}: curated rows held out (FineScope's own choices)"}  # fmt: skip
 
 
 def _ratio_steps(

@@ -85,31 +85,70 @@ def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) 
 @contextlib.contextmanager
 def ray_head(env: dict[str, str], num_cpus: int = 2) -> Iterator[str]:
     """A real `ray start --head` cluster for the duration of the block; yields its job-submission address."""
-    dashboard_port = free_port()
+    with ray_cluster(env, num_cpus) as cluster:
+        yield cluster["dashboard"]
+
+
+@contextlib.contextmanager
+def ray_cluster(env: dict[str, str], num_cpus: int = 2, worker_gpus: int = 0) -> Iterator[dict[str, str]]:
+    """A real cluster of `ray start` processes for the duration of the block: a head with `num_cpus` CPUs and
+    no GPU, and with `worker_gpus` > 0 a second node with as many CPUs advertising that many GPUs (Ray only
+    counts them; workers given one run on the CPU under FINESCOPE_FORCE_CPU). Yields the job-submission
+    address (`dashboard`), the address a driver joins (`gcs`) and, with a worker node, its id (`gpu_node`).
+    """
+    dashboard_port, gcs_port = free_port(), free_port()
     # Ray's socket paths must stay under the 107-byte Unix limit, which pytest's tmp_path can exceed.
     ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray_bin = str(Path(sys.executable).parent / "ray")
     # The agent gets its own port: the default, 52365, is taken by any other Ray on this machine (such as
     # the test session's), and an agent that cannot bind it never registers, so no job could be submitted.
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={free_port()}",
+    nodes = [subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
          f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={ray_temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard_port}"
+    )]  # fmt: skip
+    cluster = {"dashboard": f"http://127.0.0.1:{dashboard_port}", "gcs": f"127.0.0.1:{gcs_port}"}
     try:
-        _wait_for_dashboard(address, head)
-        yield address
+        _wait_for_dashboard(cluster["dashboard"], nodes[0])
+        if worker_gpus:
+            nodes.append(subprocess.Popen(
+                [ray_bin, "start", "--block", f"--address={cluster['gcs']}", f"--num-cpus={num_cpus}",
+                 f"--num-gpus={worker_gpus}", f"--dashboard-agent-listen-port={free_port()}",
+                 f"--metrics-export-port={free_port()}"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            ))  # fmt: skip
+            cluster["gpu_node"] = _wait_for_gpu_node(cluster["dashboard"], nodes[1])
+        yield cluster
     finally:
-        # The head and everything it started share one process group: end them all, not just `ray start`.
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=15)
+        # Each node and everything it started share one process group: end them all, not just `ray start`.
+        for node in reversed(nodes):
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait(timeout=15)
         shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def _wait_for_gpu_node(dashboard: str, proc: subprocess.Popen, timeout: float = 120) -> str:
+    """The id of the alive node advertising GPUs, once the head has registered it."""
+    from ray.util.state import list_nodes
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start (worker node) exited with {proc.returncode}")
+        try:
+            nodes = list_nodes(address=dashboard, timeout=10)
+        except Exception:  # the state API answers only once the head is fully up
+            nodes = []
+        for node in nodes:
+            if node.state == "ALIVE" and node.resources_total.get("GPU", 0) > 0:
+                return node.node_id
+        time.sleep(1)
+    raise RuntimeError("the GPU worker node did not register with the head")
 
 
 def submit_job(
@@ -137,6 +176,7 @@ def job_env() -> dict[str, str]:
     return env
 
 
+GPU_STAGES = ("sae", "curate", "prune", "distill", "finetune", "evaluate")
 PLANTED_ANSWER = "w7 w8"
 DISTRACTORS = ["w1 w2", "w3", "w4 w5 w6"]
 
@@ -151,6 +191,20 @@ def planted_questions(count: int = 12) -> list[dict]:
                      "answer_b": choices[1], "answer_c": choices[2], "answer_d": choices[3],
                      "correct_answer": "ABCD"[index % 4], "topic": "abstract algebra"})  # fmt: skip
     return rows
+
+
+def gpu_settings() -> dict[str, dict]:
+    """Every GPU setting of the shipped GPU pipeline, by stage; the transformers teacher asks for one too
+    (the shipped vLLM teacher's engines ask for theirs through vLLM)."""
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "jobs" / "configs" / "pipeline-s3.yaml").read_text())
+    settings = {
+        stage: {key: value for key, value in shipped.get(stage, {}).items() if "gpu" in key or key == "zero_stage"}
+        for stage in GPU_STAGES
+    }
+    settings["distill"]["gpus_per_actor"] = 1
+    return settings
 
 
 def write_spec(root: Path, tiny_model_dir: str, corpus: dict, glob: str, **changes) -> Path:

@@ -63,12 +63,45 @@ def test_train_sae_and_curate_as_subprocesses(tmp_path, trained):
     assert "skipping" in rerun.stderr + rerun.stdout
 
 
-def test_make_demo_corpus_writes_topics(tmp_path):
-    run_job(["jobs.make_demo_corpus", "--out", str(tmp_path / "c"), "--shards", "2", "--limit", "50"])
+def test_make_demo_corpus_writes_topics_and_a_disjoint_labelled_heldout_set(tmp_path):
+    run_job(["jobs.make_demo_corpus", "--out", str(tmp_path / "c"), "--shards", "2", "--limit", "50",
+             "--heldout-out", str(tmp_path / "h")])  # fmt: skip
     import gzip
 
-    rows = [json.loads(line) for p in sorted((tmp_path / "c").glob("*.jsonl.gz")) for line in gzip.open(p)]
+    def read(directory: Path) -> list[dict]:
+        return [json.loads(line) for p in sorted(directory.glob("*.jsonl.gz")) for line in gzip.open(p)]
+
+    rows, heldout = read(tmp_path / "c"), read(tmp_path / "h")
     assert len(rows) == 50 and all(row["text"] and row["meta"]["topic"] for row in rows)
+    assert len(heldout) == 10_033 - 50 and all(row["meta"]["topic"] for row in heldout)
+    assert not {row["text"] for row in rows} & {row["text"] for row in heldout}
+    assert len({row["meta"]["topic"] for row in heldout}) == 12
+
+
+def test_a_labelled_heldout_set_replaces_the_curated_split_in_evaluation(tmp_path):
+    """With `domains.<name>.heldout`, the domain's perplexity is on those labelled documents (filtered by
+    `topic`), and the evaluation's name says so; without it, on the curated split, named as such."""
+    import yaml
+
+    import pipeline
+    from core.errors import ConfigError
+
+    spec = yaml.safe_load((REPO / "jobs" / "configs" / "demo-pipeline.yaml").read_text())
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    (evaluate,) = [s for s in pipeline.build_steps(pipeline.load_spec(str(path))) if s.stage == "evaluate"]
+    assert evaluate.config.ppl == [str(REPO / "runs" / "demo" / "heldout" / "*.jsonl.gz")]
+    assert evaluate.config.ppl_topic == "Mathematics" and "labelled Mathematics" in evaluate.config.ppl_name
+    del spec["domains"]["mathematics"]["heldout"], spec["domains"]["mathematics"]["topic"]
+    path.write_text(yaml.safe_dump(spec))
+    (evaluate,) = [s for s in pipeline.build_steps(pipeline.load_spec(str(path))) if s.stage == "evaluate"]
+    assert evaluate.config.ppl[0].endswith("mathematics/split/heldout") and evaluate.config.ppl_topic is None
+    assert "FineScope's own choices" in evaluate.config.ppl_name
+    spec["domains"]["mathematics"]["topic"] = "Mathematics"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError) as error:
+        pipeline.load_spec(str(path))
+    assert error.value.field == "domains.mathematics.topic"
 
 
 def test_shipped_yaml_configs_load():

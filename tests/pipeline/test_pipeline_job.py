@@ -1,5 +1,8 @@
-"""The whole pipeline as one job (`jobs.pipeline`): every stage's outputs, the skip on rerun, and the
-rerun of exactly the steps downstream of a changed setting. A tiny Llama and a tiny corpus."""
+"""The whole pipeline as one job (`jobs.pipeline`): every stage's outputs, where every model was loaded, the
+skip on rerun, and the rerun of exactly the steps downstream of a changed setting. A tiny Llama and a tiny
+corpus, with the GPU settings of jobs/configs/pipeline-s3.yaml on a two-node cluster whose head has no GPU
+and whose worker node advertises two: `FINESCOPE_FORCE_CPU=1` lets those GPU workers run on this machine's
+CPU (core.placement), and `FINESCOPE_LOAD_LOG` records where each model was loaded."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO
-from helpers import job_env, ray_head, submit_job, write_corpus, write_spec
+from helpers import gpu_settings, job_env, ray_cluster, submit_job, write_corpus, write_spec
 
 from core.errors import ConfigError
+from core.placement import FORCE_CPU, LOAD_LOG
 from curation.split import heldout_mask
 from pipeline import build_steps, load_spec
 
@@ -33,10 +37,11 @@ def finished_at(run: Path) -> dict[str, str]:
             for name, r in state["steps"].items()}  # fmt: skip
 
 
-def run_local(spec: Path) -> subprocess.CompletedProcess:
+def run_driver(spec: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The pipeline from a driver of its own that joins the cluster in `env`'s RAY_ADDRESS."""
     result = subprocess.run(
         [sys.executable, "-m", "jobs.pipeline", "--spec", str(spec)],
-        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=800,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=800,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     return result
@@ -44,16 +49,28 @@ def run_local(spec: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, tiny_model_dir):
-    """The pipeline run once through `ray job submit` against a local `ray start --head` cluster."""
+    """The pipeline run once through `ray job submit` on the two-node cluster, which stays up for the module's
+    reruns (their drivers join it directly)."""
     root = tmp_path_factory.mktemp("pipeline")
     corpus = write_corpus(root / "corpus")
     glob = str(root / "corpus" / "*.jsonl.gz")
-    spec = write_spec(root, tiny_model_dir, corpus, glob)
-    env = job_env()
-    with ray_head(env) as address:
-        submit = submit_job(address, ["jobs.pipeline", "--spec", str(spec)], env, timeout=800)
-    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
-    return {"root": root, "run": root / "run", "corpus": corpus, "glob": glob, "spec": spec, "stdout": submit.stdout}
+    spec = write_spec(root, tiny_model_dir, corpus, glob, **GPU_CHANGES)
+    log = root / "loads.jsonl"
+    env = {**job_env(), FORCE_CPU: "1", LOAD_LOG: str(log)}
+    with ray_cluster(env, worker_gpus=2) as cluster:
+        submit = submit_job(cluster["dashboard"], ["jobs.pipeline", "--spec", str(spec)], env, timeout=800)
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+        yield {"root": root, "run": root / "run", "corpus": corpus, "glob": glob, "spec": spec,
+               "stdout": submit.stdout, "loads": log, "gpu_node": cluster["gpu_node"],
+               "driver_env": {**env, "RAY_ADDRESS": cluster["gcs"]}}  # fmt: skip
+
+
+# Every GPU setting of the shipped GPU pipeline; one fine-tuning worker shows where they go (several are
+# tested in tests/training/test_finetune.py).
+GPU_CHANGES = {
+    **{f"{stage}__{key}": value for stage, keys in gpu_settings().items() for key, value in keys.items()},
+    "finetune__num_workers": 1,
+}
 
 
 def test_pipeline_through_ray_job_submit_writes_every_stage(pipeline_run, tiny_model_dir):
@@ -94,8 +111,9 @@ def test_pipeline_through_ray_job_submit_writes_every_stage(pipeline_run, tiny_m
     labels = [model["label"] for model in results["models"]]
     assert labels == ["base", "pruned-0.30", "finescope-0.30", "random-0.30"]
     assert results["mmlu"]["sample"]["questions"] == 8
-    assert list(results["perplexity"]) == ["maths (held out)"]
-    assert results["perplexity"]["maths (held out)"]["documents"] == len(heldout)
+    name = "maths: curated rows held out (FineScope's own choices)"
+    assert list(results["perplexity"]) == [name]
+    assert results["perplexity"][name]["documents"] == len(heldout)
 
     top = (run / "report.md").read_text()
     for label in labels:
@@ -106,17 +124,44 @@ def test_pipeline_through_ray_job_submit_writes_every_stage(pipeline_run, tiny_m
     assert "| finescope-0.30 |" in stdout  # the job ends by printing the comparison table
 
 
+def test_gpu_pipeline_loads_every_model_on_the_gpu_node_and_none_in_the_driver(pipeline_run, tiny_model_dir):
+    loads = [json.loads(line) for line in pipeline_run["loads"].read_text().splitlines()]
+    assert not [row for row in loads if row["driver"]]
+    assert {row["node"] for row in loads} == {pipeline_run["gpu_node"]}
+    assert {row["device"] for row in loads} == {"cpu"}
+    run = pipeline_run["run"]
+    by_what: dict[str, int] = {}
+    for row in loads:
+        by_what[row["what"]] = by_what.get(row["what"], 0) + 1
+    # SAE coordinates, SAE activations, the seeds, curation's encoder, pruning, the teachers (both arms) and
+    # the base model's evaluation each load the base model once (the teacher once per actor).
+    assert by_what[tiny_model_dir] >= 8
+    assert by_what["sae-trainer"] == 1
+    pruned = str(run / "maths" / "pruned-0.30")
+    assert by_what[pruned] >= 3  # both arms' fine-tuning (and export), and the pruned model's evaluation
+    finetuned = {what for what in by_what if what.startswith(str(run)) and what != pruned}
+    assert {Path(what).relative_to(run / "maths").parts[0] for what in finetuned} == {
+        "finetuned-0.30", "finetuned-random-0.30"
+    }  # fmt: skip
+    tasks = {row["task"] or "" for row in loads}
+    for part in ("EncodeDocuments", "_prune_and_save", "_train_and_save", "_choose_coords", "_encode_seeds"):
+        assert any(part in task for task in tasks), (part, tasks)
+
+
 def test_rerun_skips_and_a_changed_setting_reruns_exactly_its_dependents(pipeline_run, tiny_model_dir):
     run, root = pipeline_run["run"], pipeline_run["root"]
     before = finished_at(run)
 
-    run_local(pipeline_run["spec"])  # nothing changed: every step is skipped without being called
+    env = pipeline_run["driver_env"]
+    run_driver(pipeline_run["spec"], env)  # nothing changed: every step is skipped without being called
     state = json.loads((run / "pipeline.json").read_text())
     assert {r["status"] for r in state["steps"].values()} == {"skipped"}
     assert finished_at(run) == before
 
-    spec = write_spec(root, tiny_model_dir, pipeline_run["corpus"], pipeline_run["glob"], prune__method="magnitude")
-    run_local(spec)
+    spec = write_spec(
+        root, tiny_model_dir, pipeline_run["corpus"], pipeline_run["glob"], **GPU_CHANGES, prune__method="magnitude"
+    )
+    run_driver(spec, env)
     after = finished_at(run)
     changed = {name for name in ALL_STEPS if after[name] != before[name]}
     assert changed == {"prune/maths/0.30", "finetune/maths/0.30", "finetune-random/maths/0.30", "evaluate/maths"}
