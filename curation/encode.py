@@ -123,14 +123,22 @@ class DocumentEncoder:
     def hidden_batches(
         self, token_lists: Sequence[Sequence[int]]
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """Yield (row indices, (b, t, d) layer activations at the chosen coordinates, (b, t) pooling mask)."""
+        """Yield (row indices, (b, t, d) layer activations at the chosen coordinates, (b, t) pooling mask).
+
+        The mask leaves out padding, the first `skip_positions` and, with an SAE, tokens over its
+        `max_input_norm` (attention sinks at later positions) unless nothing else is left."""
         lengths = [len(tokens) for tokens in token_lists]
         for rows in length_batches(lengths, self.spec.max_batch_tokens):
             ids, attention = pad_right([token_lists[row] for row in rows], self.pad_id)
             hidden = self.forward(ids.to(self.device), attention.to(self.device)).float()
             if self.coords is not None:
                 hidden = hidden[..., self.coords.to(hidden.device)]
-            yield rows, hidden, pooling_mask(attention, self.spec.skip_positions).to(hidden.device)
+            mask = pooling_mask(attention, self.spec.skip_positions).to(hidden.device)
+            if self.sae is not None:
+                # Attention sinks past skip_positions pool nothing, unless they are all a document has.
+                kept = mask & self.sae.keep(hidden)
+                mask = torch.where(kept.any(dim=1, keepdim=True), kept, mask)
+            yield rows, hidden, mask
 
     @torch.inference_mode()
     def encode(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:

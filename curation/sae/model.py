@@ -70,6 +70,10 @@ class SAEConfig:
     """Provenance: identity of the base model, e.g. name, hidden_size, num_layers, fingerprint."""
     skip_positions: int = 1
     """Leading token positions excluded from training and pooling (the attention-sink position 0)."""
+    max_input_norm: float = 0.0
+    """Tokens whose input norm exceeds this are attention sinks that escaped `skip_positions` (SmolLM2 makes
+    one at position 1 of some documents, up to 200x the median norm): left out of training and of pooling.
+    Set by `fit_normalizer` to SINK_FACTOR x the sample's median norm; 0 means no limit."""
 
     def __post_init__(self) -> None:
         check_range("d_in", self.d_in, ge=1, hint="the number of input coordinates")
@@ -105,6 +109,11 @@ class SAEConfig:
             raise ConfigError("coords", self.coords, "must be distinct non-negative indices")
         check_range("skip_positions", self.skip_positions, ge=0)
         check_range("layer", self.layer, ge=-1, hint="a 0-based decoder layer index, or -1 when unset")
+
+
+SINK_FACTOR = 10.0
+"""An input norm this many times the median is an attention sink: ordinary tokens stay within 2x of the
+median, sinks sit at 20x to 200x (docs/design.md, "Position 0: the attention sink")."""
 
 
 @dataclass
@@ -182,6 +191,10 @@ class TopKSAE(nn.Module):
             shape = tuple(x.shape)
             raise ValueError(f"fit_normalizer needs (n >= 2, d_in={self.cfg.d_in}) rows, got {shape}")
         sample = x.detach().to(device=self.device, dtype=torch.float64)
+        # A handful of sink tokens would carry half the sample's squared norm and set the scale alone.
+        norms = sample.norm(dim=1)
+        self.cfg.max_input_norm = float(SINK_FACTOR * norms.median())
+        sample = sample[norms <= self.cfg.max_input_norm]
         mean = sample.mean(dim=0)
         mean_sq_norm = (sample - mean).pow(2).sum(dim=1).mean()
         scale = (mean_sq_norm / self.cfg.d_in).sqrt().item()
@@ -190,6 +203,12 @@ class TopKSAE(nn.Module):
             scale = 1.0
         self.input_mean.copy_(mean.to(self.input_mean.dtype))
         self.input_scale.fill_(scale)
+
+    def keep(self, x: Tensor) -> Tensor:
+        """Raw inputs (..., d_in) -> (...) bool: True for tokens within `max_input_norm` (every token when 0)."""
+        if self.cfg.max_input_norm <= 0:
+            return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        return x.float().norm(dim=-1) <= self.cfg.max_input_norm
 
     def normalize(self, x: Tensor) -> Tensor:
         """Raw activations (..., d_in) -> normalised (..., d_in), in the SAE's dtype and device."""
@@ -397,8 +416,10 @@ def train_sae(
     initial weights (the only random numbers here), so the result is a function of the batches, in their
     order, and the arguments.
 
+    Rows over the normaliser's ``max_input_norm`` (attention sinks) are dropped, and counted.
+
     Returns the SAE (on the device of the first batch) and ``{"fvu", "dead_fraction", "tokens",
-    "tokens_per_s", "steps"}``, where ``fvu`` is the mean over the last ``log_every`` steps.
+    "tokens_per_s", "steps", "sink_tokens"}``, where ``fvu`` is the mean over the last ``log_every`` steps.
     """
     iterator = iter(batches)
     buffered, sample = _take_normalizer_sample(iterator, cfg.d_in, normalizer_tokens)
@@ -414,8 +435,15 @@ def train_sae(
     )  # fmt: skip
     recent_fvu: deque[float] = deque(maxlen=max(1, log_every))
     steps, start = 0, time.perf_counter()
+    sinks = 0
     for batch in _chain(buffered, iterator):
         batch = _check_batch(batch, cfg.d_in)
+        kept = sae.keep(batch)
+        if not bool(kept.all()):
+            sinks += int((~kept).sum())
+            batch = batch[kept]
+            if batch.shape[0] == 0:
+                continue
         if max_tokens is not None:
             batch = batch[: max_tokens - trainer.tokens]  # the last batch may be cut short
             if batch.shape[0] == 0:
@@ -427,7 +455,7 @@ def train_sae(
             _log_progress(steps, trainer, recent_fvu, start)
     if steps == 0:
         raise ValueError("train_sae got no training rows (max_tokens=0?)")
-    summary = _summary(steps, trainer, recent_fvu, start)
+    summary = {**_summary(steps, trainer, recent_fvu, start), "sink_tokens": sinks}
     logger.info("SAE done: %s", summary)
     return sae, summary
 

@@ -278,6 +278,25 @@ def test_sae_pooling_by_hand(encoder, tiny_model_dir, pooling):
         assert abs(float(pooled.sum()) - 8) < 1e-5
 
 
+def test_tokens_over_the_saes_norm_limit_pool_nothing(encoder, tiny_model_dir):
+    """Attention sinks past position 0 (tokens over the SAE's `max_input_norm`) are left out of pooling; a
+    document made only of them still gets its vector from them."""
+    sae = TopKSAE(SAEConfig(d_in=HIDDEN, k=8, layer=2))
+    sae.fit_normalizer(encoder.activations(random_docs(20, 5, 30, seed=7)))
+    doc = random_docs(1, 9, 9, seed=9)[0]
+    hidden = encoder.forward(torch.tensor([doc]), torch.ones(1, len(doc), dtype=torch.long))[0][1:]
+    norms = hidden.norm(dim=1)
+    sae.cfg.max_input_norm = float(norms.sort().values[-3])  # the two largest tokens count as sinks
+    kept = norms <= sae.cfg.max_input_norm
+    assert int(kept.sum()) == len(doc) - 3
+    pooled = (sae.encode_dense(hidden[kept]) > 0).float().mean(dim=0)
+    with_limit = make_encoder(tiny_model_dir, sae=sae)
+    torch.testing.assert_close(with_limit.encode([doc])[0], l2_normalize(pooled), atol=1e-6, rtol=0)
+    sae.cfg.max_input_norm = float(norms.min()) / 2  # every token over the limit: all of them count
+    everything = (sae.encode_dense(hidden) > 0).float().mean(dim=0)
+    torch.testing.assert_close(make_encoder(tiny_model_dir, sae=sae).encode([doc])[0], l2_normalize(everything))
+
+
 # --- coordinate selection ---------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from helpers import background
 
 from core.batching import cached_tokenizer, tokenize_texts
 from curation.encode import DocumentEncoder, EncoderSpec
+from curation.scoring import STATS_FILE, latent_stats
 from curation.explain import domain_drivers, row_explanations, top_contributions
 from curation.sae.model import SAEConfig, TopKSAE
 from curation.selection.curate import CurateConfig, label_rows, run_curation
@@ -218,7 +219,13 @@ def planted_run(ray_local, tiny_model_dir, tmp_path_factory):
     corpus += planted_texts("w177", 30) + planted_texts("w188", 40)
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in corpus))
     (root / "seeds.jsonl").write_text("".join(json.dumps(seed) + "\n" for seed in SEEDS))
-    planted_sae(tiny_model_dir, corpus + [seed["text"] for seed in SEEDS]).save(root / "sae")
+    sae = planted_sae(tiny_model_dir, corpus + [seed["text"] for seed in SEEDS])
+    sae.save(root / "sae")
+    # The rarity statistics `jobs.train_sae` would measure, on the whole corpus: the explanation is of the
+    # weighted vectors curation scores by.
+    encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=LAYER), sae=sae)
+    stats = latent_stats(encoder.encode(tokenize_texts(encoder.tokenizer, corpus, 256)))
+    (root / "sae" / STATS_FILE).write_bytes(stats.to_bytes())
     config = CurateConfig(
         corpus=[str(root / "corpus.jsonl")], seeds=str(root / "seeds.jsonl"), sae=str(root / "sae"),
         out=str(root / "out"), rule="global_topn", top_n=3, cpus_per_actor=0.5, batch_size=16,

@@ -314,3 +314,21 @@ def test_save_load_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         acts, indices = sae.encode(x)
         loaded_acts, loaded_indices = loaded.encode(x)
     assert torch.equal(acts, loaded_acts) and torch.equal(indices, loaded_indices)
+
+
+def test_attention_sinks_neither_set_the_scale_nor_train():
+    """A few tokens 200x the median norm (SmolLM2's sinks past position 0) would carry most of the sample's
+    squared norm: the normaliser leaves them out, records the limit, and training drops them."""
+    generator = torch.Generator().manual_seed(0)
+    ordinary = torch.randn(4096, 16, generator=generator)
+    sinks = torch.zeros(4, 16)
+    sinks[:, 3] = 200 * ordinary.norm(dim=1).median()
+    mixed = torch.cat([ordinary[:2000], sinks, ordinary[2000:]])
+    clean, dirty = TopKSAE(SAEConfig(d_in=16, k=4)), TopKSAE(SAEConfig(d_in=16, k=4))
+    clean.fit_normalizer(ordinary)
+    dirty.fit_normalizer(mixed)
+    assert dirty.input_scale.item() == pytest.approx(clean.input_scale.item(), rel=0.01)
+    assert 5 * ordinary.norm(dim=1).max() < dirty.cfg.max_input_norm < sinks[0].norm()
+    assert dirty.keep(mixed).sum() == len(ordinary) and not dirty.keep(sinks).any()
+    _, summary = train_sae([mixed[i : i + 512] for i in range(0, len(mixed), 512)], SAEConfig(d_in=16, k=4))
+    assert summary["sink_tokens"] == 4 and summary["tokens"] == len(ordinary)
