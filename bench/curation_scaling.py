@@ -1,0 +1,175 @@
+"""How curation's cost grows with the corpus, and SAE training's with its token budget.
+
+Curation: `jobs.curate` over the first 1,000, 2,500, 5,000 and all 10,033 documents of the packaged
+corpus (each size a prefix of the next, 8 shards each), with the same SAE and seeds, each run in a fresh
+process on a fresh local Ray. Per size it prints the wall time, the encode stage's tokens/s (tokens over
+the stage's own time, from the manifest), the driver's peak RSS and the encode actors' peak RSS, sampled
+every 0.2 s over the driver's process tree. Goals: tokens/s flat within 15% from 2,500 documents up,
+driver and worker peak RSS flat within 10% (nothing is collected to the driver; actors stream).
+
+SAE training: `jobs.train_sae` with budgets of 100k, 200k and 400k tokens on the whole corpus: wall
+time, training tokens/s, the driver's and the trainer task's peak RSS. With `--epochs` above 1 the
+trainer keeps the drawn activations for the replays (budget x coordinates x 4 bytes): its memory grows
+with the budget by design, and the table shows by how much; with one epoch it streams.
+
+    python bench/curation_scaling.py
+    python bench/curation_scaling.py --sizes 1000 2500 --budgets 50000 100000   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from curation.demo_corpus import write_demo_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = REPO / "jobs" / "seeds" / "demo.jsonl"
+MB = 1024 * 1024
+TARGET_RATE = 0.15  # tokens/s within 15% of the 2,500-document run's
+TARGET_RSS = 0.10
+
+
+class TreeMonitor:
+    """Peak RSS of a process and of each of its descendants, sampled on a thread until `stop`."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peaks: dict[int, tuple[str, int]] = {}  # pid -> (latest process title, peak rss)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self, process: psutil.Process) -> None:
+        try:
+            title = " ".join(process.cmdline())[:120]
+            rss = process.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return
+        _, peak = self.peaks.get(process.pid, ("", 0))
+        # Ray renames a worker process after the task or actor it runs: keep the most specific title.
+        keep = title if title.startswith("ray::") and "IDLE" not in title else self.peaks.get(process.pid, (title,))[0]
+        self.peaks[process.pid] = (keep or title, max(peak, rss))
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            try:
+                family = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for process in family:
+                self._sample(process)
+            self._done.wait(self.interval)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def peak(self, marker: str | None = None) -> float:
+        """MB: the driver's peak (marker None) or the largest peak among processes whose title has `marker`."""
+        if marker is None:
+            return self.peaks.get(self.root.pid, ("", 0))[1] / MB
+        return max((rss for title, rss in self.peaks.values() if marker in title), default=0) / MB
+
+
+def run_job(args: list[str], env: dict[str, str]) -> tuple[float, TreeMonitor]:
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    monitor = TreeMonitor(proc.pid)
+    _, stderr = proc.communicate()
+    monitor.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"{args[0]} failed:\n{stderr[-3000:]}")
+    return time.perf_counter() - started, monitor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2500, 5000, 10033])
+    parser.add_argument("--budgets", type=int, nargs="*", default=[100_000, 200_000, 400_000])
+    parser.add_argument("--epochs", type=int, default=4, help="SAE training epochs (the jobs' default)")
+    parser.add_argument("--work", default="runs/scaling")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    work = Path(args.work).resolve()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": "local"}
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
+
+    corpora = {n: work / f"corpus-{n}" for n in sorted({*args.sizes, max(args.sizes)})}
+    for n, path in corpora.items():
+        write_demo_corpus(str(path), shards=8, limit=n)
+    # One SAE for every size, trained as the demo trains it, on the smallest corpus.
+    sae = work / "sae"
+    if not (sae / "manifest.json").is_file():
+        run_job(["jobs.train_sae", "--corpus", f"{corpora[min(args.sizes)]}/*.jsonl.gz", "--seeds", str(SEEDS),
+                 "--out", str(sae), "--expansion-factor", "4", "--max-train-tokens", "60000"], env)  # fmt: skip
+
+    curation = []
+    for n in args.sizes:
+        out = work / f"curated-{n}"
+        wall, monitor = run_job(["jobs.curate", "--corpus", f"{corpora[n]}/*.jsonl.gz", "--seeds", str(SEEDS),
+                                 "--sae", str(sae), "--out", str(out), "--top-n", "10", "--force"], env)  # fmt: skip
+        manifest = json.loads((out / "manifest.json").read_text())
+        tokens, encode_s = manifest["counts"]["tokens"], manifest["timings"]["encode"]
+        row = {"docs": manifest["counts"]["documents"], "tokens": tokens, "wall_s": wall, "encode_s": encode_s,
+               "tokens_per_s": tokens / encode_s, "driver_mb": monitor.peak(),
+               "encoder_mb": monitor.peak("EncodeDocuments"), "reader_mb": monitor.peak("ReadJSONL")}  # fmt: skip
+        curation.append(row)
+        print(f"curated {n} documents: {wall:.0f} s, {row['tokens_per_s']:.0f} tokens/s", flush=True)
+
+    training = []
+    largest = corpora[max(corpora)]
+    for budget in args.budgets:
+        out = work / f"sae-{budget}"
+        wall, monitor = run_job(["jobs.train_sae", "--corpus", f"{largest}/*.jsonl.gz", "--seeds", str(SEEDS),
+                                 "--out", str(out), "--expansion-factor", "4", "--max-train-tokens", str(budget),
+                                 "--epochs", str(args.epochs), "--stats-docs", "0", "--force"], env)  # fmt: skip
+        manifest = json.loads((out / "manifest.json").read_text())
+        training.append({"budget": budget, "tokens": manifest["counts"]["tokens"], "wall_s": wall,
+                         "train_s": manifest["timings"]["train"], "tokens_per_s": manifest["counts"]["tokens_per_s"],
+                         "driver_mb": monitor.peak(), "trainer_mb": monitor.peak("_train_and_save"),
+                         "activations_mb": monitor.peak("TokenActivations")})  # fmt: skip
+        print(f"trained on {budget} tokens: {wall:.0f} s", flush=True)
+
+    print("\n| documents | tokens | wall s | encode s | encode tokens/s | driver peak MB | encode actor peak MB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in curation:
+        print(f"| {r['docs']:,} | {r['tokens']:,} | {r['wall_s']:.0f} | {r['encode_s']:.0f} | {r['tokens_per_s']:.0f} "
+              f"| {r['driver_mb']:.0f} | {r['encoder_mb']:.0f} |")  # fmt: skip
+    reference = next((r for r in curation if r["docs"] >= 2500), curation[0])
+    upper = [r for r in curation if r["docs"] >= reference["docs"]]
+    rate = max(abs(r["tokens_per_s"] / reference["tokens_per_s"] - 1) for r in upper)
+    driver = max(abs(r["driver_mb"] / reference["driver_mb"] - 1) for r in upper)
+    encoder = max(abs(r["encoder_mb"] / max(reference["encoder_mb"], 1) - 1) for r in upper)
+    verdict = {True: "PASS", False: "MISS"}
+    print(f"\nfrom {reference['docs']:,} documents up: tokens/s within {rate:.1%} (target {TARGET_RATE:.0%}) "
+          f"{verdict[rate <= TARGET_RATE]}; driver peak RSS within {driver:.1%} (target {TARGET_RSS:.0%}) "
+          f"{verdict[driver <= TARGET_RSS]}; encode actor peak RSS within {encoder:.1%} "
+          f"{verdict[encoder <= TARGET_RSS]}")  # fmt: skip
+    if training:
+        print(
+            "\n| token budget | tokens trained (x epochs) | wall s | train s | train tokens/s | driver peak MB "
+            "| trainer peak MB | activation actor peak MB |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in training:
+            print(f"| {r['budget']:,} | {r['tokens']:,} | {r['wall_s']:.0f} | {r['train_s']:.0f} "
+                  f"| {r['tokens_per_s']:.0f} | {r['driver_mb']:.0f} | {r['trainer_mb']:.0f} "
+                  f"| {r['activations_mb']:.0f} |")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"curation": curation, "training": training}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
