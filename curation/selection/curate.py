@@ -150,6 +150,14 @@ def plan(config: CurateConfig) -> CurationPlan:
         raise ConfigError("sae", config.sae, "no cfg.json there; train one with `python -m jobs.train_sae`")
     sae_dir = storage.local_copy(config.sae, options)
     sae = TopKSAE.load(sae_dir)
+    model = config.model or sae.cfg.base_model.get("name")
+    if not model:
+        raise ConfigError("model", None, "the SAE does not name its base model; pass --model")
+    info = models.model_info(model)
+    if sae.cfg.layer >= info.num_layers:
+        raise ConfigError("sae", config.sae, f"its layer {sae.cfg.layer} is beyond {model}'s {info.num_layers} layers")
+    if sae.cfg.coords and max(sae.cfg.coords) >= info.hidden_size:
+        raise ConfigError("sae", config.sae, f"reads coordinates beyond {model}'s hidden size {info.hidden_size}")
     weights = None
     if config.weighting == "idf":
         stats = LatentStats.load(sae_dir)
@@ -162,14 +170,6 @@ def plan(config: CurateConfig) -> CurationPlan:
             raise ConfigError("sae", config.sae, f"{STATS_FILE} has {len(stats.fired_in)} latents, the SAE "
                               f"{sae.cfg.num_latents}: it belongs to another SAE; train this one again")  # fmt: skip
         weights = stats.weights().tolist()
-    model = config.model or sae.cfg.base_model.get("name")
-    if not model:
-        raise ConfigError("model", None, "the SAE does not name its base model; pass --model")
-    info = models.model_info(model)
-    if sae.cfg.layer >= info.num_layers:
-        raise ConfigError("sae", config.sae, f"its layer {sae.cfg.layer} is beyond {model}'s {info.num_layers} layers")
-    if sae.cfg.coords and max(sae.cfg.coords) >= info.hidden_size:
-        raise ConfigError("sae", config.sae, f"reads coordinates beyond {model}'s hidden size {info.hidden_size}")
     seed_info = storage.expand(config.seeds, options, config_field="seeds")
     sae_info = storage.expand(config.sae, options, config_field="sae")
     digest = config.digest([*inputs, *seed_info, *sae_info])

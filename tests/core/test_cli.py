@@ -17,6 +17,7 @@ from core import cli
 from core.errors import ConfigError
 from curation.sae.model import SAEConfig, TopKSAE
 from curation.sae.train import TrainSAEConfig, check
+from curation.scoring import STATS_FILE, LatentStats
 from curation.selection.curate import CurateConfig, plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +167,7 @@ def job_inputs(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     sae = TopKSAE(SAEConfig(d_in=64, k=8, layer=2, base_model={"name": tiny_model_dir}))
     sae.fit_normalizer(torch.randn(32, 64))
     sae.save(root / "sae")
+    (root / "sae" / STATS_FILE).write_bytes(LatentStats(docs=4, fired_in=[1] * sae.cfg.num_latents).to_bytes())
     (root / "empty").mkdir()
     return {
         "model": tiny_model_dir,
