@@ -121,7 +121,7 @@ def main() -> None:
         wall, monitor = run_job(["jobs.curate", "--corpus", f"{corpora[n]}/*.jsonl.gz", "--seeds", str(SEEDS),
                                  "--sae", str(sae), "--out", str(out), "--top-n", "10", "--force"], env)  # fmt: skip
         manifest = json.loads((out / "manifest.json").read_text())
-        tokens, encode_s = manifest["counts"]["tokens"], manifest["timings"]["encode"]
+        tokens, encode_s = manifest["counts"]["tokens"], manifest["timings_s"]["encode"]
         row = {"docs": manifest["counts"]["documents"], "tokens": tokens, "wall_s": wall, "encode_s": encode_s,
                "tokens_per_s": tokens / encode_s, "driver_mb": monitor.peak(),
                "encoder_mb": monitor.peak("EncodeDocuments"), "reader_mb": monitor.peak("ReadJSONL")}  # fmt: skip
@@ -137,7 +137,7 @@ def main() -> None:
                                  "--epochs", str(args.epochs), "--stats-docs", "0", "--force"], env)  # fmt: skip
         manifest = json.loads((out / "manifest.json").read_text())
         training.append({"budget": budget, "tokens": manifest["counts"]["tokens"], "wall_s": wall,
-                         "train_s": manifest["timings"]["train"], "tokens_per_s": manifest["counts"]["tokens_per_s"],
+                         "train_s": manifest["timings_s"]["train"], "tokens_per_s": manifest["counts"]["tokens_per_s"],
                          "driver_mb": monitor.peak(), "trainer_mb": monitor.peak("_train_and_save"),
                          "activations_mb": monitor.peak("TokenActivations")})  # fmt: skip
         print(f"trained on {budget} tokens: {wall:.0f} s", flush=True)
