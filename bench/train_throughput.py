@@ -1,10 +1,16 @@
-"""Training tokens/s of the Ray Train + DeepSpeed loop against a plain single-process torch loop.
+"""Training tokens/s of the Ray Train + DeepSpeed loop against a plain single-process torch loop, at equal compute.
 
-Both train the same model on the same rows, in the same micro-batches and global batch, with AdamW.
-The plain loop runs in this process with every core; the Ray loop runs `training.finetuning.finetune` with
---workers workers (ZeRO stage --zero-stage, gloo on CPU). Steady-state tokens/s is taken from the
-per-step timings (first step left out); start-up (Ray, workers, model load, DeepSpeed init) is
-reported separately as the fit's wall time minus its step times.
+Both train the same model on the same rows, in the same micro-batches and global batch, with AdamW, on
+the same cores: the plain loop runs in this process with one torch thread per Ray worker (--workers
+threads), the Ray loop runs `training.finetuning.finetune` with --workers workers (ZeRO stage
+--zero-stage, gloo on CPU), each with the torch threads it picks by default. Steady-state tokens/s is
+taken from the per-step timings (first step left out); start-up (Ray, workers, model load, DeepSpeed
+init) and teardown are reported apart, as the fit's wall time minus its step times.
+
+The two are measured in alternation, --repeats times each plus one more plain run at the end, so that
+load from other processes falls on both; the ratio of the best runs is the headline, next to the median
+of the per-round ratios. A breakdown of the best Ray run's steps (training.finetuning.step_clock) says
+where its time goes, next to the plain loop's.
 
     python bench/train_throughput.py                      # synthetic Llama (hidden 256, 4 layers)
     python bench/train_throughput.py --model smollm2-135m --rows 96 --max-tokens 128
@@ -17,10 +23,12 @@ import json
 import logging
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,9 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core import models  # noqa: E402
-from training.finetuning.finetune import FinetuneConfig, run_finetune  # noqa: E402
+from training.finetuning.finetune import SUMMARY_FILE, FinetuneConfig, run_finetune  # noqa: E402
 from training.finetuning.losses import causal_lm_loss  # noqa: E402
 from training.finetuning.sft_data import BatchShape, Example, collate, encode_example, plan_window, training_target  # noqa: E402
+from training.finetuning.step_clock import PHASES, StepClock  # noqa: E402
 
 
 def synthetic_model(directory: Path, hidden: int, layers: int) -> str:
@@ -71,11 +80,11 @@ def synthetic_data(directory: Path, rows: int, words: int) -> Path:
     return directory
 
 
-def plain_loop(model_dir: str, data: Path, args: argparse.Namespace) -> dict[str, float]:
-    """One process, torch AdamW, the same global batch per step as the Ray run."""
+def plain_loop(model_dir: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One process, torch AdamW, the same global batch per step as the Ray run, one thread per Ray worker."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or args.workers)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
@@ -87,26 +96,36 @@ def plain_loop(model_dir: str, data: Path, args: argparse.Namespace) -> dict[str
     # world_size=1 and micro-batches of the Ray run's global batch per step: same rows per optimizer step.
     shape = BatchShape(args.micro_batch, args.workers, 1, len(rows))
     micro = plan_window([len(e.input_ids) for e in examples], shape, 0, 0, 0)
-    step_times, tokens = [], []
+    clock = StepClock()
+    step_phases, tokens = [], []
     for step in range(len(micro) // args.workers):
-        started = time.perf_counter()
         step_tokens = 0
         for ids in micro[step * args.workers : (step + 1) * args.workers]:
-            batch = collate([examples[i] for i in ids], tokenizer.pad_token_id)
-            loss, _ = causal_lm_loss(
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
-            )
-            (loss / args.workers).backward()
+            with clock.phase("data"):
+                batch = collate([examples[i] for i in ids], tokenizer.pad_token_id)
+            with clock.phase("forward"):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss, _ = causal_lm_loss(logits, batch["labels"])
+            with clock.phase("backward"):
+                (loss / args.workers).backward()
             step_tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_times.append(time.perf_counter() - started)
+        with clock.phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_phases.append(clock.lap())
         tokens.append(step_tokens)
-    return {"tokens_per_s": sum(tokens[1:]) / sum(step_times[1:]), "steps": len(step_times)}
+    step_seconds = [sum(phases.values()) for phases in step_phases]
+    return {
+        "tokens_per_s": sum(tokens[1:]) / sum(step_seconds[1:]),
+        "steps": len(step_seconds),
+        "phases_s": mean_phases(step_phases[1:]),
+        "threads": torch.get_num_threads(),
+    }
 
 
-def ray_loop(model_dir: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
+def ray_loop(model_dir: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One fit of the fine-tuning job; steady state from its metrics.jsonl, start-up as the rest of its wall time."""
     config = FinetuneConfig(
         model=model_dir, data=str(data), out=str(out), zero_stage=args.zero_stage, num_workers=args.workers,
         micro_batch=args.micro_batch, grad_accum=1, window_steps=1000, max_tokens=args.max_tokens, epochs=1,
@@ -116,14 +135,37 @@ def ray_loop(model_dir: str, data: Path, out: Path, args: argparse.Namespace) ->
     run_finetune(config)
     wall = time.perf_counter() - started
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    step_seconds = [row["tokens"] / row["tokens_per_s"] for row in metrics]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    step_seconds = [row["step_s"] for row in metrics]
     steady_tokens = sum(row["tokens"] for row in metrics[1:])
     return {
         "tokens_per_s": steady_tokens / sum(step_seconds[1:]),
         "steps": len(metrics),
         "startup_s": wall - sum(step_seconds),
         "wall_s": wall,
+        "phases_s": mean_phases([row["phases_s"] for row in metrics[1:]]),
+        "wait_s": statistics.fmean(row["wait_s"] for row in metrics[1:]),
+        "threads": summary["torch_threads"],
+        "omp_num_threads": summary["omp_num_threads"],
+        "niceness": summary.get("niceness"),
     }
+
+
+def mean_phases(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per step of each phase."""
+    return {name: statistics.fmean(row[name] for row in rows) for name in PHASES}
+
+
+def print_breakdown(plain: dict[str, Any], ray_run: dict[str, Any]) -> None:
+    """Milliseconds per optimizer step, phase by phase, and each phase's share of the step."""
+    plain_step, ray_step = sum(plain["phases_s"].values()), sum(ray_run["phases_s"].values())
+    print(f"\n{'ms per step':<34}{'plain':>9}{'':>7}{'Ray+DS':>9}")
+    for name in PHASES:
+        p, r = plain["phases_s"][name], ray_run["phases_s"][name]
+        print(f"  {name:<32}{p * 1e3:9.1f}{p / plain_step:6.0%} {r * 1e3:9.1f}{r / ray_step:6.0%}")
+        if name == "grad_reduce":
+            print(f"    {'of which waiting for a peer':<30}{'':>16}{ray_run['wait_s'] * 1e3:9.1f}")
+    print(f"  {'step':<32}{plain_step * 1e3:9.1f}{'':>7}{ray_step * 1e3:9.1f}")
 
 
 def main() -> None:
@@ -137,9 +179,12 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="plain loop's torch threads; 0: one per worker")
+    parser.add_argument("--repeats", type=int, default=3, help="Ray fits, each after a plain run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(models.cache_root() / "torch_extensions"))
+    plain_runs, ray_runs = [], []
     with tempfile.TemporaryDirectory(prefix="finescope-bench-") as tmp:
         root = Path(tmp)
         model_dir = (
@@ -148,14 +193,32 @@ def main() -> None:
             else synthetic_model(root / "model", args.hidden, args.layers)
         )
         data = synthetic_data(root / "data", args.rows, args.words)
-        plain = plain_loop(model_dir, data, args)
-        ray_run = ray_loop(model_dir, data, root / "out", args)
+        for repeat in range(args.repeats):
+            plain_runs.append(plain_loop(model_dir, data, args))
+            ray_runs.append(ray_loop(model_dir, data, root / f"out-{repeat}", args))
+        plain_runs.append(plain_loop(model_dir, data, args))
     print(f"model: {args.model or f'synthetic llama hidden={args.hidden} layers={args.layers}'}, rows={args.rows}")
-    print(f"plain torch loop (1 process):        {plain['tokens_per_s']:9.0f} tokens/s over {plain['steps']} steps")
-    label = f"Ray Train + DeepSpeed ZeRO-{args.zero_stage} ({args.workers} workers):"
-    print(f"{label} {ray_run['tokens_per_s']:9.0f} tokens/s over {ray_run['steps']} steps")
-    print(f"throughput ratio (Ray+DS / plain):   {ray_run['tokens_per_s'] / plain['tokens_per_s']:9.2f}")
-    print(f"Ray+DS start-up and teardown:        {ray_run['startup_s']:9.1f} s of a {ray_run['wall_s']:.1f} s fit")
+    label = f"Ray Train + DeepSpeed ZeRO-{args.zero_stage}, {args.workers} workers"
+    print(f"{'round':<7}{'plain tokens/s':>16}{'Ray+DS tokens/s':>17}{'ratio':>7}{'start-up s':>12}")
+    ratios = []
+    for repeat, ray_run in enumerate(ray_runs):
+        # Each Ray fit is bracketed by two plain runs; it is compared with the better of them.
+        plain = max(plain_runs[repeat : repeat + 2], key=lambda run: run["tokens_per_s"])
+        ratios.append(ray_run["tokens_per_s"] / plain["tokens_per_s"])
+        print(f"{repeat:<7}{plain['tokens_per_s']:16.0f}{ray_run['tokens_per_s']:17.0f}{ratios[-1]:7.2f}"
+              f"{ray_run['startup_s']:12.1f}")  # fmt: skip
+    best_plain = max(plain_runs, key=lambda run: run["tokens_per_s"])
+    best_ray = max(ray_runs, key=lambda run: run["tokens_per_s"])
+    print(f"plain torch loop (1 process, {best_plain['threads']} threads): best {best_plain['tokens_per_s']:.0f} "
+          f"tokens/s over {best_plain['steps']} steps")  # fmt: skip
+    print(f"{label} ({best_ray['threads']} torch threads each, OMP_NUM_THREADS={best_ray['omp_num_threads']}, "
+          f"nice {best_ray['niceness']}): "
+          f"best {best_ray['tokens_per_s']:.0f} tokens/s over {best_ray['steps']} steps")  # fmt: skip
+    print(f"throughput ratio (Ray+DS / plain): best runs {best_ray['tokens_per_s'] / best_plain['tokens_per_s']:.2f}, "
+          f"median of rounds {statistics.median(ratios):.2f}")  # fmt: skip
+    startups = ", ".join(f"{run['startup_s']:.1f}" for run in ray_runs)
+    print(f"Ray+DS start-up and teardown: {startups} s (the first fit starts Ray)")
+    print_breakdown(best_plain, best_ray)
 
 
 if __name__ == "__main__":

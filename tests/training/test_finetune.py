@@ -30,6 +30,7 @@ from training.finetuning.sft_data import (
     rank_micro_batches,
     training_target,
 )
+from training.finetuning.step_clock import PHASES, StepClock
 
 ROWS = 96
 
@@ -261,6 +262,47 @@ def test_deepspeed_config_from_typed_config():
     )
 
 
+def test_step_clock_tiles_the_lap_and_takes_nested_phases_out_of_their_parent():
+    now = [0.0]
+
+    def tick(seconds: float) -> None:
+        now[0] += seconds
+
+    clock = StepClock(clock=lambda: now[0])
+    tick(0.5)  # outside every phase: "other"
+    with clock.phase("data"):
+        tick(1.0)
+    with clock.phase("backward"):
+        tick(2.0)
+        reduce = clock.wrap("grad_reduce", lambda: tick(0.25))
+        reduce()
+        tick(1.0)
+    with clock.phase("optimizer"):
+        tick(0.75)
+    lap = clock.lap()
+    assert list(lap) == list(PHASES)
+    assert lap["data"] == 1.0 and lap["backward"] == 3.0 and lap["grad_reduce"] == 0.25
+    assert lap["optimizer"] == 0.75 and lap["other"] == 0.5 and sum(lap.values()) == 5.5
+    tick(2.0)
+    assert clock.lap() == {**dict.fromkeys(PHASES, 0.0), "other": 2.0}  # reset at every lap
+    with pytest.raises(ValueError, match="unknown step phase"):
+        with clock.phase("other"):
+            pass
+
+
+def test_worker_threads_and_environment_follow_the_settings(tiny_model_dir):
+    from training.finetuning.finetune import worker_environment
+
+    # Two workers on two cores reserve 0.75 CPU each: one thread each, never more threads than cores.
+    assert worker_environment(worker_plan(tiny_model_dir, cpus_per_worker=0.75)) == {
+        "OMP_NUM_THREADS": "1",
+        "RAY_worker_niceness": "0",
+    }
+    assert worker_environment(worker_plan(tiny_model_dir, cpus_per_worker=2.0))["OMP_NUM_THREADS"] == "2"
+    explicit = worker_plan(tiny_model_dir, cpus_per_worker=0.5, torch_threads=3)
+    assert worker_environment(explicit)["OMP_NUM_THREADS"] == "3"
+
+
 def test_lora_merge_gives_the_adapter_models_logits(tiny_model_dir, one_torch_thread):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -328,6 +370,20 @@ def test_zero2_learns_the_planted_task_and_exports(zero2_run, distilled):
     logits[tokenizer.all_special_ids] = -float("inf")
     # The first answer word is in the task's answer range, w100..w109 (24 tiny steps do not learn which one).
     assert tokenizer.convert_ids_to_tokens(logits.argmax().item()).startswith("w10")
+
+
+def test_step_breakdown_sums_to_the_step_time_and_workers_use_the_set_threads(zero2_run):
+    out, _ = zero2_run
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["torch_threads"] == 1 and summary["omp_num_threads"] == "1"  # fit_config: torch_threads=1
+    assert summary["niceness"] == 0
+    for row in read_metrics(out):
+        assert sorted(row["phases_s"]) == sorted(PHASES)  # metrics.jsonl sorts its keys
+        assert all(seconds >= 0 for seconds in row["phases_s"].values())
+        assert sum(row["phases_s"].values()) == pytest.approx(row["step_s"], rel=1e-9)
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["step_s"])
+        assert row["phases_s"]["forward"] > 0 and row["phases_s"]["grad_reduce"] > 0 and row["wait_s"] >= 0
+    assert any(row["phases_s"]["checkpoint"] > 0 for row in read_metrics(out))  # checkpoint_every=5
 
 
 @pytest.mark.timeout(600)

@@ -56,6 +56,7 @@ from training.finetuning.sft_data import (
     rank_micro_batches,
     training_target,
 )
+from training.finetuning.step_clock import PHASES, StepClock
 
 logger = logging.getLogger(__name__)
 
@@ -284,9 +285,24 @@ class TrainerState:
 
 
 def _worker_threads(loop: WorkerPlan) -> int:
+    """Torch threads per worker: `torch_threads`, else one per whole CPU the worker reserves (at least one).
+
+    Two workers on two cores thus run one thread each: more would oversubscribe the cores.
+    """
     if loop.config.torch_threads:
         return loop.config.torch_threads
     return max(1, int(loop.config.cpus_per_worker))
+
+
+def worker_environment(loop: WorkerPlan) -> dict[str, str]:
+    """Environment of the Ray Train worker processes.
+
+    OpenMP gets the worker's thread count (Ray would set one per whole CPU reserved, which disagrees with
+    `torch_threads` when that is set). Ray starts worker processes at niceness 15; a training worker holds
+    its CPUs for the whole fit and every step waits for the slowest worker, so it runs at normal priority:
+    otherwise any other process on the node, Ray's own daemons included, preempts it and stalls them all.
+    """
+    return {"OMP_NUM_THREADS": str(_worker_threads(loop)), "RAY_worker_niceness": "0"}
 
 
 def _worker_device(loop: WorkerPlan) -> str:
@@ -483,32 +499,48 @@ def _steps(shard, tokenizer, loop: WorkerPlan, shape: BatchShape, state: Trainer
                 )
 
 
-def _train_step(engine, teacher, micro_batches: list[dict[str, torch.Tensor]], loop: WorkerPlan) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns [loss, ce, kd, response tokens, tokens]."""
-    stats = torch.zeros(5, dtype=torch.float64)
+def _train_step(
+    engine, teacher, micro_batches: list[dict[str, torch.Tensor]], loop: WorkerPlan, clock: StepClock
+) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns [loss, ce, kd, response tokens, tokens].
+
+    The statistics stay tensors until the step ends: one host copy per step rather than five `.item()`
+    calls per micro-batch (each a device synchronisation on a GPU).
+    """
+    parts = []
     for batch in micro_batches:
-        batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce, counted = causal_lm_loss(logits, batch["labels"])
-        kd = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            kd = kd_loss(logits, teacher_logits, batch["labels"], loop.config.kd_temperature)
-        loss = combined_loss(ce, kd, loop.config.kd_weight)
-        engine.backward(loss)
-        engine.step()
-        stats += torch.tensor(
-            [
-                loss.item(),
-                ce.item(),
-                kd.item() if kd is not None else 0.0,
-                counted.item(),
-                batch["attention_mask"].sum().item(),
-            ],
-            dtype=torch.float64,
-        )
-    return stats
+        with clock.phase("forward"):
+            batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            ce, counted = causal_lm_loss(logits, batch["labels"])
+            kd = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                kd = kd_loss(logits, teacher_logits, batch["labels"], loop.config.kd_temperature)
+            loss = combined_loss(ce, kd, loop.config.kd_weight)
+        with clock.phase("backward"):
+            engine.backward(loss)
+        with clock.phase("optimizer"):
+            engine.step()
+        kd_value = kd.detach() if kd is not None else torch.zeros_like(ce)
+        values = [loss.detach(), ce.detach(), kd_value, counted, batch["attention_mask"].sum()]
+        parts.append(torch.stack([value.double() for value in values]))
+    return torch.stack(parts).sum(dim=0).cpu()
+
+
+def _time_gradient_reduction(engine, clock: StepClock) -> None:
+    """Count DeepSpeed's end-of-backward gradient reduction under `grad_reduce` instead of `backward`.
+
+    ZeRO-2 and ZeRO-3 reduce the gradients left in their bucket in this epilogue of `engine.backward`
+    (with the default bucket size, all of them below a few hundred million parameters).
+    """
+    optimizer = engine.optimizer
+    epilogue = getattr(optimizer, "overlapping_partition_gradients_reduce_epilogue", None)
+    if epilogue is not None:
+        optimizer.overlapping_partition_gradients_reduce_epilogue = clock.wrap("grad_reduce", epilogue)
 
 
 def _save_checkpoint(engine, state: TrainerState, metrics: dict[str, Any], rank: int) -> None:
@@ -575,23 +607,40 @@ def _write_metrics(history: list[dict[str, Any]], loop: WorkerPlan) -> None:
 
 
 def _step_metrics(
-    engine, stats: torch.Tensor, state: TrainerState, seconds: float, world_size: int, loop: WorkerPlan
+    engine, stats: torch.Tensor, phases: dict[str, float], state: TrainerState, world_size: int, loop: WorkerPlan
 ) -> dict:
+    """The step's metrics row, from every rank's statistics and phase times (one all-gather).
+
+    Losses and token counts are summed over ranks; `step_s` and `phases_s` are the ranks' means (each
+    rank's phases sum to its step time), and `wait_s` estimates the part of `grad_reduce` spent waiting for
+    a slower rank: the mean over ranks of (slowest rank's data + forward + backward) - (its own).
+    """
     import torch.distributed as dist
 
-    dist.all_reduce(stats)
+    local = torch.cat([stats, torch.tensor([phases[name] for name in PHASES], dtype=torch.float64)])
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local)
+    table = torch.stack(gathered)
+    totals = table[:, : len(stats)].sum(dim=0)
+    times = table[:, len(stats) :]
+    mean_phases = {name: float(value) for name, value in zip(PHASES, times.mean(dim=0), strict=True)}
+    seconds = float(times.sum(dim=1).mean())
+    compute = times[:, [PHASES.index(name) for name in ("data", "forward", "backward")]].sum(dim=1)
     micro_batches = world_size * loop.config.grad_accum
     return {
         "step": state.global_step,
         "epoch": state.epoch,
-        "loss": stats[0].item() / micro_batches,
-        "ce": stats[1].item() / micro_batches,
-        "kd": stats[2].item() / micro_batches,
-        "response_tokens": int(stats[3].item()),
-        "tokens": int(stats[4].item()),
-        "tokens_per_s": stats[4].item() / max(seconds, 1e-9),
+        "loss": totals[0].item() / micro_batches,
+        "ce": totals[1].item() / micro_batches,
+        "kd": totals[2].item() / micro_batches,
+        "response_tokens": int(totals[3].item()),
+        "tokens": int(totals[4].item()),
+        "tokens_per_s": totals[4].item() / max(seconds, 1e-9),
         "lr": float(engine.get_lr()[0]),
         "samples": state.samples,
+        "step_s": seconds,
+        "phases_s": mean_phases,
+        "wait_s": float((compute.max() - compute).mean()),
     }
 
 
@@ -628,28 +677,36 @@ def train_loop_per_worker(train_loop_config: dict[str, WorkerPlan]) -> None:
     state = _restore(engine, loop)
     shape = BatchShape(loop.config.micro_batch, loop.config.grad_accum, world_size, loop.config.window_steps)
     shard = ray.train.get_dataset_shard("train")
-    last = time.perf_counter()
     metrics: dict[str, Any] = {}
     progress = Progress("finetune", loop.total_steps, "steps", initial=state.global_step, enabled=rank == 0)
-    for epoch, step_in_epoch, micro_batches in _steps(shard, tokenizer, loop, shape, state, rank):
-        if loop.config.max_steps and state.global_step >= loop.config.max_steps:
+    clock = StepClock()
+    _time_gradient_reduction(engine, clock)
+    steps = _steps(shard, tokenizer, loop, shape, state, rank)
+    while not (loop.config.max_steps and state.global_step >= loop.config.max_steps):
+        with clock.phase("data"):
+            step = next(steps, None)
+        if step is None:
             break
-        stats = _train_step(engine, teacher, micro_batches, loop)
+        epoch, step_in_epoch, micro_batches = step
+        stats = _train_step(engine, teacher, micro_batches, loop, clock)
+        phases = clock.lap()  # this step's data and compute, and the previous step's bookkeeping
         state.global_step += 1
         state.epoch, state.step_in_epoch = epoch, step_in_epoch + 1
         state.samples += shape.rows_per_step
-        now = time.perf_counter()
-        metrics = _step_metrics(engine, stats, state, now - last, world_size, loop)
-        last = now
-        state.tokens += metrics["tokens"]
-        state.history.append(metrics)
+        with clock.phase("report"):
+            metrics = _step_metrics(engine, stats, phases, state, world_size, loop)
+            state.tokens += metrics["tokens"]
+            state.history.append(metrics)
         if state.global_step == loop.config.fail_at_step and rank == 0:
             _inject_failure(loop)
         if state.global_step % loop.config.checkpoint_every == 0:
-            _save_checkpoint(engine, state, metrics, rank)
+            with clock.phase("checkpoint"):
+                _save_checkpoint(engine, state, metrics, rank)
         elif state.global_step % loop.config.log_every == 0:
-            ray.train.report(metrics)
-        progress.update(state.global_step, note=_step_note(epoch, metrics))
+            with clock.phase("report"):
+                ray.train.report(metrics)
+        with clock.phase("report"):
+            progress.update(state.global_step, note=_step_note(epoch, metrics))
     progress.finish()
     _export(engine, tokenizer, loop, rank)
     summary = {
@@ -658,6 +715,9 @@ def train_loop_per_worker(train_loop_config: dict[str, WorkerPlan]) -> None:
         "tokens": state.tokens,
         "final_loss": metrics.get("loss"),
         "resumed_from_step": state.resumed_from_step,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "niceness": os.nice(0),
     }
     if rank == 0:
         _write_metrics(state.history, loop)
@@ -736,6 +796,7 @@ def build_trainer(checked: FinetunePlan):
             storage_filesystem=ckpt_fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_environment(loop)},
         ),
         datasets={"train": dataset},
         # Not split: every worker reads the same ordered stream and takes its micro-batches from it.
