@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, TINY_TEXTS
 
 from core.errors import ConfigError
 from training.distillation import distill
@@ -211,11 +212,90 @@ def test_batched_generation_matches_one_row_at_a_time(tiny_model_dir, one_torch_
     assert result.finish_reason == "stop" and first_word not in result.text
 
 
+def build_chatty_model(directory: Path, tokenizer_dir: str) -> str:
+    """A tiny Llama with large random weights and its own LM head: every generated token depends on the whole
+    context, so a key at the wrong cache column, a wrong position or a leaky mask changes the output (the
+    tied tiny model mostly repeats its last prompt word, whatever the cache holds)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.timeout(120)
+def test_slot_decoding_equals_lone_generate(tiny_model_dir, tmp_path, one_torch_thread, monkeypatch):
+    """The slot-cache decode loop gives, row for row, what `model.generate` gives for that prompt alone in the
+    same dtype: prompts of 1 to 13 tokens in micro-batches of 4, rows ending at different steps on an EOS
+    token and leaving the batch while the others go on."""
+    from training.distillation.slot_cache import SlotCache
+
+    model_dir = build_chatty_model(tmp_path / "chatty", tiny_model_dir)
+    generator = BatchedGenerator(TeacherConfig(model=model_dir, max_new_tokens=10, batch_size=4, dtype="float32"))
+    words = " ".join(TINY_TEXTS).split()
+    prompts = [generator.tokenizer(" ".join(words[i : i + 1 + (7 * i) % 13])).input_ids for i in range(10)]
+
+    def alone() -> list[list[int]]:
+        rows = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            with torch.inference_mode():
+                output = generator.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generator.generation_config
+                )
+            rows.append(output[0, len(prompt) :].tolist())
+        return rows
+
+    # A second EOS: a token row 0 generates fourth, so some rows end early and others run to max_new_tokens.
+    extra_eos = alone()[0][3]
+    generator.stop_ids.append(extra_eos)
+    generator.generation_config.eos_token_id = list(generator.stop_ids)
+    expected = [generator.finish(row) for row in alone()]
+    assert len({g.tokens for g in expected}) > 1 and {g.finish_reason for g in expected} == {"stop", "length"}
+    drops = []
+    keep = SlotCache.keep
+    monkeypatch.setattr(SlotCache, "keep", lambda cache, slots: (drops.append(len(slots)), keep(cache, slots)))
+    assert generator.generate(prompts) == expected
+    assert drops, "no row left its batch early"
+    assert generator.generate_padded(prompts[:4]) == expected[:4]  # the fallback path agrees too
+
+
+@pytest.mark.timeout(60)
+def test_sampling_is_seeded(tiny_model_dir, tmp_path, one_torch_thread):
+    """Above temperature 0 the loop samples (top_p applied), and the same seed samples the same rows again."""
+    model_dir = build_chatty_model(tmp_path / "chatty", tiny_model_dir)
+    config = TeacherConfig(model=model_dir, max_new_tokens=8, temperature=1.5, top_p=0.9, seed=3, dtype="float32")
+    generator = BatchedGenerator(config)
+    prompts = [generator.tokenizer(text).input_ids for text in TINY_TEXTS]
+    first = generator.generate(prompts)
+    assert generator.generate(prompts) == first
+    assert first != BatchedGenerator(dataclasses.replace(config, seed=4)).generate(prompts)
+    assert all(0 < g.tokens <= 8 for g in first)
+
+
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="max_new_tokens"):
         DistillConfig(data="x", out="y", max_new_tokens=0)
     with pytest.raises(ConfigError, match="temperature"):
         DistillConfig(data="x", out="y", temperature=-1)
+    with pytest.raises(ConfigError, match="dtype='float16'.*auto, float32 or bfloat16"):
+        DistillConfig(data="x", out="y", dtype="float16")
     with pytest.raises(ConfigError, match="data"):
         DistillConfig(out="y")
     empty = tmp_path / "empty"

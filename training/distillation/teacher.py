@@ -1,9 +1,11 @@
 """The teacher: one config, two backends that turn rendered prompts into generations.
 
-- `transformers` (CPU or one GPU): real batched generation. Prompts of similar length are grouped
-  (sorted by length, padded on the left so every row's last prompt token sits at the same position),
-  and `model.generate` decodes them together with its KV cache, stopping each row at EOS or a stop
-  string, or at `max_new_tokens`. `TransformersTeacher` is the Ray Data actor around that core.
+- `transformers` (CPU or one GPU): real batched generation. Each prompt is prefilled alone (no padding),
+  then all rows of a micro-batch decode together, one token per row per step, on a KV cache allocated once
+  (`slot_cache.SlotCache`); each row stops at EOS, a stop string or `max_new_tokens`, and finished rows
+  leave the batch. In float32, greedy output matched `model.generate` on each prompt alone for every row
+  measured (docs/results.md, "Distillation speed"); in bfloat16 batching changes some rows.
+  `TransformersTeacher` is the Ray Data actor around that core.
 - `vllm` (GPU clusters): `ray.data.llm.build_processor` with a `vLLMEngineProcessorConfig`. vLLM is only
   in the `gpu` extra; the config and processor objects build without it (vLLM is imported by the engine
   actor when it starts).
@@ -23,7 +25,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import torch
@@ -31,7 +33,10 @@ import torch
 from core.batching import length_batches
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
-from core.placement import worker_device
+from core.placement import resolve_dtype, worker_device
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import Cache
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +72,10 @@ class GenerationSettings:
     """GPUs each transformers actor reserves; > 0 generates on CUDA."""
     torch_threads: int = 0
     """Torch threads per transformers actor; 0 picks from the machine (local) or cpus_per_actor (cluster)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """transformers weights and activations. bf16 is ~3x faster on CPUs with AVX512-BF16 but changes outputs."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    """transformers weights and activations. float32 (the default) gives, row for row, the text of a lone
+    greedy `generate`; bfloat16 (or auto: bf16 where the device computes it natively, such as a CPU with
+    AVX512-BF16) is faster but batching changes some rows' text (docs/results.md, "Distillation speed")."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """vllm: extra vLLM engine arguments (e.g. {"dtype": "bfloat16", "max_model_len": 4096})."""
     accelerator_type: str | None = None
@@ -98,8 +105,8 @@ class TeacherConfig(GenerationSettings):
         check_range("cpus_per_actor", self.cpus_per_actor, gt=0, hint="fractions are fine")
         check_range("gpus_per_actor", self.gpus_per_actor, ge=0)
         check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the machine")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError("dtype", self.dtype, "must be float32 or bfloat16")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError("dtype", self.dtype, "must be auto, float32 or bfloat16 (auto: bf16 where native)")
         if any(not text for text in self.stop):
             raise ConfigError("stop", self.stop, "stop strings must be non-empty")
 
@@ -177,28 +184,35 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-class StopOnStrings:
-    """A `generate` stopping criterion: a row is done once its new text contains a stop string.
+def stop_string_seen(tokenizer, tokens: Sequence[int], stop: Sequence[str]) -> bool:
+    """Whether a row's new tokens contain a stop string, decoding only their tail.
 
     transformers' own `stop_strings` maps strings onto vocabulary pieces and fails on some tokenizers
-    (word-level ones, for instance); decoding the tail of each row works with any tokenizer. Only the
-    last few tokens are decoded each step: a stop string of n characters spans at most n tokens.
+    (word-level ones, for instance); decoding the tail of the row works with any tokenizer. A stop string
+    of n characters spans at most n tokens, so the last n + 2 tokens are enough.
     """
-
-    def __init__(self, tokenizer, stop: Sequence[str], prompt_length: int):
-        self.tokenizer = tokenizer
-        self.stop = list(stop)
-        self.prompt_length = prompt_length
-        self.window = max(len(word) for word in self.stop) + 2
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        tails = input_ids[:, self.prompt_length :][:, -self.window :]
-        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
-        return torch.tensor([any(word in text for word in self.stop) for text in texts], device=input_ids.device)
+    window = max(len(word) for word in stop) + 2
+    text = _decode(tokenizer, tokens[-window:])
+    return any(word in text for word in stop)
 
 
 class BatchedGenerator:
-    """A causal LM and its tokenizer, loaded once, generating for many prompts at a time."""
+    """A causal LM and its tokenizer, loaded once, generating for many prompts at a time.
+
+    `generate` cuts the prompts into micro-batches (longest first, within the token budget) and decodes each
+    micro-batch in one loop:
+
+    1. **prefill, one prompt at a time**: the forward that `model.generate` runs on that prompt alone, so no
+       compute goes to padding and each row's first token and cached keys are exactly those of a lone
+       generation;
+    2. **decode, all rows together**: one forward per step over the rows still going, on a `SlotCache`
+       allocated once (each row's keys stay at the columns they have alone, no per-step concatenation);
+    3. **finished rows leave the batch**: a row ends at EOS, at a stop string or at `max_new_tokens`; once a
+       quarter of the batch has ended, those rows are dropped, so the rest of the steps cost less.
+
+    Models whose cache is not plain full attention (sliding windows, linear attention) go through
+    `model.generate` on left-padded micro-batches instead.
+    """
 
     def __init__(self, config: TeacherConfig, device: str = "cpu", threads: int = 0):
         from transformers import GenerationConfig
@@ -209,9 +223,9 @@ class BatchedGenerator:
             torch.set_num_threads(threads)
         self.config = config
         self.device = device
+        self.dtype = resolve_dtype(config.dtype, device)
         self.tokenizer = load_tokenizer(config.model)
-        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-        self.model = load_model(config.model, dtype=dtype, device=device)
+        self.model = load_model(config.model, dtype=getattr(torch, self.dtype), device=device)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.stop_ids = eos_ids(self.tokenizer, self.model)
         self.generation_config = GenerationConfig(
@@ -224,10 +238,110 @@ class BatchedGenerator:
             pad_token_id=self.pad_id,
             use_cache=True,
         )
+        self.use_slots = True  # False once the model's cache turns out not to fit a SlotCache
+
+    def generate(self, prompts: Sequence[Sequence[int]]) -> list[Generation]:
+        """Generate for any number of prompts (token-id lists), in input order.
+
+        Micro-batches hold up to `batch_size` rows and (longest prompt + max_new_tokens) x rows stays within
+        `max_batch_tokens`, which bounds the KV cache. Rows of a micro-batch need not have similar lengths: no
+        row is padded, so prompts are only sorted (longest first) to keep the attention widths close.
+        """
+        budget_lengths = [len(prompt) + self.config.max_new_tokens for prompt in prompts]
+        results: list[Generation | None] = [None] * len(prompts)
+        for rows in length_batches(budget_lengths, self.config.max_batch_tokens, self.config.batch_size, 1.0):
+            if self.config.sampling:
+                # Seeded per micro-batch from its first prompt, so a resumed run samples the same way.
+                torch.manual_seed(self.config.seed + hash(tuple(prompts[rows[0]])) % (2**31))
+            for row, generation in zip(rows, self.generate_batch([prompts[row] for row in rows]), strict=True):
+                results[row] = generation
+        return results  # type: ignore[return-value]
 
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence[Sequence[int]]) -> list[Generation]:
-        """One `generate` call for prompts of similar length (token-id lists), in input order."""
+        """One micro-batch: prefill each prompt, decode all rows together, in input order."""
+        from training.distillation.slot_cache import SlotCache, slots_fit
+
+        if not self.use_slots:
+            return self.generate_padded(prompts)
+        capacity = max(len(prompt) for prompt in prompts) + self.config.max_new_tokens
+        cache = SlotCache(self.model.config.num_hidden_layers)
+        first_logits = []
+        for slot, prompt in enumerate(prompts):
+            logits, prefill = self.prefill(prompt)
+            if slot == 0:
+                if not slots_fit(prefill):
+                    self.use_slots = False
+                    logger.info("teacher: %s has a cache a SlotCache cannot hold; using generate", self.config.model)
+                    return self.generate_padded(prompts)
+                cache.allocate(prefill, [len(prompt) for prompt in prompts], capacity)
+            cache.load(slot, prefill)
+            first_logits.append(logits)
+        tokens = self.choose(torch.cat(first_logits))
+        generated: list[list[int]] = [[] for _ in prompts]
+        rows = list(range(len(prompts)))  # the prompt each slot decodes
+        live = [True] * len(rows)  # slots whose row has not ended
+        while True:
+            for slot, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+                if live[slot]:
+                    generated[row].append(token)
+                    live[slot] = not self.row_done(generated[row])
+            going = [slot for slot, on in enumerate(live) if on]
+            if not going:
+                break
+            if (len(rows) - len(going)) * 4 >= len(rows):  # a quarter of the slots hold ended rows
+                cache.keep(going)
+                tokens = tokens[going]
+                rows = [rows[slot] for slot in going]
+                live = [True] * len(rows)
+            output = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=cache.attention_mask(),
+                position_ids=cache.positions[:, None],
+                cache=cache,
+                use_cache=True,
+            )
+            cache.advance()
+            tokens = self.choose(output.logits[:, -1])
+        return [self.finish(row_tokens) for row_tokens in generated]
+
+    def prefill(self, prompt: Sequence[int]) -> tuple[torch.Tensor, Cache]:
+        """One prompt's forward, as `model.generate` runs it: (1, vocab) next-token logits and its cache."""
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        output = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            position_ids=torch.arange(ids.shape[1], device=self.device)[None, :],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1], output.cache
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next token per row from (rows, vocab) logits: the argmax, or a sample at the configured temperature
+        and top_p (transformers' own warpers, as `generate` applies them)."""
+        scores = logits.float()
+        if not self.config.sampling:
+            return scores.argmax(dim=-1)
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        scores = TemperatureLogitsWarper(self.config.temperature)(None, scores)
+        if self.config.top_p < 1:
+            scores = TopPLogitsWarper(self.config.top_p)(None, scores)
+        return torch.multinomial(scores.softmax(dim=-1), num_samples=1)[:, 0]
+
+    def row_done(self, tokens: Sequence[int]) -> bool:
+        """Whether a row's new tokens end it: EOS, `max_new_tokens`, or a stop string."""
+        if tokens[-1] in self.stop_ids or len(tokens) >= self.config.max_new_tokens:
+            return True
+        return bool(self.config.stop) and stop_string_seen(self.tokenizer, tokens, self.config.stop)
+
+    def finish(self, tokens: Sequence[int]) -> Generation:
+        config = self.config
+        return finish_row(tokens, self.tokenizer, self.stop_ids, config.stop, self.pad_id, config.max_new_tokens)
+
+    def generate_padded(self, prompts: Sequence[Sequence[int]]) -> list[Generation]:
+        """`model.generate` on the prompts padded on the left: the path for caches a `SlotCache` cannot hold."""
         from transformers import StoppingCriteriaList
 
         ids, mask = pad_left(prompts, self.pad_id)
@@ -238,23 +352,20 @@ class BatchedGenerator:
             generation_config=self.generation_config,
             stopping_criteria=StoppingCriteriaList(criteria),
         )
-        new_tokens = output[:, ids.shape[1] :].cpu().tolist()  # (batch, generated)
-        return [
-            finish_row(row, self.tokenizer, self.stop_ids, self.config.stop, self.pad_id, self.config.max_new_tokens)
-            for row in new_tokens
-        ]
+        return [self.finish(row) for row in output[:, ids.shape[1] :].cpu().tolist()]
 
-    def generate(self, prompts: Sequence[Sequence[int]]) -> list[Generation]:
-        """Generate for any number of prompts: length-sorted micro-batches within the token budget."""
-        budget_lengths = [len(prompt) + self.config.max_new_tokens for prompt in prompts]
-        results: list[Generation | None] = [None] * len(prompts)
-        for rows in length_batches(budget_lengths, self.config.max_batch_tokens, self.config.batch_size):
-            if self.config.sampling:
-                # Seeded per micro-batch from its first prompt, so a resumed run samples the same way.
-                torch.manual_seed(self.config.seed + hash(tuple(prompts[rows[0]])) % (2**31))
-            for row, generation in zip(rows, self.generate_batch([prompts[row] for row in rows]), strict=True):
-                results[row] = generation
-        return results  # type: ignore[return-value]
+
+class StopOnStrings:
+    """A `generate` stopping criterion: a row is done once its new tokens contain a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_length: int):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        rows = input_ids[:, self.prompt_length :].tolist()
+        return torch.tensor([stop_string_seen(self.tokenizer, row, self.stop) for row in rows], device=input_ids.device)
 
 
 class TransformersTeacher:
@@ -266,7 +377,7 @@ class TransformersTeacher:
         self.generator = BatchedGenerator(config, device=device, threads=threads)
         self.generated_tokens = 0
         self.seconds = 0.0
-        logger.info("teacher %s ready on pid %d (%s)", config.model, os.getpid(), device)
+        logger.info("teacher %s ready on pid %d (%s, %s)", config.model, os.getpid(), device, self.generator.dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
