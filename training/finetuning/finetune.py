@@ -662,6 +662,20 @@ def _inject_failure(loop: WorkerPlan) -> None:
     os._exit(1)
 
 
+def _summary(state: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The fit's totals, with the threads and priority this worker ran at."""
+    return {
+        "steps": state.global_step,
+        "samples": state.samples,
+        "tokens": state.tokens,
+        "final_loss": metrics.get("loss"),
+        "resumed_from_step": state.resumed_from_step,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "niceness": os.nice(0),
+    }
+
+
 def train_loop_per_worker(train_loop_config: dict[str, WorkerPlan]) -> None:
     """Ray Train worker function; everything it needs comes from its :class:`WorkerPlan`."""
     loop = train_loop_config["plan"]
@@ -709,16 +723,7 @@ def train_loop_per_worker(train_loop_config: dict[str, WorkerPlan]) -> None:
             progress.update(state.global_step, note=_step_note(epoch, metrics))
     progress.finish()
     _export(engine, tokenizer, loop, rank)
-    summary = {
-        "steps": state.global_step,
-        "samples": state.samples,
-        "tokens": state.tokens,
-        "final_loss": metrics.get("loss"),
-        "resumed_from_step": state.resumed_from_step,
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "niceness": os.nice(0),
-    }
+    summary = _summary(state, metrics)
     if rank == 0:
         _write_metrics(state.history, loop)
         # Ray Train's Result carries the metrics of the latest checkpoint, not of the last report.
