@@ -51,7 +51,7 @@ def write_demo_corpus(
     """Write the summaries, shuffled with `seed`, as `shards` gzipped JSONL files; returns their URIs."""
     rows = load_summaries()
     random.Random(seed).shuffle(rows)
-    return _write_shards(out, rows[:limit] if limit is not None else rows, shards, options)
+    return write_shards(out, rows[:limit] if limit is not None else rows, shards, options)
 
 
 def write_heldout(out: str, limit: int, seed: int = 0, options: StorageOptions | None = None) -> list[str]:
@@ -61,10 +61,10 @@ def write_heldout(out: str, limit: int, seed: int = 0, options: StorageOptions |
     random.Random(seed).shuffle(rows)
     if limit >= len(rows):
         raise ConfigError("limit", limit, f"leaves no held-out documents: the corpus has {len(rows)}")
-    return _write_shards(out, rows[limit:], 1, options, prefix="heldout")
+    return write_shards(out, rows[limit:], 1, options, prefix="heldout")
 
 
-def _write_shards(
+def write_shards(
     out: str, rows: list[dict], shards: int, options: StorageOptions | None, prefix: str = "wiki"
 ) -> list[str]:
     if shards < 1:

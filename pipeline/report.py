@@ -42,19 +42,24 @@ def pipeline_report(spec: PipelineSpec, steps: list[Step], records: dict[str, An
             lines += [f"Full evaluation: [{domain}/eval/report.md]({domain}/eval/report.md).", ""]
         else:
             lines += ["Not evaluated yet.", ""]
-    lines += ["## Steps", "", "| step | status | seconds | output | reports |", "|---|---|---:|---|---|"]
+    return "\n".join(lines + steps_table(spec.root, steps, records, options)) + "\n"
+
+
+def steps_table(root: str, steps: list[Step], records: dict[str, Any], options: StorageOptions) -> list[str]:
+    """The `## Steps` section: each step's status, time, output and links to its stage's reports."""
+    lines = ["## Steps", "", "| step | status | seconds | output | reports |", "|---|---|---:|---|---|"]
     for step in steps:
         record = records.get(step.name)
         if record is None:
-            lines.append(f"| {step.name} | not run | | `{_link(spec.root, step.out)}` | |")
+            lines.append(f"| {step.name} | not run | | `{_link(root, step.out)}` | |")
             continue
         links = []
-        for name in _STAGE_REPORTS[step.stage]:
+        for name in _STAGE_REPORTS.get(step.stage, ["manifest.json"]):
             uri = storage.join(step.out, name)
             if storage.exists(uri, options):
-                links.append(f"[{name}]({_link(spec.root, uri)})")
+                links.append(f"[{name}]({_link(root, uri)})")
         lines.append(
-            f"| {step.name} | {record['status']} | {record['seconds']} | `{_link(spec.root, step.out)}` |"
+            f"| {step.name} | {record['status']} | {record['seconds']} | `{_link(root, step.out)}` |"
             f" {', '.join(links)} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines

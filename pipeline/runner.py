@@ -33,12 +33,29 @@ def run_pipeline(spec: PipelineSpec, only: list[str] | None = None) -> dict[str,
 
     `only`: stop after these steps and what they need (step names or stage names)."""
     steps = build_steps(spec)
-    wanted = _needed(steps, only) if only else {s.name for s in steps}
     options = spec.storage_options()
-    state = _read_state(spec.root, options)
+    state = run_steps(steps, spec.root, options, force=spec.force, only=only, spec_dict=_spec_dict(spec))
+    report = pipeline_report(spec, steps, state["steps"], options)
+    storage.write_bytes_atomic(storage.join(spec.root, REPORT), report.encode(), options)
+    return {**state, "report": report, "report_uri": storage.join(spec.root, REPORT)}
+
+
+def run_steps(
+    steps: list[Step],
+    root: str,
+    options: StorageOptions,
+    force: bool = False,
+    only: list[str] | None = None,
+    spec_dict: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run each step of a graph that is not up to date, in order, recording it in `ROOT/pipeline.json`
+    (the spec that built the graph goes there too); returns that state. Shared by every graph-shaped job."""
+    wanted = _needed(steps, only) if only else {s.name for s in steps}
+    state = _read_state(root, options)
+    state["spec"] = spec_dict or {}
     records: dict[str, dict[str, Any]] = state["steps"]
     started = time.perf_counter()
-    logger.info("pipeline: %d steps under %s", len(wanted), spec.root)
+    logger.info("%d steps under %s", len(wanted), root)
     for step in steps:
         if step.name not in wanted:
             continue
@@ -47,7 +64,7 @@ def run_pipeline(spec: PipelineSpec, only: list[str] | None = None) -> dict[str,
         record = records.get(step.name, {})
         current = manifest.read_manifest(step.out, options)
         if (
-            not spec.force
+            not force
             and record.get("key") == key
             and current is not None
             and current.get("hash") == record.get("stage_hash")
@@ -55,37 +72,41 @@ def run_pipeline(spec: PipelineSpec, only: list[str] | None = None) -> dict[str,
             logger.info("step %-32s skipped: up to date (key %s)", step.name, key)
             record["status"] = "skipped"
             continue
-        before = current.get("finished_at") if current else None
-        logger.info("step %-32s running (key %s) -> %s", step.name, key, step.out)
-        if spec.force:
-            step.config.force = True
-        began = time.perf_counter()
-        step.run(step.config)
-        finished = manifest.read_manifest(step.out, options)
-        if finished is None:
-            raise RuntimeError(f"step {step.name} finished without writing {step.out}/manifest.json")
-        reran = finished.get("finished_at") != before or finished.get("hash") != (current or {}).get("hash")
-        records[step.name] = {
-            "key": key,
-            "stage_hash": finished["hash"],
-            "stage": step.stage,
-            "out": step.out,
-            "status": "ran" if reran else "stage up to date",
-            "seconds": round(time.perf_counter() - began, 1),
-            "finished_at": finished.get("finished_at"),
-        }
-        storage.write_json_atomic(storage.join(spec.root, STATE), {**state, "spec": _spec_dict(spec)}, options)
-    state["spec"] = _spec_dict(spec)
+        records[step.name] = _run_step(step, key, current, force, options)
+        storage.write_json_atomic(storage.join(root, STATE), state, options)
     state["seconds"] = round(time.perf_counter() - started, 1)
-    storage.write_json_atomic(storage.join(spec.root, STATE), state, options)
-    report = pipeline_report(spec, steps, records, options)
-    storage.write_bytes_atomic(storage.join(spec.root, REPORT), report.encode(), options)
-    return {**state, "report": report, "report_uri": storage.join(spec.root, REPORT)}
+    storage.write_json_atomic(storage.join(root, STATE), state, options)
+    return state
+
+
+def _run_step(
+    step: Step, key: str, current: dict[str, Any] | None, force: bool, options: StorageOptions
+) -> dict[str, Any]:
+    """Hand one step to its stage, which skips, resumes or redoes it; returns the step's record."""
+    before = current.get("finished_at") if current else None
+    logger.info("step %-32s running (key %s) -> %s", step.name, key, step.out)
+    if force:
+        step.config.force = True
+    began = time.perf_counter()
+    step.run(step.config)
+    finished = manifest.read_manifest(step.out, options)
+    if finished is None:
+        raise RuntimeError(f"step {step.name} finished without writing {step.out}/manifest.json")
+    reran = finished.get("finished_at") != before or finished.get("hash") != (current or {}).get("hash")
+    return {
+        "key": key,
+        "stage_hash": finished["hash"],
+        "stage": step.stage,
+        "out": step.out,
+        "status": "ran" if reran else "stage up to date",
+        "seconds": round(time.perf_counter() - began, 1),
+        "finished_at": finished.get("finished_at"),
+    }
 
 
 def _needed(steps: list[Step], only: list[str]) -> set[str]:
     by_name = {s.name: s for s in steps}
-    chosen = {s.name for s in steps if s.name in only or s.stage in only or s.name.split("/")[0] in only}
+    chosen = {s.name for s in steps if s.stage in only or any(s.name == o or s.name.startswith(o + "/") for o in only)}
     if not chosen:
         raise ConfigError("only", only, f"names no step; steps: {', '.join(by_name)}")
     todo, needed = list(chosen), set()

@@ -50,13 +50,14 @@ def ratio_tag(ratio: float) -> str:
     return f"{ratio:.2f}"
 
 
-def _stage_config(spec: PipelineSpec, stage: str, cls: type, wired: dict[str, Any]) -> Any:
-    """A stage's config: the spec's settings for it, the wiring, and the spec's storage and Ray fields."""
+def stage_config(spec: Any, stage: str, cls: type, wired: dict[str, Any], owned: frozenset[str] = frozenset()) -> Any:
+    """A stage's config: the spec's settings for it (`spec.<stage>`), the wiring, and the spec's storage and
+    Ray fields. A setting the graph sets itself (the pipeline's wiring, plus `owned`) is refused."""
     settings = dict(getattr(spec, stage))
-    clash = sorted(set(settings) & _WIRED[stage])
+    clash = sorted(set(settings) & (_WIRED[stage] | owned))
     if clash:
         raise ConfigError(
-            f"{stage}.{clash[0]}", settings[clash[0]], "is set by the pipeline from the spec's top-level fields; "
+            f"{stage}.{clash[0]}", settings[clash[0]], "is set by the job from the spec's top-level fields; "
             "remove it from this stage's settings"
         )  # fmt: skip
     shared = {name: getattr(spec, name) for name in ("s3_endpoint", "s3_region", "ray_address")}
@@ -75,11 +76,11 @@ def build_steps(spec: PipelineSpec) -> list[Step]:
     if sae_dir is None:
         sae_dir = storage.join(root, "sae")
         wired = {"corpus": spec.corpus, "out": sae_dir, "model": spec.model, "seeds": spec.seeds}
-        steps.append(Step("sae", "sae", _stage_config(spec, "sae", TrainSAEConfig, wired), run_train_sae, []))
+        steps.append(Step("sae", "sae", stage_config(spec, "sae", TrainSAEConfig, wired), run_train_sae, []))
     curate_dir = storage.join(root, "curate")
     wired = {"corpus": spec.corpus, "seeds": spec.seeds, "sae": sae_dir, "out": curate_dir, "model": spec.model}
     after_sae = ["sae"] if spec.sae_path is None else []
-    steps.append(Step("curate", "curate", _stage_config(spec, "curate", CurateConfig, wired), run_curation, after_sae))
+    steps.append(Step("curate", "curate", stage_config(spec, "curate", CurateConfig, wired), run_curation, after_sae))
     for domain, domain_spec in spec.domains.items():
         steps.extend(_domain_steps(spec, domain, domain_spec, root, curate_dir, teacher))
     return steps
@@ -104,7 +105,7 @@ def _domain_steps(
     for name, (part, directory) in variants.items():
         wired = {"data": storage.join(split_dir, part), "teacher": teacher, "backend": spec.backend,
                  "out": storage.join(base, directory)}  # fmt: skip
-        config = _stage_config(spec, "distill", DistillConfig, wired)
+        config = stage_config(spec, "distill", DistillConfig, wired)
         steps.append(Step(f"{name}/{domain}", "distill", config, run_distill, [f"split/{domain}"]))
     models_to_compare = [("base", spec.model)]
     for ratio in spec.ratios:
@@ -118,7 +119,7 @@ def _domain_steps(
         **_heldout(domain, domain_spec, split_dir),
     }
     after = [s.name for s in steps if s.stage in ("prune", "finetune")]
-    evaluate = _stage_config(spec, "evaluate", EvaluateConfig, wired)
+    evaluate = stage_config(spec, "evaluate", EvaluateConfig, wired)
     steps.append(Step(f"evaluate/{domain}", "evaluate", evaluate, run_evaluation, [f"split/{domain}", *after]))
     return steps
 
@@ -150,7 +151,7 @@ def _ratio_steps(
     tag = ratio_tag(ratio)
     pruned = storage.join(base, f"pruned-{tag}")
     wired = {"model": spec.model, "data": storage.join(split_dir, "train"), "out": pruned, "ratio": ratio}
-    prune = _stage_config(spec, "prune", PruneConfig, wired)
+    prune = stage_config(spec, "prune", PruneConfig, wired)
     steps = [Step(f"prune/{domain}/{tag}", "prune", prune, run_pruning, [f"split/{domain}"])]
     models = [(f"pruned-{tag}", pruned)]
     for name in variants:
@@ -159,7 +160,7 @@ def _ratio_steps(
         wired = {"model": pruned, "data": storage.join(base, variants[name][1], "distilled"), "out": out}
         if spec.finetune.get("kd_weight"):
             wired["teacher"] = teacher
-        config = _stage_config(spec, "finetune", FinetuneConfig, wired)
+        config = stage_config(spec, "finetune", FinetuneConfig, wired)
         after = [f"prune/{domain}/{tag}", f"{name}/{domain}"]
         step_name = f"finetune/{domain}/{tag}" if label == "finescope" else f"finetune-random/{domain}/{tag}"
         steps.append(Step(step_name, "finetune", config, run_finetune, after))

@@ -120,6 +120,12 @@ def test_shipped_yaml_configs_load():
             steps = pipeline.build_steps(pipeline.load_spec(str(path)))
             assert {step.stage for step in steps} >= {"curate", "split", "prune", "distill", "finetune", "evaluate"}
             continue
+        if path.stem == "replication":  # a replication spec: its whole graph builds
+            from pipeline.replication import build_replication, load_replication_spec
+
+            steps, _ = build_replication(load_replication_spec(str(path)))
+            assert {step.stage for step in steps} >= {"holdout", "arm", "curate", "prune", "finetune", "evaluate"}
+            continue
         cls = classes[path.stem.split("-")[-1]]
         required = {"corpus": ["x"], "out": "o", "sae": "s", "seeds": "jobs/seeds/demo.jsonl"}
         required |= {"model": "m", "data": "d"}

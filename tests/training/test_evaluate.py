@@ -18,7 +18,7 @@ from helpers import PLANTED_ANSWER, planted_questions
 from core import cli, models
 from core.errors import ConfigError
 from training.evaluation import mmlu, stats
-from training.evaluation.evaluate import EvaluateConfig
+from training.evaluation.evaluate import EvaluateConfig, _perplexity_results
 from training.evaluation.perplexity import document_nll, load_documents, perplexity, sliding_windows
 from training.evaluation.scoring import ChoiceScores, encode_item, score_items, score_naive
 
@@ -315,6 +315,25 @@ def test_bootstrap_perplexity_intervals():
     assert worse["log_ratio"] == pytest.approx(0.5) and worse["p_value"] < 0.01
     same = stats.paired_bootstrap_perplexity(nll, nll + rng.normal(0, 1, 100), counts)
     assert same["p_value"] > 0.05
+
+
+def test_perplexity_results_keep_each_documents_nll_and_tokens():
+    """results.json carries the per-document sums the perplexity is made of, in document order."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 50, 6)
+    nll = tokens * rng.uniform(2.0, 3.0, 6)
+    outputs = [
+        {"label": "base", "ppl": {"T": {"nll": nll, "tokens": tokens}}},
+        {"label": "pruned", "ppl": {"T": {"nll": 2 * nll, "tokens": tokens}}},
+    ]
+    entry = _perplexity_results("T", 6, {}, outputs)
+    for label, scale in (("base", 1), ("pruned", 2)):
+        row = entry["results"][label]
+        assert row["document_nll"] == [round(float(v), 5) for v in scale * nll]
+        assert row["document_tokens"] == tokens.tolist() and all(type(v) is int for v in row["document_tokens"])
+        mean_nll = sum(row["document_nll"]) / sum(row["document_tokens"])
+        assert math.exp(mean_nll) == pytest.approx(row["perplexity"], rel=1e-6)
+    json.dumps(entry)  # plain floats and ints: results.json can hold it
 
 
 # --- config and job -------------------------------------------------------------------------------------------

@@ -427,7 +427,9 @@ def _perplexity_results(
     name: str, documents: int, skipped: dict[str, int], outputs: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """results.json's `perplexity[name]`: each model's perplexity on the dataset with its bootstrap interval,
-    and paired bootstrap tests of every model against the first."""
+    its summed NLL (nats) and scored tokens per document, in document order, so that later analyses (the
+    replication report) can resample documents jointly across evaluations, and paired bootstrap tests of
+    every model against the first."""
     # Imported on use, like this module's other torch-backed imports: importing the stage stays light.
     from training.evaluation.perplexity import perplexity
 
@@ -436,7 +438,9 @@ def _perplexity_results(
         nll, tokens = output["ppl"][name]["nll"], output["ppl"][name]["tokens"]
         low, high = stats.bootstrap_perplexity(nll, tokens)
         entry["results"][output["label"]] = {"perplexity": perplexity(nll, tokens), "ci_low": low,
-                                             "ci_high": high, "tokens": int(np.sum(tokens))}  # fmt: skip
+                                             "ci_high": high, "tokens": int(np.sum(tokens)),
+                                             "document_nll": [round(float(v), 5) for v in nll],
+                                             "document_tokens": [int(v) for v in tokens]}  # fmt: skip
     reference = outputs[0]["ppl"][name]
     entry["comparisons"] = []
     for output in outputs[1:]:

@@ -121,8 +121,11 @@ def _slug(name: str) -> str:
 
 
 def _bar_chart(categories: list[str], series: dict[str, list[tuple[float, float, float]]], title: str, ylabel: str,
-               chance: float | None = None) -> bytes:  # fmt: skip
-    """Grouped bars with asymmetric error bars: series maps a model to (value, low, high) per category."""
+               chance: float | None = None, log: bool = False) -> bytes:  # fmt: skip
+    """Grouped bars with asymmetric error bars: series maps a model to (value, low, high) per category.
+
+    `log` puts the y axis on a log scale, for perplexities: a base model at 17 stays visible beside a
+    pruned one in the thousands."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,6 +140,8 @@ def _bar_chart(categories: list[str], series: dict[str, list[tuple[float, float,
         axis.bar(positions + number * width - 0.4 + width / 2, value, width, yerr=errors, capsize=3, label=label)
     if chance is not None:
         axis.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    if log:
+        axis.set_yscale("log")
     axis.set_xticks(positions, categories)
     axis.set_ylabel(ylabel)
     axis.set_title(title, fontsize=10)
@@ -169,7 +174,7 @@ def charts(results: dict[str, Any]) -> dict[str, bytes]:
                 )
     for name, entry in results["perplexity"].items():
         series = {label: [(v["perplexity"], v["ci_low"], v["ci_high"])] for label, v in entry["results"].items()}
-        images[f"ppl_{_slug(name)}.png"] = _bar_chart([name], series, f"Perplexity: {name}", "perplexity")
+        images[f"ppl_{_slug(name)}.png"] = _bar_chart([name], series, f"Perplexity: {name}", "perplexity", log=True)
     return images
 
 
