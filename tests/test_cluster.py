@@ -193,13 +193,15 @@ def test_documented_job_commands_parse():
     from training.finetuning.finetune import FinetuneConfig
     from training.pruning.prune import PruneConfig
 
+    from pipeline.replication import ReplicationJobConfig, build_replication, load_replication_spec
+
     configs = {**JOB_CONFIGS, "jobs.prune": PruneConfig, "jobs.distill": DistillConfig,
                "jobs.finetune": FinetuneConfig, "jobs.evaluate": EvaluateConfig,
-               "jobs.make_demo_corpus": DemoCorpusConfig}  # fmt: skip
+               "jobs.make_demo_corpus": DemoCorpusConfig, "jobs.replicate": ReplicationJobConfig}  # fmt: skip
     commands = documented_commands()
     assert {command[0] for command in commands} >= {
         "jobs.train_sae", "jobs.curate", "jobs.prune", "jobs.distill", "jobs.finetune", "jobs.evaluate",
-        "jobs.schedule", "jobs.pipeline",
+        "jobs.schedule", "jobs.pipeline", "jobs.replicate",
     }  # fmt: skip
     for command in commands:
         module, args = command[0], command[1:]
@@ -207,6 +209,8 @@ def test_documented_job_commands_parse():
         spec = getattr(config, "spec", None)
         if module == "jobs.pipeline" and (REPO / spec).is_file():
             pipeline.build_steps(pipeline.load_spec(str(REPO / spec)))
+        if module == "jobs.replicate":
+            build_replication(load_replication_spec(str(REPO / spec)))
 
 
 # ---------------------------------------------------------------- job API authentication

@@ -31,6 +31,7 @@ def _factories() -> dict:
     from curation.selection.rules import SelectionSpec
     from curation.split import SplitConfig
     from jobs.make_demo_corpus import DemoCorpusConfig
+    from pipeline.replication import ReplicationSpec
     from pipeline.spec import PipelineSpec
     from training.distillation.distill import DistillConfig
     from training.distillation.teacher import TeacherConfig
@@ -60,6 +61,9 @@ def _factories() -> dict:
             **{"root": "/tmp/fs-root", "seeds": "s.jsonl", "corpus": ["c"], "domains": {"maths": {}}, **kw}
         ),
         "DemoCorpusConfig": lambda **kw: DemoCorpusConfig(**kw),
+        "ReplicationSpec": lambda **kw: ReplicationSpec(
+            **{"root": "/tmp/fs-root", "domains": {"mathematics": "Mathematics"}, **kw}
+        ),
     }
 
 
@@ -202,6 +206,20 @@ BAD: dict[str, dict[str, tuple]] = {
     },
     "PipelineSpec": {"ratios": ([0.3, NAN], [1.0], [INF]), "heldout_fraction": (0.0, *FLOATS), "seed": (-1,)},
     "DemoCorpusConfig": {"shards": (0,), "limit": (0,), "seed": (-1,)},
+    "ReplicationSpec": {
+        "pool": (1,),
+        "pool_topic_docs": (0,),
+        "heldout": (1,),
+        "general_heldout": (1,),
+        "budget": (0,),
+        "epochs": (0,),
+        "trials": ([], [-1], [0, 0]),
+        "ratio": (0.0, 1.0, *FLOATS),
+        "split_seed": (-1,),
+        "ablation_ratios": ([1.5], [NAN], [0.3]),
+        "ablation_coords": ([0],),
+        "ablation_domain": ("physics",),
+    },
 }
 CASES = [(config, name, value) for config, fields in BAD.items() for name, values in fields.items() for value in values]
 
