@@ -188,12 +188,11 @@ def test_documented_job_commands_parse():
     """The commands of the README and docs/ use flags the jobs accept, and the spec files they name load;
     together they run every stage's job."""
     from jobs.make_demo_corpus import DemoCorpusConfig
+    from pipeline.replication import ReplicationJobConfig, build_replication, load_replication_spec
     from training.distillation.distill import DistillConfig
     from training.evaluation.evaluate import EvaluateConfig
     from training.finetuning.finetune import FinetuneConfig
     from training.pruning.prune import PruneConfig
-
-    from pipeline.replication import ReplicationJobConfig, build_replication, load_replication_spec
 
     configs = {**JOB_CONFIGS, "jobs.prune": PruneConfig, "jobs.distill": DistillConfig,
                "jobs.finetune": FinetuneConfig, "jobs.evaluate": EvaluateConfig,
