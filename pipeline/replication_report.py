@@ -123,7 +123,8 @@ def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[st
     versus["pooled"] = _versus(scores["finescope"], scores["random"])
     spread = {arm: _spread([recovered[label]["value"] for label in labels]) for arm, labels in
               (("finescope", finescope), ("random", random))}  # fmt: skip
-    distilled = {"finescope-t0", "undistilled"} <= scores.keys()
+    first = f"finescope-t{trials[0]}"  # the undistilled arm trains on the first trial's documents
+    distilled = {first, "undistilled"} <= scores.keys()
     return {
         "dataset": name,
         "documents": len(scores["base"][0]),
@@ -134,7 +135,7 @@ def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[st
         "versus_random": versus,
         "oracle_share": _share(pruned, resampled["finescope"], resampled["oracle"]) if "oracle" in scores else None,
         "spread": spread,
-        "distillation": _versus(scores["finescope-t0"], scores["undistilled"]) if distilled else None,
+        "distillation": _versus(scores[first], scores["undistilled"]) if distilled else None,
     }
 
 
@@ -239,7 +240,7 @@ def _finding_lines(domain: str, figures: dict[str, Any], general: dict[str, Any]
         f" {_number(fs['std'])}, random {_number(rnd['mean'])} ± {_number(rnd['std'])}"
     )
     if figures["distillation"] is not None:
-        subject = "distillation (finescope-t0 against undistilled)"
+        subject = f"distillation (finescope-t{trials[0]} against undistilled)"
         verdicts.append(_verdict(subject, figures["distillation"], DISTILLATION))
     intro = "FineScope against random data of the same size: paired bootstrap over documents, negative log-ppl ="
     return [f"{intro} FineScope better.", "", *(f"- {v}" for v in verdicts), ""]
