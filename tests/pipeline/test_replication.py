@@ -163,7 +163,7 @@ def test_shipped_spec_graph_has_equal_arms():
     by_name = {s.name: s for s in steps}
     finetunes = [s for s in steps if s.stage == "finetune"]
     assert len(finetunes) == 3 * (3 + 3 + 3) + 3 + 3  # per domain 9; ratio and coordinates ablations 3 each
-    assert {s.config.max_steps for s in finetunes} == {75} and len({s.config.lr for s in finetunes}) == 1
+    assert {s.config.max_steps for s in finetunes} == {37} and len({s.config.lr for s in finetunes}) == 1
     # The teacher rewrites each group's documents once: the random arms, each domain's, the K ablation's.
     assert [s.name for s in steps if s.stage == "distill"] == [
         "distill/random",
