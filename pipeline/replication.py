@@ -33,7 +33,6 @@ resumable like the pipeline's (`ROOT/pipeline.json`), so it may be run in parts:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -371,17 +370,11 @@ def now() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime())
 
 
-def spec_dict(spec: ReplicationSpec) -> dict[str, Any]:
-    import json
-
-    return json.loads(json.dumps(dataclasses.asdict(spec), default=str))
-
-
 def run_replication(spec: ReplicationSpec, only: list[str] | None = None, command: str = "") -> dict[str, Any]:
     """Run every step not up to date (or only `only` and what it needs), then write the report from the
     evaluations that exist. Returns the state, with the report's text and URI."""
     from pipeline.replication_report import ReplicationLayout, write_report
-    from pipeline.runner import run_steps
+    from pipeline.runner import run_steps, spec_dict
 
     spec.check_seeds()
     steps, layout = build_replication(spec)

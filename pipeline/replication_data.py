@@ -18,7 +18,6 @@ are unchanged, like every stage.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -267,17 +266,3 @@ def run_select(config: SelectConfig) -> dict[str, Any]:
     accepted = int(pc.sum(rows.column("accepted")).as_py() or 0)
     counts = {"rows": rows.num_rows, "accepted": accepted, "not_distilled": len(wanted) - rows.num_rows}
     return _finish(config, "select", digest, inputs, counts)
-
-
-def arm_topics(arm_out: str, options: storage.StorageOptions | None = None) -> dict[str, int]:
-    """How many of an arm's documents carry each topic label."""
-    topics = storage.read_parquet(rows_dir(arm_out), options, columns=["topic"]).column("topic").to_pylist()
-    return dict(Counter(topics))
-
-
-def meta_topic(meta: str | None) -> str | None:
-    """The topic label in a corpus row's `meta` (JSON text)."""
-    try:
-        return json.loads(meta or "{}").get("topic")
-    except (ValueError, AttributeError):
-        return None

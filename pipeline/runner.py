@@ -34,7 +34,7 @@ def run_pipeline(spec: PipelineSpec, only: list[str] | None = None) -> dict[str,
     `only`: stop after these steps and what they need (step names or stage names)."""
     steps = build_steps(spec)
     options = spec.storage_options()
-    state = run_steps(steps, spec.root, options, force=spec.force, only=only, spec_dict=_spec_dict(spec))
+    state = run_steps(steps, spec.root, options, force=spec.force, only=only, spec_dict=spec_dict(spec))
     report = pipeline_report(spec, steps, state["steps"], options)
     storage.write_bytes_atomic(storage.join(spec.root, REPORT), report.encode(), options)
     return {**state, "report": report, "report_uri": storage.join(spec.root, REPORT)}
@@ -118,7 +118,8 @@ def _needed(steps: list[Step], only: list[str]) -> set[str]:
     return needed
 
 
-def _spec_dict(spec: PipelineSpec) -> dict[str, Any]:
+def spec_dict(spec: Any) -> dict[str, Any]:
+    """A spec dataclass as plain JSON values, for pipeline.json."""
     return json.loads(json.dumps(dataclasses.asdict(spec), default=str))
 
 
