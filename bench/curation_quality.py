@@ -466,7 +466,8 @@ def main() -> None:
     labels = np.array([topic_index.get(row["meta"]["topic"], -1) for row in rows])
     texts = [row["text"] for row in rows]
     work = Path(args.work)
-    tag = f"L{args.layer}-t{args.max_tokens}-{args.dtype}"
+    # bf16 runs the forward under autocast (curation/encode.py); caches of the older all-bf16 forward are stale.
+    tag = f"L{args.layer}-t{args.max_tokens}-{'bf16-autocast' if args.dtype == 'bfloat16' else args.dtype}"
     seed_acts = cached_activations(work / f"acts-seeds-{tag}", seeds.texts, args, args.dtype)
     doc_acts = cached_activations(work / f"acts-docs{len(rows)}-{tag}", texts, args, args.dtype)
     if args.cache_only:

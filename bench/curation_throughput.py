@@ -8,9 +8,10 @@ Measured in one process, on real Wikipedia summaries from the demo corpus:
 - **floor**: the bare `TruncatedForward` on exactly the same micro-batches, already padded, nothing else;
 - **naive**: the full model (loaded separately, not truncated) at batch size 1 with
   `output_hidden_states=True`, taking `hidden_states[layer + 1]` and mean-pooling it;
-- **encode bf16**: the same `encode` with the truncated forward in bfloat16 (`--dtype bfloat16` of the
-  jobs); its target is >= 2x the fp32 floor, with every document's vector within cosine 0.99 of the fp32
-  one and the per-seed top-10 selections (the demo seeds, over the sampled documents) overlapping >= 95%;
+- **encode bf16**: the same `encode` with the truncated forward's matmuls in bfloat16 (`--dtype bfloat16`
+  of the jobs: bf16 autocast over float32 weights on a CPU); its target is >= 2x the fp32 floor, with every
+  document's vector within cosine 0.99 of the fp32 one and the per-seed top-10 selections (the demo seeds,
+  over the sampled documents) overlapping >= 95%;
 - **fixed-32** (for information): the truncated forward on fixed batches of 32 documents in sample order,
   each padded to its longest document, to show what length bucketing buys.
 

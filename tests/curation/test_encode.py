@@ -371,28 +371,49 @@ def test_jacobian_estimate_matches_autograd(full_width_encoder):
 
 
 def test_a_bfloat16_forward_gives_the_float32_vectors_within_rounding(tiny_model_dir):
-    """`dtype=bfloat16` runs the truncated forward in bf16 and everything after it in float32."""
+    """`dtype=bfloat16` on a CPU runs the truncated forward's matmuls in bf16 (autocast) and keeps the weights,
+    the residual stream and everything after the forward in float32."""
     from curation.encode import DocumentEncoder, EncoderSpec
 
     docs = random_docs(12, 5, 40, seed=3)
-    vectors = {}
+    vectors, hidden = {}, {}
     for dtype in ("float32", "bfloat16"):
         encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype=dtype))
-        assert next(encoder.forward.parameters()).dtype == getattr(torch, dtype)
+        assert next(encoder.forward.parameters()).dtype == torch.float32
         vectors[dtype] = encoder.encode(docs)
         assert vectors[dtype].dtype == torch.float32
+        hidden[dtype] = torch.cat([h[m] for _, h, m in encoder.hidden_batches(docs)])
     cosines = (vectors["float32"] * vectors["bfloat16"]).sum(dim=1)
     assert cosines.min() >= 0.99, cosines
-    assert not torch.equal(vectors["float32"], vectors["bfloat16"])  # the forward did run in bf16
+    assert not torch.equal(vectors["float32"], vectors["bfloat16"])  # the matmuls did run in bf16
+    # The residual stream stayed in float32: with bf16 weights every activation would sit on bf16's grid.
+    on_grid = hidden["bfloat16"] == hidden["bfloat16"].bfloat16().float()
+    assert on_grid.float().mean() < 0.5, on_grid.float().mean()
+
+
+def test_bfloat16_autocast_is_closer_to_float32_than_bfloat16_weights(tiny_model_dir):
+    """What autocast buys: the layer activations are nearer the fp32 ones than with the whole model in bf16."""
+    from core.models import TruncatedForward, load_model
+
+    docs = random_docs(8, 20, 40, seed=5)
+    ids = torch.tensor([doc[:20] for doc in docs])
+    attention = torch.ones_like(ids)
+    exact = TruncatedForward(load_model(tiny_model_dir), 2)(ids, attention)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = TruncatedForward(load_model(tiny_model_dir), 2)(ids, attention).float()
+    rounded = TruncatedForward(load_model(tiny_model_dir, dtype=torch.bfloat16), 2)(ids, attention).float()
+    assert (mixed - exact).abs().mean() < (rounded - exact).abs().mean()
 
 
 def test_auto_dtype_follows_the_device(tiny_model_dir, monkeypatch):
-    """`auto` loads the forward in bf16 where the CPU computes bf16 natively, in float32 where it does not."""
+    """`auto` runs the forward under bf16 autocast where the CPU computes bf16 natively, in float32 where it
+    does not; the weights stay in float32 either way."""
     from core import placement
     from curation.encode import DocumentEncoder, EncoderSpec
 
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(placement, "native_bf16", lambda device, native=native: native)
         encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype="auto"))
-        assert next(encoder.forward.parameters()).dtype == dtype
+        assert next(encoder.forward.parameters()).dtype == torch.float32
+        assert encoder.autocast == native
         assert encoder.dtype == str(dtype).removeprefix("torch.")
