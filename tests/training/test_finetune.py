@@ -377,6 +377,7 @@ def test_step_breakdown_sums_to_the_step_time_and_workers_use_the_set_threads(ze
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["torch_threads"] == 1 and summary["omp_num_threads"] == "1"  # fit_config: torch_threads=1
     assert summary["niceness"] == 0
+    assert summary["optimizer"] == "AdamW, fused"  # one pass per partition, not several
     for row in read_metrics(out):
         assert sorted(row["phases_s"]) == sorted(PHASES)  # metrics.jsonl sorts its keys
         assert all(seconds >= 0 for seconds in row["phases_s"].values())
