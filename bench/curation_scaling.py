@@ -3,9 +3,12 @@
 Curation: `jobs.curate` over the first 1,000, 2,500, 5,000 and all 10,033 documents of the packaged
 corpus (each size a prefix of the next, 8 shards each), with the same SAE and seeds, each run in a fresh
 process on a fresh local Ray. Per size it prints the wall time, the encode stage's tokens/s (tokens over
-the stage's own time, from the manifest), the driver's peak RSS and the encode actors' peak RSS, sampled
-every 0.2 s over the driver's process tree. Goals: tokens/s flat within 15% from 2,500 documents up,
-driver and worker peak RSS flat within 10% (nothing is collected to the driver; actors stream).
+the stage's own time, from the manifest), the driver's peak RSS and the encode actors' peak RSS and peak
+USS, sampled every 0.2 s over the driver's process tree. RSS counts the pages of Ray's shared-memory object
+store an actor has mapped (blocks passing through it); USS counts only the pages the process alone holds,
+so a USS that stays flat while RSS grows is the object store, not the actor. Goals: tokens/s flat within 15%
+from 2,500 documents up, driver and worker peak memory flat within 10% (nothing is collected to the driver;
+actors stream).
 
 SAE training: `jobs.train_sae` with budgets of 100k, 200k and 400k tokens on the whole corpus: wall
 time, training tokens/s, the driver's and the trainer task's peak RSS. With `--epochs` above 1 the
@@ -39,12 +42,12 @@ TARGET_RSS = 0.10
 
 
 class TreeMonitor:
-    """Peak RSS of a process and of each of its descendants, sampled on a thread until `stop`."""
+    """Peak RSS and USS of a process and of each of its descendants, sampled on a thread until `stop`."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         self.root = psutil.Process(pid)
         self.interval = interval
-        self.peaks: dict[int, tuple[str, int]] = {}  # pid -> (latest process title, peak rss)
+        self.peaks: dict[int, tuple[str, int, int]] = {}  # pid -> (latest process title, peak rss, peak uss)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -52,13 +55,13 @@ class TreeMonitor:
     def _sample(self, process: psutil.Process) -> None:
         try:
             title = " ".join(process.cmdline())[:120]
-            rss = process.memory_info().rss
+            memory = process.memory_full_info()  # rss and uss (from /proc/PID/smaps)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return
-        _, peak = self.peaks.get(process.pid, ("", 0))
+        _, rss, uss = self.peaks.get(process.pid, ("", 0, 0))
         # Ray renames a worker process after the task or actor it runs: keep the most specific title.
         keep = title if title.startswith("ray::") and "IDLE" not in title else self.peaks.get(process.pid, (title,))[0]
-        self.peaks[process.pid] = (keep or title, max(peak, rss))
+        self.peaks[process.pid] = (keep or title, max(rss, memory.rss), max(uss, memory.uss))
 
     def _run(self) -> None:
         while not self._done.is_set():
@@ -74,11 +77,13 @@ class TreeMonitor:
         self._done.set()
         self._thread.join()
 
-    def peak(self, marker: str | None = None) -> float:
-        """MB: the driver's peak (marker None) or the largest peak among processes whose title has `marker`."""
+    def peak(self, marker: str | None = None, uss: bool = False) -> float:
+        """MB: the driver's peak RSS (marker None) or the largest among processes whose title has `marker`;
+        their peak USS with `uss`."""
+        column = 2 if uss else 1
         if marker is None:
-            return self.peaks.get(self.root.pid, ("", 0))[1] / MB
-        return max((rss for title, rss in self.peaks.values() if marker in title), default=0) / MB
+            return self.peaks.get(self.root.pid, ("", 0, 0))[column] / MB
+        return max((peaks[column] for peaks in self.peaks.values() if marker in peaks[0]), default=0) / MB
 
 
 def run_job(args: list[str], env: dict[str, str]) -> tuple[float, TreeMonitor]:
@@ -124,7 +129,8 @@ def main() -> None:
         tokens, encode_s = manifest["counts"]["tokens"], manifest["timings_s"]["encode"]
         row = {"docs": manifest["counts"]["documents"], "tokens": tokens, "wall_s": wall, "encode_s": encode_s,
                "tokens_per_s": tokens / encode_s, "driver_mb": monitor.peak(),
-               "encoder_mb": monitor.peak("EncodeDocuments"), "reader_mb": monitor.peak("ReadJSONL")}  # fmt: skip
+               "encoder_mb": monitor.peak("EncodeDocuments"), "encoder_uss_mb": monitor.peak("EncodeDocuments", True),
+               "reader_mb": monitor.peak("ReadJSONL")}  # fmt: skip
         curation.append(row)
         print(f"curated {n} documents: {wall:.0f} s, {row['tokens_per_s']:.0f} tokens/s", flush=True)
 
@@ -142,21 +148,26 @@ def main() -> None:
                          "activations_mb": monitor.peak("TokenActivations")})  # fmt: skip
         print(f"trained on {budget} tokens: {wall:.0f} s", flush=True)
 
-    print("\n| documents | tokens | wall s | encode s | encode tokens/s | driver peak MB | encode actor peak MB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "\n| documents | tokens | wall s | encode s | encode tokens/s | driver peak MB | encode actor peak RSS MB "
+        "| encode actor peak USS MB |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in curation:
         print(f"| {r['docs']:,} | {r['tokens']:,} | {r['wall_s']:.0f} | {r['encode_s']:.0f} | {r['tokens_per_s']:.0f} "
-              f"| {r['driver_mb']:.0f} | {r['encoder_mb']:.0f} |")  # fmt: skip
+              f"| {r['driver_mb']:.0f} | {r['encoder_mb']:.0f} | {r['encoder_uss_mb']:.0f} |")  # fmt: skip
     reference = next((r for r in curation if r["docs"] >= 2500), curation[0])
     upper = [r for r in curation if r["docs"] >= reference["docs"]]
     rate = max(abs(r["tokens_per_s"] / reference["tokens_per_s"] - 1) for r in upper)
     driver = max(abs(r["driver_mb"] / reference["driver_mb"] - 1) for r in upper)
     encoder = max(abs(r["encoder_mb"] / max(reference["encoder_mb"], 1) - 1) for r in upper)
+    private = max(abs(r["encoder_uss_mb"] / max(reference["encoder_uss_mb"], 1) - 1) for r in upper)
     verdict = {True: "PASS", False: "MISS"}
     print(f"\nfrom {reference['docs']:,} documents up: tokens/s within {rate:.1%} (target {TARGET_RATE:.0%}) "
           f"{verdict[rate <= TARGET_RATE]}; driver peak RSS within {driver:.1%} (target {TARGET_RSS:.0%}) "
           f"{verdict[driver <= TARGET_RSS]}; encode actor peak RSS within {encoder:.1%} "
-          f"{verdict[encoder <= TARGET_RSS]}")  # fmt: skip
+          f"{verdict[encoder <= TARGET_RSS]}, peak USS within {private:.1%} "
+          f"{verdict[private <= TARGET_RSS]}")  # fmt: skip
     if training:
         print(
             "\n| token budget | tokens trained (x epochs) | wall s | train s | train tokens/s | driver peak MB "
