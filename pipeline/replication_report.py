@@ -123,6 +123,8 @@ def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[st
     versus["pooled"] = _versus(scores["finescope"], scores["random"])
     spread = {arm: _spread([recovered[label]["value"] for label in labels]) for arm, labels in
               (("finescope", finescope), ("random", random))}  # fmt: skip
+    gaps = [a - b for a, b in zip(spread["finescope"]["values"], spread["random"]["values"], strict=True)]
+    over_seeds = stats.seed_t_test(gaps) if len(gaps) > 1 else None
     first = f"finescope-t{trials[0]}"  # the undistilled arm trains on the first trial's documents
     distilled = {first, "undistilled"} <= scores.keys()
     return {
@@ -135,6 +137,7 @@ def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[st
         "versus_random": versus,
         "oracle_share": _share(pruned, resampled["finescope"], resampled["oracle"]) if "oracle" in scores else None,
         "spread": spread,
+        "over_seeds": over_seeds and {**over_seeds, "significant": over_seeds["p_value"] < stats.ALPHA},
         "distillation": _versus(scores[first], scores["undistilled"]) if distilled else None,
     }
 
@@ -239,6 +242,12 @@ def _finding_lines(domain: str, figures: dict[str, Any], general: dict[str, Any]
         f"recovered share over {len(trials)} trials, mean ± sample std: FineScope {_number(fs['mean'])} ±"
         f" {_number(fs['std'])}, random {_number(rnd['mean'])} ± {_number(rnd['std'])}"
     )
+    if figures.get("over_seeds"):
+        seeds = figures["over_seeds"]
+        verdicts.append(
+            f"over seeds (FineScope's recovered share minus random's, per trial): {seeds['mean']:+.3f} ±"
+            f" {seeds['std']:.3f}, t-test with {seeds['df']} df {stats.significance_word(seeds['p_value'])}"
+        )
     if figures["distillation"] is not None:
         subject = f"distillation (finescope-t{trials[0]} against undistilled)"
         verdicts.append(_verdict(subject, figures["distillation"], DISTILLATION))

@@ -66,11 +66,27 @@ def test_finescope_against_random_per_trial_pooled_and_the_other_findings():
     )
 
 
+def test_seeds_that_disagree_make_the_gap_not_significant_over_seeds_though_each_trial_is():
+    """Each trial's own test sees only the documents' noise; the test over seeds sees the trials disagree."""
+    means = dict(MAIN) | {"finescope-t0": 2.5, "random-t0": 3.5, "finescope-t1": 3.5, "random-t1": 2.5}
+    means |= {"finescope-t2": 2.9, "random-t2": 3.0}
+    figures = domain_figures(results_json(means), TRIALS)
+    assert all(figures["versus_random"][f"t{n}"]["significant"] for n in (0, 1))
+    seeds = figures["over_seeds"]
+    gaps = [figures["recovered"][f"finescope-t{n}"]["value"] - figures["recovered"][f"random-t{n}"]["value"]
+            for n in TRIALS]  # fmt: skip
+    assert seeds["mean"] == pytest.approx(np.mean(gaps)) and seeds["std"] == pytest.approx(np.std(gaps, ddof=1))
+    assert seeds["df"] == 2 and seeds["p_value"] > 0.5 and not seeds["significant"]
+    # Where the seeds agree (MAIN: every trial recovers 3/4 against 1/4), the gap holds over seeds too.
+    agreeing = domain_figures(results_json(MAIN), TRIALS)["over_seeds"]
+    assert agreeing["mean"] == pytest.approx(0.5, abs=0.03) and agreeing["p_value"] < 0.001 and agreeing["significant"]
+
+
 def test_one_trial_has_no_spread_and_missing_reference_arms_are_left_out():
     means = {"base": 2.0, "pruned": 4.0, "finescope-t0": 2.5, "random-t0": 3.5}
     figures = domain_figures(results_json(means), [0])
     assert figures["spread"]["random"]["std"] == 0.0
-    assert figures["oracle_share"] is None and figures["distillation"] is None
+    assert figures["oracle_share"] is None and figures["distillation"] is None and figures["over_seeds"] is None
 
 
 def pruning_cost_nothing(data: dict) -> dict:
@@ -156,6 +172,9 @@ def test_write_report_writes_figures_markdown_and_charts(tmp_path):
     assert "| arm | perplexity (domain) | recovered (domain) | perplexity (general) | recovered (general) |" in markdown
     assert "Recovered share on the general set: undefined (pruning cost nothing on this set)." in markdown
     assert "the teacher's rewrites helped" in markdown and "share of the oracle's gain" in markdown
+    seeds = report["figures"]["domains"]["mathematics"]["domain"]["over_seeds"]
+    assert (f"- over seeds (FineScope's recovered share minus random's, per trial): {seeds['mean']:+.3f} ± "
+            f"{seeds['std']:.3f}, t-test with 2 df significant (p=") in markdown  # fmt: skip
     assert "| finescope-t0 | 1,000 | 250,000 | 40 |" in markdown
     assert "## Ablation: prune ratio (mathematics)" in markdown and "## Ablation: SAE coordinates" not in markdown
     table = markdown.split("| arm |")[1].split("\n\n")[0]

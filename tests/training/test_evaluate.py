@@ -291,6 +291,21 @@ def test_wilson_interval_known_values():
     assert result.stderr == pytest.approx(math.sqrt(0.4 * 0.6 / 5))
 
 
+def test_student_t_tail_and_the_t_test_over_seeds_known_values():
+    # Closed forms: df 1 is the Cauchy tail; with df 2 the two-sided p is 1 - t / sqrt(2 + t^2).
+    for t in (0.3, 1.0, 4.0):
+        assert stats.student_t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-9)
+        assert 2 * stats.student_t_sf(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
+    assert stats.student_t_sf(1.959964, 100_000) == pytest.approx(0.025, abs=1e-4)  # the normal limit
+    test = stats.seed_t_test([0.10, 0.06, 0.08])  # mean 0.08, sd 0.02: t = 0.08 / (0.02 / sqrt 3) = 6.93
+    assert test["t"] == pytest.approx(6.928, abs=1e-3) and test["df"] == 2
+    assert test["p_value"] == pytest.approx(1 - 6.928 / math.sqrt(2 + 6.928**2), abs=1e-4)
+    assert stats.seed_t_test([-0.03, 0.06, 0.0])["p_value"] > 0.5
+    assert stats.seed_t_test([0.1, 0.1])["p_value"] == 0.0  # no spread at all: nothing but the gap
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.seed_t_test([0.1])
+
+
 def test_mcnemar_exact():
     a = np.array([1] * 9 + [0] * 3, bool)
     b = np.zeros(12, bool)
