@@ -182,6 +182,15 @@ def test_window_plan_covers_rows_once_and_is_deterministic():
     # Length bucketing: each micro-batch holds neighbours in the length order.
     spread = max(max(lengths[i] for i in micro) - min(lengths[i] for i in micro) for micro in plan_a)
     assert spread < max(lengths) - min(lengths)
+    # Balanced ranks: each step's rows are neighbours in the length order, and the ranks snake through the
+    # accumulation slots, so rank 0 takes the step's shortest micro-batch and then its longest.
+    by_length = sorted(rows, key=lambda i: (lengths[i], i))
+    for step in range(3):
+        step_micros = [per_rank[rank][step] for rank in range(2)]
+        positions = sorted(by_length.index(i) for micros in step_micros for micro in micros for i in micro)
+        assert positions == list(range(positions[0], positions[0] + 8))
+        ordered = sorted((micro for micros in step_micros for micro in micros), key=lambda m: by_length.index(m[0]))
+        assert per_rank[0][step] == [ordered[0], ordered[-1]]
 
 
 class ListShard:

@@ -108,7 +108,10 @@ def plan_window(lengths: Sequence[int], shape: BatchShape, seed: int, epoch: int
     """Micro-batches (lists of row indices into the window) in feeding order, for whole steps only.
 
     A window of n rows gives n // rows_per_step steps; the remaining rows (the end of an epoch) are left
-    out. The result is a pure function of its arguments, which is what makes resuming exact.
+    out. Rows are bucketed by length, and each step takes neighbouring buckets, so that every rank of a
+    step pads to about the same width and none waits for the others at the gradient all-reduce; the
+    steps are then shuffled. The result is a pure function of its arguments, which is what makes resuming
+    exact.
     """
     steps = len(lengths) // shape.rows_per_step
     rng = random.Random(f"{seed}:{epoch}:{window}")
@@ -116,8 +119,18 @@ def plan_window(lengths: Sequence[int], shape: BatchShape, seed: int, epoch: int
     rng.shuffle(order)
     used = sorted(order[: steps * shape.rows_per_step], key=lambda i: (lengths[i], i))
     micro_batches = [used[i : i + shape.micro_batch] for i in range(0, len(used), shape.micro_batch)]
-    rng.shuffle(micro_batches)
-    return micro_batches
+    per_step = shape.grad_accum * shape.world_size
+    plan = [_deal(micro_batches[i : i + per_step], shape.world_size) for i in range(0, len(micro_batches), per_step)]
+    rng.shuffle(plan)
+    return [micro for step in plan for micro in step]
+
+
+def _deal(step: list[list[int]], world_size: int) -> list[list[int]]:
+    """One step's micro-batches, shortest first, in the order `rank_micro_batches` hands them out, snaking:
+    ranks take the accumulation slots in turn, every other slot in reverse, so no rank always gets the
+    longest of each slot."""
+    slots = [step[i : i + world_size] for i in range(0, len(step), world_size)]
+    return [micro for n, slot in enumerate(slots) for micro in (slot[::-1] if n % 2 else slot)]
 
 
 def rank_micro_batches(micro_batches: list[list[int]], shape: BatchShape, rank: int) -> list[list[list[int]]]:
