@@ -10,7 +10,9 @@ init) and teardown are reported apart, as the fit's wall time minus its step tim
 The two are measured in alternation, --repeats times each plus one more plain run at the end, so that
 load from other processes falls on both; the ratio of the best runs is the headline, next to the median
 of the per-round ratios. A breakdown of the best Ray run's steps (training.finetuning.step_clock) says
-where its time goes, next to the plain loop's.
+where its time goes, next to the plain loop's. Last, a bare gloo all-reduce of the model's gradients
+between --workers processes gives the communication floor, and with it the best ratio any data-parallel
+loop could reach here without overlapping communication with the backward pass.
 
     python bench/train_throughput.py                      # synthetic Llama (hidden 256, 4 layers)
     python bench/train_throughput.py --model smollm2-135m --rows 96 --max-tokens 128
@@ -121,6 +123,7 @@ def plain_loop(model_dir: str, data: Path, args: argparse.Namespace) -> dict[str
         "steps": len(step_seconds),
         "phases_s": mean_phases(step_phases[1:]),
         "threads": torch.get_num_threads(),
+        "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
 
 
@@ -149,6 +152,49 @@ def ray_loop(model_dir: str, data: Path, out: Path, args: argparse.Namespace) ->
         "omp_num_threads": summary["omp_num_threads"],
         "niceness": summary.get("niceness"),
     }
+
+
+def _allreduce_worker(rank: int, workers: int, numel: int, port: int, rounds: int, results) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
+    tensor = torch.randn(numel)
+    for _ in range(3):
+        dist.all_reduce(tensor)
+    times = []
+    for _ in range(rounds):
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(tensor)
+        times.append(time.perf_counter() - started)
+    if rank == 0:
+        results.put(statistics.median(times))
+    dist.destroy_process_group()
+
+
+def allreduce_floor(numel: int, workers: int, rounds: int = 20) -> float:
+    """Median seconds of a bare gloo all-reduce of `numel` float32 between `workers` processes of one
+    thread each: the least any data-parallel step pays to average this model's gradients here."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [
+        context.Process(target=_allreduce_worker, args=(rank, workers, numel, port, rounds, results))
+        for rank in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    seconds = results.get(timeout=300)
+    for process in processes:
+        process.join(timeout=60)
+    return seconds
 
 
 def mean_phases(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -219,6 +265,14 @@ def main() -> None:
     startups = ", ".join(f"{run['startup_s']:.1f}" for run in ray_runs)
     print(f"Ray+DS start-up and teardown: {startups} s (the first fit starts Ray)")
     print_breakdown(best_plain, best_ray)
+    floor = allreduce_floor(best_plain["parameters"], args.workers)
+    phases = best_ray["phases_s"]
+    ceiling = phases["forward"] + phases["backward"] + floor + best_plain["phases_s"]["optimizer"]
+    plain_step = sum(best_plain["phases_s"].values())
+    print(f"bare gloo all-reduce of the {best_plain['parameters']:,} gradients ({args.workers} processes, 1 thread "
+          f"each): {floor * 1e3:.1f} ms; Ray's forward and backward plus that and the plain optimizer step: "
+          f"{ceiling * 1e3:.1f} ms, at best {plain_step / ceiling:.2f}x the plain loop without overlapping "
+          "communication with backward")  # fmt: skip
 
 
 if __name__ == "__main__":
