@@ -107,8 +107,8 @@ class DocumentEncoder:
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.dtype = resolve_dtype(spec.dtype, self.device)
         # bf16 weights on a CPU would also round the residual stream after every block. Autocast keeps the
-        # weights, norms and residual in fp32 and runs only the matmuls in bf16: every document's vector
-        # stays within cosine 0.99 of fp32 (bf16 weights: 0.98 on short documents), at the same speed.
+        # weights, norms and residual in fp32 and runs only the matmuls in bf16: closer to fp32 than bf16
+        # weights, and no slower (docs/results.md, "bfloat16 encode").
         self.autocast = self.dtype == "bfloat16" and self.device == "cpu"
         weights = torch.float32 if self.autocast else getattr(torch, self.dtype)
         model = load_model(spec.model, dtype=weights, device=self.device)
