@@ -3,8 +3,9 @@
 Both train the same model on the same rows, in the same micro-batches and global batch, with AdamW, on
 the same cores: the plain loop runs in this process with one torch thread per Ray worker (--workers
 threads), the Ray loop runs `training.finetuning.finetune` with --workers workers (ZeRO stage
---zero-stage, gloo on CPU), each with the torch threads it picks by default. Steady-state tokens/s is
-taken from the per-step timings (first step left out); start-up (Ray, workers, model load, DeepSpeed
+--zero-stage, gloo on CPU), each with the torch threads it picks by default. With --grad-accum N each
+worker accumulates N micro-batches per optimizer step, and the plain loop N x --workers. Steady-state
+tokens/s is taken from the per-step timings (first step left out); start-up (Ray, workers, model load, DeepSpeed
 init) and teardown are reported apart, as the fit's wall time minus its step times.
 
 The two are measured in alternation, --repeats times each plus one more plain run at the end, so that
@@ -15,6 +16,7 @@ between --workers processes gives the communication floor, and with it the best 
 loop could reach here without overlapping communication with the backward pass.
 
     python bench/train_throughput.py                      # synthetic Llama (hidden 256, 4 layers)
+    python bench/train_throughput.py --rows 768 --grad-accum 2 --zero-stage 1   # one all-reduce per step
     python bench/train_throughput.py --model smollm2-135m --rows 96 --max-tokens 128
 """
 
@@ -96,20 +98,21 @@ def plain_loop(model_dir: str, data: Path, args: argparse.Namespace) -> dict[str
         Example(*encode_example(tokenizer, row["prompt"], training_target(row), args.max_tokens)) for row in rows
     ]
     # world_size=1 and micro-batches of the Ray run's global batch per step: same rows per optimizer step.
-    shape = BatchShape(args.micro_batch, args.workers, 1, len(rows))
+    per_step = args.workers * args.grad_accum
+    shape = BatchShape(args.micro_batch, per_step, 1, len(rows))
     micro = plan_window([len(e.input_ids) for e in examples], shape, 0, 0, 0)
     clock = StepClock()
     step_phases, tokens = [], []
-    for step in range(len(micro) // args.workers):
+    for step in range(len(micro) // per_step):
         step_tokens = 0
-        for ids in micro[step * args.workers : (step + 1) * args.workers]:
+        for ids in micro[step * per_step : (step + 1) * per_step]:
             with clock.phase("data"):
                 batch = collate([examples[i] for i in ids], tokenizer.pad_token_id)
             with clock.phase("forward"):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss, _ = causal_lm_loss(logits, batch["labels"])
             with clock.phase("backward"):
-                (loss / args.workers).backward()
+                (loss / per_step).backward()
             step_tokens += int(batch["attention_mask"].sum())
         with clock.phase("optimizer"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -131,8 +134,8 @@ def ray_loop(model_dir: str, data: Path, out: Path, args: argparse.Namespace) ->
     """One fit of the fine-tuning job; steady state from its metrics.jsonl, start-up as the rest of its wall time."""
     config = FinetuneConfig(
         model=model_dir, data=str(data), out=str(out), zero_stage=args.zero_stage, num_workers=args.workers,
-        micro_batch=args.micro_batch, grad_accum=1, window_steps=1000, max_tokens=args.max_tokens, epochs=1,
-        lr=1e-4, warmup_steps=1, checkpoint_every=10**6, log_every=10**6, force=True,
+        micro_batch=args.micro_batch, grad_accum=args.grad_accum, window_steps=1000, max_tokens=args.max_tokens,
+        epochs=1, lr=1e-4, warmup_steps=1, checkpoint_every=10**6, log_every=10**6, force=True,
     )  # fmt: skip
     started = time.perf_counter()
     run_finetune(config)
@@ -224,6 +227,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per worker per optimizer step")
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="plain loop's torch threads; 0: one per worker")
     parser.add_argument("--repeats", type=int, default=3, help="Ray fits, each after a plain run")

@@ -1,4 +1,4 @@
-r"""Fine-tune a pruned model on a distilled set with Ray Train and DeepSpeed (ZeRO 2 or 3).
+r"""Fine-tune a pruned model on a distilled set with Ray Train and DeepSpeed (ZeRO 1, 2 or 3).
 
     python -m jobs.finetune --model runs/pruned --data runs/distilled/distilled --out runs/finetuned
     python -m jobs.finetune ... --zero-stage 3 --kd-weight 0.5 --teacher smollm2-135m --lora-r 16

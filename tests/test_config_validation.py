@@ -165,7 +165,7 @@ BAD: dict[str, dict[str, tuple]] = {
         "teacher_actors": (0,),
     },
     "FinetuneConfig": {
-        "zero_stage": (1,),
+        "zero_stage": (0, 4),
         "kd_weight": (-0.1, 1.5, *FLOATS),
         "kd_temperature": (0.0, *FLOATS),
         "lora_r": (-1,),

@@ -269,6 +269,11 @@ def test_deepspeed_config_from_typed_config():
     assert (
         gpu["bf16"] == {"enabled": True} and "stage3_gather_16bit_weights_on_model_save" not in gpu["zero_optimization"]
     )
+    settings = dict(micro_batch=2, grad_accum=4, world_size=2, grad_clip=1.0, bf16=False, total_steps=10)
+    stage1 = build_deepspeed_config(zero_stage=1, warmup_steps=0, min_lr_ratio=0.0, **settings)
+    assert stage1["zero_optimization"]["stage"] == 1 and stage1["train_batch_size"] == 16
+    with pytest.raises(ValueError, match="zero_stage=4 must be 1, 2 or 3"):
+        build_deepspeed_config(zero_stage=4, warmup_steps=0, min_lr_ratio=0.0, **settings)
 
 
 def test_step_clock_tiles_the_lap_and_takes_nested_phases_out_of_their_parent():
@@ -336,7 +341,7 @@ def test_lora_merge_gives_the_adapter_models_logits(tiny_model_dir, one_torch_th
 def test_config_errors_name_the_field(tmp_path, tiny_model_dir):
     data = write_distilled(tmp_path / "d", rows=16)
     with pytest.raises(ConfigError, match="zero_stage"):
-        fit_config(tiny_model_dir, data, str(tmp_path / "o"), zero_stage=1)
+        fit_config(tiny_model_dir, data, str(tmp_path / "o"), zero_stage=4)
     with pytest.raises(ConfigError, match="teacher"):
         fit_config(tiny_model_dir, data, str(tmp_path / "o"), kd_weight=0.5)
     with pytest.raises(ConfigError, match="kd_weight"):
@@ -379,6 +384,25 @@ def test_zero2_learns_the_planted_task_and_exports(zero2_run, distilled):
     logits[tokenizer.all_special_ids] = -float("inf")
     # The first answer word is in the task's answer range, w100..w109 (24 tiny steps do not learn which one).
     assert tokenizer.convert_ids_to_tokens(logits.argmax().item()).startswith("w10")
+
+
+@pytest.mark.timeout(600)
+def test_zero1_takes_the_same_steps_as_zero2(zero2_run, tiny_model_dir, distilled, tmp_path):
+    """ZeRO-1 averages the gradients once per optimizer step instead of after every micro-batch: the same
+    AdamW on the same averaged gradients, so the same losses and the same exported weights."""
+    from transformers import AutoModelForCausalLM
+
+    reference, _ = zero2_run
+    out = tmp_path / "zero1"
+    result = run_finetune(fit_config(tiny_model_dir, distilled, str(out), zero_stage=1))
+    assert result["counts"]["steps"] == 24
+    losses = [row["loss"] for row in read_metrics(out)]
+    assert losses == pytest.approx([row["loss"] for row in read_metrics(reference)], rel=1e-4)
+    assert all(row["phases_s"]["grad_reduce"] > 0 for row in read_metrics(out))
+    ours = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(reference / "model").state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[name], theirs[name], atol=1e-4) for name in ours)
 
 
 def test_step_breakdown_sums_to_the_step_time_and_workers_use_the_set_threads(zero2_run):
@@ -466,7 +490,7 @@ def test_job_with_lora_and_kd_as_subprocess(tiny_model_dir, tmp_path):
 def test_shipped_config_loads():
     values = cli.load_yaml(str(REPO / "jobs" / "configs" / "demo-finetune.yaml"))
     config = cli.from_mapping(FinetuneConfig, {"model": "m", "data": "d", "out": "o", **values})
-    assert config.zero_stage in (2, 3)
+    assert config.zero_stage in (1, 2, 3)
 
 
 def test_worker_plan_carries_no_s3_credentials(tiny_model_dir, distilled, tmp_path, monkeypatch):

@@ -89,7 +89,9 @@ class FinetuneConfig(RunConfig):
     out: str = ""
     """Output directory, local or s3://: model/, metrics.jsonl, checkpoints/, manifest.json."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 2 (shard optimizer state and gradients) or 3 (also the parameters)."""
+    """DeepSpeed ZeRO stage: 1 shards the optimizer state and averages the gradients once per optimizer
+    step, 2 also shards the gradients but averages them after every micro-batch, 3 also shards the
+    parameters. With grad_accum > 1 and a model whose gradients fit on every worker, 1 communicates least."""
     teacher: str | None = None
     """Unpruned model for knowledge distillation (same tokenizer); needed when kd_weight > 0."""
     kd_weight: float = 0.0
@@ -152,8 +154,8 @@ class FinetuneConfig(RunConfig):
         for name in ("model", "data", "out"):
             if not getattr(self, name):
                 raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
-        if self.zero_stage not in (2, 3):
-            raise ConfigError("zero_stage", self.zero_stage, "must be 2 or 3")
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError("zero_stage", self.zero_stage, "must be 1, 2 or 3")
         check_range("kd_weight", self.kd_weight, ge=0.0, le=1.0, hint="a mixing weight")
         if self.kd_weight > 0 and not self.teacher:
             raise ConfigError("teacher", self.teacher, "KD needs the unpruned model: pass --teacher DIR")
@@ -537,7 +539,8 @@ def _time_gradient_reduction(engine, clock: StepClock) -> None:
     """Count DeepSpeed's end-of-backward gradient reduction under `grad_reduce` instead of `backward`.
 
     ZeRO-2 and ZeRO-3 reduce the gradients left in their bucket in this epilogue of `engine.backward`
-    (with the default bucket size, all of them below a few hundred million parameters).
+    after every micro-batch (with the default bucket size, all of them below a few hundred million
+    parameters); ZeRO-1 calls it once per optimizer step, at the last micro-batch's backward.
     """
     optimizer = engine.optimizer
     epilogue = getattr(optimizer, "overlapping_partition_gradients_reduce_epilogue", None)
