@@ -387,18 +387,20 @@ def test_zero2_learns_the_planted_task_and_exports(zero2_run, distilled):
 
 
 @pytest.mark.timeout(600)
-def test_zero1_takes_the_same_steps_as_zero2(zero2_run, tiny_model_dir, distilled, tmp_path):
+def test_zero1_takes_the_same_steps_as_zero2_and_resumes(zero2_run, tiny_model_dir, distilled, tmp_path):
     """ZeRO-1 averages the gradients once per optimizer step instead of after every micro-batch: the same
-    AdamW on the same averaged gradients, so the same losses and the same exported weights."""
+    AdamW on the same averaged gradients, so the same losses and the same exported weights, here through a
+    failure and a resume from a ZeRO-1 checkpoint."""
     from transformers import AutoModelForCausalLM
 
     reference, _ = zero2_run
     out = tmp_path / "zero1"
-    result = run_finetune(fit_config(tiny_model_dir, distilled, str(out), zero_stage=1))
-    assert result["counts"]["steps"] == 24
-    losses = [row["loss"] for row in read_metrics(out)]
-    assert losses == pytest.approx([row["loss"] for row in read_metrics(reference)], rel=1e-4)
-    assert all(row["phases_s"]["grad_reduce"] > 0 for row in read_metrics(out))
+    result = run_finetune(fit_config(tiny_model_dir, distilled, str(out), zero_stage=1, fail_at_step=8))
+    assert result["resumed_from_step"] == 5 and result["counts"]["steps"] == 24
+    metrics = read_metrics(out)
+    assert [row["step"] for row in metrics] == list(range(1, 25))
+    assert [row["loss"] for row in metrics] == pytest.approx([row["loss"] for row in read_metrics(reference)], rel=1e-3)
+    assert all(row["phases_s"]["grad_reduce"] > 0 for row in metrics)
     ours = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     theirs = AutoModelForCausalLM.from_pretrained(reference / "model").state_dict()
     assert ours.keys() == theirs.keys()
@@ -483,7 +485,7 @@ def test_job_with_lora_and_kd_as_subprocess(tiny_model_dir, tmp_path):
     assert torch.equal(merged.model.layers[0].self_attn.k_proj.weight, base.model.layers[0].self_attn.k_proj.weight)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "finetune" and manifest["config"]["lora_r"] == 4
-    bad = subprocess.run([*job, "--zero-stage", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([*job, "--zero-stage", "4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "zero_stage" in bad.stderr
 
 
