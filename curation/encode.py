@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from core.batching import length_batches, pad_right
+from core.heap import release_free_heap
 from core.logs import worker_logging
 from core.models import TruncatedForward, load_model, load_tokenizer
 from core.placement import resolve_device, resolve_dtype
@@ -237,6 +238,7 @@ class EncodeDocuments:
         self.seconds += time.perf_counter() - started
         logger.debug("encoded %d docs, %.0f tokens/s so far", len(token_lists), self.tokens / self.seconds)
         bump(self.progress, len(token_lists))
+        release_free_heap()
         return batch
 
 
@@ -249,4 +251,6 @@ class TokenActivations:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         token_lists = [row.tolist() for row in batch["input_ids"]]
-        return {"act": self.encoder.activations(token_lists).numpy().astype(np.float32)}
+        activations = self.encoder.activations(token_lists).numpy().astype(np.float32)
+        release_free_heap()
+        return {"act": activations}

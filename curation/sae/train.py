@@ -25,6 +25,7 @@ import torch
 from core import manifest, models, storage
 from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
+from core.heap import model_actor_runtime_env
 from core.logs import worker_logging
 from core.placement import record_model_load, requested_device, run_remote, worker_device
 from core.progress import Progress
@@ -238,6 +239,7 @@ def _activation_stream(
             compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
             num_cpus=config.cpus_per_actor,
             num_gpus=config.gpus_per_actor or None,
+            runtime_env=model_actor_runtime_env(),
             batch_size=128,
         )
         .limit(config.max_train_tokens)

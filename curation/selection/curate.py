@@ -18,6 +18,7 @@ import pyarrow as pa
 from core import manifest, models, storage
 from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
+from core.heap import model_actor_runtime_env
 from core.logs import worker_logging
 from core.placement import requested_device, run_remote
 from core.progress import ray_counter
@@ -313,6 +314,7 @@ def encode_shards(
         compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
         num_cpus=config.cpus_per_actor,
         num_gpus=config.gpus_per_actor or None,
+        runtime_env=model_actor_runtime_env(),
         batch_size=config.batch_size,
         **actor_retries,
     )
