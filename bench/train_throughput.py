@@ -5,8 +5,8 @@ the same cores: the plain loop runs in this process with one torch thread per Ra
 threads), the Ray loop runs `training.finetuning.finetune` with --workers workers (ZeRO stage
 --zero-stage, gloo on CPU), each with the torch threads it picks by default. With --grad-accum N each
 worker accumulates N micro-batches per optimizer step, and the plain loop N x --workers. Steady-state
-tokens/s is taken from the per-step timings (first step left out); start-up (Ray, workers, model load, DeepSpeed
-init) and teardown are reported apart, as the fit's wall time minus its step times.
+tokens/s is taken from the per-step timings (first step left out); start-up (Ray, workers, model load,
+DeepSpeed init) and teardown are reported apart, as the fit's wall time minus its step times.
 
 The two are measured in alternation, --repeats times each plus one more plain run at the end, so that
 load from other processes falls on both; the ratio of the best runs is the headline, next to the median

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+ZERO_STAGES = (1, 2, 3)
+ZERO_STAGES_TEXT = "must be 1, 2 or 3"
+
 
 def build_deepspeed_config(
     *,
@@ -22,8 +25,8 @@ def build_deepspeed_config(
     bf16 is for GPUs; on CPU training stays fp32 (DeepSpeed's CPU accelerator and gloo). The schedule is
     DeepSpeed's, so its state lives in DeepSpeed checkpoints and resumes with them.
     """
-    if zero_stage not in (1, 2, 3):
-        raise ValueError(f"zero_stage={zero_stage} must be 1, 2 or 3")
+    if zero_stage not in ZERO_STAGES:
+        raise ValueError(f"zero_stage={zero_stage} {ZERO_STAGES_TEXT}")
     zero: dict[str, Any] = {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True}
     if zero_stage == 3:
         # Lets engine.save_16bit_model / GatheredParameters produce a whole state dict at export.

@@ -44,7 +44,7 @@ from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.placement import cpu_forced, record_model_load, worker_device
 from core.progress import Progress
 from core.runtime import RunConfig, init_ray, is_local_ray
-from training.finetuning.deepspeed_config import build_deepspeed_config
+from training.finetuning.deepspeed_config import ZERO_STAGES, ZERO_STAGES_TEXT, build_deepspeed_config
 from training.finetuning.losses import causal_lm_loss, combined_loss, kd_loss
 from training.finetuning.sft_data import (
     DISTILLED_COLUMNS,
@@ -154,8 +154,8 @@ class FinetuneConfig(RunConfig):
         for name in ("model", "data", "out"):
             if not getattr(self, name):
                 raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
-        if self.zero_stage not in (1, 2, 3):
-            raise ConfigError("zero_stage", self.zero_stage, "must be 1, 2 or 3")
+        if self.zero_stage not in ZERO_STAGES:
+            raise ConfigError("zero_stage", self.zero_stage, ZERO_STAGES_TEXT)
         check_range("kd_weight", self.kd_weight, ge=0.0, le=1.0, hint="a mixing weight")
         if self.kd_weight > 0 and not self.teacher:
             raise ConfigError("teacher", self.teacher, "KD needs the unpruned model: pass --teacher DIR")
