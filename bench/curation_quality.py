@@ -51,7 +51,8 @@ from curation.demo_corpus import load_summaries
 from curation.encode import DocumentEncoder, EncoderSpec
 from curation.sae.coords import select_coords
 from curation.sae.model import WEIGHTS_FILE, SAEConfig, TopKSAE, train_sae
-from curation.sae.train import TrainSAEConfig, replay_batches
+from curation.sae.replay import replay_batches
+from curation.sae.train import TrainSAEConfig
 from curation.scoring import latent_stats
 from curation.seeds import load_seeds
 

@@ -34,6 +34,7 @@ from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
 from curation.sae.coords import CoordSelector, select_coords
 from curation.sae.model import SAEConfig, TopKSAE, train_sae
+from curation.sae.replay import replay_batches
 from curation.scoring import STATS_FILE, latent_stats
 from curation.seeds import load_seeds
 
@@ -47,6 +48,7 @@ class TrainSAEConfig(RunConfig):
         "cpus_per_actor",
         "torch_threads",
         "train_cpus",
+        "replay_dir",
     }
 
     corpus: list[str] = field(default_factory=list)
@@ -72,7 +74,8 @@ class TrainSAEConfig(RunConfig):
     max_train_tokens: int = 400_000
     """Training tokens (activations) to draw from the corpus."""
     epochs: int = 4
-    """Passes over the drawn tokens; above 1 they are held in memory (max_train_tokens x K floats)."""
+    """Passes over the drawn tokens; above 1 they are replayed from a file on the trainer's local disk
+    (max_train_tokens x K x 4 bytes, in `replay_dir`), so the trainer's memory does not grow with the budget."""
     batch_tokens: int = 1024
     """Tokens per optimiser step."""
     lr: float | None = None
@@ -100,6 +103,9 @@ class TrainSAEConfig(RunConfig):
     """GPUs the SAE trainer task reserves; > 0 trains on CUDA."""
     torch_threads: int = 0
     """Torch threads per actor; 0 picks from the machine (local) or cpus_per_actor (cluster)."""
+    replay_dir: str | None = None
+    """Local directory, on the trainer's node, for the replayed activations (epochs > 1); unset: the system's
+    temporary directory."""
     seed: int = 0
     """Seed of every random draw: the Jacobian probes, the SAE's initial weights, the shuffles."""
 
@@ -163,35 +169,6 @@ def corpus_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo], limit: 
             if len(texts) >= limit:
                 return texts
     return texts
-
-
-def replay_batches(
-    stream: Iterator[torch.Tensor], epochs: int, batch_tokens: int, seed: int = 0, progress: Progress | None = None
-) -> Iterator[torch.Tensor]:
-    """Yield the stream's batches; with epochs > 1, keep them and replay them shuffled by a generator seeded
-    with `seed`. `progress` counts the tokens yielded (one SAE step per batch); once the stream ends, its
-    total becomes what the stream held times `epochs`."""
-    generator = torch.Generator().manual_seed(seed)
-    progress = progress or Progress("sae train", unit="tokens", enabled=False)
-    kept: list[torch.Tensor] = []
-    streamed = steps = 0
-    for batch in stream:
-        if epochs > 1:
-            kept.append(batch)
-        streamed, steps = streamed + batch.shape[0], steps + 1
-        progress.add(batch.shape[0], note=f"step {steps:,}")
-        yield batch
-    progress.total = streamed * epochs  # exact now: a corpus smaller than the budget ends the stream early
-    if not kept:
-        return
-    everything = torch.cat(kept)
-    del kept
-    for _ in range(epochs - 1):
-        order = torch.randperm(everything.shape[0], generator=generator)
-        for start in range(0, everything.shape[0], batch_tokens):
-            steps += 1
-            progress.add(min(batch_tokens, everything.shape[0] - start), note=f"step {steps:,}")
-            yield everything[order[start : start + batch_tokens]]
 
 
 def _encoder_spec(config: TrainSAEConfig) -> EncoderSpec:
@@ -270,7 +247,7 @@ def _train_and_save(
     device = worker_device(config.train_gpus)
     stream = _activation_stream(config, spec, inputs)
     with Progress("sae train", config.max_train_tokens * config.epochs, "tokens") as progress:
-        batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed, progress)
+        batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed, progress, config.replay_dir)
         sae, metrics = train_sae((batch.to(device) for batch in batches), sae_config, seed=config.seed)
     record_model_load("sae-trainer", sae.device)
     with tempfile.TemporaryDirectory() as staging:

@@ -21,7 +21,7 @@ from conftest import REPO
 from helpers import job_env, write_corpus
 
 from curation.sae.model import SAEConfig, TopKSAE, train_sae
-from curation.sae.train import replay_batches
+from curation.sae.replay import replay_batches
 
 SAE_FLAGS = [
     "--layer", "2", "--coords", "jacobian", "--num-coords", "16", "--expansion-factor", "4", "--k", "8",
