@@ -95,51 +95,49 @@ class TreeMonitor:
 VERDICT = {True: "PASS", False: "MISS"}
 
 
-def spread(rows: list[dict], key: str, reference: dict) -> float:
-    """The largest relative distance of `key` from the reference row's, over `rows`."""
-    return max(abs(r[key] / max(reference[key], 1e-9) - 1) for r in rows)
+def print_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
+    """A markdown table: one (header, key, format spec) per column, one line per row."""
+    print("\n| " + " | ".join(header for header, _, _ in columns) + " |")
+    print("|" + "---:|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(format(r[key], spec) for _, key, spec in columns) + " |")
 
 
-def flat(label: str, value: float, target: float) -> str:
-    return f"{label} within {value:.1%} (target {target:.0%}) {VERDICT[value <= target]}"
+def print_flatness(heading: str, rows: list[dict], reference: dict, checks: list[tuple[str, str, float]]) -> None:
+    """Per (label, key, target): the largest relative distance of `key` from the reference row's, over `rows`."""
+    parts = []
+    for label, key, target in checks:
+        value = max(abs(r[key] / max(reference[key], 1e-9) - 1) for r in rows)
+        parts.append(f"{label} within {value:.1%} (target {target:.0%}) {VERDICT[value <= target]}")
+    print(f"\n{heading}: " + "; ".join(parts))
 
 
 def report_curation(curation: list[dict]) -> None:
-    print(
-        "\n| documents | tokens | wall s | encode s | encode tokens/s | driver peak MB | encode actor peak RSS MB "
-        "| encode actor peak USS MB |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in curation:
-        print(f"| {r['docs']:,} | {r['tokens']:,} | {r['wall_s']:.0f} | {r['encode_s']:.0f} | {r['tokens_per_s']:.0f} "
-              f"| {r['driver_mb']:.0f} | {r['encoder_mb']:.0f} | {r['encoder_uss_mb']:.0f} |")  # fmt: skip
+    print_table([("documents", "docs", ","), ("tokens", "tokens", ","), ("wall s", "wall_s", ".0f"),
+                 ("encode s", "encode_s", ".0f"), ("encode tokens/s", "tokens_per_s", ".0f"),
+                 ("driver peak MB", "driver_mb", ".0f"), ("encode actor peak RSS MB", "encoder_mb", ".0f"),
+                 ("encode actor peak USS MB", "encoder_uss_mb", ".0f")], curation)  # fmt: skip
     reference = next((r for r in curation if r["docs"] >= 2500), curation[0])
     upper = [r for r in curation if r["docs"] >= reference["docs"]]
-    print(f"\nfrom {reference['docs']:,} documents up: "
-          f"{flat('tokens/s', spread(upper, 'tokens_per_s', reference), TARGET_RATE)}; "
-          f"{flat('driver peak RSS', spread(upper, 'driver_mb', reference), TARGET_RSS)}; "
-          f"{flat('encode actor peak RSS', spread(upper, 'encoder_mb', reference), TARGET_RSS)}, "
-          f"{flat('peak USS', spread(upper, 'encoder_uss_mb', reference), TARGET_RSS)}")  # fmt: skip
+    print_flatness(f"from {reference['docs']:,} documents up", upper, reference,
+                   [("tokens/s", "tokens_per_s", TARGET_RATE), ("driver peak RSS", "driver_mb", TARGET_RSS),
+                    ("encode actor peak RSS", "encoder_mb", TARGET_RSS),
+                    ("encode actor peak USS", "encoder_uss_mb", TARGET_RSS)])  # fmt: skip
 
 
 def report_training(training: list[dict]) -> None:
     """The budgets' table, and flatness from the second budget up (the first carries the start-up most)."""
-    print(
-        "\n| token budget | tokens trained (x epochs) | wall s | train s | train tokens/s | driver peak MB "
-        "| trainer peak RSS MB | trainer peak anonymous MB | activation actor peak MB |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in training:
-        print(f"| {r['budget']:,} | {r['tokens']:,} | {r['wall_s']:.0f} | {r['train_s']:.0f} "
-              f"| {r['tokens_per_s']:.0f} | {r['driver_mb']:.0f} | {r['trainer_mb']:.0f} "
-              f"| {r['trainer_anon_mb']:.0f} | {r['activations_mb']:.0f} |")  # fmt: skip
+    print_table([("token budget", "budget", ","), ("tokens trained (x epochs)", "tokens", ","),
+                 ("wall s", "wall_s", ".0f"), ("train s", "train_s", ".0f"), ("train tokens/s", "tokens_per_s", ".0f"),
+                 ("driver peak MB", "driver_mb", ".0f"), ("trainer peak RSS MB", "trainer_mb", ".0f"),
+                 ("trainer peak anonymous MB", "trainer_anon_mb", ".0f"),
+                 ("activation actor peak MB", "activations_mb", ".0f")], training)  # fmt: skip
     reference = training[1] if len(training) > 1 else training[0]
-    upper = training[training.index(reference) :]
-    print(f"\nfrom a budget of {reference['budget']:,} tokens up: "
-          f"{flat('train tokens/s', spread(upper, 'tokens_per_s', reference), TARGET_RATE)}; "
-          f"{flat('driver peak RSS', spread(upper, 'driver_mb', reference), TARGET_RSS)}; "
-          f"{flat('trainer peak anonymous RSS', spread(upper, 'trainer_anon_mb', reference), TARGET_RSS)}; "
-          f"{flat('activation actor peak RSS', spread(upper, 'activations_mb', reference), TARGET_RSS)}")  # fmt: skip
+    print_flatness(f"from a budget of {reference['budget']:,} tokens up", training[training.index(reference) :],
+                   reference, [("train tokens/s", "tokens_per_s", TARGET_RATE),
+                               ("driver peak RSS", "driver_mb", TARGET_RSS),
+                               ("trainer peak anonymous RSS", "trainer_anon_mb", TARGET_RSS),
+                               ("activation actor peak RSS", "activations_mb", TARGET_RSS)])  # fmt: skip
 
 
 def run_job(args: list[str], env: dict[str, str]) -> tuple[float, TreeMonitor]:
