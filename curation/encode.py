@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -88,8 +89,14 @@ class EncoderSpec:
     dtype: str = "float32"
     """The truncated forward's matmuls: float32, bfloat16, or auto (bfloat16 where the worker's device
     computes it natively: core.placement.resolve_dtype). On a GPU bfloat16 loads the weights in bf16; on a
-    CPU it keeps them in float32 and runs the forward under bf16 autocast, so only the matmuls round. The
-    output is cast to float32 before the coordinates, the SAE and pooling, which stay in float32."""
+    CPU it keeps them in float32 and runs the forward under bf16 autocast, so only the matmuls round (and
+    short documents stay in float32: `bf16_min_tokens`). The output is cast to float32 before the
+    coordinates, the SAE and pooling, which stay in float32."""
+    bf16_min_tokens: int = 32
+    """With bfloat16 autocast (a CPU), a micro-batch whose shortest document has fewer tokens runs in float32.
+    A short document's vector is the share of a few tokens each latent fires on, so one token's Top-K swap
+    under bf16 rounding moves it most; these documents are about 0.5% of a corpus's tokens
+    (docs/results.md, "bfloat16 encode")."""
     torch_threads: int = 0
     latent_weights: list[float] | None = None
     """Per SAE latent, a weight applied to the pooled vector before it is normalised: the rarity weights of
@@ -127,6 +134,12 @@ class DocumentEncoder:
                 raise ValueError(f"{len(spec.latent_weights)} latent weights for {self.sae.cfg.num_latents} latents")
             self.weights = torch.tensor(spec.latent_weights, dtype=torch.float32, device=self.device)
 
+    def matmul_precision(self, shortest: int) -> AbstractContextManager:
+        """The context a micro-batch's truncated forward runs in, given its shortest document's length: bf16
+        autocast on a CPU in bfloat16, unless that document is under `spec.bf16_min_tokens`."""
+        enabled = self.autocast and shortest >= self.spec.bf16_min_tokens
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
     def hidden_batches(
         self, token_lists: Sequence[Sequence[int]]
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
@@ -137,7 +150,7 @@ class DocumentEncoder:
         lengths = [len(tokens) for tokens in token_lists]
         for rows in length_batches(lengths, self.spec.max_batch_tokens):
             ids, attention = pad_right([token_lists[row] for row in rows], self.pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            with self.matmul_precision(min(lengths[row] for row in rows)):
                 hidden = self.forward(ids.to(self.device), attention.to(self.device)).float()
             if self.coords is not None:
                 hidden = hidden[..., self.coords.to(hidden.device)]

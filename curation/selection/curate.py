@@ -261,8 +261,10 @@ def selection_spec(config: CurateConfig, seeds: Seeds) -> SelectionSpec:
 
 
 def _encode_seeds(spec: EncoderSpec, sae: TopKSAE, seeds: Seeds, max_tokens: int) -> np.ndarray:
+    """The seed vectors, always in float32: a handful of documents, often short, that every corpus document
+    is scored against, so bf16 rounding here would move every score (docs/results.md, "bfloat16 encode")."""
     worker_logging()
-    return seed_vectors(DocumentEncoder(spec, sae=sae), seeds, max_tokens)
+    return seed_vectors(DocumentEncoder(dataclasses.replace(spec, dtype="float32"), sae=sae), seeds, max_tokens)
 
 
 def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> tuple[EncoderSpec, np.ndarray]:

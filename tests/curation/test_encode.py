@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -378,7 +379,8 @@ def test_a_bfloat16_forward_gives_the_float32_vectors_within_rounding(tiny_model
     docs = random_docs(12, 5, 40, seed=3)
     vectors, hidden = {}, {}
     for dtype in ("float32", "bfloat16"):
-        encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype=dtype))
+        spec = EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype=dtype, bf16_min_tokens=0)
+        encoder = DocumentEncoder(spec)
         assert next(encoder.forward.parameters()).dtype == torch.float32
         vectors[dtype] = encoder.encode(docs)
         assert vectors[dtype].dtype == torch.float32
@@ -389,6 +391,21 @@ def test_a_bfloat16_forward_gives_the_float32_vectors_within_rounding(tiny_model
     # The residual stream stayed in float32: with bf16 weights every activation would sit on bf16's grid.
     on_grid = hidden["bfloat16"] == hidden["bfloat16"].bfloat16().float()
     assert on_grid.float().mean() < 0.5, on_grid.float().mean()
+
+
+def test_short_documents_stay_in_float32_under_bfloat16(tiny_model_dir):
+    """A micro-batch whose shortest document is under `bf16_min_tokens` runs in float32: those documents get
+    the float32 encoder's vectors bit for bit (length batching cuts the same micro-batches in both), while
+    the micro-batches of longer documents do run in bf16."""
+    docs = random_docs(40, 3, 60, seed=13)
+    fp32 = make_encoder(tiny_model_dir, max_batch_tokens=256).encode(docs)
+    mixed = make_encoder(tiny_model_dir, max_batch_tokens=256, dtype="bfloat16", bf16_min_tokens=20).encode(docs)
+    short = torch.tensor([len(doc) < 20 for doc in docs])
+    assert 5 <= int(short.sum()) <= 35
+    assert torch.equal(mixed[short], fp32[short])
+    changed = (mixed != fp32).any(dim=1)
+    assert bool(changed[~short].any())
+    assert float((mixed * fp32).sum(dim=1).min()) >= 0.99
 
 
 def test_bfloat16_autocast_is_closer_to_float32_than_bfloat16_weights(tiny_model_dir):
@@ -417,3 +434,19 @@ def test_auto_dtype_follows_the_device(tiny_model_dir, monkeypatch):
         assert next(encoder.forward.parameters()).dtype == torch.float32
         assert encoder.autocast == native
         assert encoder.dtype == str(dtype).removeprefix("torch.")
+
+
+def test_seeds_are_encoded_in_float32_whatever_the_corpus_dtype(tiny_model_dir):
+    """Every corpus document is scored against the seed vectors, so they are computed in float32 even when the
+    corpus is encoded in bfloat16."""
+    from curation.seeds import Seeds
+    from curation.selection.curate import _encode_seeds, seed_vectors
+
+    seeds = Seeds(texts=["the cell divides and the gene is copied " * 4, "a bond yields interest " * 6],
+                  domains=["bio", "finance"])  # fmt: skip
+    spec = EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype="bfloat16", bf16_min_tokens=0)
+    vectors = _encode_seeds(spec, None, seeds, max_tokens=64)
+    exact = seed_vectors(make_encoder(tiny_model_dir), seeds, max_tokens=64)
+    rounded = seed_vectors(DocumentEncoder(spec), seeds, max_tokens=64)
+    assert np.array_equal(vectors, exact)
+    assert not np.array_equal(vectors, rounded)
