@@ -39,6 +39,8 @@ from curation.scoring import STATS_FILE, latent_stats
 from curation.seeds import load_seeds
 
 logger = logging.getLogger(__name__)
+ACTIVATION_BLOCK_BYTES = 8 * 1024 * 1024
+"""Largest block of activation rows an activation actor hands on: the trainer starts, and memory is freed, sooner."""
 
 
 @dataclass
@@ -193,10 +195,9 @@ def _choose_coords(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[stora
     return select_coords(encoder, token_lists, config.coords, config.num_coords, seed=config.seed)
 
 
-def _activation_stream(
-    config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]
-) -> Iterator[torch.Tensor]:
-    """read -> clean -> tokenize -> activation actors, as locally shuffled batches of `batch_tokens` activations.
+def activation_dataset(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]) -> Any:
+    """read -> clean -> tokenize -> activation actors: a Ray Dataset of `act` rows, the first
+    `max_train_tokens` counted tokens in corpus order, in blocks of at most `ACTIVATION_BLOCK_BYTES`.
 
     The stream is ordered: the rows come in corpus order whichever task finishes first, so `.limit()` keeps
     the same leading rows and the seeded local shuffle sees the same sequence in every run. Ray must be
@@ -221,12 +222,22 @@ def _activation_stream(
         )
         .limit(config.max_train_tokens)
     )
-    # The setting lands in this dataset's own DataContext (ray.data copies the context when a dataset is
+    # Both settings land in this dataset's own DataContext (ray.data copies the context when a dataset is
     # created), so other datasets of the process stream as they did.
     activations.context.execution_options.preserve_order = True
+    # One activation row is d_in x 4 bytes (2.3 KB on SmolLM2). At Ray Data's default of 128 MiB per output
+    # block an actor computed ~57k tokens before the trainer saw the first, and handed them on in bursts.
+    activations.context.target_max_block_size = ACTIVATION_BLOCK_BYTES
+    return activations
+
+
+def _activation_stream(
+    config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]
+) -> Iterator[torch.Tensor]:
+    """`activation_dataset` as locally shuffled batches of `batch_tokens` activations."""
     return (
         batch["act"]
-        for batch in activations.iter_torch_batches(
+        for batch in activation_dataset(config, spec, inputs).iter_torch_batches(
             batch_size=config.batch_tokens,
             local_shuffle_buffer_size=16 * config.batch_tokens,
             local_shuffle_seed=config.seed,
