@@ -178,7 +178,7 @@ def plan(config: CurateConfig) -> CurationPlan:
 
 
 def seed_vectors(encoder: DocumentEncoder, seeds: Seeds, max_tokens: int) -> np.ndarray:
-    """(seeds, latents) unit vectors of the seeds, encoded exactly like corpus documents."""
+    """(seeds, latents) unit vectors of the seeds, encoded by `encoder` as corpus documents are."""
     return encoder.encode(tokenize_texts(encoder.tokenizer, seeds.texts, max_tokens)).numpy()
 
 
