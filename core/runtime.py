@@ -60,7 +60,7 @@ def init_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(address)
     from core.placement import PROPAGATED
 
     # Workers keep the driver's placement settings and progress interval (fine-tuning, evaluation lines).
@@ -81,8 +81,16 @@ def init_ray(address: str | None = None) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+def ray_address(address: str | None) -> str | None:
+    """The cluster to join: `address`, else $RAY_ADDRESS; None for a Ray of this process's own, which
+    "local" (Ray's own word for it) also asks for."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
 def is_local_ray(address: str | None) -> bool:
-    return not (address or os.environ.get("RAY_ADDRESS"))
+    """Whether the job runs on a Ray it starts on this machine (its cores are the job's to share)."""
+    return ray_address(address) is None
 
 
 def default_torch_threads(actors: int, cpus_per_actor: float, address: str | None) -> int:
