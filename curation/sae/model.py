@@ -419,8 +419,11 @@ def train_sae(
     Rows over the normaliser's ``max_input_norm`` (attention sinks) are dropped, and counted.
 
     Returns the SAE (on the device of the first batch) and ``{"fvu", "dead_fraction", "tokens",
-    "tokens_per_s", "steps", "sink_tokens"}``, where ``fvu`` is the mean over the last ``log_every`` steps.
+    "tokens_per_s", "steps", "sink_tokens", "first_step_s"}``, where ``fvu`` is the mean over the last
+    ``log_every`` steps, ``tokens_per_s`` is the rate from the first step on, and ``first_step_s`` is the
+    wait before it (for a stream: its start and the normaliser's sample).
     """
+    called = time.perf_counter()
     iterator = iter(batches)
     buffered, sample = _take_normalizer_sample(iterator, cfg.d_in, normalizer_tokens)
     sae = TopKSAE(cfg, device=sample.device, seed=seed)
@@ -455,7 +458,7 @@ def train_sae(
             _log_progress(steps, trainer, recent_fvu, start)
     if steps == 0:
         raise ValueError("train_sae got no training rows (max_tokens=0?)")
-    summary = {**_summary(steps, trainer, recent_fvu, start), "sink_tokens": sinks}
+    summary = {**_summary(steps, trainer, recent_fvu, start), "sink_tokens": sinks, "first_step_s": start - called}
     logger.info("SAE done: %s", summary)
     return sae, summary
 

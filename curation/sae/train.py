@@ -305,10 +305,13 @@ def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     # The driver loads no model: coordinates are measured in a task holding one activation actor's
     # resources, and the SAE trains in a task holding the trainer's, which streams the activations itself.
     shipped = config.for_workers()
-    with timer("coords"):
-        coords = run_remote(
-            _choose_coords, shipped, spec, inputs, num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor
-        )
+    if config.coords == "all":
+        coords = list(range(info.hidden_size))  # nothing to measure, so no model to load
+    else:
+        with timer("coords"):
+            coords = run_remote(
+                _choose_coords, shipped, spec, inputs, num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor
+            )
     spec = dataclasses.replace(spec, coords=coords)
     sae_config = _sae_config(config, info, coords)
     threads = default_torch_threads(1, config.train_cpus, config.ray_address)

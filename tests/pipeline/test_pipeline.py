@@ -56,6 +56,25 @@ def test_sae_directory_is_complete(curated_run):
     assert len(stats.fired_in) == sae.cfg.num_latents and 0 < max(stats.fired_in) <= stats.docs
 
 
+def test_all_coordinates_train_without_measuring_any(curated_run, tiny_model_dir):
+    """coords=all, the default, has nothing to measure: no coordinate task loads the model first."""
+    root = curated_run["root"]
+    manifest = run_train_sae(
+        TrainSAEConfig(
+            corpus=[str(root / "corpus" / "*.jsonl.gz")], out=str(root / "sae-all"), model=tiny_model_dir, layer=2,
+            expansion_factor=2, k=8, max_train_tokens=600, epochs=1, batch_tokens=256, cpus_per_actor=0.5,
+            stats_docs=0,
+        )
+    )  # fmt: skip
+    hidden_size = 64  # the tiny model's (tests/conftest.py)
+    assert manifest["coords"] == list(range(hidden_size)) and "coords" not in manifest["timings_s"]
+    sae = TopKSAE.load(root / "sae-all")
+    assert sae.cfg.coords == list(range(hidden_size)) and sae.cfg.coord_selector == "all"
+    assert (
+        manifest["counts"]["tokens"] == 600 and 0 < manifest["counts"]["first_step_s"] < manifest["timings_s"]["train"]
+    )
+
+
 def test_planted_documents_are_selected_first(curated_run):
     table = pq.read_table(curated_run["root"] / "out" / "curated").to_pylist()
     planted = curated_run["corpus"]["planted"]
