@@ -53,10 +53,10 @@ class TreeMonitor:
     """Peak RSS, anonymous RSS and USS of a process and of each of its descendants, sampled on a thread until
     `stop`: RSS and anonymous RSS every `interval` seconds, USS every `uss_every`-th time.
 
-    USS is read from /proc/PID/smaps, a walk of the process's page tables under its memory-map lock: at 5
+    USS is read from /proc/PID/smaps, a walk of the process's page tables under its memory-map lock. At 5
     sweeps a second over a local Ray's ~13 processes that took about a third of a core and stalled the
-    sampled processes' own allocations, slowing the measured stages by up to 40% on 2 cores. RSS and its
-    file-backed share come from /proc/PID/statm, which costs nothing.
+    sampled processes' own allocations: SAE training's stage (100k tokens, 2 cores) took 435 s instead of
+    332 s. RSS and its file-backed share come from /proc/PID/statm, which costs next to nothing.
     """
 
     def __init__(self, pid: int, interval: float = 0.2, uss_every: int = 10):

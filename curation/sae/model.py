@@ -414,14 +414,12 @@ def train_sae(
     then trained on like the rest). Training stops when the batches run out or after ``max_tokens`` rows.
     ``lr`` None uses :class:`SAETrainer`'s default (Gao et al.'s width-scaled rule). ``seed`` draws the
     initial weights (the only random numbers here), so the result is a function of the batches, in their
-    order, and the arguments.
+    order, and the arguments. Rows over the normaliser's ``max_input_norm`` (attention sinks) are dropped,
+    and counted.
 
-    Rows over the normaliser's ``max_input_norm`` (attention sinks) are dropped, and counted.
-
-    Returns the SAE (on the device of the first batch) and ``{"fvu", "dead_fraction", "tokens",
-    "tokens_per_s", "steps", "sink_tokens", "first_step_s"}``, where ``fvu`` is the mean over the last
-    ``log_every`` steps, ``tokens_per_s`` is the rate from the first step on, and ``first_step_s`` is the
-    wait before it (for a stream: its start and the normaliser's sample).
+    Returns the SAE (on the first batch's device) and ``{"fvu" (mean of the last ``log_every`` steps),
+    "dead_fraction", "tokens", "tokens_per_s" (from the first step on), "steps", "sink_tokens",
+    "first_step_s" (the wait before it: for a stream, its start and the normaliser's sample)}``.
     """
     called = time.perf_counter()
     iterator = iter(batches)
