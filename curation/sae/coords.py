@@ -79,6 +79,12 @@ def mean_magnitude(encoder: DocumentEncoder, token_lists: Sequence[Sequence[int]
     return total / max(count, 1)
 
 
+def unmeasured_coords(selector: CoordSelector, hidden_size: int) -> list[int] | None:
+    """The coordinates a selector chooses without measuring anything (every one, for `all`); None when
+    they must be measured on a model."""
+    return list(range(hidden_size)) if selector == "all" else None
+
+
 def select_coords(
     encoder: DocumentEncoder,
     token_lists: Sequence[Sequence[int]],
@@ -91,8 +97,8 @@ def select_coords(
     ``seed`` draws the Jacobian probes; ``magnitude`` and ``all`` draw nothing.
     """
     d_model = encoder.forward.base.config.hidden_size
-    if selector == "all":
-        return list(range(d_model))
+    if (fixed := unmeasured_coords(selector, d_model)) is not None:
+        return fixed
     if not 1 <= num_coords <= d_model:
         raise ConfigError("num_coords", num_coords, f"must be in 1..{d_model} (the model's hidden size)")
     if selector == "jacobian":

@@ -32,7 +32,7 @@ from core.progress import Progress
 from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_torch_threads, init_ray
 from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
-from curation.sae.coords import CoordSelector, select_coords
+from curation.sae.coords import CoordSelector, select_coords, unmeasured_coords
 from curation.sae.model import SAEConfig, TopKSAE, train_sae
 from curation.sae.replay import replay_batches
 from curation.scoring import STATS_FILE, latent_stats
@@ -302,12 +302,12 @@ def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
     manifest.prepare_output(config.out, options)
     init_ray(config.ray_address)
     spec = _encoder_spec(config)
-    # The driver loads no model: coordinates are measured in a task holding one activation actor's
-    # resources, and the SAE trains in a task holding the trainer's, which streams the activations itself.
+    # The driver loads no model: coordinates, when there are any to measure, are measured in a task holding
+    # one activation actor's resources, and the SAE trains in a task holding the trainer's, which streams
+    # the activations itself.
     shipped = config.for_workers()
-    if config.coords == "all":
-        coords = list(range(info.hidden_size))  # nothing to measure, so no model to load
-    else:
+    coords = unmeasured_coords(config.coords, info.hidden_size)
+    if coords is None:
         with timer("coords"):
             coords = run_remote(
                 _choose_coords, shipped, spec, inputs, num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor
