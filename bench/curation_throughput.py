@@ -118,16 +118,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sae", default=None, help="SAE directory; default: a fresh TopKSAE(d_in=96, k=32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per method, after one warm-up")
     parser.add_argument("--naive-docs", type=int, default=8, help="documents for the (slow) naive path")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 encode and its agreement")
-    parser.add_argument("--emulate-bf16", action="store_true", help="bf16 agreement only, bf16 emulated in fp32")
-    parser.add_argument("--untimed-bf16", action="store_true", help="bf16 agreement only, autocast's own kernels")
+    bf16 = parser.add_mutually_exclusive_group()  # how the bf16 encode runs, if at all
+    bf16.add_argument("--no-bf16", action="store_true", help="skip the bf16 encode and its agreement")
+    bf16.add_argument("--emulate-bf16", action="store_true", help="bf16 agreement only, bf16 emulated in fp32")
+    bf16.add_argument("--untimed-bf16", action="store_true", help="bf16 agreement only, autocast's own kernels")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     for name in ("docs", "max_tokens", "max_batch_tokens", "threads", "repeats", "naive_docs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    if args.emulate_bf16 and args.untimed_bf16:
-        parser.error("--emulate-bf16 and --untimed-bf16 are two ways of measuring the agreement alone: pick one")
     if args.max_batch_tokens < args.max_tokens:
         parser.error(f"--max-batch-tokens={args.max_batch_tokens} must be >= --max-tokens={args.max_tokens}")
     return args
@@ -346,7 +345,7 @@ def mark(ok: bool) -> str:
 
 
 def report_bf16(bf16: Method | None, floor: Method, agreement: dict) -> dict:
-    """The speed-up (None when bf16 was emulated: then only the agreement means anything) and the agreement."""
+    """The speed-up (None when bf16 was not timed: then only the agreement means anything) and the agreement."""
     speedup = None if bf16 is None else bf16.best_tokens_per_s / floor.best_tokens_per_s
     cosine_ok = agreement["cosine_min"] >= TARGET_COSINE
     overlap_ok = agreement["selection_overlap"] >= TARGET_OVERLAP
