@@ -28,6 +28,7 @@ import dataclasses
 import math
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,7 +355,19 @@ def run_core_checks(shape: str, device: str, dtype: torch.dtype, docs: int, only
         corpus, topics = synthetic_corpus(vocab, docs)
         layer = SHAPES[shape]["num_hidden_layers"] // 2
         setup = Setup(model_dir, layer, corpus, topics, device, dtype)
-        return [CHECKS[name](setup) for name in only]
+        return [_run_check(name, setup) for name in only]
+
+
+def _run_check(name: str, setup: Setup) -> CheckResult:
+    """One check; one that raises is reported as failed, with its error, and the others still run (on a
+    first run on new hardware, one broken path must not hide what the rest measure)."""
+    try:
+        return CHECKS[name](setup)
+    except Exception as error:  # noqa: BLE001 - reported in the results, with the traceback on stderr
+        traceback.print_exc()
+        if setup.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return CheckResult(name, {}, False, float("nan"), 0.0, f"raised {type(error).__name__}: {error}"[:300])
 
 
 def peak_flops(device: str, override_tflops: float | None) -> float | None:

@@ -61,6 +61,24 @@ def test_a_disagreeing_candidate_fails_the_check():
     assert len(same & per_seed_top(other, [0, 1, 2], 10)) / len(same) < 0.5
 
 
+def test_a_check_that_raises_is_reported_failed_and_the_others_still_run(monkeypatch):
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_cores
+
+    def broken(setup):
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setitem(gpu_cores.CHECKS, "broken", broken)
+    results = gpu_cores.run_core_checks("tiny", "cpu", torch.bfloat16, 16, ["broken", "sae"])
+    assert [result.name for result in results] == ["broken", "SAE training (fp32)"]
+    assert not results[0].passed and "RuntimeError: Expected all tensors" in results[0].detail
+    assert results[1].passed and results[1].tokens_per_s > 0
+    report = "\n".join(gpu_cores.format_results(results, None))
+    assert "FAIL" in report and "raised RuntimeError" in report
+
+
 # Pipeline mode -------------------------------------------------------------------------------------
 # No GPU here: the comparisons pipeline mode makes are pure functions, checked on planted data that must
 # pass and data that must fail; the run itself is checked only for its refusal without a GPU.
