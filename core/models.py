@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
-from core.placement import record_model_load
+from core.placement import record_model_load, shape_free_attention
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
 
     model = AutoModelForCausalLM.from_pretrained(local_model_dir(name_or_path), dtype=dtype, local_files_only=True)
     record_model_load(name_or_path, device)
+    shape_free_attention(device)
     return model.to(device).eval()
 
 

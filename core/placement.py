@@ -10,11 +10,15 @@ cluster whose worker node only advertises a GPU, runs end to end on a machine wi
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
 
 FORCE_CPU = "FINESCOPE_FORCE_CPU"
 LOAD_LOG = "FINESCOPE_LOAD_LOG"
@@ -74,13 +78,56 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+BF16_MIN_SPEEDUP = 1.25
+"""On a CPU with a bf16 flag, `auto` picks bf16 only where its matmuls run at least this much faster than
+float32's. The flag says the instructions exist, not that they are fast: on a core with two fp32 FMA
+ports and AMX hidden by the hypervisor (an Intel Xeon VM, 2026-12-04), oneDNN's avx512_core_bf16 kernels
+ran at 0.54x fp32's rate and the bf16 encode at 0.62x (docs/results.md, "bfloat16 encode")."""
+
+
 def native_bf16(device: str) -> bool:
-    """Whether `device` (cpu or cuda) computes bfloat16 matmuls natively, so bf16 is faster, not emulated."""
+    """Whether `device` (cpu or cuda) computes bfloat16 matmuls natively and faster than float32: a CUDA
+    GPU with bf16; a CPU with a bf16 flag whose bf16 matmuls measure `BF16_MIN_SPEEDUP` times fp32's."""
     if device.startswith("cuda"):
         import torch
 
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(BF16_FLAGS & cpu_flags())
+    return bool(BF16_FLAGS & cpu_flags()) and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
+
+
+@functools.cache
+def bf16_matmul_speedup(size: tuple[int, int, int] = (1024, 576, 1536), repeats: int = 5) -> float:
+    """bf16 over float32 matmul throughput on this CPU, at this process's torch threads, measured once per
+    process (about 0.1 s): the best of `repeats` (m, k) x (k, n) products each, interleaved."""
+    import time
+
+    import torch
+
+    m, k, n = size
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    for _ in range(repeats + 1):  # the first round warms both kernels up
+        for dtype in best:
+            x, y = a.to(dtype), b.to(dtype)
+            started = time.perf_counter()
+            torch.mm(x, y)
+            best[dtype] = min(best[dtype], time.perf_counter() - started)
+    speedup = best[torch.float32] / best[torch.bfloat16]
+    logger.info("bf16 matmuls run at %.2fx float32's on this CPU (%d threads)", speedup, torch.get_num_threads())
+    return speedup
+
+
+def shape_free_attention(device: Any) -> None:
+    """On CUDA, take cuDNN's kernels out of torch's scaled_dot_product_attention, for this process.
+
+    cuDNN's attention builds an execution plan for every (batch, length) shape it has not seen before, and
+    every micro-batch of documents, every prefill and every decode step here has a new one: plan building,
+    not attention, then takes most of a forward's time (`bench/gpu_encode.py`). Flash and
+    memory-efficient attention need no plan. A no-op on other devices."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def resolve_dtype(name: str, device: str) -> str:

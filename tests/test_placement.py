@@ -12,7 +12,15 @@ import sys
 import pytest
 from helpers import gpu_settings
 
-from core.placement import ACCELERATOR, FORCE_CPU, LOAD_LOG, record_model_load, requested_device, resolve_device
+from core.placement import (
+    ACCELERATOR,
+    FORCE_CPU,
+    LOAD_LOG,
+    record_model_load,
+    requested_device,
+    resolve_device,
+    shape_free_attention,
+)
 
 
 def test_every_model_stage_of_the_gpu_pipeline_asks_for_a_gpu():
@@ -50,16 +58,62 @@ def test_a_load_outside_ray_is_recorded_as_the_drivers(tmp_path, monkeypatch):
     }  # fmt: skip
 
 
-def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it_natively(tmp_path, monkeypatch):
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it_natively_and_faster(tmp_path, monkeypatch):
     from core import placement
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
     assert placement.cpu_flags(str(info)) == {"fpu", "sse", "avx512f", "avx512_bf16"}
     assert placement.cpu_flags(str(tmp_path / "missing")) == set()
-    for flags, expected in (({"avx512f", "avx512_bf16"}, "bfloat16"), ({"asimd", "bf16"}, "bfloat16"),
-                            ({"avx2", "avx512f"}, "float32"), (set(), "float32")):  # fmt: skip
+    measured = []
+
+    def speedup(value: float):
+        return lambda: measured.append(value) or value
+
+    # A bf16 flag says the instructions exist; the measured speed decides. Without a flag nothing is measured.
+    for flags, ratio, expected in (
+        ({"avx512f", "avx512_bf16"}, 2.9, "bfloat16"),
+        ({"avx512f", "avx512_bf16", "amx_bf16"}, 6.0, "bfloat16"),
+        ({"asimd", "bf16"}, 1.6, "bfloat16"),
+        ({"avx512f", "avx512_bf16", "avx512_fp16"}, 0.54, "float32"),  # AMX hidden: slower than fp32
+        ({"avx2", "avx512f"}, None, "float32"),
+        (set(), None, "float32"),
+    ):
+        measured.clear()
         monkeypatch.setattr(placement, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(placement, "bf16_matmul_speedup", speedup(ratio))
         assert placement.resolve_dtype("auto", "cpu") == expected
+        assert measured == ([ratio] if ratio is not None else [])
         assert placement.resolve_dtype("float32", "cpu") == "float32"
         assert placement.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+def test_the_bf16_speed_is_measured_once_per_process():
+    from core import placement
+
+    placement.bf16_matmul_speedup.cache_clear()
+    first = placement.bf16_matmul_speedup((64, 64, 64), 2)
+    assert first > 0 and placement.bf16_matmul_speedup((64, 64, 64), 2) == first
+    assert placement.bf16_matmul_speedup.cache_info().hits == 1
+
+
+def test_models_on_cuda_take_cudnn_out_of_attention_and_cpu_models_change_nothing(tiny_model_dir, monkeypatch):
+    """cuDNN's attention plans every new shape anew (3.5x slower encode on an H200, docs/results.md, "GPU
+    checks"); shape_free_attention turns it off for CUDA, and every model load passes its device through."""
+    import torch
+
+    from core import models
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        shape_free_attention("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        shape_free_attention(torch.device("cuda", 0))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    seen = []
+    monkeypatch.setattr(models, "shape_free_attention", seen.append)
+    models.load_model(tiny_model_dir, device="cpu")
+    assert seen == ["cpu"]

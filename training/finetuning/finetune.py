@@ -41,7 +41,7 @@ import torch
 
 from core import manifest, models, storage
 from core.errors import ConfigError, check_range, check_ranges, check_seed
-from core.placement import cpu_forced, record_model_load, worker_device
+from core.placement import cpu_forced, record_model_load, shape_free_attention, worker_device
 from core.progress import Progress
 from core.runtime import RunConfig, init_ray, is_local_ray
 from training.finetuning.deepspeed_config import ZERO_STAGES, ZERO_STAGES_TEXT, build_deepspeed_config
@@ -321,6 +321,7 @@ def _build_model(loop: WorkerPlan) -> tuple[torch.nn.Module, Any]:
     torch.manual_seed(loop.config.seed)
     model = AutoModelForCausalLM.from_pretrained(loop.model_dir, dtype=torch.float32, local_files_only=True)
     record_model_load(loop.model_dir, _worker_device(loop))
+    shape_free_attention(_worker_device(loop))
     model.config.use_cache = False
     if loop.config.lora_r:
         model = _with_lora(model, loop)
