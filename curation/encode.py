@@ -84,16 +84,20 @@ class EncoderSpec:
     skip_positions: int = 1
     pooling: Pooling = "rate"
     max_batch_tokens: int = 8192
+    """Padded tokens per forward micro-batch."""
+    max_batch_rows: int = 64
+    """Documents per forward micro-batch at most. A GPU wants far larger micro-batches than a CPU does:
+    docs/cluster.md, "Encoding on GPUs"."""
     device: str = "cpu"
     """cpu, cuda, or `accelerator`: the GPU Ray gives the actor (core.placement.resolve_device)."""
     dtype: str = "float32"
     """The truncated forward's matmuls: float32, bfloat16, or auto (bfloat16 where the worker's device
-    computes it natively: core.placement.resolve_dtype). On a GPU bfloat16 loads the weights in bf16; on a
-    CPU it keeps them in float32 and runs the forward under bf16 autocast, so only the matmuls round (and
-    short documents stay in float32: `bf16_min_tokens`). The output is cast to float32 before the
-    coordinates, the SAE and pooling, which stay in float32."""
+    computes it natively: core.placement.resolve_dtype). bfloat16 keeps the weights in float32 and runs the
+    forward under bf16 autocast, on a CPU and on a GPU alike, so only the matmuls round (and short documents
+    stay in float32: `bf16_min_tokens`), and both devices select the same documents. The output is cast to
+    float32 before the coordinates, the SAE and pooling, which stay in float32."""
     bf16_min_tokens: int = 32
-    """With bfloat16 autocast (a CPU), a micro-batch whose shortest document has fewer tokens runs in float32.
+    """With bfloat16, a micro-batch whose shortest document has fewer tokens runs in float32.
     A short document's vector is the share of a few tokens each latent fires on, so one token's Top-K swap
     under bf16 rounding moves it most; these documents are about 0.5% of a corpus's tokens
     (docs/results.md, "bfloat16 encode")."""
@@ -114,12 +118,12 @@ class DocumentEncoder:
         self.tokenizer = load_tokenizer(spec.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.dtype = resolve_dtype(spec.dtype, self.device)
-        # bf16 weights on a CPU would also round the residual stream after every block. Autocast keeps the
-        # weights, norms and residual in fp32 and runs only the matmuls in bf16: closer to fp32 than bf16
-        # weights, and no slower (docs/results.md, "bfloat16 encode").
-        self.autocast = self.dtype == "bfloat16" and self.device == "cpu"
-        weights = torch.float32 if self.autocast else getattr(torch, self.dtype)
-        model = load_model(spec.model, dtype=weights, device=self.device)
+        # bf16 weights would also round the residual stream after every block. Autocast keeps the weights,
+        # norms and residual in fp32 and runs only the matmuls in bf16: closer to fp32 than bf16 weights on
+        # either device, and no slower (docs/results.md, "bfloat16 encode"). The truncated forward's fp32
+        # weights take twice bf16's memory: 340 MB for SmolLM2-135M at layer 15.
+        self.autocast = self.dtype == "bfloat16"
+        model = load_model(spec.model, dtype=torch.float32, device=self.device)
         self.forward = TruncatedForward(model, spec.layer)
         if sae is None and spec.sae_dir is not None:
             sae = TopKSAE.load(spec.sae_dir, device=self.device)
@@ -136,9 +140,9 @@ class DocumentEncoder:
 
     def matmul_precision(self, shortest: int) -> AbstractContextManager:
         """The context a micro-batch's truncated forward runs in, given its shortest document's length: bf16
-        autocast on a CPU in bfloat16, unless that document is under `spec.bf16_min_tokens`."""
+        autocast in bfloat16, unless that document is under `spec.bf16_min_tokens`."""
         enabled = self.autocast and shortest >= self.spec.bf16_min_tokens
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=enabled)
 
     def hidden_batches(
         self, token_lists: Sequence[Sequence[int]]
@@ -148,7 +152,7 @@ class DocumentEncoder:
         The mask leaves out padding, the first `skip_positions` and, with an SAE, tokens over its
         `max_input_norm` (attention sinks at later positions) unless nothing else is left."""
         lengths = [len(tokens) for tokens in token_lists]
-        for rows in length_batches(lengths, self.spec.max_batch_tokens):
+        for rows in length_batches(lengths, self.spec.max_batch_tokens, self.spec.max_batch_rows):
             ids, attention = pad_right([token_lists[row] for row in rows], self.pad_id)
             with self.matmul_precision(min(lengths[row] for row in rows)):
                 hidden = self.forward(ids.to(self.device), attention.to(self.device)).float()

@@ -90,6 +90,7 @@ CURATE = {
     "torch_threads": (-1,),
     "batch_size": (0,),
     "max_batch_tokens": (0, 8),  # 8 < max_tokens
+    "max_batch_rows": (0,),
 }
 BAD: dict[str, dict[str, tuple]] = {
     "CleanConfig": {"min_chars": (-1, NAN, INF), "max_chars": (0, 1, NAN, INF)},

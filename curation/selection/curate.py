@@ -89,6 +89,9 @@ class CurateConfig(RunConfig):
     """Documents per encode batch; each is cut into length-sorted micro-batches."""
     max_batch_tokens: int = 8192
     """Padded tokens per forward micro-batch."""
+    max_batch_rows: int = 64
+    """Documents per forward micro-batch at most. On a GPU raise it with max_batch_tokens and batch_size
+    (docs/cluster.md, "Encoding on GPUs")."""
     read_attempts: int = 5
     """Tries of each open or read of a corpus shard when storage fails transiently (connection errors,
     timeouts, 5xx); if all fail, the run fails, with no manifest, instead of losing the shard's rows."""
@@ -108,7 +111,8 @@ class CurateConfig(RunConfig):
             self.rule = "threshold" if self.threshold is not None else "per_seed_topn"
         if self.rule == "threshold" and self.threshold is None:
             raise ConfigError("threshold", None, "the threshold rule needs --threshold T (a cosine in [-1, 1])")
-        check_ranges(self, ("top_n", "max_tokens", "encode_actors", "batch_size", "max_batch_tokens"), ge=1)
+        sizes = ("top_n", "max_tokens", "encode_actors", "batch_size", "max_batch_tokens", "max_batch_rows")
+        check_ranges(self, sizes, ge=1)
         if self.max_batch_tokens < self.max_tokens:
             raise ConfigError("max_batch_tokens", self.max_batch_tokens, f"must be >= max_tokens={self.max_tokens}")
         check_range("cpus_per_actor", self.cpus_per_actor, gt=0, hint="fractions are fine")
@@ -193,6 +197,7 @@ def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE, weights: list[
         skip_positions=sae.cfg.skip_positions,
         pooling=config.pooling,
         max_batch_tokens=config.max_batch_tokens,
+        max_batch_rows=config.max_batch_rows,
         device=requested_device(config.gpus_per_actor),
         dtype=config.dtype,
         torch_threads=threads,

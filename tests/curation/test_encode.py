@@ -182,6 +182,26 @@ def test_encode_does_not_depend_on_batch_company(encoder, tiny_model_dir):
     torch.testing.assert_close(small_batches, alone, atol=1e-5, rtol=0)
 
 
+def test_micro_batches_hold_at_most_max_batch_rows_documents(tiny_model_dir, monkeypatch):
+    import curation.encode
+
+    sizes = []
+
+    def recording(lengths, max_batch_tokens, max_batch_size):
+        batches = length_batches(lengths, max_batch_tokens, max_batch_size)
+        sizes.extend(len(batch) for batch in batches)
+        return batches
+
+    monkeypatch.setattr(curation.encode, "length_batches", recording)
+    docs = random_docs(40, 10, 12, seed=6)
+    wide = make_encoder(tiny_model_dir, max_batch_tokens=8192, max_batch_rows=1024).encode(docs)
+    assert sizes == [40]
+    sizes.clear()
+    narrow = make_encoder(tiny_model_dir, max_batch_tokens=8192, max_batch_rows=16).encode(docs)
+    assert max(sizes) == 16 and sum(sizes) == 40
+    torch.testing.assert_close(narrow, wide, atol=1e-5, rtol=0)
+
+
 def test_encode_is_the_mean_of_the_layer_after_position_zero(encoder):
     doc = random_docs(1, 7, 7, seed=4)[0]
     hidden = encoder.forward(torch.tensor([doc]), torch.ones(1, len(doc), dtype=torch.long))[0]
@@ -450,3 +470,14 @@ def test_seeds_are_encoded_in_float32_whatever_the_corpus_dtype(tiny_model_dir):
     rounded = seed_vectors(DocumentEncoder(spec), seeds, max_tokens=64)
     assert np.array_equal(vectors, exact)
     assert not np.array_equal(vectors, rounded)
+
+
+def test_the_curate_stage_passes_its_micro_batch_size_to_the_encoder():
+    from curation.sae.model import SAEConfig, TopKSAE
+    from curation.selection.curate import CurateConfig, _encoder_spec
+
+    config = CurateConfig(corpus=["c/*.jsonl"], seeds="s.jsonl", sae="sae", out="out", max_batch_tokens=65536,
+                          max_batch_rows=1024)  # fmt: skip
+    spec = _encoder_spec(config, "model", TopKSAE(SAEConfig(d_in=8, expansion_factor=2, k=2, layer=1)), None)
+    assert (spec.max_batch_tokens, spec.max_batch_rows) == (65536, 1024)
+    assert EncoderSpec(model="m", sae_dir=None, layer=1).max_batch_rows == 64  # the CPU-sized default
