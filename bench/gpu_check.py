@@ -94,7 +94,8 @@ def spec_values(args: argparse.Namespace) -> dict:
         "control": "none",
         "sae": {"layer": 15, "coords": "all", "expansion_factor": 4, "k": 32, "max_train_tokens": 400_000,
                 "train_gpus": 0.5, **gpu},
-        "curate": {"rule": "per_seed_topn", "top_n": 20, "batch_size": 256, **gpu},
+        "curate": {"rule": "per_seed_topn", "top_n": 20, "batch_size": 2048, "max_batch_tokens": 65536,
+                   "max_batch_rows": 1024, **gpu},
         "prune": {"dtype": "bfloat16", "gpus": 1},
         "distill": {
             "max_new_tokens": args.max_new_tokens,
@@ -124,7 +125,7 @@ def core_main(args: argparse.Namespace) -> int:
     print(f"\nstage cores on {where} in {args.dtype} against the CPU in float32, {args.shape} shape:")
     print("\n".join(format_results(results, peak)))
     if args.device.startswith("cuda") and args.shape != "tiny":  # MFU at a size that can fill the GPU
-        large = run_core_checks("1b", args.device, dtype, args.docs or 256, ["encode", "train"])
+        large = run_core_checks("1b", args.device, dtype, args.docs or 256, ["encode", "train"], cpu_rounding=False)
         print("\n1B shape (throughput and MFU; agreement as above):")
         print("\n".join(format_results(large, peak)))
         results += large

@@ -6,20 +6,27 @@ once on `--device` in `--dtype` (the candidate), and compares what comes out. Ag
 devices needs no trained weights; the init scale is raised so that next-token choices are decided
 (not near-ties), as they are in a trained model.
 
+That raised init also makes the random model amplify rounding through its layers far more than a trained
+one does: in bf16 it strays from fp32 several times further than SmolLM2 does (docs/results.md, "GPU
+checks"). So where a check's candidate runs in `--dtype`, the device in fp32 is held to the CPU in fp32
+(the kernels and the code path), and the device in `--dtype` to the CPU in `--dtype` (the rounding).
+
 | check | core | agreement asked for |
 |---|---|---|
-| encode | `curation.encode.DocumentEncoder` (truncated forward, SAE, rate pooling) | per-document cosine >= 0.99; |
-| | | per-seed top-N overlap >= 95% |
+| encode | `curation.encode.DocumentEncoder` (truncated forward, SAE, rate pooling) | fp32: per-document cosine |
+| | | >= 0.99, per-seed top-N overlap >= 95%; `--dtype`: within 0.02 and 5 points of the CPU's |
 | SAE training | `curation.sae.model.SAETrainer` (fp32 on both) | FVU curve within 0.02 (absolute) at every step |
 | pruning | `training.pruning.importance.taylor_importance` | kept structures at a 30% cut overlap >= 95% |
 | teacher | `training.distillation.teacher.BatchedGenerator`, greedy | identical text on >= 90% of rows in fp32 |
-| MMLU | `training.evaluation.scoring.score_items` | identical predictions on >= 98% of questions |
+| MMLU | `training.evaluation.scoring.score_items` | fp32: identical predictions on >= 98% of questions; |
+| | | `--dtype`: at most 3 points fewer than the CPU's |
 | training | `training.finetuning.losses.causal_lm_loss`, AdamW, bf16 autocast | loss curve within 2% (relative) |
 
 MFU is 2 x parameters run x tokens per second (6 x for a training step) over the device's bf16 peak; for
 encode the parameters run are those of the truncated forward. Greedy text is compared in fp32 on both
 sides: in bf16 a decoded token can flip where two candidates are within rounding, and every later token
-then differs, so the share of identical rows in the candidate dtype is reported, not asserted.
+then differs, so the share of identical rows in the candidate dtype is reported (the device's and the
+CPU's), not asserted.
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ class Setup:
     topics: np.ndarray
     device: str
     dtype: torch.dtype
+    cpu_rounding: bool = True
+    """Also run the CPU in `dtype`, to hold the device's rounding against it (False: throughput runs)."""
 
 
 def build_model_dir(root: Path, shape: str, seed: int = 0) -> str:
@@ -134,12 +143,12 @@ def linear_params(model: torch.nn.Module, layers: int | None = None) -> int:
 
 
 def _encoder(setup: Setup, device: str, dtype: torch.dtype, sae):
+    """The encoder the curate stage builds for `device` and `dtype` (bf16: autocast over fp32 weights)."""
     from curation.encode import DocumentEncoder, EncoderSpec
 
-    spec = EncoderSpec(model=setup.model_dir, sae_dir=None, layer=setup.layer, device=device)
-    encoder = DocumentEncoder(spec, sae=sae.to(device))
-    encoder.forward.to(dtype)
-    return encoder
+    name = str(dtype).removeprefix("torch.")
+    spec = EncoderSpec(model=setup.model_dir, sae_dir=None, layer=setup.layer, device=device, dtype=name)
+    return DocumentEncoder(spec, sae=sae.to(device))
 
 
 def per_seed_top(vectors: torch.Tensor, seed_rows: list[int], top_n: int) -> set[int]:
@@ -151,7 +160,19 @@ def per_seed_top(vectors: torch.Tensor, seed_rows: list[int], top_n: int) -> set
     return {int(row) for column in range(len(seed_rows)) for row in scores[:, column].topk(top_n).indices}
 
 
+def _vector_agreement(setup: Setup, expected: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """(smallest per-document cosine, per-seed top-N overlap) of two encodings of the same documents."""
+    seed_rows = [int(np.flatnonzero(setup.topics == t)[0]) for t in range(int(setup.topics.max()) + 1)]
+    top_n = max(4, len(setup.docs) // 20)
+    before, after = per_seed_top(expected, seed_rows, top_n), per_seed_top(got, seed_rows, top_n)
+    return float((expected * got).sum(dim=1).min()), len(before & after) / len(before)
+
+
 def check_encode(setup: Setup) -> CheckResult:
+    """Asserted: the device in fp32 agrees with the CPU in fp32 (its kernels and code path are right), and
+    the device in `dtype` strays from fp32 no further than the CPU in `dtype` does. How far bf16 strays is a
+    property of the model: a random model with raised init amplifies rounding through its layers, far more
+    than a trained one (docs/results.md, "GPU checks"), so it is reported, not held to a fixed bar."""
     from core.models import load_model
     from curation.sae.model import SAEConfig, TopKSAE
 
@@ -162,18 +183,25 @@ def check_encode(setup: Setup) -> CheckResult:
     reference = _encoder(setup, "cpu", torch.float32, sae)
     sae.fit_normalizer(reference.activations(setup.docs[:64]))
     expected = reference.encode(setup.docs)
+    exact = _vector_agreement(setup, expected, _encoder(setup, setup.device, torch.float32, sae).encode(setup.docs))
+    on_cpu = (-1.0, 0.0)  # nothing to hold the device to, without the CPU's own rounding
+    if setup.cpu_rounding:
+        on_cpu = _vector_agreement(setup, expected, _encoder(setup, "cpu", setup.dtype, sae).encode(setup.docs))
     candidate = _encoder(setup, setup.device, setup.dtype, sae)
     candidate.encode(setup.docs[:8])  # warm-up: kernels, allocator
     got, seconds = timed(lambda: candidate.encode(setup.docs), setup.device)
-    cosine = (expected * got).sum(dim=1)
-    seed_rows = [int(np.flatnonzero(setup.topics == t)[0]) for t in range(int(setup.topics.max()) + 1)]
-    top_n = max(4, len(setup.docs) // 20)
-    before, after = per_seed_top(expected, seed_rows, top_n), per_seed_top(got, seed_rows, top_n)
-    overlap = len(before & after) / len(before)
+    rounded = _vector_agreement(setup, expected, got)
     tokens = sum(len(doc) for doc in setup.docs)
     flops = 2 * (linear_params(full_model, setup.layer + 1) + 2 * hidden * sae.cfg.num_latents)
-    agreement = {"min document cosine": float(cosine.min()), "selection overlap": overlap}
-    return CheckResult("encode", agreement, cosine.min() >= 0.99 and overlap >= 0.95, tokens / seconds, flops)
+    name = str(setup.dtype).removeprefix("torch.")
+    agreement = {
+        "min cosine fp32": exact[0], "overlap fp32": exact[1],
+        f"min cosine {name}": rounded[0], f"overlap {name}": rounded[1],
+    }  # fmt: skip
+    if setup.cpu_rounding:
+        agreement.update({f"CPU {name}: min cosine": on_cpu[0], f"CPU {name}: overlap": on_cpu[1]})
+    passed = exact[0] >= 0.99 and exact[1] >= 0.95 and rounded[0] >= on_cpu[0] - 0.02 and rounded[1] >= on_cpu[1] - 0.05
+    return CheckResult("encode", agreement, passed, tokens / seconds, flops)
 
 
 # SAE training -----------------------------------------------------------------------------------
@@ -258,13 +286,15 @@ def check_teacher(setup: Setup, rows: int = 48, new_tokens: int = 32) -> CheckRe
     (expected, _), _ = _generations(setup, "cpu", "float32", prompts, new_tokens)
     (same_dtype, _), _ = _generations(setup, setup.device, "float32", prompts, new_tokens)
     (got, seconds), model = _generations(setup, setup.device, dtype, prompts, new_tokens)
+    (on_cpu, _), _ = _generations(setup, "cpu", dtype, prompts, new_tokens)
 
     def identical(outputs) -> list[bool]:
         return [a.text == b.text for a, b in zip(expected, outputs, strict=True)]
 
     share = sum(identical(same_dtype)) / rows
     differ = [i for i, same in enumerate(identical(same_dtype)) if not same]
-    agreement = {"identical rows (fp32)": share, f"identical rows ({dtype})": sum(identical(got)) / rows}
+    agreement = {"identical rows (fp32)": share, f"identical rows ({dtype})": sum(identical(got)) / rows,
+                 f"CPU {dtype}: identical rows": sum(identical(on_cpu)) / rows}  # fmt: skip
     tokens = sum(len(p) for p in prompts) + sum(g.tokens for g in got)
     detail = f"fp32 rows that differ: {differ[:10]}" if differ else ""
     return CheckResult("teacher (greedy)", agreement, share >= 0.90, tokens / seconds, 2 * linear_params(model), detail)
@@ -274,6 +304,9 @@ def check_teacher(setup: Setup, rows: int = 48, new_tokens: int = 32) -> CheckRe
 
 
 def check_mmlu(setup: Setup, questions: int = 96) -> CheckResult:
+    """As for encode: the device in fp32 must predict what the CPU in fp32 does, and the device in `dtype`
+    (weights in `dtype`, as the evaluate stage loads them) must not flip more predictions than the CPU in
+    `dtype` does."""
     from core.models import load_model
     from training.evaluation.scoring import PackedItem, score_items
 
@@ -286,25 +319,35 @@ def check_mmlu(setup: Setup, questions: int = 96) -> CheckResult:
         for _ in range(questions)
     ]  # fmt: skip
     expected = score_items(reference, items, pad_id=1).argmax(axis=1)
+
+    def same(device: str, dtype: torch.dtype) -> float:
+        predicted = score_items(load_model(setup.model_dir, dtype=dtype, device=device), items, pad_id=1).argmax(axis=1)
+        return float((expected == predicted).mean())
+
+    exact, on_cpu = same(setup.device, torch.float32), same("cpu", setup.dtype)
     candidate = load_model(setup.model_dir, dtype=setup.dtype, device=setup.device)
     got, seconds = timed(lambda: score_items(candidate, items, pad_id=1).argmax(axis=1), setup.device)
-    same = float((expected == got).mean())
+    rounded = float((expected == got).mean())
+    name = str(setup.dtype).removeprefix("torch.")
+    agreement = {"identical fp32": exact, f"identical {name}": rounded, f"CPU {name}: identical": on_cpu}
     tokens = sum(item.length for item in items)
-    flops = 2 * linear_params(candidate)
-    return CheckResult("MMLU scoring", {"identical predictions": same}, same >= 0.98, tokens / seconds, flops)
+    passed = exact >= 0.98 and rounded >= on_cpu - 0.03
+    return CheckResult("MMLU scoring", agreement, passed, tokens / seconds, 2 * linear_params(candidate))
 
 
 # training step ----------------------------------------------------------------------------------
 
 
-def _loss_curve(setup: Setup, device: str, autocast: torch.dtype | None, batches) -> tuple[list[float], object]:
+def _loss_curve(setup: Setup, device: str, autocast: torch.dtype | None, batches) -> tuple[list[float], object, float]:
+    """The loss per step, the model, and the seconds that steps 2.. took (the load and the first step, with
+    its kernel choices and optimizer state allocation, not counted)."""
     from core.models import load_model
     from training.finetuning.losses import causal_lm_loss
 
     torch.manual_seed(0)
     model = load_model(setup.model_dir, device=device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    losses = []
+    losses, started = [], 0.0
     for ids, mask in batches:
         ids, mask = ids.to(device), mask.to(device)
         with torch.autocast(device.split(":")[0], dtype=autocast or torch.float32, enabled=autocast is not None):
@@ -313,8 +356,9 @@ def _loss_curve(setup: Setup, device: str, autocast: torch.dtype | None, batches
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, model
+        losses.append(loss.item())  # waits for the step
+        started = started or time.perf_counter()
+    return losses, model, time.perf_counter() - started
 
 
 def check_training(setup: Setup, steps: int = 8) -> CheckResult:
@@ -322,13 +366,13 @@ def check_training(setup: Setup, steps: int = 8) -> CheckResult:
 
     ids, mask = pad_right(setup.docs[: steps * 4], pad_id=1)
     batches = [(ids[i : i + 4], mask[i : i + 4]) for i in range(0, steps * 4, 4)]
-    expected, _ = _loss_curve(setup, "cpu", None, batches)
+    expected, _, _ = _loss_curve(setup, "cpu", None, batches)
     autocast = setup.dtype if setup.dtype != torch.float32 else None
-    (got, model), seconds = timed(lambda: _loss_curve(setup, setup.device, autocast, batches), setup.device)
+    got, model, seconds = _loss_curve(setup, setup.device, autocast, batches)
     gap = max(abs(a - b) / abs(a) for a, b in zip(expected, got, strict=True))
     flops = 6 * linear_params(model)
-    return CheckResult("training step", {"largest relative loss gap": gap}, gap <= 0.02, int(mask.sum()) / seconds,
-                       flops)  # fmt: skip
+    tokens = int(mask[4:].sum())  # steps 2..
+    return CheckResult("training step", {"largest relative loss gap": gap}, gap <= 0.02, tokens / seconds, flops)
 
 
 CHECKS = {
@@ -341,7 +385,9 @@ CHECKS = {
 }
 
 
-def run_core_checks(shape: str, device: str, dtype: torch.dtype, docs: int, only: list[str]) -> list[CheckResult]:
+def run_core_checks(
+    shape: str, device: str, dtype: torch.dtype, docs: int, only: list[str], cpu_rounding: bool = True
+) -> list[CheckResult]:
     """Every check of `only` on a model of `shape`, the candidate on `device` in `dtype`."""
     from transformers.utils import logging as transformers_logging
 
@@ -354,7 +400,7 @@ def run_core_checks(shape: str, device: str, dtype: torch.dtype, docs: int, only
         vocab = SHAPES[shape]["vocab_size"]
         corpus, topics = synthetic_corpus(vocab, docs)
         layer = SHAPES[shape]["num_hidden_layers"] // 2
-        setup = Setup(model_dir, layer, corpus, topics, device, dtype)
+        setup = Setup(model_dir, layer, corpus, topics, device, dtype, cpu_rounding)
         return [_run_check(name, setup) for name in only]
 
 

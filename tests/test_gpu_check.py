@@ -7,6 +7,7 @@ machine the same command with `--device cuda` is the check the docs report.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,10 +40,15 @@ def test_core_mode_checks_agreement_without_ray(tmp_path):
         "encode", "SAE training (fp32)", "pruning importance", "teacher (greedy)", "MMLU scoring", "training step"
     }  # fmt: skip
     assert all(result["passed"] and result["tokens_per_s"] > 0 for result in results.values())
-    assert results["encode"]["agreement"]["min document cosine"] >= 0.99
-    assert results["encode"]["agreement"]["selection overlap"] >= 0.95
+    encode = results["encode"]["agreement"]
+    # The candidate is the CPU here, so its fp32 run is the reference's own; bf16 is the stage's autocast path,
+    # and on a model this small rounding stays small.
+    assert encode["min cosine fp32"] > 0.99999 and encode["overlap fp32"] == 1.0
+    assert encode["min cosine bfloat16"] >= 0.99 and encode["overlap bfloat16"] >= 0.95
+    assert encode["CPU bfloat16: min cosine"] == encode["min cosine bfloat16"]
     assert results["teacher (greedy)"]["agreement"]["identical rows (fp32)"] >= 0.90
-    assert results["MMLU scoring"]["agreement"]["identical predictions"] >= 0.98
+    mmlu = results["MMLU scoring"]["agreement"]
+    assert mmlu["identical fp32"] == 1.0 and mmlu["identical bfloat16"] >= 0.98
     assert results["training step"]["agreement"]["largest relative loss gap"] <= 0.02
 
 
@@ -59,6 +65,14 @@ def test_a_disagreeing_candidate_fails_the_check():
     same = per_seed_top(vectors, [0, 1, 2], 10)
     assert same == per_seed_top(vectors.clone(), [0, 1, 2], 10)
     assert len(same & per_seed_top(other, [0, 1, 2], 10)) / len(same) < 0.5
+
+
+def test_the_gpu_encode_bench_without_a_gpu_exits_2_and_says_why():
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_encode.py", "--docs", "8"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert done.returncode == 2 and "needs a CUDA GPU" in done.stdout
 
 
 def test_a_check_that_raises_is_reported_failed_and_the_others_still_run(monkeypatch):
