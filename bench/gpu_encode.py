@@ -14,8 +14,9 @@ random weights and a Top-K SAE), with cuDNN's SDPA allowed and then switched off
 - the operators that took the most GPU time in a profiled encode of 64 documents.
 
 Then, with cuDNN's attention off, encode tokens/s and peak GPU memory for micro-batches of growing size
-(`max_batch_tokens`, `max_batch_rows`), against the CPU-sized default (8,192 tokens, 64 rows). It prints
-both ratios. Needs a CUDA GPU (exit 2 without one).
+(`max_batch_tokens`, `max_batch_rows`), against the CPU-sized default (8,192 tokens, 64 rows), and the
+same encode in float32 at 65,536 tokens and 1,024 rows. It prints the three ratios. Needs a CUDA GPU
+(exit 2 without one).
 
     python bench/gpu_encode.py --docs 4096
 """
@@ -80,22 +81,30 @@ BATCHES = [(8192, 64), (32768, 256), (65536, 1024), (131072, 2048)]
 """(max_batch_tokens, max_batch_rows) settings; the first is EncoderSpec's default."""
 
 
+def encode_rate(encoder, docs: list[list[int]], max_tokens: int, max_rows: int) -> tuple[float, float]:
+    """(tokens/s, peak GiB) of `encoder` over `docs` with micro-batches of this size, after a warm-up."""
+    encoder.spec = dataclasses.replace(encoder.spec, max_batch_tokens=max_tokens, max_batch_rows=max_rows)
+    encoder.encode(docs[:256])
+    torch.cuda.reset_peak_memory_stats()
+    seconds = synchronised(lambda: encoder.encode(docs))
+    return sum(len(doc) for doc in docs) / seconds, torch.cuda.max_memory_allocated() / 2**30
+
+
 def batch_sizes(setup, sae) -> list[str]:
-    """Encode tokens/s and peak memory per micro-batch setting, cuDNN's attention off."""
+    """Encode tokens/s and peak memory per micro-batch setting, cuDNN's attention off; then float32."""
     from gpu_cores import _encoder
 
     encoder = _encoder(setup, "cuda", torch.bfloat16, sae)
-    tokens = sum(len(doc) for doc in setup.docs)
-    lines, base = [], None
+    rates, lines = [], []
     for max_tokens, max_rows in BATCHES:
-        encoder.spec = dataclasses.replace(encoder.spec, max_batch_tokens=max_tokens, max_batch_rows=max_rows)
-        encoder.encode(setup.docs[:256])  # warm-up at this size
-        torch.cuda.reset_peak_memory_stats()
-        rate = tokens / synchronised(lambda: encoder.encode(setup.docs))
-        base = base or rate
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        rate, peak = encode_rate(encoder, setup.docs, max_tokens, max_rows)
+        rates.append(rate)
         lines.append(f"  {max_tokens:>7,} tokens, {max_rows:>5} rows: {rate:>12,.0f} tokens/s "
-                     f"({rate / base:.2f}x the default), peak {peak:.2f} GiB")  # fmt: skip
+                     f"({rate / rates[0]:.2f}x the default), peak {peak:.2f} GiB")  # fmt: skip
+    # The recommended micro-batches in float32 (TF32 off): what bf16 buys on this GPU.
+    fp32, peak = encode_rate(_encoder(setup, "cuda", torch.float32, sae), setup.docs, *BATCHES[2])
+    lines.append(f"  float32, {BATCHES[2][0]:,} tokens, {BATCHES[2][1]} rows: {fp32:,.0f} tokens/s, peak {peak:.2f} "
+                 f"GiB; bf16 / float32 = {rates[2] / fp32:.2f}x")  # fmt: skip
     return lines
 
 
