@@ -67,7 +67,7 @@ def sdpa_first_and_repeat(lengths: int, offset: int) -> tuple[float, float]:
     return sum(first) / len(first), sum(repeat) / len(repeat)
 
 
-def top_kernels(encoder, docs: list[list[int]], count: int = 6) -> list[str]:
+def top_operators(encoder, docs: list[list[int]], count: int = 6) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
@@ -116,9 +116,9 @@ def measure(setup, sae, cudnn: bool) -> dict:
     encoder.encode(setup.docs[:8])  # warm-up: kernels, allocator
     seconds = synchronised(lambda: encoder.encode(setup.docs))
     first, repeat = sdpa_first_and_repeat(16, offset=0 if cudnn else 3)
-    kernels = top_kernels(encoder, setup.docs[-64:])
     tokens = sum(len(doc) for doc in setup.docs)
-    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "first": first, "repeat": repeat, "kernels": kernels}
+    result = {"tokens_per_s": tokens / seconds, "seconds": seconds, "first": first, "repeat": repeat}
+    return {**result, "operators": top_operators(encoder, setup.docs[-64:])}
 
 
 def main() -> int:
@@ -148,7 +148,7 @@ def main() -> int:
             f"  {label:<14} {result['tokens_per_s']:>12,.0f} tokens/s ({result['seconds']:.2f} s); one SDPA at a "
             f"new length {1e3 * result['first']:.2f} ms, again {1e3 * result['repeat']:.2f} ms"
         )
-        print("\n".join(result["kernels"]))
+        print("\n".join(result["operators"]))
     ratio = results["cuDNN off"]["tokens_per_s"] / results["cuDNN allowed"]["tokens_per_s"]
     print(f"cuDNN off / allowed: {ratio:.2f}x")
     print("micro-batch size (cuDNN off):")
