@@ -356,7 +356,7 @@ def report_bf16(bf16: Method | None, floor: Method, agreement: dict) -> dict:
     else:
         print(f"bf16 encode / fp32 floor = {speedup:.2f}  (target >= {TARGET_BF16}) {mark(speedup >= TARGET_BF16)}")
         # The hardware's own ratio bounds the encode's: a CPU whose bf16 matmuls are no faster than fp32's
-        # (a bf16 flag without AMX, two fp32 FMA ports) cannot meet the target, and `--dtype auto` runs fp32.
+        # (a bf16 flag without AMX, say) cannot meet the target, and `--dtype auto` runs fp32 there.
         ceiling = bf16_matmul_speedup()
         print(f"bf16 / fp32 matmul on this CPU = {ceiling:.2f}  (what `--dtype auto` decides by)")
     print(

@@ -80,9 +80,9 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
 
 BF16_MIN_SPEEDUP = 1.25
 """On a CPU with a bf16 flag, `auto` picks bf16 only where its matmuls run at least this much faster than
-float32's. The flag says the instructions exist, not that they are fast: on a core with two fp32 FMA
-ports and AMX hidden by the hypervisor (an Intel Xeon VM, 2026-12-04), oneDNN's avx512_core_bf16 kernels
-ran at 0.54x fp32's rate and the bf16 encode at 0.62x (docs/results.md, "bfloat16 encode")."""
+float32's. The flag says the instructions exist, not that they are fast: on an Intel Xeon VM with
+avx512_bf16 and no AMX exposed (2026-12-04), oneDNN's avx512_core_bf16 kernels ran at 0.54x fp32's rate
+and the bf16 encode at 0.62x (docs/results.md, "bfloat16 encode")."""
 
 
 def native_bf16(device: str) -> bool:
