@@ -28,27 +28,19 @@ import dataclasses
 import functools
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from gpu_cores import timed  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=4096, help="synthetic documents to encode")
     return parser.parse_args()
-
-
-def synchronised(function) -> float:
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    function()
-    torch.cuda.synchronize()
-    return time.perf_counter() - started
 
 
 def sdpa_first_and_repeat(lengths: int, offset: int) -> tuple[float, float]:
@@ -62,8 +54,8 @@ def sdpa_first_and_repeat(lengths: int, offset: int) -> tuple[float, float]:
         mask[:, :, :, length - 5 :] = False  # right padding
         mask[:, :, :, 0] = True
         call = functools.partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask)
-        first.append(synchronised(call))
-        repeat.append(synchronised(call))
+        first.append(timed(call, "cuda")[1])
+        repeat.append(timed(call, "cuda")[1])
     return sum(first) / len(first), sum(repeat) / len(repeat)
 
 
@@ -86,7 +78,7 @@ def encode_rate(encoder, docs: list[list[int]], max_tokens: int, max_rows: int) 
     encoder.spec = dataclasses.replace(encoder.spec, max_batch_tokens=max_tokens, max_batch_rows=max_rows)
     encoder.encode(docs[:256])
     torch.cuda.reset_peak_memory_stats()
-    seconds = synchronised(lambda: encoder.encode(docs))
+    seconds = timed(lambda: encoder.encode(docs), "cuda")[1]
     return sum(len(doc) for doc in docs) / seconds, torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -114,7 +106,7 @@ def measure(setup, sae, cudnn: bool) -> dict:
     encoder = _encoder(setup, "cuda", torch.bfloat16, sae)
     torch.backends.cuda.enable_cudnn_sdp(cudnn)  # after the load, which may set it
     encoder.encode(setup.docs[:8])  # warm-up: kernels, allocator
-    seconds = synchronised(lambda: encoder.encode(setup.docs))
+    seconds = timed(lambda: encoder.encode(setup.docs), "cuda")[1]
     first, repeat = sdpa_first_and_repeat(16, offset=0 if cudnn else 3)
     tokens = sum(len(doc) for doc in setup.docs)
     result = {"tokens_per_s": tokens / seconds, "seconds": seconds, "first": first, "repeat": repeat}
