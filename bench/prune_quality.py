@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 from core import storage
 from core.models import DEFAULT_MODEL, load_model, load_tokenizer
 from curation.demo_corpus import load_summaries
-from training.pruning.prune import PruneConfig, domain_batches, run_pruning
+from training.pruning.prune import PruneConfig, domain_batches, read_report, run_pruning
 
 METHODS = ("taylor", "magnitude", "random")
 
@@ -113,7 +113,8 @@ def main() -> None:
             seed=args.seed,
             force=args.force,
         )
-        report = run_pruning(config)
+        run_pruning(config)
+        report = read_report(config.out)
         prune_seconds = time.perf_counter() - started
         if method == "taylor":
             taylor_rss = report["peak_rss_mb"]  # measured by the job, in the process that ran the importance

@@ -37,8 +37,8 @@ from transformers import AutoModelForCausalLM
 
 from core.models import DEFAULT_MODEL, load_model, load_tokenizer, local_model_dir
 from training.pruning.importance import magnitude_importance
-from training.pruning.prune import plan_pruning, save_pruned
-from training.pruning.structures import apply_plan, count_params, layout_of
+from training.pruning.prune import allocate, save_pruned
+from training.pruning.structures import count_params, layout_of, slice_structures
 
 TARGET_BATCH16 = 1.25
 SEQUENCE = 256
@@ -47,8 +47,8 @@ SEQUENCE = 256
 def build_pruned(model_name: str, ratio: float, out: str) -> None:
     model = load_model(model_name)
     layout = layout_of(model.config)
-    plan = plan_pruning(magnitude_importance(model, layout), layout, ratio)
-    apply_plan(model, plan.keep_groups, plan.keep_channels)
+    plan = allocate(magnitude_importance(model, layout), layout, ratio)
+    slice_structures(model, plan.keep_groups, plan.keep_channels)
     save_pruned(model, load_tokenizer(model_name), out)
 
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core import models  # noqa: E402
 from training.finetuning.finetune import SUMMARY_FILE, FinetuneConfig, run_finetune  # noqa: E402
 from training.finetuning.losses import causal_lm_loss  # noqa: E402
-from training.finetuning.sft_data import BatchShape, Example, collate, encode_example, plan_window, training_target  # noqa: E402
+from training.finetuning.sft_data import BatchShape, Example, collate, encode_example, training_target, window_order  # noqa: E402
 from training.finetuning.step_clock import PHASES, StepClock  # noqa: E402
 
 
@@ -100,7 +100,7 @@ def plain_loop(model_dir: str, data: Path, args: argparse.Namespace) -> dict[str
     # world_size=1 and micro-batches of the Ray run's global batch per step: same rows per optimizer step.
     per_step = args.workers * args.grad_accum
     shape = BatchShape(args.micro_batch, per_step, 1, len(rows))
-    micro = plan_window([len(e.input_ids) for e in examples], shape, 0, 0, 0)
+    micro = window_order([len(e.input_ids) for e in examples], shape, 0, 0, 0)
     clock = StepClock()
     step_phases, tokens = [], []
     for step in range(len(micro) // per_step):

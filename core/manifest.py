@@ -31,6 +31,11 @@ STAGE_DATASETS: dict[str, tuple[str, ...]] = {
     "curate": ("curated",),
     "split": ("train", "heldout", "random"),
     "distill": ("distilled",),
+    # The replication's data steps (pipeline/replication_data.py).
+    "holdout": ("heldout", "pool"),
+    "arm": ("rows",),
+    "union": ("rows",),
+    "select": ("rows",),
 }
 """For each stage whose output another stage reads, the subdirectories of its output that hold datasets."""
 NOT_DATASETS = ("parts", "rejects", "scored", "shards")
@@ -69,14 +74,6 @@ def finished(
         return None
     logger.info("%s is complete for this config (hash %s): skipping (--force redoes it)", out, digest)
     return manifest
-
-
-def prepare_output(out: str, options: StorageOptions | None = None) -> None:
-    """Clear an incomplete or outdated output so a rerun never mixes two runs' files."""
-    if storage.exists(out, options):
-        logger.info("clearing %s: no manifest for this config", out)
-        storage.remove(out, options)
-    storage.makedirs(out, options)
 
 
 def write_manifest(
@@ -130,6 +127,9 @@ class _Span:
 
 # Stage outputs as inputs ---------------------------------------------------------------------------
 
+IN_PROGRESS = ".finescope-stage.json"
+"""The marker a stage writes into its output before anything else (core.stage): its output is unfinished."""
+
 
 def _children(uri: str, options: StorageOptions | None) -> set[str]:
     """Names directly under `uri` when it is a directory; empty for a file, a glob or nothing."""
@@ -145,7 +145,16 @@ def _choices(stage: str, root: str, reads: Mapping[str, str]) -> str:
     """What to pass instead, for a refusal: the output roots this input accepts, or the datasets of `root`."""
     accepted = " or ".join(f"the output of `{name}` (or its {sub}/)" for name, sub in reads.items())
     datasets = ", ".join(storage.join(root, sub) for sub in STAGE_DATASETS.get(stage, ()))
-    return f"pass {accepted}" + (f"; this output's datasets are {datasets}" if datasets else "")
+    first = f"pass {accepted}" if accepted else "pass data files, a directory of them or a glob"
+    return first + (f"; this output's datasets are {datasets}" if datasets else "")
+
+
+def _unfinished(what: str) -> str:
+    """The refusal of an unfinished stage output: its datasets may be partial, so none of it is read."""
+    return (
+        f"{what} but no {MANIFEST}: a stage output that is not finished (interrupted, or still running), whose "
+        "datasets may be partial; run that stage again until it finishes, then pass its output root"
+    )
 
 
 def resolve_input(data: str, *, field: str, reads: Mapping[str, str], options: StorageOptions | None = None) -> str:
@@ -159,25 +168,20 @@ def resolve_input(data: str, *, field: str, reads: Mapping[str, str], options: S
     children = _children(data, options)
     if not children:
         return data
-    if MANIFEST in children:
-        stage = str((read_manifest(data, options) or {}).get("stage"))
+    if MANIFEST in children and (stage := _stage_of(data, options)) is not None:
         if stage in reads:
             resolved = storage.join(data, reads[stage])
             logger.info("%s is a `%s` output: reading its %s/", data, stage, reads[stage])
             return resolved
         raise ConfigError(field, data, f"is the output of `{stage}`, which this stage does not read; "
                           + _choices(stage, data, reads))  # fmt: skip
+    if IN_PROGRESS in children:
+        raise ConfigError(field, data, _unfinished("holds an in-progress marker"))
     if children & set(SCHEDULE_MARKERS):
-        pointer = storage.join(data, "CURRENT")
-        current = storage.read_json(pointer, options) if "CURRENT" in children else None
-        snapshot = storage.join(data, current["path"], "curated.parquet") if current else "a snapshot (none yet)"
-        raise ConfigError(field, data, f"is a scheduled curation's output root; pass its current snapshot, {snapshot}")
+        raise ConfigError(field, data, _scheduled_refusal(data, children, options))
     internals = sorted(children & set(NOT_DATASETS))
     if internals:
-        subdirs = ", ".join(f"{name}/" for name in internals)
-        raise ConfigError(field, data, f"holds {subdirs} but no {MANIFEST}: a stage output that is not finished "
-                          "(or not one at all); finish that stage and pass its output again, or pass the dataset "
-                          "directory itself")  # fmt: skip
+        raise ConfigError(field, data, _unfinished("holds " + ", ".join(f"{name}/" for name in internals)))
     wanted = [sub for sub in reads.values() if sub in children]
     if wanted:  # a hand-made output root: only the dataset directory, no manifest
         logger.info("%s has a %s/ directory: reading it", data, wanted[0])
@@ -185,20 +189,60 @@ def resolve_input(data: str, *, field: str, reads: Mapping[str, str], options: S
     return data
 
 
-def _stage_root_of(uri: str, options: StorageOptions | None, cache: dict[str, str | None]) -> tuple[str, str] | None:
-    """(stage output root, directory name) when `uri` lies in a NOT_DATASETS directory of a stage output."""
+def _stage_of(root: str, options: StorageOptions | None) -> str | None:
+    """The stage a FineScope manifest in `root` names; None for a manifest.json that is not one of ours."""
+    stage = (read_manifest(root, options) or {}).get("stage")
+    return str(stage) if stage else None
+
+
+def _scheduled_refusal(root: str, children: set[str], options: StorageOptions | None) -> str:
+    current = storage.read_json(storage.join(root, "CURRENT"), options) if "CURRENT" in children else None
+    snapshot = storage.join(root, current["path"], "curated.parquet") if current else "a snapshot (none yet)"
+    return f"is a scheduled curation's output root; pass its current snapshot, {snapshot}"
+
+
+def _what_is(root: str, options: StorageOptions | None, cache: dict) -> tuple[set[str], str | None]:
+    """(names under `root`, the stage its FineScope manifest names or None), listed once per root."""
+    if root not in cache:
+        children = _children(root, options)
+        cache[root] = (children, _stage_of(root, options) if MANIFEST in children else None)
+    return cache[root]
+
+
+def _readable_in(root: str, rest: list[str], options: StorageOptions | None, cache: dict) -> str | None:
+    """Why a file at `root/<rest...>` may not be read as data, judged by what `root` is; None when `root`
+    says nothing against it (it is no stage output, or the file lies in one of its datasets)."""
+    children, stage = _what_is(root, options, cache)
+    head = rest[0]
+    if stage is not None:
+        if head in STAGE_DATASETS.get(stage, ()):
+            return None
+        return f"lies in {head} of a `{stage}` output ({root}), which holds no dataset to read"
+    if IN_PROGRESS in children:
+        return _unfinished(f"lies in {root}, which holds an in-progress marker")
+    if children & set(SCHEDULE_MARKERS):
+        if head == "snapshots" and rest[-1] == "curated.parquet":
+            return None
+        return f"lies in a scheduled curation's output root ({root}), outside its snapshots"
+    datasets = {sub for subs in STAGE_DATASETS.values() for sub in subs}
+    if children & set(NOT_DATASETS) and (head in NOT_DATASETS or head in datasets):
+        return _unfinished(f"lies in {root}, which holds {', '.join(sorted(children & set(NOT_DATASETS)))}")
+    return None
+
+
+def refusal_for_file(uri: str, options: StorageOptions | None, cache: dict) -> tuple[str, str] | None:
+    """(the stage output root, why) when the file `uri` lies somewhere no stage may read data from: outside
+    the datasets of a finished stage output, or anywhere in an unfinished one or a scheduled curation's root
+    (its snapshots aside). The nearest enclosing output decides."""
     parts = uri.split("/")
-    for index in range(len(parts) - 1, 0, -1):
-        if parts[index] not in NOT_DATASETS:
-            continue
-        root = "/".join(parts[:index])
-        if root not in cache:
-            cache[root] = next(
-                (name for name in (MANIFEST, *SCHEDULE_MARKERS) if storage.exists(storage.join(root, name), options)),
-                None,
-            )
-        if cache[root] is not None:
-            return root, parts[index]
+    floor = 3 if "://" in uri else 1  # never above the bucket (s3://bucket) or the filesystem's root
+    for index in range(len(parts) - 1, floor - 1, -1):
+        root = "/".join(parts[:index]) or "/"
+        why = _readable_in(root, parts[index:], options, cache)
+        if why is not None:
+            return root, why
+        if _what_is(root, options, cache)[1] is not None:
+            return None  # inside a finished output's dataset: nothing above it decides otherwise
     return None
 
 
@@ -211,18 +255,24 @@ def input_files(
     suffixes: tuple[str, ...] = (),
 ) -> list[FileInfo]:
     """The files a stage reads for --`field`: each path through :func:`resolve_input`, expanded, keeping
-    names that end in one of `suffixes` (all when empty). A file inside a stage output's parts/, rejects/,
-    scored/ or shards/ is refused, however it was named (a glob, a file, the directory itself)."""
+    names that end in one of `suffixes` (all when empty). A file that lies in a stage output but outside its
+    datasets (parts/, rejects/, scored/, reports), in an unfinished output, or in a scheduled curation's root
+    outside its snapshots is refused, however it was named (a glob, a file, a directory)."""
     paths = [data] if isinstance(data, str) else list(data)
     resolved = [resolve_input(path, field=field, reads=reads, options=options) for path in paths]
     files = storage.expand(resolved, options, config_field=field)
-    cache: dict[str, str | None] = {}
+    cache: dict[str, tuple[set[str], str | None]] = {}
     for info in files:
-        if (found := _stage_root_of(info.uri, options, cache)) is not None:
-            root, name = found
-            stage = str((read_manifest(root, options) or {}).get("stage", "scheduled curation"))
-            raise ConfigError(field, data, f"names {info.uri}, in the {name}/ of a `{stage}` output ({root}), "
-                              "which holds no dataset to read; " + _choices(stage, root, reads))  # fmt: skip
+        if (found := refusal_for_file(info.uri, options, cache)) is not None:
+            root, why = found
+            stage = cache[root][1] or "scheduled curation"
+            raise ConfigError(field, data, f"names {info.uri}, which {why}; " + _choices(stage, root, reads))
     if suffixes:
         files = [info for info in files if info.uri.endswith(suffixes)]
     return files
+
+
+def corpus_files(corpus: str | Sequence[str], options: StorageOptions | None = None) -> list[FileInfo]:
+    """The corpus shards --corpus names, read like any stage input: a stage output's internals, an unfinished
+    output or a scheduled curation's root are refused, never read as documents."""
+    return input_files(corpus, field="corpus", reads={}, options=options)

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from core.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 FORCE_CPU = "FINESCOPE_FORCE_CPU"
@@ -163,4 +165,63 @@ def run_remote(fn: Callable[..., T], /, *args: Any, num_cpus: float, num_gpus: f
     import ray
 
     task = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus, name=getattr(fn, "__qualname__", None))
-    return ray.get(task.remote(*args, **kwargs))
+    try:
+        return ray.get(task.remote(*args, **kwargs))
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, ConfigError):  # a setting the task found wrong: the user's to fix
+            raise error.cause from None
+        raise
+
+
+def dtype_decision(name: str, device: str) -> dict[str, Any]:
+    """What `name` means on `device` in this process, and what decided it, for manifests and reports:
+    `asked`, `device`, `dtype`, and for `auto` the CPU's bf16 flags and the measured bf16/fp32 matmul ratio
+    (on a CPU), or the GPU's name. Two machines that resolve `auto` differently select different documents,
+    so the record says which one ran."""
+    resolved = resolve_dtype(name, device)
+    decision: dict[str, Any] = {"asked": name, "device": device, "dtype": resolved}
+    if name != AUTO_DTYPE:
+        return decision
+    if device.startswith("cuda"):
+        import torch
+
+        decision["gpu"] = torch.cuda.get_device_name()
+        return decision
+    flags = sorted(BF16_FLAGS & cpu_flags())
+    decision["cpu_bf16_flags"] = flags
+    if flags:
+        decision["bf16_matmul_speedup"] = round(bf16_matmul_speedup(), 3)
+        decision["bf16_min_speedup"] = BF16_MIN_SPEEDUP
+    return decision
+
+
+def _decide_in_worker(name: str, device: str, threads: int) -> dict[str, Any]:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return dtype_decision(name, resolve_device(device))
+
+
+def decide_dtype(name: str, device: str, threads: int, *, num_cpus: float, num_gpus: float) -> dict[str, Any]:
+    """:func:`dtype_decision` taken once for a whole stage, in a Ray task holding one model actor's resources
+    (its device and threads), so every actor runs the dtype the manifest records. Ray must be initialised;
+    a dtype other than `auto` needs no task."""
+    if name != AUTO_DTYPE:
+        return {"asked": name, "device": "cuda" if device == ACCELERATOR else device, "dtype": name}
+    return run_remote(_decide_in_worker, name, device, threads, num_cpus=num_cpus, num_gpus=num_gpus)
+
+
+def describe_dtype(decision: dict[str, Any] | None) -> str:
+    """One line for reports: `bfloat16 on cpu (auto: bf16 matmuls 5.91x float32's)`."""
+    if not decision:
+        return "not recorded"
+    text = f"{decision['dtype']} on {decision['device']}"
+    if decision.get("asked") != AUTO_DTYPE:
+        return text
+    if "gpu" in decision:
+        return f"{text} (auto: {decision['gpu']})"
+    if "bf16_matmul_speedup" in decision:
+        speedup, needed = decision["bf16_matmul_speedup"], decision["bf16_min_speedup"]
+        return f"{text} (auto: bf16 matmuls measured {speedup}x float32's; bf16 is chosen at {needed}x or more)"
+    return f"{text} (auto: no native bf16 on this CPU)"

@@ -50,7 +50,17 @@ class LatentStats:
         if not path.is_file():
             return None
         raw = json.loads(path.read_text())
-        return cls(docs=int(raw["docs"]), fired_in=[int(n) for n in raw["fired_in"]])
+        docs, fired_in = raw.get("docs"), raw.get("fired_in")
+        counts = fired_in if isinstance(fired_in, list) else [None]
+        if not _count(docs) or docs < 1 or not all(_count(n) and 0 <= n <= docs for n in counts):
+            raise ValueError(f"{path} is not a valid {STATS_FILE}: `docs` must be a count >= 1 and `fired_in` a "
+                             "list of counts within it; measure it again with `python -m jobs.train_sae`")  # fmt: skip
+        return cls(docs=docs, fired_in=list(counts))
+
+
+def _count(value: object) -> bool:
+    """A count as JSON gives it: an int, and not a bool (NaN, infinities and fractions are floats)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def latent_stats(vectors: torch.Tensor | np.ndarray) -> LatentStats:

@@ -17,7 +17,6 @@ are unchanged, like every stage.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from core import manifest, storage
 from core.errors import ConfigError
 from core.reader import doc_id
 from core.runtime import RunConfig
+from core.stage import FilesPlan, Outcome, Stage, run_stage
 from curation import demo_corpus
 
 ROWS = "rows"
@@ -43,13 +43,6 @@ POOL_SHARDS = 8
 
 def _write_rows(table: pa.Table, out: str, options: storage.StorageOptions) -> None:
     storage.write_parquet_atomic(table, storage.join(out, ROWS, "part-00000.parquet"), options)
-
-
-def _finish(config: RunConfig, stage: str, digest: str, inputs: list, counts: dict[str, Any]) -> dict[str, Any]:
-    return manifest.write_manifest(
-        config.out, stage=stage, config=dataclasses.asdict(config), digest=digest, inputs=inputs,
-        counts=counts, timings={}, options=config.storage_options(),
-    )  # fmt: skip
 
 
 @dataclass
@@ -108,14 +101,14 @@ def _of_topic(rows: list[dict], topic: str) -> list[dict]:
     return [row for row in rows if row["meta"]["topic"] == topic]
 
 
-def run_holdout(config: HoldoutConfig) -> dict[str, Any]:
-    options = config.storage_options()
+def _plan_holdout(config: HoldoutConfig) -> FilesPlan:
     source = demo_corpus.summaries_path()
     inputs = [storage.FileInfo(str(source), source.stat().st_size, source.stat().st_mtime)]
-    digest = config.digest(inputs)
-    if (done := manifest.finished(config.out, digest, options, config.force)) is not None:
-        return done
-    manifest.prepare_output(config.out, options)
+    return FilesPlan(inputs, config.digest(inputs))
+
+
+def _holdout(config: HoldoutConfig, checked: FilesPlan, timer: manifest.Timer) -> Outcome:
+    options = config.storage_options()
     sets, pool = split_labelled(config)
     for name, rows in sets.items():
         redpajama = [{"text": row["text"], "meta": row["meta"]} for row in rows]
@@ -130,7 +123,14 @@ def run_holdout(config: HoldoutConfig) -> dict[str, Any]:
         "heldout": {name: len(rows) for name, rows in sets.items()},
         "pool_topics": dict(sorted(Counter(row["meta"]["topic"] for row in pool).items())),
     }
-    return _finish(config, "holdout", digest, inputs, counts)
+    return Outcome(counts)
+
+
+HOLDOUT: Stage[HoldoutConfig, FilesPlan] = Stage("holdout", _plan_holdout, _holdout, uses_ray=False)
+
+
+def run_holdout(config: HoldoutConfig) -> dict[str, Any]:
+    return run_stage(HOLDOUT, config)
 
 
 def pool_glob(holdout_out: str) -> str:
@@ -185,15 +185,16 @@ def _finescope_rows(config: ArmConfig, pool: pa.Table, options: storage.StorageO
     return pool.filter(pa.array([i in wanted for i in pool.column("id").to_pylist()]))
 
 
-def run_arm(config: ArmConfig) -> dict[str, Any]:
-    options = config.storage_options()
+def _plan_arm(config: ArmConfig) -> FilesPlan:
     index = storage.join(config.holdout, POOL_INDEX)
-    inputs = storage.expand([index, *([storage.join(config.curated, "curated")] if config.curated else [])], options)
-    digest = config.digest(inputs)
-    if (done := manifest.finished(config.out, digest, options, config.force)) is not None:
-        return done
-    manifest.prepare_output(config.out, options)
-    pool = storage.read_parquet(index, options)
+    curated = [storage.join(config.curated, "curated")] if config.curated else []
+    inputs = storage.expand([index, *curated], config.storage_options())
+    return FilesPlan(inputs, config.digest(inputs))
+
+
+def _arm(config: ArmConfig, checked: FilesPlan, timer: manifest.Timer) -> Outcome:
+    options = config.storage_options()
+    pool = storage.read_parquet(storage.join(config.holdout, POOL_INDEX), options)
     if config.kind == "finescope":
         rows = _finescope_rows(config, pool, options)
     elif config.kind == "oracle":
@@ -207,7 +208,16 @@ def run_arm(config: ArmConfig) -> dict[str, Any]:
     counts: dict[str, Any] = {"rows": rows.num_rows}
     if config.topic:
         counts["on_topic"] = sum(t == config.topic for t in rows.column("topic").to_pylist())
-    return _finish(config, "arm", digest, inputs, counts)
+    return Outcome(counts)
+
+
+ARM: Stage[ArmConfig, FilesPlan] = Stage(
+    "arm", _plan_arm, _arm, reads=lambda config: [config.holdout, config.curated or ""], uses_ray=False
+)
+
+
+def run_arm(config: ArmConfig) -> dict[str, Any]:
+    return run_stage(ARM, config)
 
 
 @dataclass
@@ -219,20 +229,27 @@ class UnionConfig(RunConfig):
     """Arm outputs (their rows/ are read)."""
 
 
-def run_union(config: UnionConfig) -> dict[str, Any]:
+def _plan_union(config: UnionConfig) -> FilesPlan:
+    inputs = storage.expand([rows_dir(arm) for arm in config.arms], config.storage_options())
+    return FilesPlan(inputs, config.digest(inputs))
+
+
+def _union(config: UnionConfig, checked: FilesPlan, timer: manifest.Timer) -> Outcome:
     options = config.storage_options()
-    inputs = storage.expand([rows_dir(arm) for arm in config.arms], options)
-    digest = config.digest(inputs)
-    if (done := manifest.finished(config.out, digest, options, config.force)) is not None:
-        return done
-    manifest.prepare_output(config.out, options)
     tables = [storage.read_parquet(rows_dir(arm), options, columns=["id", "text"]) for arm in config.arms]
     everything = pa.concat_tables(tables).sort_by("id")
     ids = everything.column("id").to_pylist()
     first = [i == 0 or ids[i] != ids[i - 1] for i in range(len(ids))]
     union = everything.filter(pa.array(first))
     _write_rows(union, config.out, options)
-    return _finish(config, "union", digest, inputs, {"rows": union.num_rows, "arm_rows": everything.num_rows})
+    return Outcome({"rows": union.num_rows, "arm_rows": everything.num_rows})
+
+
+UNION: Stage[UnionConfig, FilesPlan] = Stage("union", _plan_union, _union, reads=lambda c: c.arms, uses_ray=False)
+
+
+def run_union(config: UnionConfig) -> dict[str, Any]:
+    return run_stage(UNION, config)
 
 
 @dataclass
@@ -248,14 +265,15 @@ class SelectConfig(RunConfig):
     that follows the same prompt, for the arm that measures what distillation is worth."""
 
 
-def run_select(config: SelectConfig) -> dict[str, Any]:
+def _plan_select(config: SelectConfig) -> FilesPlan:
+    distilled_dir = storage.join(config.distilled, "distilled")
+    inputs = storage.expand([rows_dir(config.arm), distilled_dir], config.storage_options())
+    return FilesPlan(inputs, config.digest(inputs))
+
+
+def _select(config: SelectConfig, checked: FilesPlan, timer: manifest.Timer) -> Outcome:
     options = config.storage_options()
     distilled_dir = storage.join(config.distilled, "distilled")
-    inputs = storage.expand([rows_dir(config.arm), distilled_dir], options)
-    digest = config.digest(inputs)
-    if (done := manifest.finished(config.out, digest, options, config.force)) is not None:
-        return done
-    manifest.prepare_output(config.out, options)
     wanted = set(storage.read_parquet(rows_dir(config.arm), options, columns=["id"]).column("id").to_pylist())
     distilled = storage.read_parquet(distilled_dir, options)
     rows = distilled.filter(pa.array([i in wanted for i in distilled.column("id").to_pylist()])).sort_by("id")
@@ -264,5 +282,13 @@ def run_select(config: SelectConfig) -> dict[str, Any]:
         rows = rows.set_column(at, "response", rows.column("original"))
     _write_rows(rows, config.out, options)
     accepted = int(pc.sum(rows.column("accepted")).as_py() or 0)
-    counts = {"rows": rows.num_rows, "accepted": accepted, "not_distilled": len(wanted) - rows.num_rows}
-    return _finish(config, "select", digest, inputs, counts)
+    return Outcome({"rows": rows.num_rows, "accepted": accepted, "not_distilled": len(wanted) - rows.num_rows})
+
+
+SELECT: Stage[SelectConfig, FilesPlan] = Stage(
+    "select", _plan_select, _select, reads=lambda config: [config.arm, config.distilled], uses_ray=False
+)
+
+
+def run_select(config: SelectConfig) -> dict[str, Any]:
+    return run_stage(SELECT, config)

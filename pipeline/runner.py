@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +55,13 @@ def run_steps(
     """Run each step of a graph that is not up to date, in order, recording it in `ROOT/pipeline.json`
     (the spec that built the graph goes there too); returns that state. Shared by every graph-shaped job."""
     wanted = _needed(steps, only) if only else {s.name for s in steps}
+    with root_lock(root, options):
+        return _run_wanted(steps, wanted, root, options, force, spec_dict)
+
+
+def _run_wanted(
+    steps: list[Step], wanted: set[str], root: str, options: StorageOptions, force: bool, spec_dict: dict | None
+) -> dict[str, Any]:
     state = _read_state(root, options)
     state["spec"] = spec_dict or {}
     records: dict[str, dict[str, Any]] = state["steps"]
@@ -77,6 +88,55 @@ def run_steps(
     state["seconds"] = round(time.perf_counter() - started, 1)
     storage.write_json_atomic(storage.join(root, STATE), state, options)
     return state
+
+
+LOCK = ".pipeline.lock"
+"""Held by the run working under a root: two runs on one root would clear and write each other's steps."""
+
+
+@contextlib.contextmanager
+def root_lock(root: str, options: StorageOptions) -> Iterator[None]:
+    """Hold `ROOT/.pipeline.lock` for the run; refuse the root while another live run holds it.
+
+    A lock left by a run that died on this host (its process is gone) is taken over; one from another host
+    cannot be judged from here, and the refusal says how to release it by hand."""
+    uri = storage.join(root, LOCK)
+    note = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    storage.makedirs(root, options)
+    while not storage.write_bytes_exclusive(uri, json.dumps(note).encode(), options):
+        holder = _lock_holder(uri, options)
+        if holder is None:
+            continue  # released between the create and the read: try again
+        if holder.get("host") == note["host"] and not _alive(int(holder.get("pid", 0))):
+            logger.warning("%s: taking over the lock of pid %s, which is no longer running", root, holder.get("pid"))
+            storage.remove(uri, options)
+            continue
+        raise ConfigError("root", root, f"another pipeline run holds it (host {holder.get('host')}, pid "
+                          f"{holder.get('pid')}, since {holder.get('started_at')}); wait for it to end, or, if it "
+                          f"is no longer running, delete {uri}")  # fmt: skip
+    try:
+        yield
+    finally:
+        storage.remove(uri, options)
+
+
+def _lock_holder(uri: str, options: StorageOptions) -> dict[str, Any] | None:
+    try:
+        return storage.read_json(uri, options)
+    except FileNotFoundError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _run_step(

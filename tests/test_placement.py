@@ -117,3 +117,23 @@ def test_models_on_cuda_take_cudnn_out_of_attention_and_cpu_models_change_nothin
     monkeypatch.setattr(models, "shape_free_attention", seen.append)
     models.load_model(tiny_model_dir, device="cpu")
     assert seen == ["cpu"]
+
+
+def test_the_dtype_decision_records_what_auto_became_and_why(monkeypatch):
+    """Two CPUs resolve `auto` differently and select different documents: the record says which ran."""
+    from core import placement
+
+    monkeypatch.setattr(placement, "cpu_flags", lambda: {"amx_bf16", "avx2"})
+    monkeypatch.setattr(placement, "bf16_matmul_speedup", lambda: 5.912)
+    fast = placement.dtype_decision("auto", "cpu")
+    assert fast == {"asked": "auto", "device": "cpu", "dtype": "bfloat16", "cpu_bf16_flags": ["amx_bf16"],
+                    "bf16_matmul_speedup": 5.912, "bf16_min_speedup": placement.BF16_MIN_SPEEDUP}  # fmt: skip
+    assert placement.describe_dtype(fast).startswith("bfloat16 on cpu (auto: bf16 matmuls measured 5.912x")
+    monkeypatch.setattr(placement, "bf16_matmul_speedup", lambda: 0.54)
+    assert placement.dtype_decision("auto", "cpu")["dtype"] == "float32"
+    monkeypatch.setattr(placement, "cpu_flags", lambda: {"avx2"})
+    plain = placement.dtype_decision("auto", "cpu")
+    assert plain["dtype"] == "float32" and plain["cpu_bf16_flags"] == [] and "bf16_matmul_speedup" not in plain
+    assert placement.describe_dtype(plain) == "float32 on cpu (auto: no native bf16 on this CPU)"
+    assert placement.dtype_decision("float32", "cpu") == {"asked": "float32", "device": "cpu", "dtype": "float32"}
+    assert placement.decide_dtype("bfloat16", ACCELERATOR, 1, num_cpus=1, num_gpus=1)["device"] == "cuda"

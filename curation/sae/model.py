@@ -320,7 +320,19 @@ class TopKSAE(nn.Module):
         state = load_file(str(path / WEIGHTS_FILE), device=str(device))
         sae = cls(cfg, device=device, dtype=state["W_dec"].dtype)
         sae.load_state_dict(state, strict=True)
+        broken = non_finite_tensors(sae)
+        if broken:
+            raise TrainingDiverged(f"the SAE in {path} holds NaN or infinite values in {', '.join(broken)}")
         return sae
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights went non-finite: the SAE would encode every document as zeros."""
+
+
+def non_finite_tensors(sae: TopKSAE) -> list[str]:
+    """Names of the SAE's parameters and buffers (the normaliser included) that hold NaN or infinity."""
+    return [name for name, tensor in sae.state_dict().items() if not bool(torch.isfinite(tensor).all())]
 
 
 class SAETrainer:
@@ -350,6 +362,11 @@ class SAETrainer:
         dead_mask = self.dead_mask if cfg.aux_coeff > 0 else None
         out = self.sae(x, dead_mask=dead_mask)
         loss = out.fvu + cfg.aux_coeff * out.auxk_loss
+        if not bool(torch.isfinite(loss)):
+            raise TrainingDiverged(
+                f"the loss is {loss.item()} after {self.tokens} tokens (fvu {out.fvu.item()}, auxk "
+                f"{out.auxk_loss.item()}) at learning rate {self.lr:.3g}"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.max_grad_norm)
@@ -454,11 +471,17 @@ def train_sae(
         steps += 1
         if steps % log_every == 0:
             _log_progress(steps, trainer, recent_fvu, start)
-    if steps == 0:
-        raise ValueError("train_sae got no training rows (max_tokens=0?)")
+    _check_trained(sae, steps)
     summary = {**_summary(steps, trainer, recent_fvu, start), "sink_tokens": sinks, "first_step_s": start - called}
     logger.info("SAE done: %s", summary)
     return sae, summary
+
+
+def _check_trained(sae: TopKSAE, steps: int) -> None:
+    if steps == 0:
+        raise ValueError("train_sae got no training rows (max_tokens=0?)")
+    if broken := non_finite_tensors(sae):
+        raise TrainingDiverged(f"training ended with NaN or infinite values in {', '.join(broken)}")
 
 
 def _chain(first: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:

@@ -27,13 +27,14 @@ from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
 from core.heap import model_actor_runtime_env
 from core.logs import worker_logging
-from core.placement import record_model_load, requested_device, run_remote, worker_device
+from core.placement import decide_dtype, record_model_load, requested_device, run_remote, worker_device
 from core.progress import Progress
 from core.reader import DOC, CleanConfig, iter_shard, read_corpus
-from core.runtime import RunConfig, default_torch_threads, init_ray
+from core.runtime import RunConfig, default_torch_threads
+from core.stage import Outcome, Stage, run_stage
 from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
 from curation.sae.coords import CoordSelector, select_coords, unmeasured_coords
-from curation.sae.model import SAEConfig, TopKSAE, train_sae
+from curation.sae.model import SAEConfig, TopKSAE, TrainingDiverged, train_sae
 from curation.sae.replay import replay_batches
 from curation.scoring import STATS_FILE, latent_stats
 from curation.seeds import load_seeds
@@ -132,8 +133,17 @@ class TrainSAEConfig(RunConfig):
         check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the machine")
 
 
-def check(config: TrainSAEConfig) -> tuple[models.ModelInfo, list[storage.FileInfo], str]:
-    """Validate against the model and the storage before any Ray work; returns (model info, inputs, hash)."""
+@dataclass
+class TrainSAEPlan:
+    """What validation found: the base model's shape, the files read, and the run's digest."""
+
+    info: models.ModelInfo
+    inputs: list[storage.FileInfo]
+    digest: str
+
+
+def plan(config: TrainSAEConfig) -> TrainSAEPlan:
+    """Validate against the model and the storage before any Ray work; reads no weights."""
     info = models.model_info(config.model)
     if config.layer >= info.num_layers:
         raise ConfigError(
@@ -148,9 +158,9 @@ def check(config: TrainSAEConfig) -> tuple[models.ModelInfo, list[storage.FileIn
     options = config.storage_options()
     if config.seeds:
         load_seeds(config.seeds, options)
-    inputs = storage.expand(config.corpus, options)
+    inputs = manifest.corpus_files(config.corpus, options)
     extra = storage.expand(config.seeds, options, config_field="seeds") if config.seeds else []
-    return info, inputs, config.digest([*inputs, *extra])
+    return TrainSAEPlan(info, inputs, config.digest([*inputs, *extra]))
 
 
 def calibration_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo]) -> list[str]:
@@ -259,7 +269,11 @@ def _train_and_save(
     stream = _activation_stream(config, spec, inputs)
     with Progress("sae train", config.max_train_tokens * config.epochs, "tokens") as progress:
         batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed, progress, config.replay_dir)
-        sae, metrics = train_sae((batch.to(device) for batch in batches), sae_config, seed=config.seed)
+        try:
+            sae, metrics = train_sae((batch.to(device) for batch in batches), sae_config, seed=config.seed)
+        except TrainingDiverged as error:
+            fix = "lower the learning rate (unset uses the width-scaled default) and train again; nothing was written"
+            raise ConfigError("lr", config.lr, f"SAE training diverged: {error}; {fix}") from None
     record_model_load("sae-trainer", sae.device)
     with tempfile.TemporaryDirectory() as staging:
         sae.save(staging)
@@ -292,16 +306,13 @@ def _sae_config(config: TrainSAEConfig, info: models.ModelInfo, coords: list[int
     )
 
 
-def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
-    """Train an SAE and write it to `config.out`; skips when a manifest for this exact run exists."""
-    info, inputs, digest = check(config)
-    options = config.storage_options()
-    if (done := manifest.finished(config.out, digest, options, config.force)) is not None:
-        return done
-    timer = manifest.Timer()
-    manifest.prepare_output(config.out, options)
-    init_ray(config.ray_address)
+def _train(config: TrainSAEConfig, checked: TrainSAEPlan, timer: manifest.Timer) -> Outcome:
+    """Choose coordinates, train, measure latent statistics; core.stage.run_stage does the rest."""
+    info, inputs = checked.info, checked.inputs
     spec = _encoder_spec(config)
+    decision = decide_dtype(spec.dtype, spec.device, spec.torch_threads, num_cpus=config.cpus_per_actor,
+                            num_gpus=config.gpus_per_actor)  # fmt: skip
+    spec = dataclasses.replace(spec, dtype=decision["dtype"])  # every activation actor runs the recorded dtype
     # The driver loads no model: coordinates, when there are any to measure, are measured in a task holding
     # one activation actor's resources, and the SAE trains in a task holding the trainer's, which streams
     # the activations itself.
@@ -331,7 +342,14 @@ def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
         "SAE written to %s: fvu=%.3f dead=%.3f %.0f tokens/s",
         config.out, metrics["fvu"], metrics["dead_fraction"], metrics["tokens_per_s"],
     )  # fmt: skip
-    return manifest.write_manifest(
-        config.out, stage="train_sae", config=dataclasses.asdict(config), digest=digest, inputs=inputs,
-        counts=counts, timings=timer.timings, options=options, extra={"coords": coords},
-    )  # fmt: skip
+    return Outcome(counts, {"coords": coords, "dtype": decision})
+
+
+TRAIN_SAE: Stage[TrainSAEConfig, TrainSAEPlan] = Stage(
+    "train_sae", plan, _train, reads=lambda config: [*config.corpus, config.seeds or "", config.model]
+)
+
+
+def run_train_sae(config: TrainSAEConfig) -> dict[str, Any]:
+    """Train an SAE and write it to `config.out`; returns the manifest (core.stage.run_stage)."""
+    return run_stage(TRAIN_SAE, config)

@@ -64,6 +64,7 @@ from curation.schedule.catalog import DONE, FAILED, Catalog, Lease, LeaseKeeper,
 from curation.selection.curate import (
     CurateConfig,
     CurationPlan,
+    PreparedEncoder,
     encode_shards,
     label_rows,
     plan,
@@ -487,7 +488,7 @@ class _Batch:
     catalog: Catalog
     selection: SelectionSpec
     options: StorageOptions
-    encoder: tuple[Any, np.ndarray] | None = None
+    encoder: PreparedEncoder | None = None
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     settling: list[str] = field(default_factory=list)
 
@@ -512,7 +513,7 @@ def _encode_within_budget(batch: _Batch, uris: list[str], scored_dir: str, rejec
     discarded with the round's work directory, never committed.
     """
     spec = batch.spec
-    encoder_spec, seeds_matrix = batch.encoder
+    encoder_spec, seeds_matrix = batch.encoder.spec, batch.encoder.seeds_matrix
     args = (spec, batch.checked, uris, encoder_spec, seeds_matrix, scored_dir, rejects_dir)
     before, fired = _executors(), threading.Event()
     message = f"round_timeout: the round ran past its budget of {spec.round_timeout_s:g} s (round_timeout_s)"

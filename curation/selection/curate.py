@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -20,10 +20,11 @@ from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
 from core.heap import model_actor_runtime_env
 from core.logs import worker_logging
-from core.placement import requested_device, run_remote
+from core.placement import describe_dtype, dtype_decision, requested_device, run_remote
 from core.progress import ray_counter
 from core.reader import CleanConfig, count_rejects, read_corpus
-from core.runtime import RunConfig, default_torch_threads, init_ray
+from core.runtime import RunConfig, default_torch_threads
+from core.stage import Outcome, Stage, run_stage
 from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec, Pooling
 from curation.explain import DomainDrivers, domain_drivers, row_explanations
 from curation.sae.model import TopKSAE
@@ -150,11 +151,11 @@ def plan(config: CurateConfig) -> CurationPlan:
     """Check everything that can be checked without Ray, in about a second."""
     options = config.storage_options()
     seeds = load_seeds(config.seeds, options)
-    inputs = storage.expand(config.corpus, options)
+    inputs = manifest.corpus_files(config.corpus, options)
     if not storage.exists(storage.join(config.sae, "cfg.json"), options):
         raise ConfigError("sae", config.sae, "no cfg.json there; train one with `python -m jobs.train_sae`")
     sae_dir = storage.local_copy(config.sae, options)
-    sae = TopKSAE.load(sae_dir)
+    sae, stats = _load_sae(config.sae, sae_dir)
     model = config.model or sae.cfg.base_model.get("name")
     if not model:
         raise ConfigError("model", None, "the SAE does not name its base model; pass --model")
@@ -165,7 +166,6 @@ def plan(config: CurateConfig) -> CurationPlan:
         raise ConfigError("sae", config.sae, f"reads coordinates beyond {model}'s hidden size {info.hidden_size}")
     weights = None
     if config.weighting == "idf":
-        stats = LatentStats.load(sae_dir)
         if stats is None:
             raise ConfigError(
                 "weighting", "idf", f"the SAE at {config.sae} has no {STATS_FILE}: train it again with "
@@ -179,6 +179,15 @@ def plan(config: CurateConfig) -> CurationPlan:
     sae_info = storage.expand(config.sae, options, config_field="sae")
     digest = config.digest([*inputs, *seed_info, *sae_info])
     return CurationPlan(config, inputs, seeds, sae, model, digest, weights)
+
+
+def _load_sae(sae: str, local_dir: str) -> tuple[TopKSAE, LatentStats | None]:
+    """The SAE and its latent statistics, refused when either holds what no score can be made of (NaN or
+    infinite weights from a training that diverged, counts that are no counts)."""
+    try:
+        return TopKSAE.load(local_dir), LatentStats.load(local_dir)
+    except ValueError as error:
+        raise ConfigError("sae", sae, f"{error}; train it again with `python -m jobs.train_sae`") from None
 
 
 def seed_vectors(encoder: DocumentEncoder, seeds: Seeds, max_tokens: int) -> np.ndarray:
@@ -265,22 +274,36 @@ def selection_spec(config: CurateConfig, seeds: Seeds) -> SelectionSpec:
     )
 
 
-def _encode_seeds(spec: EncoderSpec, sae: TopKSAE, seeds: Seeds, max_tokens: int) -> np.ndarray:
+def _encode_seeds(spec: EncoderSpec, sae: TopKSAE, seeds: Seeds, max_tokens: int) -> tuple[np.ndarray, dict[str, Any]]:
     """The seed vectors, always in float32: a handful of documents, often short, that every corpus document
-    is scored against, so bf16 rounding here would move every score (docs/results.md, "bfloat16 encode")."""
+    is scored against, so bf16 rounding here would move every score (docs/results.md, "bfloat16 encode").
+    With them, the encode dtype decided on this worker, one actor's like (core.placement.dtype_decision)."""
     worker_logging()
-    return seed_vectors(DocumentEncoder(dataclasses.replace(spec, dtype="float32"), sae=sae), seeds, max_tokens)
+    encoder = DocumentEncoder(dataclasses.replace(spec, dtype="float32"), sae=sae)
+    decision = dtype_decision(spec.dtype, encoder.device)
+    return seed_vectors(encoder, seeds, max_tokens), decision
 
 
-def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> tuple[EncoderSpec, np.ndarray]:
+class PreparedEncoder(NamedTuple):
+    """What the encode actors are built from: their spec (its dtype decided), the seed vectors, and the
+    record of how the dtype was decided (for the manifest)."""
+
+    spec: EncoderSpec
+    seeds_matrix: np.ndarray
+    dtype: dict[str, Any]
+
+
+def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> PreparedEncoder:
     """The encoder actors' spec and the (seeds, latents) seed vectors, encoded in a Ray task that holds one
-    encoder actor's resources (the driver loads no model). Ray must be initialised."""
+    encoder actor's resources (the driver loads no model); `auto` dtype is decided there, once, so every
+    actor runs the same. Ray must be initialised."""
     spec = _encoder_spec(config, checked.model, checked.sae, checked.latent_weights)
-    seeds_matrix = run_remote(
+    seeds_matrix, decision = run_remote(
         _encode_seeds, spec, checked.sae, checked.seeds, config.max_tokens,
         num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
     )  # fmt: skip
-    return spec, seeds_matrix
+    logger.info("encode dtype: %s", describe_dtype(decision))
+    return PreparedEncoder(dataclasses.replace(spec, dtype=decision["dtype"]), seeds_matrix, decision)
 
 
 def encode_shards(
@@ -369,18 +392,12 @@ def _select_and_write(
     curated.write_parquet(**storage.arrow_target(curated_dir, options))
 
 
-def run_curation(config: CurateConfig) -> dict[str, Any]:
-    """Run stage 1 end to end and return its manifest. Skips when a manifest for this exact run exists."""
-    checked = plan(config)
+def _curate(config: CurateConfig, checked: CurationPlan, timer: manifest.Timer) -> Outcome:
+    """Stage 1's work: seeds, encode, select, report (core.stage.run_stage does the rest)."""
     options = config.storage_options()
-    if (done := manifest.finished(config.out, checked.digest, options, config.force)) is not None:
-        return done
-    timer = manifest.Timer()
-    manifest.prepare_output(config.out, options)
-    init_ray(config.ray_address)
     selection = selection_spec(config, checked.seeds)
     with timer("seeds"):
-        spec, seeds_matrix = prepare_encoder(config, checked)
+        spec, seeds_matrix, decision = prepare_encoder(config, checked)
     scored_dir = storage.join(config.out, "scored")
     rejects_dir = storage.join(config.out, "rejects")
     curated_dir = storage.join(config.out, "curated")
@@ -393,25 +410,21 @@ def run_curation(config: CurateConfig) -> dict[str, Any]:
     counts = _counts(config, options, scored_dir, curated_dir, rejects_dir)
     drivers = domain_drivers(seeds_matrix, checked.seeds.domains)
     with timer("report"):
-        _write_report(config, checked, counts, timer.timings, drivers)
-    result = manifest.write_manifest(
-        config.out,
-        stage="curate",
-        config=dataclasses.asdict(config),
-        digest=checked.digest,
-        inputs=checked.inputs,
-        counts=counts,
-        timings=timer.timings,
-        options=options,
-        extra={
-            "model": checked.model,
-            "sae": config.sae,
-            "domains": selection.domains,
-            "driving_latents": drivers.as_dict(),
-        },
-    )
+        _write_report(config, checked, counts, timer.timings, drivers, decision)
     logger.info("curated %s rows into %s (%s)", counts["curated_rows"], curated_dir, counts["by_domain"])
-    return result
+    extra = {"model": checked.model, "sae": config.sae, "domains": selection.domains,
+             "driving_latents": drivers.as_dict(), "dtype": decision}  # fmt: skip
+    return Outcome(counts, extra)
+
+
+CURATE: Stage[CurateConfig, CurationPlan] = Stage(
+    "curate", plan, _curate, reads=lambda config: [*config.corpus, config.seeds, config.sae, config.model or ""]
+)
+
+
+def run_curation(config: CurateConfig) -> dict[str, Any]:
+    """Run stage 1 end to end and return its manifest (core.stage.run_stage: skips a finished run)."""
+    return run_stage(CURATE, config)
 
 
 def _write_report(
@@ -420,13 +433,15 @@ def _write_report(
     counts: dict[str, Any],
     timings: dict[str, float],
     drivers: DomainDrivers,
+    decision: dict[str, Any],
 ) -> None:
     from curation.selection.explain_report import TokenSource
     from curation.selection.report import write_report
 
     tokens = TokenSource(checked.model, config.max_tokens)
     options = config.storage_options()
-    write_report(config.out, options, checked.seeds, counts, timings, drivers=drivers, tokens=tokens)
+    write_report(config.out, options, checked.seeds, counts, timings, drivers=drivers, tokens=tokens,
+                 precision=describe_dtype(decision))  # fmt: skip
 
 
 def _counts(config, options, scored_dir, curated_dir, rejects_dir) -> dict[str, Any]:

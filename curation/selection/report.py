@@ -111,10 +111,13 @@ def write_report(
     timings: dict[str, float],
     drivers: DomainDrivers | None = None,
     tokens: TokenSource | None = None,
+    precision: str | None = None,
 ) -> None:
     """Write `report.md`, `scores.png` and, given the domains' driving latents, `latents.png`.
 
-    `tokens` says how documents were tokenized, to show each driving latent's peak tokens in context.
+    `tokens` says how documents were tokenized, to show each driving latent's peak tokens in context;
+    `precision`, what the encode ran in (core.placement.describe_dtype): `auto` selects differently on
+    machines that decide it differently.
     """
     curated_dir = storage.join(out, "curated")
     curated = (
@@ -133,6 +136,7 @@ def write_report(
         f" {tokens_per_s:,.0f} tokens/s end to end)",
         f"- documents rejected: {counts['rejected']:,}",
         f"- curated rows: {counts['curated_rows']:,}",
+        *([f"- encode precision: {precision}"] if precision else []),
         "",
         "| domain | seeds | curated rows |",
         "|---|---:|---:|",

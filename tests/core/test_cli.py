@@ -16,7 +16,8 @@ import torch
 from core import cli
 from core.errors import ConfigError
 from curation.sae.model import SAEConfig, TopKSAE
-from curation.sae.train import TrainSAEConfig, check
+from curation.sae.train import TrainSAEConfig
+from curation.sae.train import plan as plan_sae
 from curation.scoring import STATS_FILE, LatentStats
 from curation.selection.curate import CurateConfig, plan
 
@@ -285,13 +286,13 @@ def test_curate_plan_names_an_sae_directory_without_cfg(job_inputs, tmp_path):
 
 def test_train_sae_check_names_an_empty_corpus_glob(job_inputs):
     with pytest.raises(ConfigError) as excinfo:
-        check(train_config(job_inputs, corpus=[job_inputs["empty_glob"]]))
+        plan_sae(train_config(job_inputs, corpus=[job_inputs["empty_glob"]]))
     assert excinfo.value.field == "corpus"
 
 
 def test_train_sae_check_names_a_missing_seeds_file(job_inputs):
     with pytest.raises(ConfigError) as excinfo:
-        check(train_config(job_inputs, seeds=job_inputs["out"] + "-missing.jsonl"))
+        plan_sae(train_config(job_inputs, seeds=job_inputs["out"] + "-missing.jsonl"))
     assert excinfo.value.field == "seeds"
 
 
@@ -304,17 +305,17 @@ def test_curate_plan_rejects_a_threshold_outside_cosine_range(job_inputs):
 
 def test_train_sae_check_rejects_k_above_the_sae_width(job_inputs):
     # 4 coordinates x expansion 2 = 8 latents cannot hold k=9; SAEConfig says so, but only after Ray has
-    # started and the coordinates were measured. check() must find it first.
+    # started and the coordinates were measured. plan_sae() must find it first.
     with pytest.raises(ConfigError) as excinfo:
-        check(train_config(job_inputs, num_coords=4, expansion_factor=2, k=9))
+        plan_sae(train_config(job_inputs, num_coords=4, expansion_factor=2, k=9))
     assert excinfo.value.field == "k"
 
 
 def test_train_sae_check_accepts_a_valid_config(job_inputs):
-    info, inputs, digest = check(train_config(job_inputs, layer=3, num_coords=64))
-    assert (info.num_layers, info.hidden_size) == (4, 64)
-    assert [Path(file.uri).name for file in inputs] == ["corpus.jsonl"]
-    assert len(digest) > 0
+    checked = plan_sae(train_config(job_inputs, layer=3, num_coords=64))
+    assert (checked.info.num_layers, checked.info.hidden_size) == (4, 64)
+    assert [Path(file.uri).name for file in checked.inputs] == ["corpus.jsonl"]
+    assert len(checked.digest) > 0
 
 
 def test_curate_plan_accepts_a_valid_config(job_inputs):

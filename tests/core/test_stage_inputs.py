@@ -97,3 +97,61 @@ def test_on_s3_the_root_resolves_and_parts_are_refused(s3_bucket, tmp_path):
     with pytest.raises(ConfigError) as error:
         manifest.input_files(f"{root}/parts", field="data", reads=READS)
     assert f"{root}/distilled" in str(error.value)
+
+
+def _unfinished_curate(root):
+    """A curate output killed before its manifest: curated/ may be partial."""
+    _parquet(root / "curated" / "part-0.parquet")
+    _parquet(root / "scored" / "part-0.parquet")
+    _parquet(root / "rejects" / "part-0.parquet", rows=1)
+    return root
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_the_dataset_of_an_unfinished_output_is_refused_however_it_is_named(tmp_path, marked):
+    root = _unfinished_curate(tmp_path / "run")
+    if marked:
+        (root / manifest.IN_PROGRESS).write_text(json.dumps({"stage": "curate", "hash": "x"}))
+    reads = {"curate": "curated"}
+    for name in ("", "/curated", "/curated/part-0.parquet", "/curated/*.parquet", "/*/*.parquet"):
+        with pytest.raises(ConfigError) as error:
+            manifest.input_files(f"{root}{name}", field="data", reads=reads)
+        assert "not finished" in str(error.value), name
+        assert f"{root}/curated" not in str(error.value).split("names ")[-1].split(", which")[-1]
+
+
+def test_the_corpus_is_resolved_like_every_other_input(tmp_path):
+    schedule = tmp_path / "schedule"
+    _parquet(schedule / "shards" / "abc.parquet")
+    _parquet(schedule / "snapshots" / "v000001" / "curated.parquet")
+    (schedule / "CURRENT").write_text(json.dumps({"version": 1, "path": "snapshots/v000001"}))
+    (schedule / "catalog").mkdir()
+    (schedule / "catalog" / "x.json").write_text("{}")
+    for corpus in (str(schedule), f"{schedule}/**", f"{schedule}/catalog/x.json"):
+        with pytest.raises(ConfigError) as error:
+            manifest.corpus_files([corpus])
+        assert error.value.field == "corpus", corpus
+    curate = _distill_output(tmp_path / "out")  # any finished stage output
+    with pytest.raises(ConfigError):
+        manifest.corpus_files([f"{curate}/**/*.parquet"])
+    assert [info.uri for info in manifest.corpus_files([str(curate / "distilled")])] == [
+        str(curate / "distilled" / "part-0.parquet")
+    ]
+
+
+def test_curate_and_sae_training_check_their_corpus(tmp_path, tiny_model_dir):
+    from curation.sae.train import TrainSAEConfig
+    from curation.sae.train import plan as plan_sae
+    from curation.selection.curate import CurateConfig
+    from curation.selection.curate import plan as plan_curate
+
+    root = _unfinished_curate(tmp_path / "run")
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"text": "a seed", "domain": "d"}) + "\n")
+    corpus = [f"{root}/curated/*.parquet"]
+    with pytest.raises(ConfigError) as error:
+        plan_curate(CurateConfig(corpus=corpus, seeds=str(seeds), sae=str(tmp_path / "sae"), out=str(tmp_path / "o")))
+    assert error.value.field == "corpus"
+    with pytest.raises(ConfigError) as error:
+        plan_sae(TrainSAEConfig(corpus=corpus, model=tiny_model_dir, layer=1, out=str(tmp_path / "o")))
+    assert error.value.field == "corpus"

@@ -332,3 +332,27 @@ def test_attention_sinks_neither_set_the_scale_nor_train():
     assert dirty.keep(mixed).sum() == len(ordinary) and not dirty.keep(sinks).any()
     _, summary = train_sae([mixed[i : i + 512] for i in range(0, len(mixed), 512)], SAEConfig(d_in=16, k=4))
     assert summary["sink_tokens"] == 4 and summary["tokens"] == len(ordinary)
+
+
+# --- divergence ---------------------------------------------------------------------------------------------
+
+
+def test_training_stops_when_the_loss_goes_non_finite():
+    """A learning rate of 1e9 used to finish with fvu nan and an SAE that encodes every document as zeros."""
+    from curation.sae.model import TrainingDiverged
+
+    rows = [torch.randn(64, 8) for _ in range(20)]
+    with pytest.raises(TrainingDiverged, match="learning rate 1e\\+09"):
+        train_sae(iter(rows), SAEConfig(d_in=8, expansion_factor=2, k=2), normalizer_tokens=64, lr=1e9)
+
+
+def test_an_sae_with_non_finite_weights_does_not_load(tmp_path: Path):
+    from curation.sae.model import TrainingDiverged
+
+    sae = TopKSAE(SAEConfig(d_in=4, expansion_factor=2, k=2))
+    sae.fit_normalizer(torch.randn(16, 4))
+    with torch.no_grad():
+        sae.W_dec[0, 0] = float("nan")
+    sae.save(tmp_path / "sae")
+    with pytest.raises(TrainingDiverged, match="W_dec"):
+        TopKSAE.load(tmp_path / "sae")

@@ -76,3 +76,35 @@ def test_curation_without_statistics_says_how_to_get_them(tmp_path, tiny_model_d
         plan(config)
     (tmp_path / "sae" / STATS_FILE).write_bytes(LatentStats(docs=4, fired_in=[1] * cfg.num_latents).to_bytes())
     assert plan(config).latent_weights == pytest.approx([math.log(5 / 2) + 1] * cfg.num_latents)
+
+
+@pytest.mark.parametrize("content", ['{"docs": NaN, "fired_in": [1]}', '{"docs": 4, "fired_in": [1, Infinity]}',
+                                     '{"docs": 4, "fired_in": [5]}', '{"docs": 0, "fired_in": []}',
+                                     '{"docs": 4, "fired_in": [true]}', '{"docs": 4}'])  # fmt: skip
+def test_statistics_that_are_no_counts_are_refused(tmp_path, content):
+    (tmp_path / STATS_FILE).write_text(content)
+    with pytest.raises(ValueError, match="not a valid"):
+        LatentStats.load(tmp_path)
+
+
+def test_curation_refuses_an_sae_that_diverged(tmp_path, tiny_model_dir):
+    """Such an SAE used to be accepted: every document scored 0.0 and the first ids were picked for every seed."""
+    from helpers import write_corpus
+
+    from core.models import model_info
+    from curation.sae.model import SAEConfig, TopKSAE
+    from curation.selection.curate import CurateConfig, plan
+
+    corpus = write_corpus(tmp_path / "corpus", bad_rows=False)
+    info = model_info(tiny_model_dir)
+    cfg = SAEConfig(d_in=info.hidden_size, expansion_factor=2, k=4, layer=1, coords=list(range(info.hidden_size)),
+                    base_model={"name": tiny_model_dir})  # fmt: skip
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.fill_(float("nan"))
+    sae.save(str(tmp_path / "sae"))
+    config = CurateConfig(corpus=[str(tmp_path / "corpus" / "*.jsonl.gz")], seeds=corpus["seeds"],
+                          sae=str(tmp_path / "sae"), out=str(tmp_path / "out"), weighting="none")  # fmt: skip
+    with pytest.raises(ConfigError) as error:
+        plan(config)
+    assert error.value.field == "sae" and "W_enc" in str(error.value) and "jobs.train_sae" in str(error.value)

@@ -56,6 +56,15 @@ def test_sae_directory_is_complete(curated_run):
     assert len(stats.fired_in) == sae.cfg.num_latents and 0 < max(stats.fired_in) <= stats.docs
 
 
+def test_the_manifests_and_report_say_what_auto_dtype_became(curated_run):
+    """`dtype: auto` encodes in bf16 on some CPUs and fp32 on others, which select different documents."""
+    for recorded in (curated_run["manifest"]["dtype"], curated_run["sae_manifest"]["dtype"]):
+        assert recorded["asked"] == "auto" and recorded["dtype"] in ("float32", "bfloat16")
+        assert recorded["device"] == "cpu" and "cpu_bf16_flags" in recorded
+    report = (curated_run["root"] / "out" / "report.md").read_text()
+    assert f"- encode precision: {curated_run['manifest']['dtype']['dtype']} on cpu (auto: " in report
+
+
 def test_all_coordinates_train_without_measuring_any(curated_run, tiny_model_dir):
     """coords=all, the default, has nothing to measure: no coordinate task loads the model first."""
     root = curated_run["root"]

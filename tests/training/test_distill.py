@@ -16,6 +16,7 @@ import torch
 from conftest import REPO, TINY_TEXTS
 
 from core.errors import ConfigError
+from core.stage import MARKER
 from training.distillation import distill
 from training.distillation.distill import DistillConfig, PrepareSpec, judge, prepare_rows, run_distill, split_document
 from training.distillation.teacher import BatchedGenerator, TeacherConfig, finish_row, pad_left
@@ -340,7 +341,8 @@ def test_pipeline_filters_dedups_and_resumes(ray_local, scripted_model, tmp_path
     # A rerun of the finished output is skipped.
     assert run_distill(config)["finished_at"] == result["finished_at"]
 
-    # A crash: one part file never got written, and no manifest. The rerun generates only its rows.
+    # A crash: one part file never got written, and no manifest; the in-progress marker the run wrote first
+    # is still there. The rerun generates only the lost part's rows.
     parts = sorted((out / "parts").glob("part-*.parquet"))
     generated_parts = [
         p for p in parts if any(r["reason"] not in distill.INPUT_REASONS for r in pq.read_table(p).to_pylist())
@@ -350,6 +352,7 @@ def test_pipeline_filters_dedups_and_resumes(ray_local, scripted_model, tmp_path
     lost_ids = set(pq.read_table(lost).column("id").to_pylist())
     lost.unlink()
     (out / "manifest.json").unlink()
+    (out / MARKER).write_text(json.dumps({"stage": "distill", "hash": result["hash"]}))
     resumed = run_distill(config)
     assert resumed["counts"]["generated_rows"] == len(lost_ids)
     assert resumed["counts"]["resumed_rows"] == len(INSTRUCTION_ROWS) - len(lost_ids)

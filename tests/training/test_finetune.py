@@ -19,26 +19,26 @@ from core import cli
 from core.errors import ConfigError
 from core.storage import StorageOptions
 from training.finetuning.deepspeed_config import build_deepspeed_config
-from training.finetuning.finetune import FinetuneConfig, WorkerPlan, merged_model, plan, run_finetune
+from training.finetuning.finetune import FinetuneConfig, LoopConfig, merged_model, plan, run_finetune
 from training.finetuning.losses import IGNORE_INDEX, causal_lm_loss, kd_loss
 from training.finetuning.sft_data import (
     BatchShape,
     Example,
     collate,
     encode_example,
-    plan_window,
     rank_micro_batches,
     training_target,
+    window_order,
 )
 from training.finetuning.step_clock import PHASES, StepClock
 
 ROWS = 96
 
 
-def worker_plan(model_dir: str, **settings) -> WorkerPlan:
+def loop_config(model_dir: str, **settings) -> LoopConfig:
     """What a Ray Train worker receives, for calling the loop's pieces directly."""
     config = FinetuneConfig(model=model_dir, data="unused.parquet", out="unused", **settings)
-    return WorkerPlan(config, model_dir, None, 1, StorageOptions(), "")
+    return LoopConfig(config, model_dir, None, 1, StorageOptions(), "")
 
 
 def write_distilled(directory: Path, rows: int = ROWS, with_response: bool = False) -> Path:
@@ -170,17 +170,17 @@ def test_long_examples_keep_a_response(tiny_model_dir):
 def test_window_plan_covers_rows_once_and_is_deterministic():
     shape = BatchShape(micro_batch=2, grad_accum=2, world_size=2, window_steps=3)
     lengths = [random.Random(i).randrange(5, 50) for i in range(27)]  # 3 whole steps of 8 rows, 3 left over
-    plan_a = plan_window(lengths, shape, seed=0, epoch=0, window=0)
-    assert plan_a == plan_window(lengths, shape, seed=0, epoch=0, window=0)
-    assert plan_a != plan_window(lengths, shape, seed=0, epoch=1, window=0)
-    rows = [i for micro in plan_a for i in micro]
+    order_a = window_order(lengths, shape, seed=0, epoch=0, window=0)
+    assert order_a == window_order(lengths, shape, seed=0, epoch=0, window=0)
+    assert order_a != window_order(lengths, shape, seed=0, epoch=1, window=0)
+    rows = [i for micro in order_a for i in micro]
     assert len(rows) == len(set(rows)) == 24
-    per_rank = [rank_micro_batches(plan_a, shape, rank) for rank in range(2)]
+    per_rank = [rank_micro_batches(order_a, shape, rank) for rank in range(2)]
     assert all(len(steps) == 3 and all(len(step) == 2 for step in steps) for steps in per_rank)
     fed = sorted(i for steps in per_rank for step in steps for micro in step for i in micro)
     assert fed == sorted(rows)
     # Length bucketing: each micro-batch holds neighbours in the length order.
-    spread = max(max(lengths[i] for i in micro) - min(lengths[i] for i in micro) for micro in plan_a)
+    spread = max(max(lengths[i] for i in micro) - min(lengths[i] for i in micro) for micro in order_a)
     assert spread < max(lengths) - min(lengths)
     # Balanced ranks: each step's rows are neighbours in the length order, and the ranks snake through the
     # accumulation slots, so rank 0 takes the step's shortest micro-batch and then its longest.
@@ -211,7 +211,7 @@ def test_resume_skips_exactly_the_steps_already_done(tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     shard = ListShard(pq.read_table(write_distilled(tmp_path / "d", rows=40)))
     shape = BatchShape(micro_batch=2, grad_accum=2, world_size=2, window_steps=3)  # 8 rows a step, 5 a epoch
-    loop = worker_plan(tiny_model_dir, epochs=2, seed=3, max_tokens=32)
+    loop = loop_config(tiny_model_dir, epochs=2, seed=3, max_tokens=32)
 
     def fed(state: TrainerState, rank: int) -> list[tuple[int, int, list[list[int]]]]:
         return [
@@ -308,12 +308,12 @@ def test_worker_threads_and_environment_follow_the_settings(tiny_model_dir):
     from training.finetuning.finetune import worker_environment
 
     # Two workers on two cores reserve 0.75 CPU each: one thread each, never more threads than cores.
-    assert worker_environment(worker_plan(tiny_model_dir, cpus_per_worker=0.75)) == {
+    assert worker_environment(loop_config(tiny_model_dir, cpus_per_worker=0.75)) == {
         "OMP_NUM_THREADS": "1",
         "RAY_worker_niceness": "0",
     }
-    assert worker_environment(worker_plan(tiny_model_dir, cpus_per_worker=2.0))["OMP_NUM_THREADS"] == "2"
-    explicit = worker_plan(tiny_model_dir, cpus_per_worker=0.5, torch_threads=3)
+    assert worker_environment(loop_config(tiny_model_dir, cpus_per_worker=2.0))["OMP_NUM_THREADS"] == "2"
+    explicit = loop_config(tiny_model_dir, cpus_per_worker=0.5, torch_threads=3)
     assert worker_environment(explicit)["OMP_NUM_THREADS"] == "3"
 
 
@@ -323,7 +323,7 @@ def test_lora_merge_gives_the_adapter_models_logits(tiny_model_dir, one_torch_th
 
     from training.finetuning.finetune import _lora_config
 
-    loop = worker_plan(tiny_model_dir, lora_r=4, lora_alpha=8.0, lora_targets=["q_proj", "v_proj", "down_proj"])
+    loop = loop_config(tiny_model_dir, lora_r=4, lora_alpha=8.0, lora_targets=["q_proj", "v_proj", "down_proj"])
     adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), _lora_config(loop))
     for name, param in adapted.named_parameters():
         if "lora_B" in name:  # B starts at zero; make the adapter do something
@@ -499,15 +499,15 @@ def test_worker_plan_carries_no_s3_credentials(tiny_model_dir, distilled, tmp_pa
     """What TorchTrainer ships to every worker (train_loop_config) holds the endpoint but no credentials."""
     import ray.cloudpickle
 
-    from training.finetuning.finetune import _worker_plan
+    from training.finetuning.finetune import _loop_config
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFINESCOPECANARY7")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "finescope-canary-secret-3f9c1d7e5b")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    loop = _worker_plan(plan(fit_config(tiny_model_dir, distilled, str(tmp_path / "o"))))
-    shipped = ray.cloudpickle.dumps({"plan": loop})
+    loop = _loop_config(plan(fit_config(tiny_model_dir, distilled, str(tmp_path / "o"))))
+    shipped = ray.cloudpickle.dumps({"loop": loop})
     assert b"AKIAFINESCOPECANARY7" not in shipped and b"finescope-canary-secret" not in shipped
-    assert ray.cloudpickle.loads(shipped)["plan"].storage_options.endpoint_url == "http://127.0.0.1:9"
+    assert ray.cloudpickle.loads(shipped)["loop"].storage_options.endpoint_url == "http://127.0.0.1:9"
 
 
 RESUME_PROBE = r"""
@@ -525,7 +525,7 @@ work, marker = sys.argv[1], sys.argv[2]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 model_dir = str(build_tiny_model(__import__("pathlib").Path(work) / "model", num_layers=1))
 config = ft.FinetuneConfig(model=model_dir, data="unused.parquet", out=work, zero_stage=2, torch_threads=1)
-loop = ft.WorkerPlan(config, model_dir, None, 10, StorageOptions(), "")
+loop = ft.LoopConfig(config, model_dir, None, 10, StorageOptions(), "")
 model, _ = ft._build_model(loop)
 engine = ft._build_engine(model, loop, 1)
 checkpoint = os.path.join(work, "checkpoint")

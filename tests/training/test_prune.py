@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from core.errors import ConfigError
 from tests.conftest import REPO, TINY_TEXTS
 from training.pruning.importance import Importance, magnitude_importance, random_importance, taylor_importance
-from training.pruning.prune import PruneConfig, domain_batches, plan_pruning, run_pruning
-from training.pruning.structures import apply_plan, count_params, kv_rows, layout_of, query_rows
+from training.pruning.prune import PruneConfig, allocate, domain_batches, read_report, run_pruning
+from training.pruning.structures import count_params, kv_rows, layout_of, query_rows, slice_structures
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -74,7 +74,7 @@ def test_plan_hits_the_ratio_within_one_rounding_step(tiny_model_dir):
     layout = layout_of(model.config)
     importance = magnitude_importance(model, layout)
     for ratio in (0.1, 0.2, 0.3, 0.4):
-        plan = plan_pruning(importance, layout, ratio, channel_multiple=8)
+        plan = allocate(importance, layout, ratio, channel_multiple=8)
         # One rounding step: 8 MLP channels in every layer.
         step = 8 * layout.channel_params * layout.num_layers / plan.params_before
         assert abs(plan.ratio - ratio) <= step / 2 + 1e-9, (ratio, plan.ratio)
@@ -82,7 +82,7 @@ def test_plan_hits_the_ratio_within_one_rounding_step(tiny_model_dir):
         assert len({len(g) for g in plan.keep_groups}) == 1 and len({len(c) for c in plan.keep_channels}) == 1
         # The decoder loses a larger share than the whole model: embeddings are never cut.
         assert plan.decoder_ratio > plan.ratio
-        pruned = apply_plan(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)
+        pruned = slice_structures(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)
         assert count_params(pruned) == plan.params_after
 
 
@@ -91,13 +91,13 @@ def test_pruned_logits_equal_original_with_removed_structures_zeroed(tiny_model_
     layout = layout_of(model.config)
     # Random scores, one KV group of two kept per layer: which group survives differs from layer to layer,
     # so a slip in the q/k/v rows, the o columns or the GQA pairing changes the logits.
-    plan = plan_pruning(random_importance(layout, seed=3), layout, 0.3, channel_multiple=8, keep_groups=1)
+    plan = allocate(random_importance(layout, seed=3), layout, 0.3, channel_multiple=8, keep_groups=1)
     assert len({groups[0] for groups in plan.keep_groups}) == 2
     ids = _input_ids(_tokenizer(tiny_model_dir))
     with torch.no_grad():
         original = model(ids).logits
         reference = zero_removed(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)(ids).logits
-        pruned = apply_plan(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)(ids).logits
+        pruned = slice_structures(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)(ids).logits
     assert pruned.shape == original.shape
     assert not torch.allclose(reference, original, atol=1e-3)
     torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=1e-5)
@@ -107,14 +107,14 @@ def test_pruned_logits_equal_original_with_removed_structures_zeroed(tiny_model_
 def test_first_and_last_layers_can_stay_whole_in_memory(tiny_model_dir):
     model = _load(tiny_model_dir)
     layout = layout_of(model.config)
-    plan = plan_pruning(magnitude_importance(model, layout), layout, 0.2, channel_multiple=8, keep_first_last=True)
+    plan = allocate(magnitude_importance(model, layout), layout, 0.2, channel_multiple=8, keep_first_last=True)
     sizes = [(len(g), len(c)) for g, c in zip(plan.keep_groups, plan.keep_channels, strict=True)]
     assert sizes[0] == sizes[-1] == (layout.num_kv_heads, layout.intermediate_size)
     assert sizes[1] == sizes[2] and sizes[1] != sizes[0]
     ids = _input_ids(_tokenizer(tiny_model_dir))
     with torch.no_grad():
         reference = zero_removed(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)(ids).logits
-        pruned = apply_plan(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)(ids).logits
+        pruned = slice_structures(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)(ids).logits
     torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=1e-5)
 
 
@@ -154,7 +154,8 @@ def test_taylor_hooks_match_a_plain_backward(tiny_model_dir):
 def test_run_pruning_writes_a_standard_checkpoint_and_skips_on_rerun(tiny_model_dir, domain_dir, tmp_path):
     out = str(tmp_path / "pruned")
     config = PruneConfig(model=tiny_model_dir, data=domain_dir, out=out, ratio=0.3, channel_multiple=8, max_tokens=32)
-    report = run_pruning(config)
+    run_pruning(config)
+    report = read_report(out)
     files = {p.name for p in Path(out).iterdir()}
     assert {
         "config.json",
@@ -190,7 +191,7 @@ def test_run_pruning_writes_a_standard_checkpoint_and_skips_on_rerun(tiny_model_
     saved = Importance.from_npz((Path(out) / "prune_importance.npz").read_bytes())
     torch.testing.assert_close(saved.groups, importance.groups)
     torch.testing.assert_close(saved.channels, importance.channels)
-    plan = plan_pruning(importance, layout, 0.3, channel_multiple=8)
+    plan = allocate(importance, layout, 0.3, channel_multiple=8)
     assert plan.keep_groups == keep_groups
     ids = _input_ids(_tokenizer(out))
     with torch.no_grad():
@@ -198,7 +199,7 @@ def test_run_pruning_writes_a_standard_checkpoint_and_skips_on_rerun(tiny_model_
         torch.testing.assert_close(reloaded.eval()(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
     mtime = (Path(out) / "model.safetensors").stat().st_mtime_ns
-    assert run_pruning(config)["params_after"] == report["params_after"]
+    assert run_pruning(config)["params_after"] == report["params_after"]  # the manifest carries the counts
     assert (Path(out) / "model.safetensors").stat().st_mtime_ns == mtime  # skipped: the manifest matched
 
 

@@ -46,7 +46,8 @@ from core import manifest, models, storage
 from core.batching import cached_tokenizer
 from core.errors import ConfigError, check_range, check_ranges
 from core.progress import Progress
-from core.runtime import RunConfig, default_torch_threads, init_ray
+from core.runtime import RunConfig, default_torch_threads
+from core.stage import Outcome, Stage, run_stage
 from training.distillation.teacher import (
     Backend,
     GenerationSettings,
@@ -451,23 +452,12 @@ def plan(config: DistillConfig) -> DistillPlan:
     return DistillPlan(config, inputs, recipe, context, digest)  # type: ignore[arg-type]
 
 
-RUN_STATE = "_run.json"
-
-
-def prepare_resume(out: str, digest: str, force: bool, options: storage.StorageOptions) -> set[str]:
-    """Ids already written by an interrupted run of this same config; clears the output otherwise."""
+def resumed_ids(out: str, options: storage.StorageOptions) -> set[str]:
+    """Ids already written to `parts/` by an interrupted run of this same config (core.stage keeps `parts/`
+    only for that run; any other run starts from an empty output)."""
     parts_dir = storage.join(out, "parts")
-    state_uri = storage.join(parts_dir, RUN_STATE)
-    state = storage.read_json(state_uri, options) if storage.exists(state_uri, options) else None
-    if force or state is None or state.get("hash") != digest:
-        if storage.exists(out, options):
-            logger.info("clearing %s: no resumable run of this config there", out)
-            storage.remove(out, options)
-        storage.makedirs(parts_dir, options)
-        storage.write_json_atomic(state_uri, {"hash": digest}, options)
+    if not storage.exists(parts_dir, options):
         return set()
-    for stale in ("distilled", "rejects", manifest.MANIFEST):
-        storage.remove(storage.join(out, stale), options)
     part_files = [info.uri for info in storage.expand(parts_dir, options) if info.uri.endswith(".parquet")]
     done: set[str] = set()
     for uri in part_files:
@@ -477,15 +467,10 @@ def prepare_resume(out: str, digest: str, force: bool, options: storage.StorageO
     return done
 
 
-def run_distill(config: DistillConfig) -> dict[str, Any]:
-    """Run stage 2b end to end and return its manifest. Skips a finished run; resumes an interrupted one."""
-    checked = plan(config)
+def _distill(config: DistillConfig, checked: DistillPlan, timer: manifest.Timer) -> Outcome:
+    """Stage 2b's work: generate what an interrupted run left, judge, finalize (core.stage does the rest)."""
     options = config.storage_options()
-    if (done := manifest.finished(config.out, checked.digest, options, config.force)) is not None:
-        return done
-    timer = manifest.Timer()
-    done_ids = prepare_resume(config.out, checked.digest, config.force, options)
-    init_ray(config.ray_address)
+    done_ids = resumed_ids(config.out, options)
     spec = _prepare_spec(config, checked)
     parts_dir = storage.join(config.out, "parts")
     source = storage.arrow_target([info.uri for info in checked.inputs], options)
@@ -502,19 +487,19 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
         counts = finalize(config.out, options)
     seconds = timer.timings["distill"]
     counts.update(run_counts, generated_tokens_per_s=round(run_counts["generated_tokens"] / max(seconds, 1e-9), 2))
-    result = manifest.write_manifest(
-        config.out,
-        stage="distill",
-        config=dataclasses.asdict(config),
-        digest=checked.digest,
-        inputs=checked.inputs,
-        counts=counts,
-        timings=timer.timings,
-        options=options,
-        extra={"recipe": checked.recipe, "teacher": config.teacher, "backend": config.backend},
-    )
     _log_distilled(config.out, counts, run_counts["generated_rows"])
-    return result
+    return Outcome(counts, {"recipe": checked.recipe, "teacher": config.teacher, "backend": config.backend})
+
+
+DISTILL: Stage[DistillConfig, DistillPlan] = Stage(
+    "distill", plan, _distill, reads=lambda config: [config.data, config.teacher], keep=("parts",)
+)
+
+
+def run_distill(config: DistillConfig) -> dict[str, Any]:
+    """Run stage 2b end to end and return its manifest (core.stage.run_stage: skips a finished run and resumes
+    an interrupted one of the same config from its parts)."""
+    return run_stage(DISTILL, config)
 
 
 def _prepare_spec(config: DistillConfig, checked: DistillPlan) -> PrepareSpec:

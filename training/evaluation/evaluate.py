@@ -9,7 +9,6 @@ results.json, questions.jsonl, report.md, PNG charts, and, last, manifest.json.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import numbers
@@ -27,6 +26,7 @@ from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
 from core.placement import requested_device, resolve_device
 from core.runtime import RunConfig, init_ray, is_local_ray
+from core.stage import Outcome, Stage, run_stage
 from training.evaluation import mmlu, stats
 from training.evaluation.mmlu import Question
 
@@ -465,14 +465,9 @@ def question_rows(checked: EvaluationPlan, outputs: list[dict[str, Any]]) -> lis
     return rows
 
 
-def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
-    """Run stage 3 end to end and return its manifest. Skips when a manifest for this exact run exists."""
-    checked = plan(config)
+def _evaluate(config: EvaluateConfig, checked: EvaluationPlan, timer: manifest.Timer) -> Outcome:
+    """One Ray task per model, then the summary and reports; core.stage.run_stage does the rest."""
     options = config.storage_options()
-    if (done := manifest.finished(config.out, checked.digest, options, config.force)) is not None:
-        return done
-    timer = manifest.Timer()
-    manifest.prepare_output(config.out, options)
     with timer("evaluate"):
         outputs = run_tasks(build_tasks(checked), config)
     from training.evaluation.report import write_outputs
@@ -480,19 +475,21 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     with timer("report"):
         results = summarise(checked, outputs)
         write_outputs(config.out, results, question_rows(checked, outputs), options)
-    counts = {
+    return Outcome({
         "models": len(checked.models),
         "questions": len(checked.questions),
         "mmlu_rejects": len(checked.parsed_rejects),
         "ppl_documents": {name: len(texts) for name, texts in checked.documents.items()},
-    }
-    return manifest.write_manifest(
-        config.out,
-        stage="evaluate",
-        config=dataclasses.asdict(config),
-        digest=checked.digest,
-        inputs=checked.inputs,
-        counts=counts,
-        timings=timer.timings,
-        options=options,
-    )
+    })  # fmt: skip
+
+
+def _evaluate_reads(config: EvaluateConfig) -> list[str]:
+    return [path for _, path in config.labelled_models()] + list(config.ppl) + [config.mmlu_file or ""]
+
+
+EVALUATE: Stage[EvaluateConfig, EvaluationPlan] = Stage("evaluate", plan, _evaluate, reads=_evaluate_reads)
+
+
+def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
+    """Run stage 3 end to end and return its manifest (core.stage.run_stage: skips a finished run)."""
+    return run_stage(EVALUATE, config)

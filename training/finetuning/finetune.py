@@ -43,7 +43,8 @@ from core import manifest, models, storage
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.placement import cpu_forced, record_model_load, shape_free_attention, worker_device
 from core.progress import Progress
-from core.runtime import RunConfig, init_ray, is_local_ray
+from core.runtime import RunConfig, is_local_ray
+from core.stage import Outcome, Stage, run_stage
 from training.finetuning.deepspeed_config import ZERO_STAGES, ZERO_STAGES_TEXT, build_deepspeed_config
 from training.finetuning.losses import causal_lm_loss, combined_loss, kd_loss
 from training.finetuning.sft_data import (
@@ -52,9 +53,9 @@ from training.finetuning.sft_data import (
     Example,
     collate,
     encode_example,
-    plan_window,
     rank_micro_batches,
     training_target,
+    window_order,
 )
 from training.finetuning.step_clock import PHASES, StepClock
 
@@ -185,7 +186,7 @@ class FinetuneConfig(RunConfig):
 
 
 @dataclass(frozen=True)
-class WorkerPlan:
+class LoopConfig:
     """What every Ray Train worker runs from, resolved once on the driver: a typo fails at parse time."""
 
     config: FinetuneConfig
@@ -286,7 +287,7 @@ class TrainerState:
     resumed_from_step: int | None = None
 
 
-def _worker_threads(loop: WorkerPlan) -> int:
+def _worker_threads(loop: LoopConfig) -> int:
     """Torch threads per worker: `torch_threads`, else one per whole CPU the worker reserves (at least one).
 
     Two workers on two cores thus run one thread each: more would oversubscribe the cores.
@@ -296,7 +297,7 @@ def _worker_threads(loop: WorkerPlan) -> int:
     return max(1, int(loop.config.cpus_per_worker))
 
 
-def worker_environment(loop: WorkerPlan) -> dict[str, str]:
+def worker_environment(loop: LoopConfig) -> dict[str, str]:
     """Environment of the Ray Train worker processes.
 
     OpenMP gets the worker's thread count (Ray would set one per whole CPU reserved, which disagrees with
@@ -307,12 +308,12 @@ def worker_environment(loop: WorkerPlan) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(_worker_threads(loop)), "RAY_worker_niceness": "0"}
 
 
-def _worker_device(loop: WorkerPlan) -> str:
+def _worker_device(loop: LoopConfig) -> str:
     """cuda for a worker given a GPU (use_gpu), unless FINESCOPE_FORCE_CPU; it also decides bf16."""
     return worker_device(1 if loop.config.use_gpu else 0)
 
 
-def _build_model(loop: WorkerPlan) -> tuple[torch.nn.Module, Any]:
+def _build_model(loop: LoopConfig) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(loop.model_dir, local_files_only=True)
@@ -328,7 +329,7 @@ def _build_model(loop: WorkerPlan) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
-def _lora_config(loop: WorkerPlan):
+def _lora_config(loop: LoopConfig):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -339,13 +340,13 @@ def _lora_config(loop: WorkerPlan):
     )
 
 
-def _with_lora(model: torch.nn.Module, loop: WorkerPlan) -> torch.nn.Module:
+def _with_lora(model: torch.nn.Module, loop: LoopConfig) -> torch.nn.Module:
     from peft import get_peft_model
 
     return get_peft_model(model, _lora_config(loop))
 
 
-def _load_teacher(loop: WorkerPlan, device: torch.device) -> torch.nn.Module | None:
+def _load_teacher(loop: LoopConfig, device: torch.device) -> torch.nn.Module | None:
     if not loop.teacher_dir:
         return None
     from transformers import AutoModelForCausalLM
@@ -357,7 +358,7 @@ def _load_teacher(loop: WorkerPlan, device: torch.device) -> torch.nn.Module | N
     return teacher.to(device).eval()
 
 
-def _build_engine(model: torch.nn.Module, loop: WorkerPlan, world_size: int):
+def _build_engine(model: torch.nn.Module, loop: LoopConfig, world_size: int):
     import deepspeed
 
     ds_config = build_deepspeed_config(
@@ -449,7 +450,7 @@ def load_checkpoint(engine, directory: str) -> TrainerState:
         return TrainerState(**json.load(handle))
 
 
-def _restore(engine, loop: WorkerPlan) -> TrainerState:
+def _restore(engine, loop: LoopConfig) -> TrainerState:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -481,7 +482,7 @@ def _windows(shard, shape: BatchShape) -> Iterator[list[dict[str, Any]]]:
         yield window
 
 
-def _steps(shard, tokenizer, loop: WorkerPlan, shape: BatchShape, state: TrainerState, rank: int):
+def _steps(shard, tokenizer, loop: LoopConfig, shape: BatchShape, state: TrainerState, rank: int):
     """Yield (epoch, step_in_epoch, this rank's micro-batches) from where `state` stands."""
     for epoch in range(state.epoch, loop.config.epochs):
         skip = state.step_in_epoch if epoch == state.epoch else 0
@@ -493,8 +494,8 @@ def _steps(shard, tokenizer, loop: WorkerPlan, shape: BatchShape, state: Trainer
                 Example(*encode_example(tokenizer, row["prompt"], training_target(row), loop.config.max_tokens))
                 for row in window
             ]
-            plan = plan_window([len(e.input_ids) for e in examples], shape, loop.config.seed, epoch, window_index)
-            for offset, micro in enumerate(rank_micro_batches(plan, shape, rank)):
+            order = window_order([len(e.input_ids) for e in examples], shape, loop.config.seed, epoch, window_index)
+            for offset, micro in enumerate(rank_micro_batches(order, shape, rank)):
                 if first_step + offset < skip:
                     continue
                 yield (
@@ -505,7 +506,7 @@ def _steps(shard, tokenizer, loop: WorkerPlan, shape: BatchShape, state: Trainer
 
 
 def _train_step(
-    engine, teacher, micro_batches: list[dict[str, torch.Tensor]], loop: WorkerPlan, clock: StepClock
+    engine, teacher, micro_batches: list[dict[str, torch.Tensor]], loop: LoopConfig, clock: StepClock
 ) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns [loss, ce, kd, response tokens, tokens].
 
@@ -568,7 +569,7 @@ def _save_checkpoint(engine, state: TrainerState, metrics: dict[str, Any], rank:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _export(engine, tokenizer, loop: WorkerPlan, rank: int) -> None:
+def _export(engine, tokenizer, loop: LoopConfig, rank: int) -> None:
     """Write the trained weights (LoRA merged) as a Hugging Face directory to OUT/model, from rank 0."""
     import deepspeed
     import torch.distributed as dist
@@ -594,7 +595,7 @@ def _export(engine, tokenizer, loop: WorkerPlan, rank: int) -> None:
     dist.barrier()
 
 
-def merged_model(loop: WorkerPlan, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+def merged_model(loop: LoopConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain transformers model holding `state_dict`; LoRA adapters are merged into the base weights."""
     from transformers import AutoModelForCausalLM
 
@@ -607,13 +608,13 @@ def merged_model(loop: WorkerPlan, state_dict: dict[str, torch.Tensor]) -> torch
     return model
 
 
-def _write_metrics(history: list[dict[str, Any]], loop: WorkerPlan) -> None:
+def _write_metrics(history: list[dict[str, Any]], loop: LoopConfig) -> None:
     text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
     storage.write_bytes_atomic(storage.join(loop.config.out, "metrics.jsonl"), text.encode(), loop.storage_options)
 
 
 def _step_metrics(
-    engine, stats: torch.Tensor, phases: dict[str, float], state: TrainerState, world_size: int, loop: WorkerPlan
+    engine, stats: torch.Tensor, phases: dict[str, float], state: TrainerState, world_size: int, loop: LoopConfig
 ) -> dict:
     """The step's metrics row, from every rank's statistics and phase times (one all-gather).
 
@@ -655,7 +656,7 @@ def _step_note(epoch: int, metrics: dict[str, Any]) -> str:
     return f"epoch {epoch} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tokens/s"
 
 
-def _inject_failure(loop: WorkerPlan) -> None:
+def _inject_failure(loop: LoopConfig) -> None:
     """Test hook: kill this worker process once per output directory, as a crash would."""
     marker = storage.join(loop.config.out, ".fail_at_step_done")
     if storage.exists(marker, loop.storage_options):
@@ -684,9 +685,9 @@ def _summary(state: Any, metrics: dict[str, Any], engine: Any) -> dict[str, Any]
     }
 
 
-def train_loop_per_worker(train_loop_config: dict[str, WorkerPlan]) -> None:
-    """Ray Train worker function; everything it needs comes from its :class:`WorkerPlan`."""
-    loop = train_loop_config["plan"]
+def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
+    """Ray Train worker function; everything it needs comes from its :class:`LoopConfig`."""
+    loop = train_loop_config["loop"]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", loop.torch_extensions_dir)
     import ray.train
 
@@ -751,7 +752,7 @@ def _cpus_per_worker(config: FinetuneConfig) -> float:
     return max(0.25, ((os.cpu_count() or 1) - 0.5) / config.num_workers)
 
 
-def _worker_plan(checked: FinetunePlan) -> WorkerPlan:
+def _loop_config(checked: FinetunePlan) -> LoopConfig:
     config = checked.config
     resolved = dataclasses.replace(
         config,
@@ -760,7 +761,7 @@ def _worker_plan(checked: FinetunePlan) -> WorkerPlan:
         checkpoints=config.checkpoints and storage.absolute(config.checkpoints),
         cpus_per_worker=_cpus_per_worker(config),
     )
-    return WorkerPlan(
+    return LoopConfig(
         config=resolved,
         model_dir=checked.model_dir,
         teacher_dir=checked.teacher_dir,
@@ -791,10 +792,10 @@ def build_trainer(checked: FinetunePlan):
     ckpt_fs, ckpt_path = storage.pyarrow_filesystem(storage.absolute(config.checkpoint_uri), options)
     if not storage.is_remote(config.checkpoint_uri):
         os.makedirs(ckpt_path, exist_ok=True)
-    loop = _worker_plan(checked)
+    loop = _loop_config(checked)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": loop},
+        train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
@@ -819,22 +820,10 @@ def build_trainer(checked: FinetunePlan):
     )
 
 
-def _clear_outputs(out: str, options: storage.StorageOptions) -> None:
-    """Remove a previous run's outputs, but keep checkpoints: a rerun of the same config resumes from them."""
-    for name in ("model", "metrics.jsonl", SUMMARY_FILE, ".fail_at_step_done", manifest.MANIFEST):
-        storage.remove(storage.join(out, name), options)
-    storage.makedirs(out, options)
-
-
-def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune end to end and return the manifest. Skips when a manifest for this exact run exists."""
-    checked = plan(config)
+def _finetune(config: FinetuneConfig, checked: FinetunePlan, timer: manifest.Timer) -> Outcome:
+    """Fit on Ray Train; core.stage.run_stage does the rest (an interrupted run of this config keeps its
+    checkpoints, and Ray Train restores the run named by its digest from them)."""
     options = config.storage_options()
-    if (done := manifest.finished(config.out, checked.digest, options, config.force)) is not None:
-        return done
-    timer = manifest.Timer()
-    _clear_outputs(config.out, options)
-    init_ray(config.ray_address)
     logger.info(
         "fine-tuning %s on %d rows: %d steps, ZeRO-%d, %d workers%s%s",
         config.model, checked.rows, checked.total_steps, config.zero_stage, config.num_workers,
@@ -845,25 +834,23 @@ def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
     summary = storage.read_json(storage.join(config.out, SUMMARY_FILE), options)
     logger.info("fine-tuned %d steps, final loss %.4f; model in %s", summary["steps"], summary["final_loss"],
                 storage.join(config.out, "model"))  # fmt: skip
-    return manifest.write_manifest(
-        config.out,
-        stage="finetune",
-        config=dataclasses.asdict(config),
-        digest=checked.digest,
-        inputs=checked.inputs,
-        counts={
-            "rows": checked.rows,
-            "steps": summary["steps"],
-            "planned_steps": checked.total_steps,
-            "samples": summary["samples"],
-            "tokens": summary["tokens"],
-        },  # fmt: skip
-        timings=timer.timings,
-        options=options,
-        extra={
-            "model": config.model,
-            "final_loss": summary["final_loss"],
-            "resumed_from_step": summary["resumed_from_step"],
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        },
-    )
+    counts = {"rows": checked.rows, "steps": summary["steps"], "planned_steps": checked.total_steps,
+              "samples": summary["samples"], "tokens": summary["tokens"]}  # fmt: skip
+    extra = {
+        "model": config.model,
+        "final_loss": summary["final_loss"],
+        "resumed_from_step": summary["resumed_from_step"],
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+    return Outcome(counts, extra)
+
+
+FINETUNE: Stage[FinetuneConfig, FinetunePlan] = Stage(
+    "finetune", plan, _finetune, reads=lambda config: [config.model, config.data, config.teacher or ""],
+    keep=("checkpoints", ".fail_at_step_done"),
+)  # fmt: skip
+
+
+def run_finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune end to end and return the manifest (core.stage.run_stage: skips a finished run)."""
+    return run_stage(FINETUNE, config)

@@ -104,7 +104,7 @@ class BatchShape:
         return self.rows_per_step * self.window_steps
 
 
-def plan_window(lengths: Sequence[int], shape: BatchShape, seed: int, epoch: int, window: int) -> list[list[int]]:
+def window_order(lengths: Sequence[int], shape: BatchShape, seed: int, epoch: int, window: int) -> list[list[int]]:
     """Micro-batches (lists of row indices into the window) in feeding order, for whole steps only.
 
     A window of n rows gives n // rows_per_step steps; the remaining rows (the end of an epoch) are left
@@ -120,9 +120,9 @@ def plan_window(lengths: Sequence[int], shape: BatchShape, seed: int, epoch: int
     used = sorted(order[: steps * shape.rows_per_step], key=lambda i: (lengths[i], i))
     micro_batches = [used[i : i + shape.micro_batch] for i in range(0, len(used), shape.micro_batch)]
     per_step = shape.grad_accum * shape.world_size
-    plan = [_deal(micro_batches[i : i + per_step], shape.world_size) for i in range(0, len(micro_batches), per_step)]
-    rng.shuffle(plan)
-    return [micro for step in plan for micro in step]
+    dealt = [_deal(micro_batches[i : i + per_step], shape.world_size) for i in range(0, len(micro_batches), per_step)]
+    rng.shuffle(dealt)
+    return [micro for step in dealt for micro in step]
 
 
 def _deal(step: list[list[int]], world_size: int) -> list[list[int]]:
@@ -134,7 +134,7 @@ def _deal(step: list[list[int]], world_size: int) -> list[list[int]]:
 
 
 def rank_micro_batches(micro_batches: list[list[int]], shape: BatchShape, rank: int) -> list[list[list[int]]]:
-    """For one rank: per step, its grad_accum micro-batches, from a window's plan."""
+    """For one rank: per step, its grad_accum micro-batches, in a window's order (window_order)."""
     per_step = shape.grad_accum * shape.world_size
     steps = len(micro_batches) // per_step
     return [

@@ -1,6 +1,6 @@
 """Stage 2a: domain-aware structured pruning to a smaller, standard Hugging Face checkpoint.
 
-importance (Taylor on the curated set, or a magnitude / random baseline) -> plan (how many attention
+importance (Taylor on the curated set, or a magnitude / random baseline) -> allocation (how many attention
 groups and MLP channels every layer keeps, and which) -> slice -> save (config.json, model.safetensors,
 tokenizer files) -> prune_report.json -> manifest.json (last).
 
@@ -17,7 +17,7 @@ hardware-friendly shapes; attention keeps whole KV groups, so its sizes are mult
 **Allocation between attention and MLP.** The two kinds of structure differ in size (an attention group
 of SmolLM2 is 294,912 weights, an MLP channel 1,728), so the cut cannot be split by counting structures.
 For every feasible number of kept attention groups, the channel count that brings the total closest to the
-target ratio is found; of those candidates the plan removes the least importance, i.e. the candidate
+target ratio is found; of those candidates the allocation removes the least importance, i.e. the candidate
 minimising the summed importance of everything it removes (lowest-scored groups and channels of each
 layer). With Taylor scores both kinds of structure are first-order estimates of the same loss change, so
 the sums are comparable. `ranking` decides how layers weigh in that sum: `global` compares raw scores
@@ -25,7 +25,7 @@ across layers; `per_layer` divides each layer's scores by that layer's total fir
 alike. `keep_groups` fixes the number of attention groups instead.
 
 **First and last layers.** `keep_first_last` leaves layers 0 and L-1 whole. The model then has layers of
-two sizes, which no standard config describes: such a plan can be applied in memory (e.g. to measure its
+two sizes, which no standard config describes: such an allocation can be applied in memory (e.g. to measure its
 perplexity), but it cannot be saved as a standard checkpoint, and the job refuses it at validation.
 """
 
@@ -39,7 +39,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -49,9 +49,10 @@ from core.batching import pad_right, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
 from core.placement import run_remote, worker_device
-from core.runtime import RunConfig, default_torch_threads, init_ray
+from core.runtime import RunConfig, default_torch_threads
+from core.stage import Outcome, Stage, run_stage
 from training.pruning.importance import Importance, magnitude_importance, random_importance, taylor_importance
-from training.pruning.structures import SUPPORTED_MODEL_TYPES, Layout, apply_plan, count_params, layout_of
+from training.pruning.structures import SUPPORTED_MODEL_TYPES, Layout, count_params, layout_of, slice_structures
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class PruneConfig(RunConfig):
 
 
 @dataclass
-class PrunePlan:
+class Allocation:
     """Which attention groups and MLP channels each layer keeps, and what the cut amounts to."""
 
     keep_groups: list[list[int]]
@@ -147,7 +148,7 @@ def _ranking_scores(importance: Importance, ranking: Ranking) -> tuple[torch.Ten
     return groups, channels
 
 
-def plan_pruning(
+def allocate(
     importance: Importance,
     layout: Layout,
     ratio: float,
@@ -156,7 +157,7 @@ def plan_pruning(
     channel_multiple: int = 64,
     keep_groups: int | None = None,
     keep_first_last: bool = False,
-) -> PrunePlan:
+) -> Allocation:
     """Uniform sizes for the pruned layers that hit `ratio` of total parameters, removing least importance."""
     pruned = _prunable_layers(layout, keep_first_last)
     params_before = layout.total_params(
@@ -179,7 +180,7 @@ def plan_pruning(
     keep_g, keep_c = _kept_structures(layout, pruned, group_scores, channel_scores, best)
     params_after = layout.total_params([len(g) for g in keep_g], [len(c) for c in keep_c])
     decoder_before = params_before - layout.embedding_params() - layout.hidden_size
-    return PrunePlan(
+    return Allocation(
         keep_groups=keep_g,
         keep_channels=keep_c,
         params_before=params_before,
@@ -192,7 +193,7 @@ def plan_pruning(
 
 
 def _prunable_layers(layout: Layout, keep_first_last: bool) -> list[int]:
-    """The layers the plan cuts: all of them, or all but the first and last with `keep_first_last`."""
+    """The layers the allocation cuts: all of them, or all but the first and last with `keep_first_last`."""
     pruned = [i for i in range(layout.num_layers) if not (keep_first_last and i in (0, layout.num_layers - 1))]
     if not pruned:
         raise ConfigError("keep_first_last", keep_first_last, "leaves no layer to prune; the model is too shallow")
@@ -200,7 +201,7 @@ def _prunable_layers(layout: Layout, keep_first_last: bool) -> list[int]:
 
 
 def _channel_options(intermediate_size: int, channel_multiple: int) -> list[int]:
-    """MLP sizes a plan may keep: the multiples of `channel_multiple`, and the full size (no MLP cut)."""
+    """MLP sizes an allocation may keep: the multiples of `channel_multiple`, and the full size (no MLP cut)."""
     return sorted({c for c in range(channel_multiple, intermediate_size + 1, channel_multiple)} | {intermediate_size})
 
 
@@ -250,7 +251,7 @@ def _least_costly_candidate(candidates: list[dict], ratio: float, step: float) -
     if not feasible:
         closest = min(candidates, key=lambda c: abs(c["ratio"] - ratio))
         raise ConfigError(
-            "ratio", ratio, f"not reachable with uniform sizes; the closest plan removes {closest['ratio']:.3f}"
+            "ratio", ratio, f"not reachable with uniform sizes; the closest allocation removes {closest['ratio']:.3f}"
         )
     return min(feasible, key=lambda c: c["removed_importance"])
 
@@ -319,9 +320,9 @@ def compute_importance(
     return taylor_importance(model, layout, batches, checkpointing=config.checkpointing)
 
 
-def prune_report(config: PruneConfig, plan: PrunePlan, importance: Importance, layout: Layout) -> dict:
+def prune_report(config: PruneConfig, allocation: Allocation, importance: Importance, layout: Layout) -> dict:
     removed = []
-    for layer, (groups, channels) in enumerate(zip(plan.keep_groups, plan.keep_channels, strict=True)):
+    for layer, (groups, channels) in enumerate(zip(allocation.keep_groups, allocation.keep_channels, strict=True)):
         gone = sorted(set(range(layout.num_kv_heads)) - set(groups))
         removed.append(
             {
@@ -334,31 +335,32 @@ def prune_report(config: PruneConfig, plan: PrunePlan, importance: Importance, l
                 "mlp_channels_kept": len(channels),
             }
         )
-    kept_importance = sum(float(importance.groups[i, g].sum()) for i, g in enumerate(plan.keep_groups))
-    kept_importance += sum(float(importance.channels[i, c].sum()) for i, c in enumerate(plan.keep_channels))
+    kept_importance = sum(float(importance.groups[i, g].sum()) for i, g in enumerate(allocation.keep_groups))
+    kept_importance += sum(float(importance.channels[i, c].sum()) for i, c in enumerate(allocation.keep_channels))
     total_importance = float(importance.groups.sum() + importance.channels.sum())
+    middle_groups = allocation.keep_groups[len(allocation.keep_groups) // 2]
     return {
         "method": config.method,
         "ranking": config.ranking,
         "ratio_asked": config.ratio,
-        "ratio_achieved": round(plan.ratio, 6),
-        "decoder_ratio_achieved": round(plan.decoder_ratio, 6),
-        "params_before": plan.params_before,
-        "params_after": plan.params_after,
-        "decoder_params_before": plan.decoder_params_before,
-        "decoder_params_after": plan.decoder_params_after,
+        "ratio_achieved": round(allocation.ratio, 6),
+        "decoder_ratio_achieved": round(allocation.decoder_ratio, 6),
+        "params_before": allocation.params_before,
+        "params_after": allocation.params_after,
+        "decoder_params_before": allocation.decoder_params_before,
+        "decoder_params_after": allocation.decoder_params_after,
         "sizes_before": {
             "num_attention_heads": layout.num_heads,
             "num_key_value_heads": layout.num_kv_heads,
             "intermediate_size": layout.intermediate_size,
         },
         "sizes_after": {
-            "num_attention_heads": len(plan.keep_groups[len(plan.keep_groups) // 2]) * layout.heads_per_group,
-            "num_key_value_heads": len(plan.keep_groups[len(plan.keep_groups) // 2]),
-            "intermediate_size": len(plan.keep_channels[len(plan.keep_channels) // 2]),
+            "num_attention_heads": len(middle_groups) * layout.heads_per_group,
+            "num_key_value_heads": len(middle_groups),
+            "intermediate_size": len(allocation.keep_channels[len(allocation.keep_channels) // 2]),
         },
         "removed_per_layer": removed,
-        "allocation_candidates": plan.candidates,
+        "allocation_candidates": allocation.candidates,
         "importance": {
             **importance.summary(),
             "share_kept": round(kept_importance / total_importance, 6) if total_importance else None,
@@ -370,40 +372,52 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_pruning(config: PruneConfig) -> dict:
-    """Run the stage; returns the report. Skipped when `out` holds a manifest for this config and inputs.
+@dataclass
+class PrunePlan:
+    """The validated run: the base model's layout, the curated texts importance is measured on, the files
+    they came from and the run's digest."""
 
-    The driver checks the config and reads the documents; the model is loaded, scored, sliced and saved in
-    one Ray task that holds `cpus` and `gpus` (docs/design.md, "Placement").
-    """
-    options = config.storage_options()
+    layout: Layout
+    texts: list[str]
+    inputs: list[storage.FileInfo]
+    digest: str
+
+
+def plan(config: PruneConfig) -> PrunePlan:
+    """Check the model (from its config, no weights) and read the curated texts, before Ray starts."""
     layout = _checked_layout(config)
-    inputs, texts = _domain_data(config, options)
-    digest = config.digest(inputs)
-    if manifest.finished(config.out, digest, options, config.force) is not None:
-        return storage.read_json(storage.join(config.out, REPORT), options)
-    manifest.prepare_output(config.out, options)
-    init_ray(config.ray_address)
+    inputs, texts = _domain_data(config, config.storage_options())
+    return PrunePlan(layout, texts, inputs, config.digest(inputs))
+
+
+def _prune(config: PruneConfig, checked: PrunePlan, timer: manifest.Timer) -> Outcome:
+    """The model is loaded, scored, sliced and saved in one Ray task that holds `cpus` and `gpus`
+    (docs/design.md, "Placement"); the driver only plans."""
     threads = default_torch_threads(1, config.cpus, config.ray_address)
-    report, timings, counts, params = run_remote(
-        _prune_and_save, config.for_workers(), layout, texts, threads, num_cpus=config.cpus, num_gpus=config.gpus
-    )
-    manifest.write_manifest(
-        config.out,
-        stage="prune",
-        config=config.content(),
-        digest=digest,
-        inputs=inputs,
-        counts=counts,
-        timings=timings,
-        options=options,
-        extra=params,
-    )
-    return report
+    timings, counts, params = run_remote(
+        _prune_and_save, config.for_workers(), checked.layout, checked.texts, threads,
+        num_cpus=config.cpus, num_gpus=config.gpus,
+    )  # fmt: skip
+    timer.timings.update(timings)
+    return Outcome(counts, {**params, "report": REPORT})
+
+
+PRUNE: Stage[PruneConfig, PrunePlan] = Stage("prune", plan, _prune, reads=lambda config: [config.model, config.data])
+
+
+def run_pruning(config: PruneConfig) -> dict[str, Any]:
+    """Prune and return the manifest (core.stage.run_stage: skips a finished run); the report is in
+    `out/prune_report.json` (:func:`read_report`)."""
+    return run_stage(PRUNE, config)
+
+
+def read_report(out: str, options: storage.StorageOptions | None = None) -> dict[str, Any]:
+    """The prune report a finished pruning output holds."""
+    return storage.read_json(storage.join(out, REPORT), options)
 
 
 def _prune_and_save(config: PruneConfig, layout: Layout, texts: list[str], threads: int) -> tuple:
-    """The model work of the stage, on this task's device: (report, timings, counts, parameter counts)."""
+    """The model work of the stage, on this task's device: (timings, counts, parameter counts)."""
     worker_logging()
     torch.set_num_threads(threads)
     options = config.storage_options()
@@ -414,7 +428,7 @@ def _prune_and_save(config: PruneConfig, layout: Layout, texts: list[str], threa
         tokenizer = models.load_tokenizer(config.model)
     with timer("importance"):
         importance = compute_importance(model, layout, config, texts, tokenizer)
-    plan = plan_pruning(
+    allocation = allocate(
         importance,
         layout,
         config.ratio,
@@ -423,18 +437,18 @@ def _prune_and_save(config: PruneConfig, layout: Layout, texts: list[str], threa
         keep_groups=config.keep_groups,
     )
     with timer("slice"):
-        apply_plan(model, plan.keep_groups, plan.keep_channels)
-    if count_params(model) != plan.params_after:
-        raise RuntimeError(f"sliced model has {count_params(model)} parameters, the plan {plan.params_after}")
-    report = prune_report(config, plan, importance, layout)
+        slice_structures(model, allocation.keep_groups, allocation.keep_channels)
+    if count_params(model) != allocation.params_after:
+        raise RuntimeError(f"sliced model has {count_params(model)} parameters, not {allocation.params_after}")
+    report = prune_report(config, allocation, importance, layout)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     with timer("save"):
         save_pruned(model, tokenizer, config.out, options)
         storage.write_json_atomic(storage.join(config.out, REPORT), report, options)
         storage.write_bytes_atomic(storage.join(config.out, IMPORTANCE), importance.to_npz(), options)
-    _log_pruned(config.model, plan, report)
+    _log_pruned(config.model, allocation, report)
     counts = {"docs": len(texts), "batches": importance.batches, "tokens": importance.tokens}
-    return report, timer.timings, counts, {"params_before": plan.params_before, "params_after": plan.params_after}
+    return timer.timings, counts, {"params_before": allocation.params_before, "params_after": allocation.params_after}
 
 
 def _checked_layout(config: PruneConfig) -> Layout:
@@ -450,14 +464,14 @@ def _checked_layout(config: PruneConfig) -> Layout:
     return layout_of(_read_config(config.model))
 
 
-def _log_pruned(model: str, plan: PrunePlan, report: dict) -> None:
+def _log_pruned(model: str, allocation: Allocation, report: dict) -> None:
     logger.info(
         "pruned %s: %d -> %d parameters (%.1f%% of total, %.1f%% of the decoder layers); %d heads / %d KV, MLP %d",
         model,
-        plan.params_before,
-        plan.params_after,
-        100 * plan.ratio,
-        100 * plan.decoder_ratio,
+        allocation.params_before,
+        allocation.params_after,
+        100 * allocation.ratio,
+        100 * allocation.decoder_ratio,
         report["sizes_after"]["num_attention_heads"],
         report["sizes_after"]["num_key_value_heads"],
         report["sizes_after"]["intermediate_size"],
@@ -493,8 +507,9 @@ def save_pruned(model: nn.Module, tokenizer, out: str, options: storage.StorageO
 
 __all__ = [
     "PruneConfig",
-    "PrunePlan",
-    "plan_pruning",
+    "Allocation",
+    "allocate",
+    "read_report",
     "run_pruning",
     "read_texts",
     "domain_batches",

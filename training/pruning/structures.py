@@ -142,7 +142,7 @@ def slice_layer(layer: nn.Module, layout: Layout, keep_groups: list[int], keep_c
         mlp.intermediate_size = len(keep_channels)
 
 
-def apply_plan(model: nn.Module, keep_groups: list[list[int]], keep_channels: list[list[int]]) -> nn.Module:
+def slice_structures(model: nn.Module, keep_groups: list[list[int]], keep_channels: list[list[int]]) -> nn.Module:
     """Slice every decoder layer in place and, when the sizes are uniform, update the config to match.
 
     Uniform sizes are what a standard Hugging Face config describes (one `num_key_value_heads` and one
