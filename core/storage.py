@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -461,36 +462,80 @@ def is_remote(uri: str) -> bool:
     return _protocol(uri) not in ("file", "local")
 
 
+class UnsafeKeyError(ValueError):
+    """A remote key or file name that would land outside the directory it is copied into."""
+
+
+def contained_name(name: str, key: str) -> str:
+    """``name``, a ``/``-separated path relative to a directory, normalised; refused if it leaves that directory.
+
+    Every copy between a tree of remote keys and a local directory (``local_copy``, ``upload_dir``) maps its
+    names through here. An object key is any string: ``team/sae/../../home/x`` is a valid key, and anyone who
+    may write under a shared prefix could otherwise make a download write files anywhere the reader may.
+    ``key`` is the full key or path ``name`` came from, named in the error. Raises :class:`UnsafeKeyError`
+    for an absolute name, one that climbs above the directory (``..``), or one that is the directory itself.
+    """
+    normal = posixpath.normpath(name) if name else "."
+    if name.startswith("/") or normal in (".", "..") or normal.startswith("../"):
+        raise UnsafeKeyError(
+            f"{key!r} resolves to {name!r}, outside the directory it is copied into: refused, nothing was copied"
+        )
+    return normal
+
+
+def _download_plan(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, str]]:
+    """(remote key, local name relative to the download directory) for every file of a remote directory."""
+    plan: dict[str, str] = {}
+    prefix = path.rstrip("/")
+    for remote in fs.find(path):
+        local = contained_name(remote[len(prefix) + 1 :], remote)
+        if local in plan:
+            raise UnsafeKeyError(f"{remote!r} and {plan[local]!r} both land on {local!r}: refused, nothing was copied")
+        plan[local] = remote
+    return [(remote, local) for local, remote in plan.items()]
+
+
 def local_copy(uri: str, options: StorageOptions | None = None) -> str:
     """A local path holding the file or directory at ``uri``: the path itself when local, else a download.
 
-    Downloads land in a fresh temporary directory, so a changed remote object is never served stale.
+    Downloads land in a fresh temporary directory, so a changed remote object is never served stale. Every
+    key is checked before anything is written: a key that would resolve outside the download directory
+    raises :class:`UnsafeKeyError` naming it, and no file (nor the directory) is left behind.
     """
-    if not is_remote(uri):
-        fs, path = filesystem(uri, options)
-        return path
     fs, path = filesystem(uri, options)
+    if not is_remote(uri):
+        return path
+    is_dir = fs.isdir(path)
+    if is_dir:
+        plan = _download_plan(fs, path)
+    else:
+        plan = [(path, contained_name(posixpath.basename(path), path))]
     target = tempfile.mkdtemp(prefix="finescope-")
-    if fs.isdir(path):
-        for remote in fs.find(path):
-            relative = remote[len(path.rstrip("/")) + 1 :]
-            local = os.path.join(target, relative)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            fs.get_file(remote, local)
-        return target
-    local = os.path.join(target, os.path.basename(path))
-    fs.get_file(path, local)
-    return local
+    try:
+        for remote, local in plan:
+            destination = os.path.join(target, *local.split("/"))
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            fs.get_file(remote, destination)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return target if is_dir else os.path.join(target, plan[0][1])
 
 
 def upload_dir(local_dir: str, uri: str, options: StorageOptions | None = None) -> None:
-    """Copy a local directory's files to ``uri`` (local or remote), each file written atomically."""
-    for root, _, files in os.walk(local_dir):
-        for name in sorted(files):
+    """Copy a local directory's files to ``uri`` (local or remote), each file written atomically.
+
+    Every name is checked (:func:`contained_name`) before the first write, so nothing lands outside ``uri``.
+    """
+    files = []
+    for root, _, names in os.walk(local_dir):
+        for name in sorted(names):
             path = os.path.join(root, name)
-            relative = os.path.relpath(path, local_dir)
-            with open(path, "rb") as handle:
-                write_bytes_atomic(join(uri, *relative.split(os.sep)), handle.read(), options)
+            relative = "/".join(os.path.relpath(path, local_dir).split(os.sep))
+            files.append((path, contained_name(relative, path)))
+    for path, relative in files:
+        with open(path, "rb") as handle:
+            write_bytes_atomic(join(uri, *relative.split("/")), handle.read(), options)
 
 
 def arrow_target(uris: str | list[str], options: StorageOptions | None = None) -> dict[str, Any]:
@@ -513,6 +558,8 @@ __all__ = [
     "upload_dir",
     "FileInfo",
     "StorageOptions",
+    "UnsafeKeyError",
+    "contained_name",
     "exists",
     "expand",
     "filesystem",

@@ -246,3 +246,67 @@ def test_read_parquet_directory_skips_bookkeeping(tmp_path, s3_bucket):
         storage.write_bytes_atomic(storage.join(base, "_SUCCESS"), b"")
         storage.write_json_atomic(storage.join(base, "manifest.json"), {})
         assert storage.read_parquet(base).equals(_table())
+
+
+# Remote keys never become paths outside the local directory they are copied into ---------------------
+
+
+def _put(bucket: str, key: str, body: bytes) -> None:
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=body)  # boto3 keeps `..` in a key as it is
+
+
+def _files_under(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize(
+    "escape", ["../../../../../../../..{victim}/PLANTED.txt", "a/../../PLANTED.txt", "..", "/abs.txt"]
+)
+def test_local_copy_refuses_keys_outside_the_target(s3_bucket, tmp_path, monkeypatch, escape):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(downloads))  # where local_copy makes its directory
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    _put(s3_bucket, "team/sae/cfg.json", b"{}")
+    bad_key = "team/sae/" + escape.format(victim=victim)
+    _put(s3_bucket, bad_key, b"planted")
+    with pytest.raises(storage.UnsafeKeyError) as caught:
+        storage.local_copy(f"s3://{s3_bucket}/team/sae")
+    assert bad_key in str(caught.value)
+    # Nothing is written: not the planted file, not the good one, not an empty download directory.
+    assert _files_under(str(tmp_path)) == []
+    assert os.listdir(downloads) == []
+
+
+def test_local_copy_keeps_the_tree_of_safe_keys(s3_bucket):
+    keys = {"m/cfg.json": b"{}", "m/sub/w.bin": b"\x00\x01", "m/a..b/odd..name": b"dots are fine"}
+    for key, body in keys.items():
+        _put(s3_bucket, key, body)
+    target = storage.local_copy(f"s3://{s3_bucket}/m")
+    assert _files_under(target) == ["a..b/odd..name", "cfg.json", "sub/w.bin"]
+    assert open(os.path.join(target, "a..b", "odd..name"), "rb").read() == b"dots are fine"
+    single = storage.local_copy(f"s3://{s3_bucket}/m/sub/w.bin")
+    assert os.path.basename(single) == "w.bin" and open(single, "rb").read() == b"\x00\x01"
+
+
+def test_local_copy_refuses_two_keys_for_one_file(s3_bucket):
+    _put(s3_bucket, "d/x.bin", b"first")
+    _put(s3_bucket, "d/sub/../x.bin", b"second")
+    with pytest.raises(storage.UnsafeKeyError, match="both land on 'x.bin'"):
+        storage.local_copy(f"s3://{s3_bucket}/d")
+
+
+def test_upload_dir_refuses_names_outside_the_destination(tmp_path, monkeypatch):
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "ok.txt").write_bytes(b"ok")
+    (tmp_path / "escaped.txt").write_bytes(b"outside")
+    # A walk that yields a name climbing out of the directory: the names are checked, not trusted.
+    monkeypatch.setattr(os, "walk", lambda root: iter([(str(staging), [], ["ok.txt", "../escaped.txt"])]))
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(storage.UnsafeKeyError, match="escaped.txt"):
+        storage.upload_dir(str(staging), str(out))
+    assert not out.exists()
