@@ -281,17 +281,57 @@ def open_read(uri: str, options: StorageOptions | None = None) -> IO[bytes]:
     return fs.open(path, "rb")
 
 
+_PROC_STATUS = "/proc/self/status"
+
+
+def _proc_umask() -> int | None:
+    """The umask as Linux (4.7 and later) shows it in ``/proc/self/status``; None where it does not."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(_PROC_STATUS, encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return None
+
+
+def _umask_at_import() -> int:
+    mask = _proc_umask()
+    if mask is None:
+        # Read by setting it and putting it back, once: a file another thread creates meanwhile gets the
+        # stricter 077, never a looser mode.
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it.
+
+    ``os.umask`` can only read the mask by setting it, and the mask is process-wide: a thread that creates
+    a file while another toggles it gets the wrong mode. So the mask comes from ``/proc/self/status``
+    where Linux shows it, and elsewhere is the one the process had when this module was imported.
+    """
+    mask = _proc_umask()
+    return _UMASK_AT_IMPORT if mask is None else mask
+
+
 def _durable_temp_file(path: str, data: bytes | bytearray | memoryview) -> str:
     """`data` in a new, fsynced temp file beside `path`; returns the temp file's path.
 
     It sits in the destination directory so that renaming or linking it is one step within one filesystem,
-    which POSIX makes atomic. Its leading dot hides it from expand() and Ray Data.
+    which POSIX makes atomic. Its leading dot hides it from expand() and Ray Data. ``mkstemp`` creates it
+    0600; it gets the mode any other tool's new file would have (0666 less the umask) before it is named,
+    so that the artifacts other users and services read are readable under the usual umask of 022.
     """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -560,6 +600,7 @@ __all__ = [
     "StorageOptions",
     "UnsafeKeyError",
     "contained_name",
+    "current_umask",
     "exists",
     "expand",
     "filesystem",

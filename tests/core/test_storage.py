@@ -310,3 +310,53 @@ def test_upload_dir_refuses_names_outside_the_destination(tmp_path, monkeypatch)
     with pytest.raises(storage.UnsafeKeyError, match="escaped.txt"):
         storage.upload_dir(str(staging), str(out))
     assert not out.exists()
+
+
+# Written files follow the umask, like any other tool's ------------------------------------------------
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test; the previous one comes back afterwards."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+def _write_every_way(directory: str) -> list[str]:
+    storage.write_bytes_atomic(os.path.join(directory, "CURRENT"), b"snapshot-1")
+    storage.write_json_atomic(os.path.join(directory, "manifest.json"), {"k": 1})
+    storage.write_parquet_atomic(_table(), os.path.join(directory, "rejects.parquet"))
+    assert storage.write_bytes_exclusive(os.path.join(directory, "catalog-entry.json"), b"{}")
+    staging = os.path.join(directory, "staging")
+    os.makedirs(staging)
+    with open(os.path.join(staging, "model.bin"), "wb") as handle:
+        handle.write(b"w")
+    os.chmod(os.path.join(staging, "model.bin"), 0o600)  # the source's own mode does not carry over
+    storage.upload_dir(staging, os.path.join(directory, "uploaded"))
+    return ["CURRENT", "manifest.json", "rejects.parquet", "catalog-entry.json", "uploaded/model.bin"]
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o027, 0o640), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mask, mode):
+    umask(mask)
+    names = _write_every_way(str(tmp_path))
+    umask(0o022)
+    assert {name: oct((tmp_path / name).stat().st_mode & 0o777) for name in names} == dict.fromkeys(names, oct(mode))
+    # An overwrite takes the umask of its own time, not the old file's mode.
+    storage.write_bytes_atomic(str(tmp_path / "CURRENT"), b"snapshot-2")
+    assert (tmp_path / "CURRENT").stat().st_mode & 0o777 == 0o644
+
+
+def test_umask_is_read_without_changing_it(umask, monkeypatch):
+    umask(0o027)
+    calls = []
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or 0o022)
+    assert storage.current_umask() == 0o027  # from /proc/self/status: os.umask is not called
+    assert calls == []
+
+
+def test_umask_without_proc_is_the_one_at_import(umask, monkeypatch, tmp_path):
+    monkeypatch.setattr(storage, "_PROC_STATUS", str(tmp_path / "no-such-status"))
+    umask(0o077)
+    assert storage.current_umask() == storage._UMASK_AT_IMPORT
