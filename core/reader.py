@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 import zlib
@@ -77,8 +78,12 @@ REJECT_TRUNCATED_STREAM = "truncated_stream"
 REJECT_SHARD_TOO_LARGE = "shard_too_large"
 """The shard decompresses to more than ``CleanConfig.max_shard_bytes``; one per shard, where reading stopped;
 the rows before are kept."""
+REJECT_TOO_DEEP = "too_deep"
+"""A JSONL line, or a Parquet ``meta`` string, that nests JSON objects and arrays more than
+``MAX_JSON_DEPTH`` levels deep; refused before it is parsed."""
 REJECT_UNREADABLE = "unreadable"
-"""The file cannot be opened or parsed at all."""
+"""The file cannot be opened or parsed at all; also a Parquet ``meta`` column whose type nests more than
+``MAX_JSON_DEPTH`` levels deep."""
 REJECT_MISSING_TEXT_COLUMN = "missing_text_column"
 """A Parquet shard without a ``text`` column (a kind of unreadable file, counted apart)."""
 REJECT_REASONS = (
@@ -88,6 +93,7 @@ REJECT_REASONS = (
     REJECT_EMPTY,
     REJECT_TOO_SHORT,
     REJECT_TOO_LONG,
+    REJECT_TOO_DEEP,
     REJECT_TRUNCATED_STREAM,
     REJECT_SHARD_TOO_LARGE,
     REJECT_UNREADABLE,
@@ -96,6 +102,12 @@ REJECT_REASONS = (
 
 RAW_MAX_CHARS = 2_000
 """A reject keeps at most this many characters of its raw input."""
+
+MAX_JSON_DEPTH = 100
+"""Levels of JSON objects and arrays a record may nest (a JSONL line's own object is level 1; a RedPajama
+line nests 3). Deeper input is a ``too_deep`` reject, found by scanning its brackets before it is parsed:
+Python's JSON parser and encoder recurse once per level, and near the interpreter's recursion limit
+whether a line parses, encodes or raises would depend on how deep the reader's own stack happens to be."""
 
 _READ_CHUNK_BYTES = 1 << 20  # compressed bytes per read: big enough for S3, small enough to stream
 # Compressed bytes per decompressor call. A call that hits corrupt data raises and loses its own output,
@@ -180,11 +192,50 @@ def _reject(source: str, reason: str, detail: str, raw: str | bytes) -> tuple[Ki
     return REJECT, row
 
 
+# A JSON string (escapes included) or one bracket: what matters for nesting. Strings are matched whole so
+# that the brackets inside them do not count.
+_JSON_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+
+
+def nests_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON in ``text`` nests objects and arrays more than ``limit`` levels deep.
+
+    Scans brackets outside strings, without parsing and without recursion. Text with no more than
+    ``limit`` opening brackets at all (nearly every record) is answered by two counts.
+    """
+    if text.count("{") + text.count("[") <= limit:
+        return False
+    depth = 0
+    for token in _JSON_STRING_OR_BRACKET.finditer(text):
+        bracket = token.group()
+        if bracket in ("{", "["):
+            depth += 1
+            if depth > limit:
+                return True
+        elif bracket in ("}", "]"):
+            depth -= 1
+    return False
+
+
+class _TooDeep(Exception):
+    """A value nests JSON more than ``MAX_JSON_DEPTH`` levels deep."""
+
+
+def _too_deep_detail(what: str) -> str:
+    return f"{what} nests JSON more than MAX_JSON_DEPTH={MAX_JSON_DEPTH} levels deep"
+
+
 def _meta_json(meta: Any) -> str:
-    """``meta`` as JSON with sorted keys; a string that already holds JSON is re-encoded the same way."""
+    """``meta`` as JSON with sorted keys; a string that already holds JSON is re-encoded the same way.
+
+    Raises :class:`_TooDeep` for a string that nests more than ``MAX_JSON_DEPTH`` levels. Other values
+    come bounded: from a JSONL line that was checked whole, or from a Parquet column whose type was.
+    """
     if meta is None:
         return "{}"
     if isinstance(meta, str):
+        if nests_too_deep(meta):
+            raise _TooDeep(_too_deep_detail("'meta'"))
         try:
             meta = json.loads(meta)
         except ValueError:
@@ -210,13 +261,13 @@ def clean_text(text: str, meta: Any, source: str, raw: str | bytes, clean: Clean
         if clean.too_long == "reject":
             return _reject(source, REJECT_TOO_LONG, f"{length} chars > max_chars={clean.max_chars}", raw)
         stripped = stripped[: clean.max_chars]
-    row = {
-        "id": identity,
-        "text": stripped,
-        "source": source,
-        "meta": _meta_json(meta),
-        "truncated": truncated,
-    }
+    try:
+        meta_json = _meta_json(meta)
+    except _TooDeep as err:
+        return _reject(source, REJECT_TOO_DEEP, str(err), raw)
+    except RecursionError:  # within the bound, but the caller's own stack was nearly exhausted
+        return _reject(source, REJECT_TOO_DEEP, "'meta' nests too deep for the reader's stack", raw)
+    row = {"id": identity, "text": stripped, "source": source, "meta": meta_json, "truncated": truncated}
     return DOC, row
 
 
@@ -228,10 +279,14 @@ def parse_line(line: bytes, source: str, clean: CleanConfig) -> tuple[Kind, dict
         return _reject(source, REJECT_NON_UTF8, str(err), line)
     if not decoded.strip():
         return _reject(source, REJECT_EMPTY, "blank line", decoded)
+    if nests_too_deep(decoded):
+        return _reject(source, REJECT_TOO_DEEP, _too_deep_detail("the line"), decoded)
     try:
         obj = json.loads(decoded)
-    except (ValueError, RecursionError) as err:
+    except ValueError as err:
         return _reject(source, REJECT_BAD_JSON, str(err) or type(err).__name__, decoded)
+    except RecursionError:  # within the bound, but the caller's own stack was nearly exhausted
+        return _reject(source, REJECT_TOO_DEEP, "the line nests too deep for the reader's stack", decoded)
     if not isinstance(obj, dict):
         return _reject(source, REJECT_BAD_JSON, f"expected a JSON object, got {type(obj).__name__}", decoded)
     text = obj.get("text")
@@ -641,8 +696,23 @@ def _iter_parquet(handle: IO[bytes], uri: str, clean: CleanConfig) -> Iterator[t
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         yield _reject(uri, REJECT_UNREADABLE, f"'text' column has type {text_type}, expected string", "")
         return
+    if "meta" in names and (depth := _type_depth(parquet.schema_arrow.field("meta").type)) > MAX_JSON_DEPTH:
+        yield _reject(uri, REJECT_UNREADABLE, _too_deep_detail(f"the 'meta' column's type ({depth} levels)"), "")
+        return
     columns = ["text", "meta"] if "meta" in names else ["text"]
     yield from _parquet_rows(parquet, uri, columns, clean)
+
+
+def _type_depth(arrow_type: pa.DataType) -> int:
+    """Levels of structs, lists and maps in ``arrow_type``: the JSON nesting of its values (a scalar: 0)."""
+    deepest, pending = 0, [(arrow_type, 0)]
+    while pending:
+        current, depth = pending.pop()
+        if pa.types.is_nested(current):
+            pending.extend((current.field(index).type, depth + 1) for index in range(current.num_fields))
+        else:
+            deepest = max(deepest, depth)
+    return deepest
 
 
 def iter_shard(uri: str, options: StorageOptions | None, clean: CleanConfig) -> Iterator[tuple[Kind, dict[str, Any]]]:

@@ -697,3 +697,90 @@ def test_s3_credentials_never_travel_as_task_arguments(ray_local, s3_bucket, mon
     assert [path for path in fs.find(s3_bucket) if any(needle in fs.cat_file(path) for needle in needles)] == []
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     assert [p for p in logs.rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)] == []
+
+
+# Deeply nested JSON ------------------------------------------------------------------------------------
+
+
+def nested_line(depth: int, text: str) -> bytes:
+    """A JSONL line whose ``meta`` nests ``depth - 1`` objects, so that the line nests ``depth`` levels."""
+    meta = b'{"a": ' * (depth - 1) + b"1" + b"}" * (depth - 1)
+    return b'{"text": "' + text.encode() + b'", "meta": ' + meta + b"}"
+
+
+def at_stack_depth(frames: int, function, *args):
+    """``function(*args)`` called ``frames`` Python frames deeper than here, as in a worker's deep stack."""
+    return function(*args) if frames == 0 else at_stack_depth(frames - 1, function, *args)
+
+
+@pytest.mark.parametrize("frames", [0, 300, 800])
+def test_each_deeply_nested_line_is_one_reject_whatever_the_stack(tmp_path, frames):
+    deep = list(range(700, 1001))
+    lines = [good_line("before")] + [nested_line(depth, f"deep {depth}") for depth in deep] + [good_line("after")]
+    uri = write_shard(tmp_path / "deep.jsonl", lines)
+    docs, rejects = split(at_stack_depth(frames, lambda: list(iter_shard(uri, None, CleanConfig()))))
+    assert [doc["text"] for doc in docs] == ["before", "after"]
+    assert reason_counts(rejects) == {reader.REJECT_TOO_DEEP: len(deep)}
+    assert [row["source"] for row in rejects] == [f"{uri}#{line}" for line in range(2, 2 + len(deep))]
+    assert f"MAX_JSON_DEPTH={reader.MAX_JSON_DEPTH}" in rejects[0]["detail"]
+
+
+def test_nesting_up_to_the_limit_is_read(tmp_path):
+    limit = reader.MAX_JSON_DEPTH
+    brackets = "{[" * 200 + "]}" * 200  # inside a string: text, not nesting
+    lines = [
+        nested_line(limit, "at the limit"),
+        nested_line(limit + 1, "one over"),
+        good_line(brackets, note='quote \\" {['),
+        json.dumps({"text": "array", "meta": [[[[1]]]]}).encode(),
+    ]
+    uri = write_shard(tmp_path / "s.jsonl", lines)
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig())))
+    assert [doc["text"] for doc in docs] == ["at the limit", brackets, "array"]
+    assert json.loads(docs[0]["meta"]) == json.loads(lines[0])["meta"]
+    assert [(row["reason"], row["source"]) for row in rejects] == [(reader.REJECT_TOO_DEEP, f"{uri}#2")]
+    assert f"more than MAX_JSON_DEPTH={limit} levels" in rejects[0]["detail"]
+
+
+def test_parquet_deep_meta_string_rejects_only_its_row(tmp_path):
+    deep_meta = json.loads(nested_line(reader.MAX_JSON_DEPTH + 1, "x"))["meta"]
+    deep = json.dumps({"wrapper": deep_meta})
+    metas = ['{"n": 0}', deep, "free text", '{"n": 3}']
+    pq.write_table(pa.table({"text": ["zero", "one", "two", "three"], "meta": metas}), tmp_path / "s.parquet")
+    uri = str(tmp_path / "s.parquet")
+    docs, rejects = split(at_stack_depth(600, lambda: list(iter_shard(uri, None, CleanConfig()))))
+    assert [doc["text"] for doc in docs] == ["zero", "two", "three"]
+    assert [(row["reason"], row["source"]) for row in rejects] == [(reader.REJECT_TOO_DEEP, f"{uri}#1")]
+    assert "'meta'" in rejects[0]["detail"]
+
+
+def nested_struct(depth: int) -> dict:
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value  # type: ignore[return-value]
+
+
+def test_parquet_meta_column_nested_past_the_limit_is_unreadable(tmp_path, monkeypatch):
+    # Past the limit, the file is one whole-file reject; pyarrow's reader itself refuses schemas this deep.
+    deep = nested_struct(reader.MAX_JSON_DEPTH + 1)
+    pq.write_table(pa.table({"text": ["one", "two"], "meta": pa.array([deep, deep])}), tmp_path / "deep.parquet")
+    # Under a lower limit, the reader's own check of the column's type refuses a file pyarrow reads.
+    monkeypatch.setattr(reader, "MAX_JSON_DEPTH", 3)
+    shallow = nested_struct(4)
+    pq.write_table(pa.table({"text": ["one", "two"], "meta": pa.array([shallow, shallow])}), tmp_path / "s.parquet")
+    for name in ("deep.parquet", "s.parquet"):
+        uri = str(tmp_path / name)
+        [(kind, row)] = list(iter_shard(uri, None, CleanConfig()))
+        assert (kind, row["reason"], row["source"]) == (reader.REJECT, reader.REJECT_UNREADABLE, uri)
+    assert "the 'meta' column's type (4 levels) nests JSON more than MAX_JSON_DEPTH=3 levels" in row["detail"]
+
+
+@pytest.mark.timeout(180)
+def test_read_corpus_counts_deeply_nested_lines(ray_local, tmp_path):
+    lines = [good_line("before")] + [nested_line(depth, "deep") for depth in range(700, 1001)] + [good_line("after")]
+    uri = write_shard(tmp_path / "deep.jsonl.gz", lines)
+    rejects_dir = str(tmp_path / "rejects")
+    rows = read_corpus([uri], None, CleanConfig(), rejects_dir).take_all()
+    assert sorted(row["text"] for row in rows) == ["after", "before"]
+    assert count_rejects(rejects_dir) == {reader.REJECT_TOO_DEEP: 301}
