@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from core import storage
 from core.errors import ConfigError, check_range
+from core.parquet_pages import PAGE_DICTIONARY, ChunkLayout, Page, chunk_pages
 from core.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -70,8 +71,9 @@ REJECT_EMPTY = "empty"
 REJECT_TOO_SHORT = "too_short"
 """Fewer than ``CleanConfig.min_chars`` characters after stripping."""
 REJECT_TOO_LONG = "too_long"
-"""More than ``CleanConfig.max_chars`` characters, with ``too_long="reject"``; or a JSONL line of more than
-``CleanConfig.max_line_bytes`` bytes, whatever ``too_long`` says (its size is in the detail)."""
+"""More than ``CleanConfig.max_chars`` characters, with ``too_long="reject"``; or, whatever ``too_long`` says,
+a JSONL line or decoded Parquet row of more than ``CleanConfig.max_line_bytes`` bytes (its size is in the
+detail), or a Parquet row in a row group with a page over ``CleanConfig.max_page_bytes``."""
 REJECT_TRUNCATED_STREAM = "truncated_stream"
 """The file ends early or is corrupt partway; one per shard, the rows before the break are kept. A
 0-byte ``.gz``/``.zst`` file (not even a header) is one such reject, with the bare URI as its source."""
@@ -141,14 +143,23 @@ class CleanConfig:
     send the row to the rejects as ``too_long``."""
 
     max_line_bytes: int = 16 << 20
-    """A JSONL line longer than this many bytes (16 MiB) is never held in memory: it is rejected as
-    ``too_long`` with its size while the reader skips to the next line. It bounds a reader's memory
-    whatever a shard holds (a one-line gzip bomb), at a few times this value."""
+    """A JSONL line, or a Parquet row once decoded, of more than this many bytes (16 MiB) is never held as
+    a string: it is rejected as ``too_long`` with its size while the reader goes on to the next. It bounds
+    a reader's memory whatever a shard holds (a one-line gzip bomb), at a few times this value (for
+    Parquet, with ``max_page_bytes``)."""
+
+    max_page_bytes: int = 64 << 20
+    """A Parquet page that decompresses to more than this many bytes (64 MiB) is never decompressed: every
+    row of its row group becomes a ``too_long`` reject. pyarrow decompresses a page whole, so this, with
+    ``max_line_bytes``, bounds a Parquet reader's memory at a few times this value. pyarrow's writer checks
+    its page size only every 1,024 rows, so a file of documents longer than about 64 KB on average may need
+    more."""
 
     max_shard_bytes: int = 64 << 30
     """Decompressed bytes read from one shard at most (64 GiB, far above a real corpus shard); past it
     the shard is cut with one ``shard_too_large`` reject. It bounds the time a decompression bomb costs.
-    For Parquet, the uncompressed size of the columns read, checked per row group."""
+    For Parquet, the bytes the columns read decode to (a dictionary value counts at every row that uses it);
+    a row group whose pages hold more than what is left is not started."""
 
     read_attempts: int = 5
     """Tries of each open or read of a shard, the first included, when storage fails transiently
@@ -164,7 +175,7 @@ class CleanConfig:
             raise ConfigError("max_chars", self.max_chars, f"must be greater than min_chars={self.min_chars}")
         if self.too_long not in ("truncate", "reject"):
             raise ConfigError("too_long", self.too_long, "must be 'truncate' or 'reject'")
-        for name in ("max_line_bytes", "max_shard_bytes", "read_attempts"):
+        for name in ("max_line_bytes", "max_page_bytes", "max_shard_bytes", "read_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be >= 1")
         if self.read_backoff_s < 0:
@@ -640,34 +651,194 @@ def _column_values(column: pa.Array) -> list[Any]:
     return values
 
 
-def _row_group_bytes(metadata: pq.RowGroupMetaData, columns: list[str]) -> int:
-    """Uncompressed bytes of ``columns`` (and their nested fields) in one row group."""
-    chunks = (metadata.column(index) for index in range(metadata.num_columns))
-    return sum(chunk.total_uncompressed_size for chunk in chunks if chunk.path_in_schema.split(".")[0] in columns)
+@dataclass(frozen=True)
+class _GroupLayout:
+    """What the page headers of one row group's columns say, before anything in it is decompressed."""
+
+    rows: int
+    """Rows, as the file's metadata says."""
+    chunks: list[ChunkLayout]
+
+    @property
+    def largest_page(self) -> int:
+        return max((chunk.largest_page for chunk in self.chunks), default=0)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(chunk.stored_bytes for chunk in self.chunks)
+
+    def batch_rows(self, budget: int) -> int:
+        """The most rows (a power of two, at most ``_PARQUET_BATCH_ROWS``) that decode within ``budget`` bytes;
+        1 where not even two rows are known to."""
+        rows = _PARQUET_BATCH_ROWS
+        while rows > 1 and sum(chunk.batch_bound(rows) for chunk in self.chunks) > budget:
+            rows //= 2
+        return rows
 
 
-def _parquet_rows(
-    parquet: pq.ParquetFile, uri: str, columns: list[str], clean: CleanConfig
+class _ParquetShard:
+    """A Parquet shard open for reading: the file, its handle, the columns read and their leaf columns."""
+
+    def __init__(self, parquet: pq.ParquetFile, handle: IO[bytes], uri: str, columns: list[str]):
+        self.parquet, self.handle, self.uri, self.columns = parquet, handle, uri, columns
+        leaves = (parquet.schema.column(index) for index in range(parquet.metadata.num_columns))
+        self.leaves = [(index, leaf) for index, leaf in enumerate(leaves) if leaf.path.split(".")[0] in columns]
+        self._probe: pq.ParquetFile | None = None
+
+    def layout(self, group: int, budget: int) -> _GroupLayout:
+        """The group's page headers. A dictionary too large to bound a batch by its page size is decoded, on
+        its own, to find its longest value."""
+        metadata = self.parquet.metadata.row_group(group)
+        chunks = []
+        for index, leaf in self.leaves:
+            chunk = metadata.column(index)
+            start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+            pages = chunk_pages(self.handle, start, chunk.total_compressed_size)
+            dictionaries = [page for page in pages if page.kind == PAGE_DICTIONARY]
+            longest = sum(page.uncompressed_bytes for page in dictionaries)
+            if longest * _PARQUET_BATCH_ROWS > budget and _probe_finds_the_dictionary(leaf, pages, budget):
+                longest = self._longest_dictionary_value(group, leaf.path, dictionaries[0])
+            chunks.append(ChunkLayout(pages, leaf.max_repetition_level > 0, longest))
+        return _GroupLayout(metadata.num_rows, chunks)
+
+    def _longest_dictionary_value(self, group: int, path: str, dictionary: Page) -> int:
+        """Bytes of the longest value in the dictionary of leaf ``path`` in ``group``: one row read with the leaf
+        kept dictionary-encoded decodes its dictionary page and one data page, and expands nothing."""
+        if self._probe is None:
+            byte_arrays = [leaf.path for _, leaf in self.leaves if leaf.physical_type == "BYTE_ARRAY"]
+            self._probe = pq.ParquetFile(
+                self.handle, read_dictionary=byte_arrays, pre_buffer=False, buffer_size=_READ_CHUNK_BYTES
+            )
+        batch = next(self._probe.iter_batches(batch_size=1, row_groups=[group], columns=[path]), None)
+        array = batch.column(0) if batch is not None else None
+        while isinstance(array, pa.StructArray | pa.ListArray | pa.LargeListArray) and array.type.num_fields == 1:
+            array = array.field(0) if isinstance(array, pa.StructArray) else array.values
+        # Only the whole page's dictionary says how long a value can be (not one built from a plain page).
+        if not isinstance(array, pa.DictionaryArray) or len(array.dictionary) != dictionary.values:
+            return dictionary.uncompressed_bytes
+        return int(pc.max(pc.binary_length(array.dictionary)).as_py() or 0)
+
+
+def _probe_finds_the_dictionary(leaf: Any, pages: list[Page], budget: int) -> bool:
+    """Whether decoding one row of this chunk shows its dictionary whole, within ``budget`` bytes a page: a
+    string chunk with one dictionary page, whose first data page holds indices into it."""
+    data = [page for page in pages if page.is_data]
+    return (
+        leaf.physical_type == "BYTE_ARRAY"
+        and sum(page.kind == PAGE_DICTIONARY for page in pages) == 1
+        and bool(data)
+        and data[0].dictionary_encoded
+        and max(page.uncompressed_bytes for page in pages) <= budget
+    )
+
+
+@dataclass
+class _ParquetProgress:
+    """Where a Parquet shard's read stands: the next row's index, and decoded bytes left to read."""
+
+    row: int
+    budget: int
+
+    def source(self, uri: str) -> str:
+        return f"{uri}#{self.row}"
+
+
+def _shard_too_large(uri: str, progress: _ParquetProgress, clean: CleanConfig) -> tuple[Kind, dict[str, Any]]:
+    detail = f"the shard decodes to more than max_shard_bytes={clean.max_shard_bytes} bytes: reading stopped"
+    return _reject(progress.source(uri), REJECT_SHARD_TOO_LARGE, detail, "")
+
+
+def _undecoded_group(
+    uri: str, group: int, layout: _GroupLayout, clean: CleanConfig, progress: _ParquetProgress
 ) -> Iterator[tuple[Kind, dict[str, Any]]]:
-    row_index = 0
-    budget = clean.max_shard_bytes
+    """One ``too_long`` reject per row of a row group holding a page too large to decompress."""
+    detail = (
+        f"row group {group} holds a Parquet page of {layout.largest_page} bytes uncompressed > "
+        f"max_page_bytes={clean.max_page_bytes}: its {layout.rows} rows are not decoded"
+    )
+    for _ in range(layout.rows):
+        yield _reject(progress.source(uri), REJECT_TOO_LONG, detail, "")
+        progress.row += 1
+
+
+def _row_bytes(batch: pa.RecordBatch) -> list[int]:
+    """Per row, the bytes of its text and of a string meta, read from the Arrow offsets (nothing is copied)."""
+    sizes = pc.fill_null(pc.binary_length(batch.column("text")), 0)
+    if "meta" in batch.schema.names and pa.types.is_string(batch.schema.field("meta").type):
+        sizes = pc.add(sizes, pc.fill_null(pc.binary_length(batch.column("meta")), 0))
+    return sizes.to_pylist()
+
+
+def _text_head(column: pa.Array) -> bytes:
+    """The first bytes of a one-row text column, enough for a reject's ``raw``, without converting the rest."""
+    binary = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+    return pc.binary_slice(binary, 0, _RAW_HEAD_BYTES)[0].as_py() or b""
+
+
+def _converted_rows(
+    batch: pa.RecordBatch, columns: list[str], clean: CleanConfig, uri: str, progress: _ParquetProgress
+) -> Iterator[tuple[Kind, dict[str, Any]]]:
+    texts = _column_values(batch.column("text"))
+    metas = _column_values(batch.column("meta")) if "meta" in columns else [None] * len(texts)
+    for text, meta in zip(texts, metas, strict=True):
+        yield _parquet_row(text, meta, progress.source(uri), clean)
+        progress.row += 1
+
+
+def _batch_rows(
+    batch: pa.RecordBatch, columns: list[str], clean: CleanConfig, uri: str, progress: _ParquetProgress
+) -> Iterator[tuple[Kind, dict[str, Any]]]:
+    """The rows of one decoded batch. A row of more than ``max_line_bytes`` (its text and a string meta) is a
+    ``too_long`` reject with its size, as in JSONL, and never becomes a Python string."""
+    sizes = _row_bytes(batch)
+    if max(sizes, default=0) <= clean.max_line_bytes:
+        yield from _converted_rows(batch, columns, clean, uri, progress)
+        return
+    for index, size in enumerate(sizes):
+        if size <= clean.max_line_bytes:
+            yield from _converted_rows(batch.slice(index, 1), columns, clean, uri, progress)
+            continue
+        head = _text_head(batch.column("text").slice(index, 1))
+        detail = f"row of {size} bytes > max_line_bytes={clean.max_line_bytes}"
+        yield _reject(progress.source(uri), REJECT_TOO_LONG, detail, head)
+        progress.row += 1
+
+
+def _decoded_group(
+    shard: _ParquetShard, group: int, layout: _GroupLayout, clean: CleanConfig, progress: _ParquetProgress
+) -> Iterator[tuple[Kind, dict[str, Any]]]:
+    """The rows of one row group, in batches sized from its page headers to decode within ``max_page_bytes``.
+
+    Decoded bytes count against ``max_shard_bytes``: a dictionary value decodes again at every row using it.
+    """
+    batch_rows = layout.batch_rows(clean.max_page_bytes)
+    for batch in shard.parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=shard.columns):
+        progress.budget -= batch.nbytes
+        if progress.budget < 0:
+            yield _shard_too_large(shard.uri, progress, clean)
+            return
+        yield from _batch_rows(batch, shard.columns, clean, shard.uri, progress)
+
+
+def _parquet_rows(shard: _ParquetShard, clean: CleanConfig) -> Iterator[tuple[Kind, dict[str, Any]]]:
+    """Every row of a Parquet shard, row group by row group, each sized from its page headers first."""
+    progress = _ParquetProgress(row=0, budget=clean.max_shard_bytes)
     try:
-        for group in range(parquet.num_row_groups):
-            budget -= _row_group_bytes(parquet.metadata.row_group(group), columns)
-            if budget < 0:
-                detail = f"the shard holds more than max_shard_bytes={clean.max_shard_bytes} bytes: reading stopped"
-                yield _reject(f"{uri}#{row_index}", REJECT_SHARD_TOO_LARGE, detail, "")
+        for group in range(shard.parquet.num_row_groups):
+            layout = shard.layout(group, clean.max_page_bytes)
+            if layout.largest_page > clean.max_page_bytes:
+                yield from _undecoded_group(shard.uri, group, layout, clean, progress)
+                continue
+            if layout.stored_bytes > progress.budget:
+                yield _shard_too_large(shard.uri, progress, clean)
                 return
-            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[group], columns=columns):
-                texts = _column_values(batch.column("text"))
-                metas = _column_values(batch.column("meta")) if "meta" in columns else [None] * len(texts)
-                for text, meta in zip(texts, metas, strict=True):
-                    yield _parquet_row(text, meta, f"{uri}#{row_index}", clean)
-                    row_index += 1
+            yield from _decoded_group(shard, group, layout, clean, progress)
+            if progress.budget < 0:
+                return  # cut inside the group, with its shard_too_large reject
     except ShardReadError:
         raise  # storage, not data: the caller fails the shard
-    except Exception as err:  # a corrupt row group: keep what came before it
-        yield _reject(f"{uri}#{row_index}", REJECT_TRUNCATED_STREAM, f"{type(err).__name__}: {err}", "")
+    except Exception as err:  # a corrupt row group or page header: keep what came before it
+        yield _reject(progress.source(shard.uri), REJECT_TRUNCATED_STREAM, f"{type(err).__name__}: {err}", "")
 
 
 def _parquet_row(text: Any, meta: Any, source: str, clean: CleanConfig) -> tuple[Kind, dict[str, Any]]:
@@ -700,7 +871,7 @@ def _iter_parquet(handle: IO[bytes], uri: str, clean: CleanConfig) -> Iterator[t
         yield _reject(uri, REJECT_UNREADABLE, _too_deep_detail(f"the 'meta' column's type ({depth} levels)"), "")
         return
     columns = ["text", "meta"] if "meta" in names else ["text"]
-    yield from _parquet_rows(parquet, uri, columns, clean)
+    yield from _parquet_rows(_ParquetShard(parquet, handle, uri, columns), clean)
 
 
 def _type_depth(arrow_type: pa.DataType) -> int:
