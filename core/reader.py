@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
-import os
-import random
-import sys
-import time
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -37,6 +33,8 @@ import pyarrow.parquet as pq
 
 from core import storage
 from core.errors import ConfigError, check_range
+from core.parquet_pages import PAGE_DICTIONARY, ChunkLayout, Page, chunk_pages
+from core.retrying_file import RetryingFile, ShardReadError
 from core.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -69,16 +67,21 @@ REJECT_EMPTY = "empty"
 REJECT_TOO_SHORT = "too_short"
 """Fewer than ``CleanConfig.min_chars`` characters after stripping."""
 REJECT_TOO_LONG = "too_long"
-"""More than ``CleanConfig.max_chars`` characters, with ``too_long="reject"``; or a JSONL line of more than
-``CleanConfig.max_line_bytes`` bytes, whatever ``too_long`` says (its size is in the detail)."""
+"""More than ``CleanConfig.max_chars`` characters, with ``too_long="reject"``; or, whatever ``too_long`` says,
+a JSONL line or decoded Parquet row of more than ``CleanConfig.max_line_bytes`` bytes (its size is in the
+detail), or a Parquet row in a row group with a page over ``CleanConfig.max_page_bytes``."""
 REJECT_TRUNCATED_STREAM = "truncated_stream"
 """The file ends early or is corrupt partway; one per shard, the rows before the break are kept. A
 0-byte ``.gz``/``.zst`` file (not even a header) is one such reject, with the bare URI as its source."""
 REJECT_SHARD_TOO_LARGE = "shard_too_large"
 """The shard decompresses to more than ``CleanConfig.max_shard_bytes``; one per shard, where reading stopped;
 the rows before are kept."""
+REJECT_TOO_DEEP = "too_deep"
+"""A JSONL line, or a Parquet ``meta`` string, that nests JSON objects and arrays more than
+``MAX_JSON_DEPTH`` levels deep; refused before it is parsed."""
 REJECT_UNREADABLE = "unreadable"
-"""The file cannot be opened or parsed at all."""
+"""The file cannot be opened or parsed at all; also a Parquet ``meta`` column whose type nests more than
+``MAX_JSON_DEPTH`` levels deep."""
 REJECT_MISSING_TEXT_COLUMN = "missing_text_column"
 """A Parquet shard without a ``text`` column (a kind of unreadable file, counted apart)."""
 REJECT_REASONS = (
@@ -88,6 +91,7 @@ REJECT_REASONS = (
     REJECT_EMPTY,
     REJECT_TOO_SHORT,
     REJECT_TOO_LONG,
+    REJECT_TOO_DEEP,
     REJECT_TRUNCATED_STREAM,
     REJECT_SHARD_TOO_LARGE,
     REJECT_UNREADABLE,
@@ -96,6 +100,12 @@ REJECT_REASONS = (
 
 RAW_MAX_CHARS = 2_000
 """A reject keeps at most this many characters of its raw input."""
+
+MAX_JSON_DEPTH = 100
+"""Levels of JSON objects and arrays a record may nest (a JSONL line's own object is level 1; a RedPajama
+line nests 3). Deeper input is a ``too_deep`` reject, found by scanning its brackets before it is parsed:
+Python's JSON parser and encoder recurse once per level, and near the interpreter's recursion limit
+whether a line parses, encodes or raises would depend on how deep the reader's own stack happens to be."""
 
 _READ_CHUNK_BYTES = 1 << 20  # compressed bytes per read: big enough for S3, small enough to stream
 # Compressed bytes per decompressor call. A call that hits corrupt data raises and loses its own output,
@@ -129,14 +139,23 @@ class CleanConfig:
     send the row to the rejects as ``too_long``."""
 
     max_line_bytes: int = 16 << 20
-    """A JSONL line longer than this many bytes (16 MiB) is never held in memory: it is rejected as
-    ``too_long`` with its size while the reader skips to the next line. It bounds a reader's memory
-    whatever a shard holds (a one-line gzip bomb), at a few times this value."""
+    """A JSONL line, or a Parquet row once decoded, of more than this many bytes (16 MiB) is never held as
+    a string: it is rejected as ``too_long`` with its size while the reader goes on to the next. It bounds
+    a reader's memory whatever a shard holds (a one-line gzip bomb), at a few times this value (for
+    Parquet, with ``max_page_bytes``)."""
+
+    max_page_bytes: int = 64 << 20
+    """A Parquet page that decompresses to more than this many bytes (64 MiB) is never decompressed: every
+    row of its row group becomes a ``too_long`` reject. pyarrow decompresses a page whole, so this, with
+    ``max_line_bytes``, bounds a Parquet reader's memory at a few times this value. pyarrow's writer checks
+    its page size only every 1,024 rows, so a file of documents longer than about 64 KB on average may need
+    more."""
 
     max_shard_bytes: int = 64 << 30
     """Decompressed bytes read from one shard at most (64 GiB, far above a real corpus shard); past it
     the shard is cut with one ``shard_too_large`` reject. It bounds the time a decompression bomb costs.
-    For Parquet, the uncompressed size of the columns read, checked per row group."""
+    For Parquet, the bytes the columns read decode to (a dictionary value counts at every row that uses it);
+    a row group whose pages hold more than what is left is not started."""
 
     read_attempts: int = 5
     """Tries of each open or read of a shard, the first included, when storage fails transiently
@@ -152,7 +171,7 @@ class CleanConfig:
             raise ConfigError("max_chars", self.max_chars, f"must be greater than min_chars={self.min_chars}")
         if self.too_long not in ("truncate", "reject"):
             raise ConfigError("too_long", self.too_long, "must be 'truncate' or 'reject'")
-        for name in ("max_line_bytes", "max_shard_bytes", "read_attempts"):
+        for name in ("max_line_bytes", "max_page_bytes", "max_shard_bytes", "read_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be >= 1")
         if self.read_backoff_s < 0:
@@ -180,11 +199,50 @@ def _reject(source: str, reason: str, detail: str, raw: str | bytes) -> tuple[Ki
     return REJECT, row
 
 
+# A JSON string (escapes included) or one bracket: what matters for nesting. Strings are matched whole so
+# that the brackets inside them do not count.
+_JSON_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+
+
+def nests_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON in ``text`` nests objects and arrays more than ``limit`` levels deep.
+
+    Scans brackets outside strings, without parsing and without recursion. Text with no more than
+    ``limit`` opening brackets at all (nearly every record) is answered by two counts.
+    """
+    if text.count("{") + text.count("[") <= limit:
+        return False
+    depth = 0
+    for token in _JSON_STRING_OR_BRACKET.finditer(text):
+        bracket = token.group()
+        if bracket in ("{", "["):
+            depth += 1
+            if depth > limit:
+                return True
+        elif bracket in ("}", "]"):
+            depth -= 1
+    return False
+
+
+class _TooDeep(Exception):
+    """A value nests JSON more than ``MAX_JSON_DEPTH`` levels deep."""
+
+
+def _too_deep_detail(what: str) -> str:
+    return f"{what} nests JSON more than MAX_JSON_DEPTH={MAX_JSON_DEPTH} levels deep"
+
+
 def _meta_json(meta: Any) -> str:
-    """``meta`` as JSON with sorted keys; a string that already holds JSON is re-encoded the same way."""
+    """``meta`` as JSON with sorted keys; a string that already holds JSON is re-encoded the same way.
+
+    Raises :class:`_TooDeep` for a string that nests more than ``MAX_JSON_DEPTH`` levels. Other values
+    come bounded: from a JSONL line that was checked whole, or from a Parquet column whose type was.
+    """
     if meta is None:
         return "{}"
     if isinstance(meta, str):
+        if nests_too_deep(meta):
+            raise _TooDeep(_too_deep_detail("'meta'"))
         try:
             meta = json.loads(meta)
         except ValueError:
@@ -210,13 +268,13 @@ def clean_text(text: str, meta: Any, source: str, raw: str | bytes, clean: Clean
         if clean.too_long == "reject":
             return _reject(source, REJECT_TOO_LONG, f"{length} chars > max_chars={clean.max_chars}", raw)
         stripped = stripped[: clean.max_chars]
-    row = {
-        "id": identity,
-        "text": stripped,
-        "source": source,
-        "meta": _meta_json(meta),
-        "truncated": truncated,
-    }
+    try:
+        meta_json = _meta_json(meta)
+    except _TooDeep as err:
+        return _reject(source, REJECT_TOO_DEEP, str(err), raw)
+    except RecursionError:  # within the bound, but the caller's own stack was nearly exhausted
+        return _reject(source, REJECT_TOO_DEEP, "'meta' nests too deep for the reader's stack", raw)
+    row = {"id": identity, "text": stripped, "source": source, "meta": meta_json, "truncated": truncated}
     return DOC, row
 
 
@@ -228,10 +286,14 @@ def parse_line(line: bytes, source: str, clean: CleanConfig) -> tuple[Kind, dict
         return _reject(source, REJECT_NON_UTF8, str(err), line)
     if not decoded.strip():
         return _reject(source, REJECT_EMPTY, "blank line", decoded)
+    if nests_too_deep(decoded):
+        return _reject(source, REJECT_TOO_DEEP, _too_deep_detail("the line"), decoded)
     try:
         obj = json.loads(decoded)
-    except (ValueError, RecursionError) as err:
+    except ValueError as err:
         return _reject(source, REJECT_BAD_JSON, str(err) or type(err).__name__, decoded)
+    except RecursionError:  # within the bound, but the caller's own stack was nearly exhausted
+        return _reject(source, REJECT_TOO_DEEP, "the line nests too deep for the reader's stack", decoded)
     if not isinstance(obj, dict):
         return _reject(source, REJECT_BAD_JSON, f"expected a JSON object, got {type(obj).__name__}", decoded)
     text = obj.get("text")
@@ -255,141 +317,6 @@ class ShardTooLarge(CorruptStream):
     """The shard decompresses to more than ``CleanConfig.max_shard_bytes``."""
 
     reason = REJECT_SHARD_TOO_LARGE
-
-
-class ShardReadError(Exception):
-    """A shard could not be read for a reason outside its data: storage kept failing transiently, or the
-    file changed between two tries. Raised, never a reject, so the shard or the run fails and a rerun
-    reads it again."""
-
-
-# A missing or forbidden file stays that way on retry: an ``unreadable`` reject.
-_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-# Connection errors of the S3 client stack that are not OSErrors: (module, class names). Looked up in
-# sys.modules, so local-only use imports neither; a module that was never imported raised nothing.
-_CLIENT_TRANSIENT_ERRORS = (
-    ("botocore.exceptions", ("ConnectionError", "HTTPClientError")),
-    ("aiohttp", ("ClientConnectionError", "ClientPayloadError")),
-)
-_MAX_BACKOFF_S = 30.0
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a storage error may go away on retry: connection errors, timeouts and the OSErrors s3fs
-    makes of 5xx and throttling replies, but not a missing or forbidden file."""
-    if isinstance(error, _PERMANENT_OS_ERRORS):
-        return False
-    if isinstance(error, OSError):  # ConnectionError, TimeoutError and fsspec's FSTimeoutError included
-        return True
-    for module_name, names in _CLIENT_TRANSIENT_ERRORS:
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(error, tuple(getattr(module, name, ()) for name in names)):
-            return True
-    return False
-
-
-def _identity(handle: IO[bytes]) -> tuple[Any, ...]:
-    """What tells two versions of a file apart: its size, and its ETag (S3) or mtime (local disk)."""
-    details = getattr(handle, "details", None)
-    etag = details.get("ETag") if isinstance(details, dict) else None
-    try:
-        mtime = os.fstat(handle.fileno()).st_mtime_ns
-    except (OSError, AttributeError, ValueError):
-        mtime = None  # no file descriptor: an object store
-    return getattr(handle, "size", None), etag, mtime
-
-
-class _ResilientFile(io.RawIOBase):
-    """A shard open for reading that rides out transient storage errors.
-
-    After a failed open, read or seek it waits (exponential backoff), reopens the file, checks that it is
-    the same file (size, and ETag or mtime) and seeks back, so the line splitter and pyarrow never see
-    the failure. When ``clean.read_attempts`` are used up it raises :class:`ShardReadError`; so does a
-    file that changed or vanished in between. Errors that no retry cures (missing, forbidden) propagate
-    from the first open as they are.
-    """
-
-    def __init__(self, uri: str, options: StorageOptions | None, clean: CleanConfig):
-        super().__init__()
-        self.uri, self.options, self.clean = uri, options, clean
-        self.position = 0
-        self.handle: IO[bytes] | None = None
-        self.identity: tuple[Any, ...] | None = None
-        self._retrying("open", lambda handle: None)
-
-    def _open(self) -> IO[bytes]:
-        try:
-            handle = storage.open_read(self.uri, self.options)
-        except _PERMANENT_OS_ERRORS as error:
-            if self.identity is None:
-                raise
-            raise ShardReadError(f"{self.uri} vanished while being read: {error}") from error
-        identity = _identity(handle)
-        if self.identity is None:
-            self.identity = identity
-        elif identity != self.identity:
-            handle.close()
-            raise ShardReadError(
-                f"{self.uri} changed while being read (size, etag, mtime: {self.identity} -> {identity})"
-            )
-        if self.position:
-            handle.seek(self.position)
-        return handle
-
-    def _retrying(self, what: str, operation: Any) -> Any:
-        attempts = self.clean.read_attempts
-        for attempt in range(1, attempts + 1):
-            try:
-                if self.handle is None:
-                    self.handle = self._open()
-                return operation(self.handle)
-            except Exception as error:
-                if not is_transient(error):
-                    raise
-                self._drop_handle()
-                failure = f"{type(error).__name__}: {error}"
-                if attempt == attempts:
-                    raise ShardReadError(f"{self.uri}: {what} failed {attempts} attempts; last: {failure}") from error
-                delay = min(_MAX_BACKOFF_S, self.clean.read_backoff_s * 2 ** (attempt - 1))
-                delay *= random.uniform(1.0, 1.5)  # jitter, so workers hit by one outage do not retry in step
-                logger.warning(
-                    "%s: %s failed (%s); try %d of %d in %.1f s", self.uri, what, failure, attempt + 1, attempts, delay
-                )
-                time.sleep(delay)
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    def _drop_handle(self) -> None:
-        if self.handle is not None:
-            with contextlib.suppress(Exception):
-                self.handle.close()
-            self.handle = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        data = self._retrying("read", lambda handle: handle.read(-1 if size is None else size))
-        self.position += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.position = self._retrying("seek", lambda handle: handle.seek(offset, whence))
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
-
-    def close(self) -> None:
-        self._drop_handle()
-        super().close()
 
 
 def _read_chunks(handle: IO[bytes]) -> Iterator[bytes]:
@@ -585,34 +512,194 @@ def _column_values(column: pa.Array) -> list[Any]:
     return values
 
 
-def _row_group_bytes(metadata: pq.RowGroupMetaData, columns: list[str]) -> int:
-    """Uncompressed bytes of ``columns`` (and their nested fields) in one row group."""
-    chunks = (metadata.column(index) for index in range(metadata.num_columns))
-    return sum(chunk.total_uncompressed_size for chunk in chunks if chunk.path_in_schema.split(".")[0] in columns)
+@dataclass(frozen=True)
+class _GroupLayout:
+    """What the page headers of one row group's columns say, before anything in it is decompressed."""
+
+    rows: int
+    """Rows, as the file's metadata says."""
+    chunks: list[ChunkLayout]
+
+    @property
+    def largest_page(self) -> int:
+        return max((chunk.largest_page for chunk in self.chunks), default=0)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(chunk.stored_bytes for chunk in self.chunks)
+
+    def batch_rows(self, budget: int) -> int:
+        """The most rows (a power of two, at most ``_PARQUET_BATCH_ROWS``) that decode within ``budget`` bytes;
+        1 where not even two rows are known to."""
+        rows = _PARQUET_BATCH_ROWS
+        while rows > 1 and sum(chunk.batch_bound(rows) for chunk in self.chunks) > budget:
+            rows //= 2
+        return rows
 
 
-def _parquet_rows(
-    parquet: pq.ParquetFile, uri: str, columns: list[str], clean: CleanConfig
+class _ParquetShard:
+    """A Parquet shard open for reading: the file, its handle, the columns read and their leaf columns."""
+
+    def __init__(self, parquet: pq.ParquetFile, handle: IO[bytes], uri: str, columns: list[str]):
+        self.parquet, self.handle, self.uri, self.columns = parquet, handle, uri, columns
+        leaves = (parquet.schema.column(index) for index in range(parquet.metadata.num_columns))
+        self.leaves = [(index, leaf) for index, leaf in enumerate(leaves) if leaf.path.split(".")[0] in columns]
+        self._probe: pq.ParquetFile | None = None
+
+    def layout(self, group: int, budget: int) -> _GroupLayout:
+        """The group's page headers. A dictionary too large to bound a batch by its page size is decoded, on
+        its own, to find its longest value."""
+        metadata = self.parquet.metadata.row_group(group)
+        chunks = []
+        for index, leaf in self.leaves:
+            chunk = metadata.column(index)
+            start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+            pages = chunk_pages(self.handle, start, chunk.total_compressed_size)
+            dictionaries = [page for page in pages if page.kind == PAGE_DICTIONARY]
+            longest = sum(page.uncompressed_bytes for page in dictionaries)
+            if longest * _PARQUET_BATCH_ROWS > budget and _probe_finds_the_dictionary(leaf, pages, budget):
+                longest = self._longest_dictionary_value(group, leaf.path, dictionaries[0])
+            chunks.append(ChunkLayout(pages, leaf.max_repetition_level > 0, longest))
+        return _GroupLayout(metadata.num_rows, chunks)
+
+    def _longest_dictionary_value(self, group: int, path: str, dictionary: Page) -> int:
+        """Bytes of the longest value in the dictionary of leaf ``path`` in ``group``: one row read with the leaf
+        kept dictionary-encoded decodes its dictionary page and one data page, and expands nothing."""
+        if self._probe is None:
+            byte_arrays = [leaf.path for _, leaf in self.leaves if leaf.physical_type == "BYTE_ARRAY"]
+            self._probe = pq.ParquetFile(
+                self.handle, read_dictionary=byte_arrays, pre_buffer=False, buffer_size=_READ_CHUNK_BYTES
+            )
+        batch = next(self._probe.iter_batches(batch_size=1, row_groups=[group], columns=[path]), None)
+        array = batch.column(0) if batch is not None else None
+        while isinstance(array, pa.StructArray | pa.ListArray | pa.LargeListArray) and array.type.num_fields == 1:
+            array = array.field(0) if isinstance(array, pa.StructArray) else array.values
+        # Only the whole page's dictionary says how long a value can be (not one built from a plain page).
+        if not isinstance(array, pa.DictionaryArray) or len(array.dictionary) != dictionary.values:
+            return dictionary.uncompressed_bytes
+        return int(pc.max(pc.binary_length(array.dictionary)).as_py() or 0)
+
+
+def _probe_finds_the_dictionary(leaf: Any, pages: list[Page], budget: int) -> bool:
+    """Whether decoding one row of this chunk shows its dictionary whole, within ``budget`` bytes a page: a
+    string chunk with one dictionary page, whose first data page holds indices into it."""
+    data = [page for page in pages if page.is_data]
+    return (
+        leaf.physical_type == "BYTE_ARRAY"
+        and sum(page.kind == PAGE_DICTIONARY for page in pages) == 1
+        and bool(data)
+        and data[0].dictionary_encoded
+        and max(page.uncompressed_bytes for page in pages) <= budget
+    )
+
+
+@dataclass
+class _ParquetProgress:
+    """Where a Parquet shard's read stands: the next row's index, and decoded bytes left to read."""
+
+    row: int
+    budget: int
+
+    def source(self, uri: str) -> str:
+        return f"{uri}#{self.row}"
+
+
+def _shard_too_large(uri: str, progress: _ParquetProgress, clean: CleanConfig) -> tuple[Kind, dict[str, Any]]:
+    detail = f"the shard decodes to more than max_shard_bytes={clean.max_shard_bytes} bytes: reading stopped"
+    return _reject(progress.source(uri), REJECT_SHARD_TOO_LARGE, detail, "")
+
+
+def _undecoded_group(
+    uri: str, group: int, layout: _GroupLayout, clean: CleanConfig, progress: _ParquetProgress
 ) -> Iterator[tuple[Kind, dict[str, Any]]]:
-    row_index = 0
-    budget = clean.max_shard_bytes
+    """One ``too_long`` reject per row of a row group holding a page too large to decompress."""
+    detail = (
+        f"row group {group} holds a Parquet page of {layout.largest_page} bytes uncompressed > "
+        f"max_page_bytes={clean.max_page_bytes}: its {layout.rows} rows are not decoded"
+    )
+    for _ in range(layout.rows):
+        yield _reject(progress.source(uri), REJECT_TOO_LONG, detail, "")
+        progress.row += 1
+
+
+def _row_bytes(batch: pa.RecordBatch) -> list[int]:
+    """Per row, the bytes of its text and of a string meta, read from the Arrow offsets (nothing is copied)."""
+    sizes = pc.fill_null(pc.binary_length(batch.column("text")), 0)
+    if "meta" in batch.schema.names and pa.types.is_string(batch.schema.field("meta").type):
+        sizes = pc.add(sizes, pc.fill_null(pc.binary_length(batch.column("meta")), 0))
+    return sizes.to_pylist()
+
+
+def _text_head(column: pa.Array) -> bytes:
+    """The first bytes of a one-row text column, enough for a reject's ``raw``, without converting the rest."""
+    binary = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+    return pc.binary_slice(binary, 0, _RAW_HEAD_BYTES)[0].as_py() or b""
+
+
+def _converted_rows(
+    batch: pa.RecordBatch, columns: list[str], clean: CleanConfig, uri: str, progress: _ParquetProgress
+) -> Iterator[tuple[Kind, dict[str, Any]]]:
+    texts = _column_values(batch.column("text"))
+    metas = _column_values(batch.column("meta")) if "meta" in columns else [None] * len(texts)
+    for text, meta in zip(texts, metas, strict=True):
+        yield _parquet_row(text, meta, progress.source(uri), clean)
+        progress.row += 1
+
+
+def _batch_rows(
+    batch: pa.RecordBatch, columns: list[str], clean: CleanConfig, uri: str, progress: _ParquetProgress
+) -> Iterator[tuple[Kind, dict[str, Any]]]:
+    """The rows of one decoded batch. A row of more than ``max_line_bytes`` (its text and a string meta) is a
+    ``too_long`` reject with its size, as in JSONL, and never becomes a Python string."""
+    sizes = _row_bytes(batch)
+    if max(sizes, default=0) <= clean.max_line_bytes:
+        yield from _converted_rows(batch, columns, clean, uri, progress)
+        return
+    for index, size in enumerate(sizes):
+        if size <= clean.max_line_bytes:
+            yield from _converted_rows(batch.slice(index, 1), columns, clean, uri, progress)
+            continue
+        head = _text_head(batch.column("text").slice(index, 1))
+        detail = f"row of {size} bytes > max_line_bytes={clean.max_line_bytes}"
+        yield _reject(progress.source(uri), REJECT_TOO_LONG, detail, head)
+        progress.row += 1
+
+
+def _decoded_group(
+    shard: _ParquetShard, group: int, layout: _GroupLayout, clean: CleanConfig, progress: _ParquetProgress
+) -> Iterator[tuple[Kind, dict[str, Any]]]:
+    """The rows of one row group, in batches sized from its page headers to decode within ``max_page_bytes``.
+
+    Decoded bytes count against ``max_shard_bytes``: a dictionary value decodes again at every row using it.
+    """
+    batch_rows = layout.batch_rows(clean.max_page_bytes)
+    for batch in shard.parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=shard.columns):
+        progress.budget -= batch.nbytes
+        if progress.budget < 0:
+            yield _shard_too_large(shard.uri, progress, clean)
+            return
+        yield from _batch_rows(batch, shard.columns, clean, shard.uri, progress)
+
+
+def _parquet_rows(shard: _ParquetShard, clean: CleanConfig) -> Iterator[tuple[Kind, dict[str, Any]]]:
+    """Every row of a Parquet shard, row group by row group, each sized from its page headers first."""
+    progress = _ParquetProgress(row=0, budget=clean.max_shard_bytes)
     try:
-        for group in range(parquet.num_row_groups):
-            budget -= _row_group_bytes(parquet.metadata.row_group(group), columns)
-            if budget < 0:
-                detail = f"the shard holds more than max_shard_bytes={clean.max_shard_bytes} bytes: reading stopped"
-                yield _reject(f"{uri}#{row_index}", REJECT_SHARD_TOO_LARGE, detail, "")
+        for group in range(shard.parquet.num_row_groups):
+            layout = shard.layout(group, clean.max_page_bytes)
+            if layout.largest_page > clean.max_page_bytes:
+                yield from _undecoded_group(shard.uri, group, layout, clean, progress)
+                continue
+            if layout.stored_bytes > progress.budget:
+                yield _shard_too_large(shard.uri, progress, clean)
                 return
-            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[group], columns=columns):
-                texts = _column_values(batch.column("text"))
-                metas = _column_values(batch.column("meta")) if "meta" in columns else [None] * len(texts)
-                for text, meta in zip(texts, metas, strict=True):
-                    yield _parquet_row(text, meta, f"{uri}#{row_index}", clean)
-                    row_index += 1
+            yield from _decoded_group(shard, group, layout, clean, progress)
+            if progress.budget < 0:
+                return  # cut inside the group, with its shard_too_large reject
     except ShardReadError:
         raise  # storage, not data: the caller fails the shard
-    except Exception as err:  # a corrupt row group: keep what came before it
-        yield _reject(f"{uri}#{row_index}", REJECT_TRUNCATED_STREAM, f"{type(err).__name__}: {err}", "")
+    except Exception as err:  # a corrupt row group or page header: keep what came before it
+        yield _reject(progress.source(shard.uri), REJECT_TRUNCATED_STREAM, f"{type(err).__name__}: {err}", "")
 
 
 def _parquet_row(text: Any, meta: Any, source: str, clean: CleanConfig) -> tuple[Kind, dict[str, Any]]:
@@ -641,8 +728,23 @@ def _iter_parquet(handle: IO[bytes], uri: str, clean: CleanConfig) -> Iterator[t
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         yield _reject(uri, REJECT_UNREADABLE, f"'text' column has type {text_type}, expected string", "")
         return
+    if "meta" in names and (depth := _type_depth(parquet.schema_arrow.field("meta").type)) > MAX_JSON_DEPTH:
+        yield _reject(uri, REJECT_UNREADABLE, _too_deep_detail(f"the 'meta' column's type ({depth} levels)"), "")
+        return
     columns = ["text", "meta"] if "meta" in names else ["text"]
-    yield from _parquet_rows(parquet, uri, columns, clean)
+    yield from _parquet_rows(_ParquetShard(parquet, handle, uri, columns), clean)
+
+
+def _type_depth(arrow_type: pa.DataType) -> int:
+    """Levels of structs, lists and maps in ``arrow_type``: the JSON nesting of its values (a scalar: 0)."""
+    deepest, pending = 0, [(arrow_type, 0)]
+    while pending:
+        current, depth = pending.pop()
+        if pa.types.is_nested(current):
+            pending.extend((current.field(index).type, depth + 1) for index in range(current.num_fields))
+        else:
+            deepest = max(deepest, depth)
+    return deepest
 
 
 def iter_shard(uri: str, options: StorageOptions | None, clean: CleanConfig) -> Iterator[tuple[Kind, dict[str, Any]]]:
@@ -658,7 +760,7 @@ def iter_shard(uri: str, options: StorageOptions | None, clean: CleanConfig) -> 
     """
     compression = shard_format(uri)
     try:
-        handle = _ResilientFile(uri, options, clean)
+        handle = RetryingFile(uri, options, clean.read_attempts, clean.read_backoff_s)
     except ShardReadError:
         raise
     except Exception as err:  # missing, forbidden, malformed URI: the run goes on without the shard

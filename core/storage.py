@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -280,17 +281,57 @@ def open_read(uri: str, options: StorageOptions | None = None) -> IO[bytes]:
     return fs.open(path, "rb")
 
 
+_PROC_STATUS = "/proc/self/status"
+
+
+def _proc_umask() -> int | None:
+    """The umask as Linux (4.7 and later) shows it in ``/proc/self/status``; None where it does not."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(_PROC_STATUS, encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return None
+
+
+def _umask_at_import() -> int:
+    mask = _proc_umask()
+    if mask is None:
+        # Read by setting it and putting it back, once: a file another thread creates meanwhile gets the
+        # stricter 077, never a looser mode.
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it.
+
+    ``os.umask`` can only read the mask by setting it, and the mask is process-wide: a thread that creates
+    a file while another toggles it gets the wrong mode. So the mask comes from ``/proc/self/status``
+    where Linux shows it, and elsewhere is the one the process had when this module was imported.
+    """
+    mask = _proc_umask()
+    return _UMASK_AT_IMPORT if mask is None else mask
+
+
 def _durable_temp_file(path: str, data: bytes | bytearray | memoryview) -> str:
     """`data` in a new, fsynced temp file beside `path`; returns the temp file's path.
 
     It sits in the destination directory so that renaming or linking it is one step within one filesystem,
-    which POSIX makes atomic. Its leading dot hides it from expand() and Ray Data.
+    which POSIX makes atomic. Its leading dot hides it from expand() and Ray Data. ``mkstemp`` creates it
+    0600; it gets the mode any other tool's new file would have (0666 less the umask) before it is named,
+    so that the artifacts other users and services read are readable under the usual umask of 022.
     """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -461,36 +502,80 @@ def is_remote(uri: str) -> bool:
     return _protocol(uri) not in ("file", "local")
 
 
+class UnsafeKeyError(ValueError):
+    """A remote key or file name that would land outside the directory it is copied into."""
+
+
+def contained_name(name: str, key: str) -> str:
+    """``name``, a ``/``-separated path relative to a directory, normalised; refused if it leaves that directory.
+
+    Every copy between a tree of remote keys and a local directory (``local_copy``, ``upload_dir``) maps its
+    names through here. An object key is any string: ``team/sae/../../home/x`` is a valid key, and anyone who
+    may write under a shared prefix could otherwise make a download write files anywhere the reader may.
+    ``key`` is the full key or path ``name`` came from, named in the error. Raises :class:`UnsafeKeyError`
+    for an absolute name, one that climbs above the directory (``..``), or one that is the directory itself.
+    """
+    normal = posixpath.normpath(name) if name else "."
+    if name.startswith("/") or normal in (".", "..") or normal.startswith("../"):
+        raise UnsafeKeyError(
+            f"{key!r} resolves to {name!r}, outside the directory it is copied into: refused, nothing was copied"
+        )
+    return normal
+
+
+def _download_plan(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, str]]:
+    """(remote key, local name relative to the download directory) for every file of a remote directory."""
+    plan: dict[str, str] = {}
+    prefix = path.rstrip("/")
+    for remote in fs.find(path):
+        local = contained_name(remote[len(prefix) + 1 :], remote)
+        if local in plan:
+            raise UnsafeKeyError(f"{remote!r} and {plan[local]!r} both land on {local!r}: refused, nothing was copied")
+        plan[local] = remote
+    return [(remote, local) for local, remote in plan.items()]
+
+
 def local_copy(uri: str, options: StorageOptions | None = None) -> str:
     """A local path holding the file or directory at ``uri``: the path itself when local, else a download.
 
-    Downloads land in a fresh temporary directory, so a changed remote object is never served stale.
+    Downloads land in a fresh temporary directory, so a changed remote object is never served stale. Every
+    key is checked before anything is written: a key that would resolve outside the download directory
+    raises :class:`UnsafeKeyError` naming it, and no file (nor the directory) is left behind.
     """
-    if not is_remote(uri):
-        fs, path = filesystem(uri, options)
-        return path
     fs, path = filesystem(uri, options)
+    if not is_remote(uri):
+        return path
+    is_dir = fs.isdir(path)
+    if is_dir:
+        plan = _download_plan(fs, path)
+    else:
+        plan = [(path, contained_name(posixpath.basename(path), path))]
     target = tempfile.mkdtemp(prefix="finescope-")
-    if fs.isdir(path):
-        for remote in fs.find(path):
-            relative = remote[len(path.rstrip("/")) + 1 :]
-            local = os.path.join(target, relative)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            fs.get_file(remote, local)
-        return target
-    local = os.path.join(target, os.path.basename(path))
-    fs.get_file(path, local)
-    return local
+    try:
+        for remote, local in plan:
+            destination = os.path.join(target, *local.split("/"))
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            fs.get_file(remote, destination)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return target if is_dir else os.path.join(target, plan[0][1])
 
 
 def upload_dir(local_dir: str, uri: str, options: StorageOptions | None = None) -> None:
-    """Copy a local directory's files to ``uri`` (local or remote), each file written atomically."""
-    for root, _, files in os.walk(local_dir):
-        for name in sorted(files):
+    """Copy a local directory's files to ``uri`` (local or remote), each file written atomically.
+
+    Every name is checked (:func:`contained_name`) before the first write, so nothing lands outside ``uri``.
+    """
+    files = []
+    for root, _, names in os.walk(local_dir):
+        for name in sorted(names):
             path = os.path.join(root, name)
-            relative = os.path.relpath(path, local_dir)
-            with open(path, "rb") as handle:
-                write_bytes_atomic(join(uri, *relative.split(os.sep)), handle.read(), options)
+            relative = "/".join(os.path.relpath(path, local_dir).split(os.sep))
+            files.append((path, contained_name(relative, path)))
+    for path, relative in files:
+        with open(path, "rb") as handle:
+            write_bytes_atomic(join(uri, *relative.split("/")), handle.read(), options)
 
 
 def arrow_target(uris: str | list[str], options: StorageOptions | None = None) -> dict[str, Any]:
@@ -513,6 +598,9 @@ __all__ = [
     "upload_dir",
     "FileInfo",
     "StorageOptions",
+    "UnsafeKeyError",
+    "contained_name",
+    "current_umask",
     "exists",
     "expand",
     "filesystem",

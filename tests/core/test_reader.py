@@ -697,3 +697,214 @@ def test_s3_credentials_never_travel_as_task_arguments(ray_local, s3_bucket, mon
     assert [path for path in fs.find(s3_bucket) if any(needle in fs.cat_file(path) for needle in needles)] == []
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     assert [p for p in logs.rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)] == []
+
+
+# Deeply nested JSON ------------------------------------------------------------------------------------
+
+
+def nested_line(depth: int, text: str) -> bytes:
+    """A JSONL line whose ``meta`` nests ``depth - 1`` objects, so that the line nests ``depth`` levels."""
+    meta = b'{"a": ' * (depth - 1) + b"1" + b"}" * (depth - 1)
+    return b'{"text": "' + text.encode() + b'", "meta": ' + meta + b"}"
+
+
+def at_stack_depth(frames: int, function, *args):
+    """``function(*args)`` called ``frames`` Python frames deeper than here, as in a worker's deep stack."""
+    return function(*args) if frames == 0 else at_stack_depth(frames - 1, function, *args)
+
+
+@pytest.mark.parametrize("frames", [0, 300, 800])
+def test_each_deeply_nested_line_is_one_reject_whatever_the_stack(tmp_path, frames):
+    deep = list(range(700, 1001))
+    lines = [good_line("before")] + [nested_line(depth, f"deep {depth}") for depth in deep] + [good_line("after")]
+    uri = write_shard(tmp_path / "deep.jsonl", lines)
+    docs, rejects = split(at_stack_depth(frames, lambda: list(iter_shard(uri, None, CleanConfig()))))
+    assert [doc["text"] for doc in docs] == ["before", "after"]
+    assert reason_counts(rejects) == {reader.REJECT_TOO_DEEP: len(deep)}
+    assert [row["source"] for row in rejects] == [f"{uri}#{line}" for line in range(2, 2 + len(deep))]
+    assert f"MAX_JSON_DEPTH={reader.MAX_JSON_DEPTH}" in rejects[0]["detail"]
+
+
+def test_nesting_up_to_the_limit_is_read(tmp_path):
+    limit = reader.MAX_JSON_DEPTH
+    brackets = "{[" * 200 + "]}" * 200  # inside a string: text, not nesting
+    lines = [
+        nested_line(limit, "at the limit"),
+        nested_line(limit + 1, "one over"),
+        good_line(brackets, note='quote \\" {['),
+        json.dumps({"text": "array", "meta": [[[[1]]]]}).encode(),
+    ]
+    uri = write_shard(tmp_path / "s.jsonl", lines)
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig())))
+    assert [doc["text"] for doc in docs] == ["at the limit", brackets, "array"]
+    assert json.loads(docs[0]["meta"]) == json.loads(lines[0])["meta"]
+    assert [(row["reason"], row["source"]) for row in rejects] == [(reader.REJECT_TOO_DEEP, f"{uri}#2")]
+    assert f"more than MAX_JSON_DEPTH={limit} levels" in rejects[0]["detail"]
+
+
+def test_parquet_deep_meta_string_rejects_only_its_row(tmp_path):
+    deep_meta = json.loads(nested_line(reader.MAX_JSON_DEPTH + 1, "x"))["meta"]
+    deep = json.dumps({"wrapper": deep_meta})
+    metas = ['{"n": 0}', deep, "free text", '{"n": 3}']
+    pq.write_table(pa.table({"text": ["zero", "one", "two", "three"], "meta": metas}), tmp_path / "s.parquet")
+    uri = str(tmp_path / "s.parquet")
+    docs, rejects = split(at_stack_depth(600, lambda: list(iter_shard(uri, None, CleanConfig()))))
+    assert [doc["text"] for doc in docs] == ["zero", "two", "three"]
+    assert [(row["reason"], row["source"]) for row in rejects] == [(reader.REJECT_TOO_DEEP, f"{uri}#1")]
+    assert "'meta'" in rejects[0]["detail"]
+
+
+def nested_struct(depth: int) -> dict:
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value  # type: ignore[return-value]
+
+
+def test_parquet_meta_column_nested_past_the_limit_is_unreadable(tmp_path, monkeypatch):
+    # Past the limit, the file is one whole-file reject; pyarrow's reader itself refuses schemas this deep.
+    deep = nested_struct(reader.MAX_JSON_DEPTH + 1)
+    pq.write_table(pa.table({"text": ["one", "two"], "meta": pa.array([deep, deep])}), tmp_path / "deep.parquet")
+    # Under a lower limit, the reader's own check of the column's type refuses a file pyarrow reads.
+    monkeypatch.setattr(reader, "MAX_JSON_DEPTH", 3)
+    shallow = nested_struct(4)
+    pq.write_table(pa.table({"text": ["one", "two"], "meta": pa.array([shallow, shallow])}), tmp_path / "s.parquet")
+    for name in ("deep.parquet", "s.parquet"):
+        uri = str(tmp_path / name)
+        [(kind, row)] = list(iter_shard(uri, None, CleanConfig()))
+        assert (kind, row["reason"], row["source"]) == (reader.REJECT, reader.REJECT_UNREADABLE, uri)
+    assert "the 'meta' column's type (4 levels) nests JSON more than MAX_JSON_DEPTH=3 levels" in row["detail"]
+
+
+@pytest.mark.timeout(180)
+def test_read_corpus_counts_deeply_nested_lines(ray_local, tmp_path):
+    lines = [good_line("before")] + [nested_line(depth, "deep") for depth in range(700, 1001)] + [good_line("after")]
+    uri = write_shard(tmp_path / "deep.jsonl.gz", lines)
+    rejects_dir = str(tmp_path / "rejects")
+    rows = read_corpus([uri], None, CleanConfig(), rejects_dir).take_all()
+    assert sorted(row["text"] for row in rows) == ["after", "before"]
+    assert count_rejects(rejects_dir) == {reader.REJECT_TOO_DEEP: 301}
+
+
+# Parquet: rows over the cap, pages too large to decompress, decompression bombs ------------------------
+
+
+def test_parquet_row_over_max_line_bytes_is_too_long_and_reading_goes_on(tmp_path):
+    texts = ["short 0", "x" * 5000, "short 2", "y" * 900, "short 4"]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "s.parquet")
+    uri = str(tmp_path / "s.parquet")
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig(max_line_bytes=1000))))
+    assert [doc["text"] for doc in docs] == ["short 0", "short 2", "y" * 900, "short 4"]
+    assert [(row["reason"], row["source"]) for row in rejects] == [(reader.REJECT_TOO_LONG, f"{uri}#1")]
+    size = int(rejects[0]["detail"].split("row of ")[1].split(" bytes")[0])
+    assert 5000 <= size < 5100 and "> max_line_bytes=1000" in rejects[0]["detail"]
+    assert rejects[0]["raw"] == "x" * reader.RAW_MAX_CHARS
+
+
+def test_parquet_row_group_with_a_page_over_max_page_bytes_is_rejected_row_by_row(tmp_path):
+    texts = [f"row {index}" for index in range(12)]
+    texts[5] = "z" * 100_000
+    pq.write_table(pa.table({"text": texts}), tmp_path / "s.parquet", row_group_size=4, compression="zstd")
+    uri = str(tmp_path / "s.parquet")
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig(max_page_bytes=50_000))))
+    assert [doc["text"] for doc in docs] == [texts[index] for index in (0, 1, 2, 3, 8, 9, 10, 11)]
+    assert [(row["reason"], row["source"]) for row in rejects] == [
+        (reader.REJECT_TOO_LONG, f"{uri}#{index}") for index in range(4, 8)
+    ]
+    assert "row group 1 holds a Parquet page of" in rejects[0]["detail"]
+    assert "max_page_bytes=50000: its 4 rows are not decoded" in rejects[0]["detail"]
+
+
+def test_parquet_corrupt_page_header_keeps_the_rows_before(tmp_path):
+    texts = [f"row {index}" for index in range(8)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "s.parquet", row_group_size=4, use_dictionary=False)
+    data = bytearray((tmp_path / "s.parquet").read_bytes())
+    second = pq.ParquetFile(tmp_path / "s.parquet").metadata.row_group(1).column(0).data_page_offset
+    data[second] = 0x0C  # the header's first field now claims to be a struct, of fields that do not parse
+    data[second + 1 : second + 6] = b"\xff" * 5
+    (tmp_path / "s.parquet").write_bytes(bytes(data))
+    uri = str(tmp_path / "s.parquet")
+    docs, rejects = split(list(iter_shard(uri, None, CleanConfig())))
+    assert [doc["text"] for doc in docs] == texts[:4]
+    assert [(row["reason"], row["source"]) for row in rejects] == [(reader.REJECT_TRUNCATED_STREAM, f"{uri}#4")]
+
+
+def padded_varint(value: int, length: int) -> bytes:
+    """``value`` as a Thrift varint of exactly ``length`` bytes (continuation bytes of zeros are valid)."""
+    groups = [(value >> (7 * index)) & 0x7F for index in range(length)]
+    return bytes(group | 0x80 for group in groups[:-1]) + bytes([groups[-1]])
+
+
+def lie_about_sizes(path: Path, claimed: int = 1000) -> None:
+    """Rewrite the footer so that every uncompressed size it gives (row group and column chunk) is ``claimed``."""
+    metadata = pq.ParquetFile(path).metadata
+    sizes = {metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups)}
+    sizes |= {metadata.row_group(g).column(0).total_uncompressed_size for g in range(metadata.num_row_groups)}
+    data = bytearray(path.read_bytes())
+    footer_start = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    for size in sizes:
+        zigzag = size << 1
+        encoded = padded_varint(zigzag, (zigzag.bit_length() + 6) // 7)
+        at = data.find(encoded, footer_start)
+        while at != -1:
+            data[at : at + len(encoded)] = padded_varint(claimed << 1, len(encoded))
+            at = data.find(encoded, at + 1)
+    path.write_bytes(bytes(data))
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).total_uncompressed_size == claimed
+
+
+def parquet_bomb(path: Path, kind: str) -> str:
+    """A few KB on disk. ``dictionary``: 16 rows of one 32 MiB dictionary value (as a 1,465-byte file found in
+    the wild); ``lying_footer``: 16 distinct 32 MiB values in one 512 MiB page behind a footer that claims
+    1,000 bytes; ``many_rows``: 512 rows of one 2 MiB dictionary value, each under the cap (1 GiB decoded)."""
+    size, rows = (2 << 20, 512) if kind == "many_rows" else (32 << 20, 16)
+    if kind in ("dictionary", "many_rows"):
+        text = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["a" * size]))
+        # Without the stored Arrow schema the column reads back as plain strings, as from any other writer.
+        pq.write_table(pa.table({"text": text}), path, compression="zstd", store_schema=False)
+    else:
+        column = pa.array([f"{index:02d}" + "b" * (size - 2) for index in range(rows)])
+        pq.write_table(pa.table({"text": column}), path, compression="zstd", use_dictionary=False)
+        del column
+        lie_about_sizes(path)
+    assert path.stat().st_size < 100_000 and pq.ParquetFile(path).metadata.num_rows == rows
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["dictionary", "lying_footer", "many_rows"])
+def test_parquet_decompression_bomb_keeps_peak_memory_bounded(tmp_path, kind):
+    import os
+    import subprocess
+    import sys
+
+    uri = parquet_bomb(tmp_path / "bomb.parquet", kind)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-c", BOMB_SCRIPT, uri], capture_output=True, text=True, env=env, timeout=300, check=True
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if kind == "many_rows":  # every row is a document, cut to max_chars
+        assert [(kind, len(text)) for kind, text, _ in result["results"]] == [("doc", 20_000)] * 512
+    else:
+        assert [tuple(item[:2]) for item in result["results"]] == [("reject", reader.REJECT_TOO_LONG)] * 16
+        expected = "row of 33554432 bytes" if kind == "dictionary" else "holds a Parquet page of 536870982 bytes"
+        assert expected in result["results"][0][2]
+    grown_mib = (result["after_kib"] - result["before_kib"]) / 1024
+    # A few times the dictionary or max_page_bytes (pages, the decoded dictionary, a batch); unbounded, 1.6 GB
+    # (dictionary) and 2 GB (many_rows, in batches of 1,024 rows).
+    assert grown_mib < 320, f"peak memory grew by {grown_mib:.0f} MiB reading a {kind} Parquet bomb"
+
+
+def test_ordinary_parquet_reads_in_full_batches(tmp_path):
+    """The page-derived bounds leave an ordinary file's batches at full size (smaller ones cost throughput)."""
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    texts = [" ".join(rng.choices(words, k=rng.randint(50, 1200))) for _ in range(5000)]
+    metas = [{"url": f"https://example.com/{index}", "lang": "en"} for index in range(5000)]
+    pq.write_table(pa.table({"text": texts, "meta": metas}), tmp_path / "s.parquet")
+    parquet = pq.ParquetFile(tmp_path / "s.parquet")
+    with open(tmp_path / "s.parquet", "rb") as handle:
+        shard = reader._ParquetShard(parquet, handle, str(tmp_path / "s.parquet"), ["text", "meta"])
+        layout = shard.layout(0, CleanConfig().max_page_bytes)
+    assert layout.chunks[0].dictionary_bytes > 64 << 10  # large enough that its longest value was looked up
+    assert layout.batch_rows(CleanConfig().max_page_bytes) == 1024

@@ -246,3 +246,117 @@ def test_read_parquet_directory_skips_bookkeeping(tmp_path, s3_bucket):
         storage.write_bytes_atomic(storage.join(base, "_SUCCESS"), b"")
         storage.write_json_atomic(storage.join(base, "manifest.json"), {})
         assert storage.read_parquet(base).equals(_table())
+
+
+# Remote keys never become paths outside the local directory they are copied into ---------------------
+
+
+def _put(bucket: str, key: str, body: bytes) -> None:
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=body)  # boto3 keeps `..` in a key as it is
+
+
+def _files_under(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize(
+    "escape", ["../../../../../../../..{victim}/PLANTED.txt", "a/../../PLANTED.txt", "..", "/abs.txt"]
+)
+def test_local_copy_refuses_keys_outside_the_target(s3_bucket, tmp_path, monkeypatch, escape):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(downloads))  # where local_copy makes its directory
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    _put(s3_bucket, "team/sae/cfg.json", b"{}")
+    bad_key = "team/sae/" + escape.format(victim=victim)
+    _put(s3_bucket, bad_key, b"planted")
+    with pytest.raises(storage.UnsafeKeyError) as caught:
+        storage.local_copy(f"s3://{s3_bucket}/team/sae")
+    assert bad_key in str(caught.value)
+    # Nothing is written: not the planted file, not the good one, not an empty download directory.
+    assert _files_under(str(tmp_path)) == []
+    assert os.listdir(downloads) == []
+
+
+def test_local_copy_keeps_the_tree_of_safe_keys(s3_bucket):
+    keys = {"m/cfg.json": b"{}", "m/sub/w.bin": b"\x00\x01", "m/a..b/odd..name": b"dots are fine"}
+    for key, body in keys.items():
+        _put(s3_bucket, key, body)
+    target = storage.local_copy(f"s3://{s3_bucket}/m")
+    assert _files_under(target) == ["a..b/odd..name", "cfg.json", "sub/w.bin"]
+    assert open(os.path.join(target, "a..b", "odd..name"), "rb").read() == b"dots are fine"
+    single = storage.local_copy(f"s3://{s3_bucket}/m/sub/w.bin")
+    assert os.path.basename(single) == "w.bin" and open(single, "rb").read() == b"\x00\x01"
+
+
+def test_local_copy_refuses_two_keys_for_one_file(s3_bucket):
+    _put(s3_bucket, "d/x.bin", b"first")
+    _put(s3_bucket, "d/sub/../x.bin", b"second")
+    with pytest.raises(storage.UnsafeKeyError, match="both land on 'x.bin'"):
+        storage.local_copy(f"s3://{s3_bucket}/d")
+
+
+def test_upload_dir_refuses_names_outside_the_destination(tmp_path, monkeypatch):
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "ok.txt").write_bytes(b"ok")
+    (tmp_path / "escaped.txt").write_bytes(b"outside")
+    # A walk that yields a name climbing out of the directory: the names are checked, not trusted.
+    monkeypatch.setattr(os, "walk", lambda root: iter([(str(staging), [], ["ok.txt", "../escaped.txt"])]))
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(storage.UnsafeKeyError, match="escaped.txt"):
+        storage.upload_dir(str(staging), str(out))
+    assert not out.exists()
+
+
+# Written files follow the umask, like any other tool's ------------------------------------------------
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test; the previous one comes back afterwards."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+def _write_every_way(directory: str) -> list[str]:
+    storage.write_bytes_atomic(os.path.join(directory, "CURRENT"), b"snapshot-1")
+    storage.write_json_atomic(os.path.join(directory, "manifest.json"), {"k": 1})
+    storage.write_parquet_atomic(_table(), os.path.join(directory, "rejects.parquet"))
+    assert storage.write_bytes_exclusive(os.path.join(directory, "catalog-entry.json"), b"{}")
+    staging = os.path.join(directory, "staging")
+    os.makedirs(staging)
+    with open(os.path.join(staging, "model.bin"), "wb") as handle:
+        handle.write(b"w")
+    os.chmod(os.path.join(staging, "model.bin"), 0o600)  # the source's own mode does not carry over
+    storage.upload_dir(staging, os.path.join(directory, "uploaded"))
+    return ["CURRENT", "manifest.json", "rejects.parquet", "catalog-entry.json", "uploaded/model.bin"]
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o027, 0o640), (0o002, 0o664)])
+def test_written_files_follow_the_umask(tmp_path, umask, mask, mode):
+    umask(mask)
+    names = _write_every_way(str(tmp_path))
+    umask(0o022)
+    assert {name: oct((tmp_path / name).stat().st_mode & 0o777) for name in names} == dict.fromkeys(names, oct(mode))
+    # An overwrite takes the umask of its own time, not the old file's mode.
+    storage.write_bytes_atomic(str(tmp_path / "CURRENT"), b"snapshot-2")
+    assert (tmp_path / "CURRENT").stat().st_mode & 0o777 == 0o644
+
+
+def test_umask_is_read_without_changing_it(umask, monkeypatch):
+    umask(0o027)
+    calls = []
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or 0o022)
+    assert storage.current_umask() == 0o027  # from /proc/self/status: os.umask is not called
+    assert calls == []
+
+
+def test_umask_without_proc_is_the_one_at_import(umask, monkeypatch, tmp_path):
+    monkeypatch.setattr(storage, "_PROC_STATUS", str(tmp_path / "no-such-status"))
+    umask(0o077)
+    assert storage.current_umask() == storage._UMASK_AT_IMPORT
