@@ -15,6 +15,10 @@ class ConfigError(ValueError):
         self.fix = fix
         super().__init__(f"{field}={value!r}: {fix}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, object, str]]:
+        # Rebuilt from its three parts: a ConfigError raised in a Ray task reaches the driver as itself.
+        return (type(self), (self.field, self.value, self.fix))
+
 
 def _number(bound: float) -> str:
     """A bound as a person writes it: 1 rather than 1.0, 0.5 as it is."""
