@@ -352,8 +352,8 @@ def _add_flag(group: Any, spec: dataclasses.Field, annotation: Any, help_text: s
 def build_parser(
     cls: type, description: str | None = None, prog: str | None = None, required: tuple[str, ...] | list[str] = ()
 ) -> argparse.ArgumentParser:
-    """A parser with one flag per field of `cls`. `required` fields are listed first and marked so; they may
-    come from --config instead, so argparse itself does not insist on them (the config's checks do)."""
+    """A parser with one flag per field of `cls`. `required` fields lead the usage line and have a heading of
+    their own; they may come from --config instead, so argparse does not insist on them (the config does)."""
     parser = OneLineArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
