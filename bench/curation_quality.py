@@ -429,7 +429,9 @@ def print_tables(results: dict[str, dict], topics: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--docs", type=int, default=0, help="corpus documents (0: all 10,033)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--layer", type=int, default=15)

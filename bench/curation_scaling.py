@@ -172,7 +172,9 @@ def run_job(args: list[str], env: dict[str, str]) -> tuple[float, TreeMonitor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 2500, 5000, 10033], help="none: no curation")
     parser.add_argument("--budget-docs", type=int, default=10033, help="corpus documents for the SAE budgets")
     parser.add_argument("--budgets", type=int, nargs="*", default=[100_000, 200_000, 400_000])

@@ -109,7 +109,9 @@ class Method:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name, HF directory or .gguf file")
     parser.add_argument("--layer", type=int, default=15, help="decoder layer read (ignored when --sae sets one)")
     parser.add_argument("--docs", type=int, default=48, help="documents sampled from the demo corpus")

@@ -24,7 +24,9 @@ import time
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name, HF directory or .gguf file")
     parser.add_argument("--prompts", type=int, default=256, help="documents sampled from the demo corpus")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per prompt at most")

@@ -64,7 +64,9 @@ def perplexity(model, tokenizer, texts: list[str], max_tokens: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--topic", default="Biology and health sciences")
     parser.add_argument("--ratio", type=float, default=0.30)

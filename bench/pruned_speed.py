@@ -98,7 +98,9 @@ def measure_memory(directories: dict[str, str], threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--ratio", type=float, default=0.30)
     parser.add_argument("--pruned", default=None, help="a pruned checkpoint to time instead of building one")

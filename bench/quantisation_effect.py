@@ -106,7 +106,9 @@ def answer_margins(questions_path: Path, labels: list[str]) -> dict[str, np.ndar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--work", default="/tmp/finescope-quantisation")
     parser.add_argument("--limit", type=int, default=500, help="MMLU questions of the fixed sample (seed 0)")

@@ -42,7 +42,9 @@ TARGET = 5.0
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name, HF directory or .gguf file")
     parser.add_argument("--prompts", type=int, default=16, help="documents sampled from the demo corpus")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt at most")

@@ -15,8 +15,8 @@ class ConfigError(ValueError):
         self.fix = fix
         super().__init__(f"{field}={value!r}: {fix}")
 
-    def __reduce__(self):
-        # Rebuilt from its three parts when it crosses a process boundary (a Ray task raising it).
+    def __reduce__(self) -> tuple[type, tuple[str, object, str]]:
+        # Rebuilt from its three parts: a ConfigError raised in a Ray task reaches the driver as itself.
         return (type(self), (self.field, self.value, self.fix))
 
 

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core import storage
-from core.errors import ConfigError, check_range
+from core.errors import ConfigError, check_range, check_ranges
 from core.parquet_pages import PAGE_DICTIONARY, ChunkLayout, Page, chunk_pages
 from core.retrying_file import RetryingFile, ShardReadError
 from core.storage import StorageOptions
@@ -171,11 +171,8 @@ class CleanConfig:
             raise ConfigError("max_chars", self.max_chars, f"must be greater than min_chars={self.min_chars}")
         if self.too_long not in ("truncate", "reject"):
             raise ConfigError("too_long", self.too_long, "must be 'truncate' or 'reject'")
-        for name in ("max_line_bytes", "max_page_bytes", "max_shard_bytes", "read_attempts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, getattr(self, name), "must be >= 1")
-        if self.read_backoff_s < 0:
-            raise ConfigError("read_backoff_s", self.read_backoff_s, "must be >= 0 seconds")
+        check_ranges(self, ("max_line_bytes", "max_page_bytes", "max_shard_bytes", "read_attempts"), ge=1)
+        check_range("read_backoff_s", self.read_backoff_s, ge=0, hint="seconds")
 
 
 def doc_id(text: str) -> str:

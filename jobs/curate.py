@@ -18,7 +18,14 @@ from curation.selection.curate import CurateConfig, run_curation
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(CurateConfig, run_curation, argv, __doc__)
+    cli.run_job(
+        CurateConfig,
+        run_curation,
+        argv,
+        __doc__,
+        prog="python -m jobs.curate",
+        required=("corpus", "seeds", "sae", "out"),
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from training.distillation.distill import DistillConfig, run_distill
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(DistillConfig, run_distill, argv, __doc__)
+    cli.run_job(DistillConfig, run_distill, argv, __doc__, prog="python -m jobs.distill", required=("data", "out"))
 
 
 if __name__ == "__main__":

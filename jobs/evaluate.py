@@ -19,7 +19,9 @@ from training.evaluation.evaluate import EvaluateConfig, run_evaluation
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(EvaluateConfig, run_evaluation, argv, __doc__)
+    cli.run_job(
+        EvaluateConfig, run_evaluation, argv, __doc__, prog="python -m jobs.evaluate", required=("models", "out")
+    )
 
 
 if __name__ == "__main__":

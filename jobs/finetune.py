@@ -20,7 +20,9 @@ from training.finetuning.finetune import FinetuneConfig, run_finetune
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(FinetuneConfig, run_finetune, argv, __doc__)
+    cli.run_job(
+        FinetuneConfig, run_finetune, argv, __doc__, prog="python -m jobs.finetune", required=("model", "data", "out")
+    )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def run(config: DemoCorpusConfig) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(DemoCorpusConfig, run, argv, __doc__)
+    cli.run_job(DemoCorpusConfig, run, argv, __doc__, prog="python -m jobs.make_demo_corpus")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def _run(config: PipelineJobConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(PipelineJobConfig, _run, argv, __doc__)
+    cli.run_job(PipelineJobConfig, _run, argv, __doc__, prog="python -m jobs.pipeline", required=("spec",))
 
 
 if __name__ == "__main__":

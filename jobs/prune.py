@@ -17,7 +17,7 @@ from training.pruning.prune import PruneConfig, run_pruning
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(PruneConfig, run_pruning, argv, __doc__)
+    cli.run_job(PruneConfig, run_pruning, argv, __doc__, prog="python -m jobs.prune", required=("out",))
 
 
 if __name__ == "__main__":

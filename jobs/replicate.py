@@ -29,7 +29,7 @@ def _run(config: ReplicationJobConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(ReplicationJobConfig, _run, argv, __doc__)
+    cli.run_job(ReplicationJobConfig, _run, argv, __doc__, prog="python -m jobs.replicate", required=("spec",))
 
 
 if __name__ == "__main__":

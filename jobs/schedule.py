@@ -27,7 +27,7 @@ def _run(config: ScheduleJobConfig) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(ScheduleJobConfig, _run, argv, __doc__)
+    cli.run_job(ScheduleJobConfig, _run, argv, __doc__, prog="python -m jobs.schedule", required=("spec",))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from curation.sae.train import TrainSAEConfig, run_train_sae
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(TrainSAEConfig, run_train_sae, argv, __doc__)
+    cli.run_job(
+        TrainSAEConfig, run_train_sae, argv, __doc__, prog="python -m jobs.train_sae", required=("corpus", "out")
+    )
 
 
 if __name__ == "__main__":

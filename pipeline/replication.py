@@ -142,7 +142,7 @@ class ReplicationSpec(RunConfig):
 def load_replication_spec(path: str, overrides: dict[str, Any] | None = None) -> ReplicationSpec:
     from core import cli
 
-    values = {**cli.load_yaml(path), **(overrides or {})}
+    values = {**cli.load_yaml(path, flag="--spec"), **(overrides or {})}
     return cli.from_mapping(ReplicationSpec, values, origin=path)
 
 

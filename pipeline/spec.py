@@ -115,5 +115,5 @@ def _domain_spec(name: str, value: Any) -> DomainSpec:
 
 def load_spec(path: str, overrides: dict[str, Any] | None = None) -> PipelineSpec:
     """A spec from its YAML file (plus command-line overrides); unknown keys and bad values name the field."""
-    values = {**cli.load_yaml(path), **(overrides or {})}
+    values = {**cli.load_yaml(path, flag="--spec"), **(overrides or {})}
     return cli.from_mapping(PipelineSpec, values, origin=path)

@@ -7,6 +7,7 @@ from construction alone, so a job refuses it before Ray starts or a model loads.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -270,6 +271,79 @@ def test_bad_values_fail_before_ray_starts_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) == len(CASES)
+
+
+PACKAGES = ("core", "curation", "training", "pipeline", "jobs")
+BUILT_FROM_CHECKED = {
+    # Config dataclasses no user writes: code builds them from configs the table above already checks.
+    "EncoderSpec": "built from a checked CurateConfig or TrainSAEConfig and the SAE's cfg.json",
+    "PrepareSpec": "built from a checked DistillConfig",
+    "HoldoutConfig": "a replication step's config, built from a checked ReplicationSpec",
+    "ArmConfig": "a replication step's config, built from a checked ReplicationSpec",
+}
+
+
+def _config_classes() -> dict[str, type]:
+    """Every dataclass of the project named *Config or *Spec, by class name."""
+    import importlib
+    import pkgutil
+
+    found: dict[str, type] = {}
+    for package in PACKAGES:
+        root = importlib.import_module(package)
+        for info in pkgutil.walk_packages(root.__path__, f"{package}."):
+            module = importlib.import_module(info.name)
+            for name, obj in vars(module).items():
+                is_config = name.endswith(("Config", "Spec")) and dataclasses.is_dataclass(obj)
+                if is_config and isinstance(obj, type) and obj.__module__ == module.__name__:
+                    found[name] = obj
+    return found
+
+
+def _numeric_fields(cls: type) -> dict[str, bool]:
+    """Field name -> whether it holds a list, for every field typed int or float (optional, or a list of them)."""
+    import types
+    import typing
+
+    def kinds(annotation: object) -> set[str]:
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            return set().union(*(kinds(arg) for arg in typing.get_args(annotation)))
+        if origin is list:
+            return {"list"} if kinds(typing.get_args(annotation)[0]) & {"number"} else set()
+        return {"number"} if annotation in (int, float) else set()
+
+    hints = typing.get_type_hints(cls)
+    found = {spec.name: kinds(hints[spec.name]) for spec in dataclasses.fields(cls)}
+    return {name: "list" in kind for name, kind in found.items() if kind}
+
+
+def test_every_config_with_numeric_fields_is_in_the_table():
+    """A new config class must join the table (or say which checked config builds it), so it can't escape."""
+    covered = {type(build()).__name__ for build in _factories().values()}
+    loose = sorted(
+        name
+        for name, cls in _config_classes().items()
+        if _numeric_fields(cls) and name not in covered and name not in BUILT_FROM_CHECKED
+    )
+    assert loose == [], f"add these to _factories() and BAD: {loose}"
+    assert set(BUILT_FROM_CHECKED) <= set(_config_classes())  # no stale entries
+
+
+def test_every_numeric_field_of_every_config_refuses_nan_and_infinities():
+    """Walks the fields themselves, not the BAD table: a new numeric field is checked the day it is added."""
+    escaped = []
+    for config, build in _factories().items():
+        cls = type(build())
+        if not dataclasses.is_dataclass(cls):  # Catalog and LeaseKeeper: their arguments are in BAD
+            continue
+        for name, is_list in _numeric_fields(cls).items():
+            for bad in FLOATS:
+                value = [bad] if is_list else bad
+                error = refusal(config, name, value)
+                if error is None or error.field != name:
+                    escaped.append(f"{config}.{name}={value!r}: {error or 'accepted'}")
+    assert escaped == []
 
 
 @pytest.mark.parametrize(

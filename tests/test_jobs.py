@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import test_config_validation as validation
 from conftest import REPO
 from helpers import job_env, ray_head, submit_job, write_corpus
 
 from core import cli
+from core.errors import ConfigError
 from curation.sae.train import TrainSAEConfig
 from curation.selection.curate import CurateConfig
 
@@ -147,3 +152,152 @@ def test_curate_through_ray_job_submit(tmp_path, trained):
     assert "succeeded" in submit.stdout
     assert "joining Ray" in submit.stdout and "starting a local Ray" not in submit.stdout
     check_curated(tmp_path / "out", corpus["planted"])
+
+
+# --- every job refuses a bad config the same way: status 2, one line, before Ray --------------------------
+
+JOBS = {  # job -> (its config in test_config_validation's tables, the flags its --help marks required)
+    "train_sae": ("TrainSAEConfig", ["corpus", "out"]),
+    "curate": ("CurateConfig", ["corpus", "seeds", "sae", "out"]),
+    "prune": ("PruneConfig", ["out"]),
+    "distill": ("DistillConfig", ["data", "out"]),
+    "finetune": ("FinetuneConfig", ["model", "data", "out"]),
+    "evaluate": ("EvaluateConfig", ["models", "out"]),
+    "make_demo_corpus": ("DemoCorpusConfig", []),
+    "schedule": ("ScheduleJobConfig", ["spec"]),
+    "pipeline": ("PipelineSpec", ["spec"]),  # a spec job: the config's values live in the spec file
+    "replicate": ("ReplicationSpec", ["spec"]),
+}
+SPEC_BASES = {  # the least a spec file needs besides the bad value
+    "pipeline": {"root": "/tmp/fs-root", "seeds": "s.jsonl", "corpus": ["c"], "domains": {"maths": {}}},
+    "replicate": {"root": "/tmp/fs-root", "domains": {"mathematics": "Mathematics"}},
+    "schedule": {"corpus": ["corpus/*.jsonl"], "seeds": "seeds.jsonl", "sae": "sae", "out": "out"},
+}
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) ")
+
+
+def test_the_job_table_covers_every_job():
+    assert set(JOBS) == {path.stem for path in (REPO / "jobs").glob("*.py")} - {"__init__"}
+
+
+def flag_args(name: str, value: object) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    return [f"--{name.replace('_', '-')}", *(str(item) for item in values)]
+
+
+def required_args(job: str) -> list[str]:
+    """The job's required flags, with the values of the validation table's valid config."""
+    config, required = JOBS[job]
+    if job in ("pipeline", "replicate"):
+        return ["--spec", "spec.yaml"]
+    valid = validation._factories()[config]()
+    extra = ["--mmlu", "all"] if job == "evaluate" else []  # it needs something to evaluate, too
+    return [arg for name in required for arg in flag_args(name, getattr(valid, name))] + extra
+
+
+def bad_flag_cases() -> dict[str, tuple[list[str], str]]:
+    """Per job, a command line with its config table's first bad value: (args, field it must name)."""
+    cases = {}
+    for job, (config, _) in JOBS.items():
+        if job in ("pipeline", "replicate"):
+            cases[job] = (["--spec", ""], "spec")  # their flags only point at the spec
+            continue
+        name, values = next(iter(validation.BAD[config].items()))
+        cases[job] = ([*required_args(job), *flag_args(name, values[0])], name)
+    return cases
+
+
+def bad_spec_cases(root: Path) -> dict[str, tuple[list[str], str]]:
+    """Per spec job, a spec file holding its table's first bad value."""
+    import yaml
+
+    cases = {}
+    for job, base in SPEC_BASES.items():
+        config = "ScheduleSpec" if job == "schedule" else JOBS[job][0]
+        name, values = next(iter(validation.BAD[config].items()))
+        spec = root / f"{job}.yaml"
+        spec.write_text(yaml.safe_dump({**base, name: values[0]}))
+        cases[f"{job}-spec"] = (["--spec", str(spec), "--once"] if job == "schedule" else ["--spec", str(spec)], name)
+    return cases
+
+
+def run_all(cases: dict[str, tuple[list[str], str]], job_of) -> dict[str, subprocess.CompletedProcess]:
+    """Every case as `python -m jobs.<job>` at once (imports dominate; the 2 cores share them)."""
+    procs = {
+        case: subprocess.Popen(
+            [sys.executable, "-m", f"jobs.{job_of(case)}", *args],
+            cwd=REPO,
+            env=job_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for case, (args, _) in cases.items()
+    }
+    done = {}
+    for case, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        done[case] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+@pytest.mark.timeout(900)
+def test_every_job_refuses_a_bad_value_with_status_2_and_one_line(tmp_path):
+    flags = bad_flag_cases()
+    specs = bad_spec_cases(tmp_path)
+    results = run_all({**flags, **specs}, lambda case: case.split("-")[0])
+    for case, (_, field) in {**flags, **specs}.items():
+        result = results[case]
+        where = f"{case}: status {result.returncode}\n{result.stderr[-3000:]}"
+        assert result.returncode == 2, where
+        assert "Traceback" not in result.stderr + result.stdout, where
+        lines = result.stderr.splitlines()
+        assert f"config error: {field}=" in lines[-1], where
+        if case in flags:  # refused while the config is built: nothing else is written
+            assert len(lines) == 1, where
+        else:  # refused when the spec is read: after the job logs its config, before Ray starts
+            assert all(LOG_RECORD.match(line) for line in lines[:-1]), where
+            assert "Ray" not in result.stderr, where
+
+
+def test_every_job_refuses_an_unknown_or_abbreviated_flag_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "setup_logging", lambda: None)
+    for job in JOBS:
+        main = importlib.import_module(f"jobs.{job}").main
+        for argv, expected in ((["--no-such-flag"], "unrecognized arguments: --no-such-flag"), (["--ou", "x"], "--ou")):
+            with pytest.raises(SystemExit) as excinfo:
+                main([*required_args(job), *argv])
+            err = capsys.readouterr().err
+            assert excinfo.value.code == 2, (job, err)
+            assert err.startswith(f"python -m jobs.{job}: error: ") and expected in err, (job, err)
+            assert len(err.splitlines()) == 1, (job, err)
+
+
+def test_every_job_help_shows_its_command_and_its_required_flags(capsys):
+    for job, (_, required) in JOBS.items():
+        with pytest.raises(SystemExit) as excinfo:
+            importlib.import_module(f"jobs.{job}").main(["--help"])
+        assert excinfo.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: python -m jobs.{job} "), text[:200]
+        section = text.split("\nrequired")[1].split("\noptions:")[0] if required else ""
+        marked = re.findall(r"^  --([a-z0-9-]+)", section, flags=re.MULTILINE)
+        assert [flag.replace("-", "_") for flag in marked] == required, (job, marked)
+
+
+@pytest.mark.parametrize("job", [job for job, (_, required) in JOBS.items() if required])
+def test_a_flag_marked_required_is_refused_when_missing(job):
+    """`--help` marks a flag required only when the config cannot be built without it."""
+    from pipeline import PipelineJobConfig
+    from pipeline.replication import ReplicationJobConfig
+
+    config, required = JOBS[job]
+    spec_jobs = {"pipeline": PipelineJobConfig, "replicate": ReplicationJobConfig}
+    build = spec_jobs.get(job) or validation._factories()[config]
+    fields = {spec.name: spec for spec in dataclasses.fields(spec_jobs.get(job) or type(build()))}
+    for name in required:
+        field = fields[name]
+        empty = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        with pytest.raises(ConfigError) as excinfo:
+            build(**{name: empty})
+        assert excinfo.value.field == name

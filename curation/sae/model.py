@@ -109,6 +109,7 @@ class SAEConfig:
             raise ConfigError("coords", self.coords, "must be distinct non-negative indices")
         check_range("skip_positions", self.skip_positions, ge=0)
         check_range("layer", self.layer, ge=-1, hint="a 0-based decoder layer index, or -1 when unset")
+        check_range("max_input_norm", self.max_input_norm, ge=0, hint="0: no limit")
 
 
 SINK_FACTOR = 10.0

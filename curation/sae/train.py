@@ -24,7 +24,7 @@ import torch
 
 from core import manifest, models, storage
 from core.batching import tokenize_batch, tokenize_texts
-from core.errors import ConfigError, check_range, check_ranges
+from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.heap import model_actor_runtime_env
 from core.logs import worker_logging
 from core.placement import decide_dtype, record_model_load, requested_device, run_remote, worker_device
@@ -117,8 +117,7 @@ class TrainSAEConfig(RunConfig):
             self.corpus = [self.corpus]
         if not self.corpus:
             raise ConfigError("corpus", self.corpus, "is required: pass --corpus PATH_OR_GLOB")
-        if self.seed < 0:
-            raise ConfigError("seed", self.seed, "must be >= 0")
+        check_seed("seed", self.seed)
         if not self.out:
             raise ConfigError("out", self.out, "is required: pass --out DIR")
         positive = ("num_coords", "expansion_factor", "k", "max_train_tokens", "epochs", "batch_tokens")

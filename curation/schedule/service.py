@@ -156,7 +156,7 @@ class ScheduleJobConfig:
 
 def load_spec(path: str) -> ScheduleSpec:
     """A spec from its YAML file; unknown keys and bad values fail naming the field."""
-    return cli.from_mapping(ScheduleSpec, cli.load_yaml(path), origin=path)
+    return cli.from_mapping(ScheduleSpec, cli.load_yaml(path, flag="--spec"), origin=path)
 
 
 # Identity ------------------------------------------------------------------------------------------

@@ -41,10 +41,8 @@ class SelectionSpec:
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.rule != "threshold":
-            check_range("top_n", self.top_n, ge=1)
-        else:
-            check_range("threshold", self.threshold, ge=-1.0, le=1.0, hint="a cosine similarity")
+        check_range("top_n", self.top_n, ge=1)
+        check_range("threshold", self.threshold, ge=-1.0, le=1.0, hint="a cosine similarity")
         if not self.seed_domains:
             raise ConfigError("seeds", 0, "need at least one seed")
 

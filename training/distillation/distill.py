@@ -170,6 +170,7 @@ class DistillConfig(RunConfig, GenerationSettings):
                 raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
         check_range("prefix_fraction", self.prefix_fraction, ge=0.05, le=0.95)
         check_range("min_document_tokens", self.min_document_tokens, ge=2)
+        check_range("max_document_tokens", self.max_document_tokens, ge=2)
         if self.max_document_tokens < self.min_document_tokens:
             raise ConfigError(
                 "max_document_tokens",
