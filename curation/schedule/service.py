@@ -299,13 +299,35 @@ def read_current(out: str, options: StorageOptions | None = None) -> pa.Table:
     return storage.read_parquet(storage.join(out, pointer["path"], "curated.parquet"), options)
 
 
+# Names under `snapshots/` that are not a version (`v` and six or more digits), already logged once.
+_STRAY_SNAPSHOT_NAMES: set[str] = set()
+
+
+def _version_of(name: str) -> int | None:
+    """The version a `snapshots/` entry names, or None: only the names this module writes count, so a
+    directory made by hand (`vX`, `v12`, `old`) is never parsed, pruned or swept."""
+    digits = name[1:]
+    if name.startswith("v") and digits.isascii() and digits.isdigit() and name == f"v{int(digits):06d}":
+        return int(digits)
+    return None
+
+
 def _versions(out: str, options: StorageOptions) -> list[int]:
+    """The snapshot versions under `out`, ascending; other entries are ignored, each logged once."""
     fs, path = storage.filesystem(storage.join(out, "snapshots"), options)
     try:
-        names = fs.ls(path, detail=False)
+        names = [posixpath.basename(name.rstrip("/")) for name in fs.ls(path, detail=False)]
     except FileNotFoundError:
         return []
-    return sorted(int(posixpath.basename(n.rstrip("/"))[1:]) for n in names if posixpath.basename(n).startswith("v"))
+    versions = []
+    for name in names:
+        version = _version_of(name)
+        if version is not None:
+            versions.append(version)
+        elif (where := storage.join(out, "snapshots", name)) not in _STRAY_SNAPSHOT_NAMES:
+            _STRAY_SNAPSHOT_NAMES.add(where)
+            logger.warning("%s is not a snapshot version (v and six digits): ignored, never removed", where)
+    return sorted(versions)
 
 
 def _claim_version(out: str, options: StorageOptions) -> int:

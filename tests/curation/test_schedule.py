@@ -684,3 +684,21 @@ def test_two_batches_started_together_split_the_shards(world, tmp_path):
     pointer = json.loads((tmp_path / "out" / "CURRENT").read_text())
     assert len(pointer["shards"]) == SHARDS
     assert pq.read_table(tmp_path / "out" / pointer["path"] / "curated.parquet").num_rows == len(rows)
+
+
+def test_stray_snapshot_names_are_ignored_logged_once_and_never_removed(world, tmp_path, caplog):
+    """A directory made by hand under snapshots/ (`vX`, `v12`, `old`) neither crashes a batch nor counts as
+    a version, and no pruning or sweep removes it."""
+    out = tmp_path / "out"
+    shutil.copytree(world["root"] / "clean", out)
+    for name in ("vX", "v12", "old"):
+        (out / "snapshots" / name).mkdir()
+    spec = make_spec(world, str(out), keep_snapshots=1)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            assert run_batch(spec)["snapshot"] == 1
+    stray = [r.getMessage() for r in caplog.records if "is not a snapshot version" in r.getMessage()]
+    assert len(stray) == 3 and any("/snapshots/vX" in message for message in stray)
+    assert service._versions(str(out), None) == [1]
+    assert service._claim_version(str(out), None) == 2
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["old", "v000001", "v000002", "v12", "vX"]
