@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import calendar
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -60,7 +59,9 @@ from core.reader import (
 )
 from core.runtime import init_ray
 from core.storage import FileInfo, StorageOptions
+from curation.sae.model import CONFIG_FILE, WEIGHTS_FILE
 from curation.schedule.catalog import DONE, FAILED, Catalog, Lease, LeaseKeeper, needs_work, utc_now
+from curation.scoring import STATS_FILE
 from curation.selection.curate import (
     CurateConfig,
     CurationPlan,
@@ -161,6 +162,23 @@ def load_spec(path: str) -> ScheduleSpec:
 # Identity ------------------------------------------------------------------------------------------
 
 
+# Fields of a spec that change no score, so a spec's output root outlives changes to them. Every other field
+# of `content()` is part of the identity: a new field is too, unless it is listed here (and the test that
+# pins this list is changed with it).
+NOT_SCORED = frozenset(
+    {
+        # Where the shards come from and where the output goes: the corpus prefix grows, `out` is the root
+        # the identity is bound to, and the seeds and the SAE count by their content digests, not their paths.
+        "corpus", "out", "seeds", "sae", "name",
+        # How the encode runs. These move a score by rounding at most, as which shards share a round does.
+        "gpus_per_actor", "batch_size", "max_batch_tokens", "max_batch_rows",
+        # Scheduling: when, how many and how often shards are tried, and what a batch keeps.
+        "shards_per_round", "max_shards_per_batch", "lease_seconds", "max_attempts", "max_bad_line_fraction",
+        "interval_s", "keep_snapshots", "settle_seconds", "task_retries", "round_timeout_s",
+    }
+)  # fmt: skip
+
+
 def _digest(uri: str, options: StorageOptions | None) -> str:
     hasher = hashlib.sha256()
     with storage.open_read(uri, options) as handle:
@@ -169,27 +187,42 @@ def _digest(uri: str, options: StorageOptions | None) -> str:
     return hasher.hexdigest()
 
 
-def spec_identity(spec: ScheduleSpec, checked: CurationPlan) -> dict[str, Any]:
-    """What a spec's output depends on: seeds content, SAE (cfg and weights), model, layer, selection, cleaning."""
+def spec_identity(spec: ScheduleSpec, model: str) -> dict[str, Any]:
+    """What a spec's scores depend on: every setting of `content()` but `NOT_SCORED`, with `model` the model
+    the batch encodes with (the SAE's base model when the spec leaves it unset), and the content digests of
+    the seeds and of the SAE's files.
+
+    `latent_stats.json` counts where `weighting: idf` reads it. `dtype: auto` stays `auto`: each encode
+    worker resolves it on its own device, after the identity is bound.
+    """
     options = spec.storage_options()
+    settings = {name: value for name, value in spec.content().items() if name not in NOT_SCORED}
+    settings["model"] = model
+    sae_files = [CONFIG_FILE, WEIGHTS_FILE, *([STATS_FILE] if spec.weighting == "idf" else [])]
     return {
+        "settings": json.loads(json.dumps(settings, default=str)),
         "seeds_sha256": _digest(spec.seeds, options),
-        "sae_cfg": json.loads(json.dumps(dataclasses.asdict(checked.sae.cfg), default=str)),
-        "sae_weights_sha256": _digest(storage.join(spec.sae, "sae.safetensors"), options),
-        "model": checked.model,
-        "layer": checked.sae.cfg.layer,
-        "selection": {"rule": spec.rule, "top_n": spec.top_n, "threshold": spec.threshold},
-        "cleaning": {
-            "min_chars": spec.min_chars,
-            "max_chars": spec.max_chars,
-            "too_long": spec.too_long,
-            "max_tokens": spec.max_tokens,
-        },
+        "sae_sha256": {name: _digest(storage.join(spec.sae, name), options) for name in sae_files},
     }
 
 
 def identity_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _identity_changes(bound: dict[str, Any], identity: dict[str, Any]) -> str:
+    """What differs between the identity an output root holds and this spec's, in words."""
+    if "settings" not in bound:
+        return (
+            "its spec.json was written by an earlier FineScope, whose identity left out pooling, weighting, "
+            "dtype and latent_stats.json"
+        )
+    names = [name for name in sorted({*bound["settings"], *identity["settings"]})
+             if bound["settings"].get(name) != identity["settings"].get(name)]  # fmt: skip
+    names += ["seeds"] if bound.get("seeds_sha256") != identity["seeds_sha256"] else []
+    names += [f"sae {name}" for name in sorted({*bound.get("sae_sha256", {}), *identity["sae_sha256"]})
+              if bound.get("sae_sha256", {}).get(name) != identity["sae_sha256"].get(name)]  # fmt: skip
+    return f"changed: {', '.join(names)}"
 
 
 def _bind_output(spec: ScheduleSpec, identity: dict[str, Any], options: StorageOptions) -> str:
@@ -205,11 +238,12 @@ def _bind_output(spec: ScheduleSpec, identity: dict[str, Any], options: StorageO
         except FileNotFoundError:
             continue  # lost a contested create whose winner then failed: nobody wrote it, try again
         if existing.get("id") != digest:
+            changes = _identity_changes(existing.get("identity", {}), identity)
             raise ConfigError(
                 "out",
                 spec.out,
-                f"holds spec {existing.get('id')}, this spec is {digest} (seeds, SAE, model or selection changed): "
-                "give it a new output root",
+                f"holds spec {existing.get('id')}, this spec is {digest} ({changes}): its scores would not "
+                "compare with the ones there, so give it a new output root",
             )
         return digest
     raise OSError(f"could not create or read {uri}: every exclusive create of it was contested")
@@ -722,7 +756,7 @@ def run_batch(spec: ScheduleSpec, ray_address: str | None = None) -> dict[str, A
     started = time.time()
     options = spec.storage_options()
     checked = plan(spec)
-    identity = spec_identity(spec, checked)
+    identity = spec_identity(spec, checked.model)
     spec_id = _bind_output(spec, identity, options)
     batch_id = new_batch_id()
     catalog = Catalog(spec.out, options, owner=batch_id, lease_seconds=spec.lease_seconds)

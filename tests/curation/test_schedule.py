@@ -34,6 +34,7 @@ from curation.schedule.service import (
     read_current,
     run_batch,
     shard_failure,
+    spec_identity,
     spec_status,
 )
 
@@ -684,6 +685,82 @@ def test_two_batches_started_together_split_the_shards(world, tmp_path):
     pointer = json.loads((tmp_path / "out" / "CURRENT").read_text())
     assert len(pointer["shards"]) == SHARDS
     assert pq.read_table(tmp_path / "out" / pointer["path"] / "curated.parquet").num_rows == len(rows)
+
+
+# Every field of a spec that the identity leaves out: the scheduling and execution settings, the paths
+# (seeds and the SAE count by content), and the encode's batch sizes and device. Adding a field to a spec
+# either puts it in the identity (and SCORED_EXAMPLES below must show it changes the identity) or here.
+UNSCORED = {
+    "corpus", "out", "seeds", "sae", "name", "gpus_per_actor", "batch_size", "max_batch_tokens", "max_batch_rows",
+    "shards_per_round", "max_shards_per_batch", "lease_seconds", "max_attempts", "max_bad_line_fraction",
+    "interval_s", "keep_snapshots", "settle_seconds", "task_retries", "round_timeout_s",
+    # CurateConfig's and RunConfig's execution_fields
+    "encode_actors", "cpus_per_actor", "torch_threads", "read_attempts", "read_backoff_s", "s3_endpoint",
+    "s3_region", "ray_address", "force",
+}  # fmt: skip
+SCORED_EXAMPLES = {
+    "rule": "global_topn", "top_n": 3, "threshold": 0.5, "max_tokens": 128, "pooling": "mean",
+    "weighting": "none", "dtype": "float32", "min_chars": 5, "max_chars": 100, "too_long": "reject",
+}  # fmt: skip
+
+
+def test_spec_identity_holds_every_setting_that_changes_a_score(tmp_path):
+    import dataclasses
+
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    for name, body in {"cfg.json": "{}", "sae.safetensors": "weights", "latent_stats.json": '{"docs": 3}'}.items():
+        (sae / name).write_text(body)
+    (tmp_path / "seeds.jsonl").write_text('{"text": "a seed"}\n')
+    base = ScheduleSpec(corpus=["c/*"], seeds=str(tmp_path / "seeds.jsonl"), sae=str(sae), out=str(tmp_path / "o"))
+    identity = spec_identity(base, "tiny")
+    fields = {field.name for field in dataclasses.fields(ScheduleSpec)}
+    assert set(identity["settings"]) == {*SCORED_EXAMPLES, "model"} and fields - set(identity["settings"]) == UNSCORED
+    assert identity["settings"]["dtype"] == "auto"  # resolved by each encode worker, after the identity is bound
+    hashed = service.identity_hash
+    for name, value in SCORED_EXAMPLES.items():
+        assert hashed(spec_identity(dataclasses.replace(base, **{name: value}), "tiny")) != hashed(identity), name
+    assert hashed(spec_identity(base, "another-model")) != hashed(identity)
+    for name in UNSCORED - {"corpus", "out", "seeds", "sae", "name", "s3_endpoint", "s3_region", "ray_address"}:
+        value = getattr(base, name)
+        changed = (not value) if isinstance(value, bool) else value * 2 if value else 1
+        assert spec_identity(dataclasses.replace(base, **{name: changed}), "tiny") == identity, name
+    # The seeds and the SAE count by content: a copy elsewhere is the same spec, an edited file is not.
+    shutil.copytree(sae, tmp_path / "copy")
+    assert spec_identity(dataclasses.replace(base, sae=str(tmp_path / "copy")), "tiny") == identity
+    for edited in ("latent_stats.json", "cfg.json", "sae.safetensors"):
+        (tmp_path / "copy" / edited).write_text("changed")
+        assert spec_identity(dataclasses.replace(base, sae=str(tmp_path / "copy")), "tiny") != identity, edited
+    (tmp_path / "seeds.jsonl").write_text('{"text": "another seed"}\n')
+    assert spec_identity(base, "tiny") != identity
+
+
+def test_a_changed_scoring_setting_needs_a_new_output_root(world, tmp_path):
+    """Batch 1 scored with `weighting: idf`; a spec with `weighting: none` and `pooling: mean`, or an SAE
+    whose latent_stats.json changed, is refused on its output root instead of mixing score scales."""
+    out = str(tmp_path / "out")
+    shutil.copytree(world["root"] / "clean", out)
+    with pytest.raises(ConfigError) as caught:
+        run_batch(make_spec(world, out, weighting="none", pooling="mean"))
+    assert caught.value.field == "out" and "changed: pooling, weighting, sae latent_stats.json" in str(caught.value)
+    sae = tmp_path / "sae"
+    shutil.copytree(world["sae"], sae)
+    stats = json.loads((sae / "latent_stats.json").read_text())
+    stats["docs"] += 1
+    (sae / "latent_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ConfigError, match="changed: sae latent_stats.json"):
+        run_batch(make_spec({**world, "sae": str(sae)}, out))
+    # The same SAE elsewhere, and other scheduling, are the same spec: nothing new is due.
+    shutil.copy(Path(world["sae"]) / "latent_stats.json", sae / "latent_stats.json")
+    record = run_batch(make_spec({**world, "sae": str(sae)}, out, shards_per_round=1, batch_size=8))
+    assert record["shards"] == {} and record["snapshot"] == 1
+    # An output root bound by an earlier identity, which left these settings out, is refused too.
+    bound = json.loads((Path(out) / "spec.json").read_text())
+    bound["identity"] = {"seeds_sha256": "x", "model": "tiny", "selection": {}}
+    bound["id"] = service.identity_hash(bound["identity"])
+    (Path(out) / "spec.json").write_text(json.dumps(bound))
+    with pytest.raises(ConfigError, match="written by an earlier FineScope"):
+        run_batch(make_spec(world, out))
 
 
 def test_stray_snapshot_names_are_ignored_logged_once_and_never_removed(world, tmp_path, caplog):
