@@ -7,7 +7,7 @@ r"""Scheduled curation: each batch curates the shards that are new for a spec, c
 
 A spec YAML holds the fields of `curation.schedule.service.ScheduleSpec` (those of `jobs.curate` plus scheduling):
 corpus globs, seeds, sae, model, rule/top_n/threshold, out (the output root), shards_per_round,
-lease_seconds, max_attempts, interval_s, keep_snapshots. Readers take the dataset from
+lease_seconds, max_attempts, storage_backoff_s, interval_s, keep_snapshots. Readers take the dataset from
 `<out>/CURRENT` -> `<out>/snapshots/vNNNNNN/curated.parquet`.
 """
 

@@ -54,13 +54,24 @@ from core.reader import (
     REJECT_NON_UTF8,
     REJECT_TRUNCATED_STREAM,
     REJECT_UNREADABLE,
+    ShardReadError,
     rejects_uri,
     shard_key,
 )
 from core.runtime import init_ray
 from core.storage import FileInfo, StorageOptions
 from curation.sae.model import CONFIG_FILE, WEIGHTS_FILE
-from curation.schedule.catalog import DONE, FAILED, Catalog, Lease, LeaseKeeper, needs_work, utc_now
+from curation.schedule.catalog import (
+    DONE,
+    FAILED,
+    STORAGE_ERROR,
+    Catalog,
+    Lease,
+    LeaseKeeper,
+    needs_work,
+    utc_now,
+)
+from curation.schedule.signals import BatchSignals
 from curation.scoring import STATS_FILE
 from curation.selection.curate import (
     CurateConfig,
@@ -77,6 +88,8 @@ logger = logging.getLogger(__name__)
 
 # A shard's status in a batch record when it changed while the batch processed it (not recorded).
 CHANGED = "changed"
+# A shard's status in a batch record when the batch gave it back unprocessed (not recorded).
+GIVEN_BACK = "given_back"
 # The file in a round's work directory that names the round's leases.
 ROUND_FILE = "_ROUND.json"
 # Reasons that condemn a whole file: it cannot be opened, has no text column, or breaks partway.
@@ -115,6 +128,10 @@ class ScheduleSpec(CurateConfig):
     round_timeout_s: float = 3600.0
     """Time budget of one round's Ray Data pipeline. Past it the round is stopped and its shards are run
     one at a time, each with the same budget; a shard that alone runs past it is recorded failed. 0: none."""
+    storage_backoff_s: float = 60.0
+    """After a storage error on a shard (its reads kept failing: an outage, not its data), batches leave it
+    alone this many seconds, doubled for each further storage error in a row (up to 64 times). Never
+    counted as an attempt; the batch that met the error claims no further shards. 0: the next batch."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,6 +146,7 @@ class ScheduleSpec(CurateConfig):
         check_range("settle_seconds", self.settle_seconds, ge=0)
         check_range("task_retries", self.task_retries, ge=0)
         check_range("round_timeout_s", self.round_timeout_s, ge=0, hint="0: no budget")
+        check_range("storage_backoff_s", self.storage_backoff_s, ge=0, hint="0: the next batch retries")
 
 
 @dataclass
@@ -140,7 +158,8 @@ class ScheduleJobConfig:
     once: bool = False
     """Run one batch per spec and exit (for cron or a Kubernetes CronJob); otherwise loop every interval_s."""
     status: bool = False
-    """Print each spec's status (shards seen, done, in progress, failed, rows curated, last batch) and exit."""
+    """Print each spec's status (shards seen, done, in progress, failed, storage errors, rows curated, last
+    batch) and exit."""
     max_batches: int = 0
     """Without --once: stop after this many rounds of batches (0: run until stopped)."""
     ray_address: str | None = None
@@ -174,7 +193,7 @@ NOT_SCORED = frozenset(
         "gpus_per_actor", "batch_size", "max_batch_tokens", "max_batch_rows",
         # Scheduling: when, how many and how often shards are tried, and what a batch keeps.
         "shards_per_round", "max_shards_per_batch", "lease_seconds", "max_attempts", "max_bad_line_fraction",
-        "interval_s", "keep_snapshots", "settle_seconds", "task_retries", "round_timeout_s",
+        "interval_s", "keep_snapshots", "settle_seconds", "task_retries", "round_timeout_s", "storage_backoff_s",
     }
 )  # fmt: skip
 
@@ -272,6 +291,35 @@ def shard_failure(rejects: pa.Table, documents: int, max_bad_line_fraction: floa
     lines = documents + len(reasons)
     if bad and len(bad) / lines > max_bad_line_fraction:
         return f"not JSONL: {len(bad)} of {lines} lines are not JSON objects (first: {bad[0]})"
+    return None
+
+
+# How a ShardReadError raised in a Ray task reaches the driver: Ray Data wraps it (UserCodeException) and
+# only the worker's traceback text, which ends with this line, still names it.
+_SHARD_READ_ERROR = f"{ShardReadError.__module__}.{ShardReadError.__qualname__}: "
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """The store's failure behind `error`, or None when the shard itself is to blame.
+
+    A :class:`core.reader.ShardReadError` (storage kept failing while the shard was read, or the file
+    changed between tries) is the store's: found as the error, in its chain, or in the text of a Ray task
+    error that wraps it. A round over its time budget is never the store's: a hung read counts against
+    the shard.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen or isinstance(current, RoundTimeout):
+            continue
+        seen.add(id(current))
+        if isinstance(current, ShardReadError):
+            return f"ShardReadError: {current}"
+        for line in str(current).splitlines():
+            if (line := line.strip()).startswith(_SHARD_READ_ERROR):
+                return f"ShardReadError: {line[len(_SHARD_READ_ERROR) :]}"
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
     return None
 
 
@@ -546,6 +594,11 @@ class _Batch:
     encoder: tuple[Any, np.ndarray] | None = None
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     settling: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+    """Shards that hit a storage error and wait out its backoff (`retry_after`)."""
+    signals: BatchSignals = field(default_factory=BatchSignals)
+    held: dict[str, Lease] = field(default_factory=dict)
+    """The leases this batch claimed and has not yet given back by a commit, by shard key."""
 
 
 class RoundTimeout(Exception):
@@ -597,7 +650,8 @@ def _encode_within_budget(batch: _Batch, uris: list[str], scored_dir: str, rejec
 
 
 def _run_round(batch: _Batch, infos: list[FileInfo], work_dir: str) -> dict[str, dict[str, Any]]:
-    """One Ray Data pipeline over `infos`; per shard: {"candidates", "documents", "tokens", "rejects", "error"}."""
+    """One Ray Data pipeline over `infos`; per shard: {"candidates", "documents", "tokens", "rejects", "error"},
+    plus "storage_error" when the store, not the shard, failed, or "given_back" when it was not run."""
     spec, options = batch.spec, batch.options
     if batch.encoder is None:
         batch.encoder = prepare_encoder(spec, batch.checked)
@@ -610,13 +664,11 @@ def _run_round(batch: _Batch, infos: list[FileInfo], work_dir: str) -> dict[str,
         storage.remove(scored_dir, options)
         if len(infos) == 1:
             logger.exception("shard %s failed", uris[0])
-            return {uris[0]: {"error": f"{type(error).__name__}: {error}"}}
+            failure = storage_failure(error)
+            return {uris[0]: {"error": failure or f"{type(error).__name__}: {error}", "storage_error": bool(failure)}}
         # One bad shard must not fail its round-mates: run each alone to find it.
         logger.warning("round of %d shards failed (%s): running them one at a time", len(infos), error)
-        results: dict[str, dict[str, Any]] = {}
-        for index, info in enumerate(infos):
-            results.update(_run_round(batch, [info], storage.join(work_dir, f"alone-{index}")))
-        return results
+        return _one_at_a_time(batch, infos, work_dir)
     candidates, documents, tokens = shard_candidates(scored_dir, options, batch.selection)
     storage.remove(scored_dir, options)
     results = {}
@@ -631,6 +683,18 @@ def _run_round(batch: _Batch, infos: list[FileInfo], work_dir: str) -> dict[str,
             "rejects": dict(sorted(_value_counts(rejects.column("reason")).items())),
             "error": error,
         }
+    return results
+
+
+def _one_at_a_time(batch: _Batch, infos: list[FileInfo], work_dir: str) -> dict[str, dict[str, Any]]:
+    """A failed round's shards, each in a pipeline of its own. After a storage error the rest are given
+    back unprocessed: the store is likely down for them too, and a later batch tries them afresh."""
+    results: dict[str, dict[str, Any]] = {}
+    for index, info in enumerate(infos):
+        if any(result.get("storage_error") for result in results.values()):
+            results[info.uri] = {"given_back": True}
+            continue
+        results.update(_run_round(batch, [info], storage.join(work_dir, f"alone-{index}")))
     return results
 
 
@@ -651,17 +715,25 @@ def unchanged(info: FileInfo, options: StorageOptions) -> bool:
 
 
 def _commit(batch: _Batch, lease: Lease, info: FileInfo, result: dict[str, Any]) -> None:
-    """Write a shard's output, then its record (done or failed), if the lease and the shard still stand."""
+    """Write a shard's output, then its record (done, failed or storage error), if the lease and the shard
+    still stand; a shard given back unprocessed gets no record."""
     catalog, options = batch.catalog, batch.options
     if not catalog.holds(lease):
         logger.warning("%s: the lease expired or was taken over: dropping this batch's result", info.uri)
         return
-    if not unchanged(info, options):
-        # Still being written when listed, or replaced since: this result may be of a prefix. Not recorded,
-        # so a later batch processes the file as it is then (after `settle_seconds` without change).
-        logger.warning("%s changed while it was processed: left for a later batch", info.uri)
+    if result.get("given_back") or not unchanged(info, options):
+        # Not run, or still being written when listed, or replaced since (a result of a prefix). Not
+        # recorded, so a later batch processes the file as it is then (after `settle_seconds` without change).
+        if not result.get("given_back"):
+            logger.warning("%s changed while it was processed: left for a later batch", info.uri)
         catalog.release(lease)
-        batch.shards[info.uri] = {"status": CHANGED}
+        batch.shards[info.uri] = {"status": GIVEN_BACK if result.get("given_back") else CHANGED}
+        return
+    if result.get("storage_error"):
+        record = catalog.commit_storage_error(lease, info, result["error"], batch.spec.storage_backoff_s)
+        logger.warning("shard %s: storage error, not counted; retried after %s", info.uri, _utc(record["retry_after"]))
+        fields = ("error", "attempts", "storage_errors", "retry_after")
+        batch.shards[info.uri] = {"status": STORAGE_ERROR, **{name: record[name] for name in fields}}
         return
     details = {k: result.get(k) for k in ("documents", "tokens", "rejects")}
     if result.get("error"):
@@ -677,16 +749,24 @@ def _commit(batch: _Batch, lease: Lease, info: FileInfo, result: dict[str, Any])
     batch.shards[info.uri] = {"status": DONE, **details}
 
 
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
 def _claim_round(batch: _Batch, due: list[FileInfo], limit: int, keeper: LeaseKeeper) -> list[tuple[Lease, FileInfo]]:
     """Claim up to `limit` due shards; each lease is renewed from its claim on, until the round's deadline."""
     claimed = []
     deadline = _round_deadline(batch.spec, limit)
     while due and len(claimed) < limit:
         info = due.pop(0)
-        lease = batch.catalog.try_claim(info, batch.spec.max_attempts)
-        if lease is not None:
-            keeper.add([lease], deadline)
-            claimed.append((lease, info))
+        # A claim is held as soon as it exists: a signal must not land between its creation and its
+        # entry in `held`, from where an interrupted batch gives it back.
+        with batch.signals.shielded():
+            lease = batch.catalog.try_claim(info, batch.spec.max_attempts)
+            if lease is not None:
+                batch.held[lease.key] = lease
+                keeper.add([lease], deadline)
+                claimed.append((lease, info))
     return claimed
 
 
@@ -698,29 +778,61 @@ def _round_deadline(spec: ScheduleSpec, shards: int) -> float | None:
 
 
 def _process_due(batch: _Batch, due: list[FileInfo], batch_id: str, ray_address: str | None) -> None:
-    """Claim, curate and commit due shards a round at a time, up to the spec's per-batch limit."""
+    """Claim, curate and commit due shards a round at a time, up to the spec's per-batch limit.
+
+    Whatever stops the batch on the way (an exception, or SIGINT/SIGTERM through `batch.signals`), the
+    shards it holds are given back, so the stop costs none of them an attempt.
+    """
+    with LeaseKeeper(batch.catalog) as keeper:
+        try:
+            _rounds(batch, due, batch_id, ray_address, keeper)
+        except BaseException:
+            _give_back(batch, keeper)
+            raise
+
+
+def _rounds(batch: _Batch, due: list[FileInfo], batch_id: str, ray_address: str | None, keeper: LeaseKeeper) -> None:
     spec = batch.spec
     budget = spec.max_shards_per_batch or len(due)
     processed = 0
-    with LeaseKeeper(batch.catalog) as keeper:
-        while due and processed < budget:
-            claimed = _claim_round(batch, due, min(spec.shards_per_round, budget - processed), keeper)
-            if not claimed:
-                break
-            # Ray starts only once there is work: a batch with nothing due stays cheap.
-            init_ray(ray_address or spec.ray_address)
-            work_dir = storage.join(spec.out, "work", f"{batch_id}-{processed}")
-            # Names the round's leases, so a later batch can tell when this directory is left over.
-            leases = [[lease.key, lease.generation] for lease, _ in claimed]
-            round_info = {"owner": batch_id, "leases": leases}
-            storage.write_json_atomic(storage.join(work_dir, ROUND_FILE), round_info, batch.options)
-            logger.info("round of %d shards: %s", len(claimed), [info.uri for _, info in claimed])
-            results = _run_round(batch, [info for _, info in claimed], work_dir)
-            for lease, info in claimed:
+    while due and processed < budget:
+        claimed = _claim_round(batch, due, min(spec.shards_per_round, budget - processed), keeper)
+        if not claimed:
+            break
+        # Ray starts only once there is work: a batch with nothing due stays cheap. Starting it sets a
+        # SIGTERM handler of Ray's own, which the batch's handler goes back in front of.
+        init_ray(ray_address or spec.ray_address)
+        batch.signals.reclaim()
+        work_dir = storage.join(spec.out, "work", f"{batch_id}-{processed}")
+        # Names the round's leases, so a later batch can tell when this directory is left over.
+        leases = [[lease.key, lease.generation] for lease, _ in claimed]
+        round_info = {"owner": batch_id, "leases": leases}
+        storage.write_json_atomic(storage.join(work_dir, ROUND_FILE), round_info, batch.options)
+        logger.info("round of %d shards: %s", len(claimed), [info.uri for _, info in claimed])
+        results = _run_round(batch, [info for _, info in claimed], work_dir)
+        for lease, info in claimed:
+            with batch.signals.shielded():
                 keeper.remove(lease)
                 _commit(batch, lease, info, results[info.uri])
-            storage.remove(work_dir, batch.options)
-            processed += len(claimed)
+                batch.held.pop(lease.key, None)
+        storage.remove(work_dir, batch.options)
+        processed += len(claimed)
+        if any(result.get("storage_error") for result in results.values()):
+            logger.warning("storage errors in this round: claiming no more shards until the next batch")
+            break
+
+
+def _give_back(batch: _Batch, keeper: LeaseKeeper) -> None:
+    """Release every lease the batch still holds; one that cannot be released expires instead."""
+    for lease in list(batch.held.values()):
+        keeper.remove(lease)
+        try:
+            batch.catalog.release(lease)
+        except Exception:
+            logger.exception("could not give %s back: its lease expires in %g s", lease.uri, batch.spec.lease_seconds)
+        else:
+            logger.info("gave %s back unprocessed", lease.uri)
+        batch.held.pop(lease.key, None)
 
 
 def _batch_record(
@@ -741,7 +853,10 @@ def _batch_record(
         "done": sorted(uri for uri, shard in shards.items() if shard["status"] == DONE),
         "failed": sorted(uri for uri, shard in shards.items() if shard["status"] == FAILED),
         "changed": sorted(uri for uri, shard in shards.items() if shard["status"] == CHANGED),
+        "storage_errors": sorted(uri for uri, shard in shards.items() if shard["status"] == STORAGE_ERROR),
+        "given_back": sorted(uri for uri, shard in shards.items() if shard["status"] == GIVEN_BACK),
         "settling": batch.settling,
+        "waiting_after_storage_error": batch.waiting,
         "snapshot": (snapshot or {}).get("version"),
         "rows_curated": (snapshot or {}).get("rows", 0),
     }
@@ -751,52 +866,68 @@ def run_batch(spec: ScheduleSpec, ray_address: str | None = None) -> dict[str, A
     """One batch: claim due shards round by round, curate and commit each, publish a snapshot.
 
     Returns the batch record (also written to `batches/<id>.json`): the shards it processed with their
-    outcome, `documents_encoded` (rows the encode stage saw), tokens, the snapshot and timings.
+    outcome, `documents_encoded` (rows the encode stage saw), tokens, the snapshot and timings. SIGINT and
+    SIGTERM during the batch give its shards back before the signal takes its usual effect.
     """
     started = time.time()
     options = spec.storage_options()
     checked = plan(spec)
-    identity = spec_identity(spec, checked.model)
-    spec_id = _bind_output(spec, identity, options)
+    spec_id = _bind_output(spec, spec_identity(spec, checked.model), options)
     batch_id = new_batch_id()
     catalog = Catalog(spec.out, options, owner=batch_id, lease_seconds=spec.lease_seconds)
     batch = _Batch(spec, checked, catalog, selection_spec(spec, checked.seeds), options)
-    records = catalog.records()
-    due = [info for info in checked.inputs if needs_work(records.get(shard_key(info.uri)), info, spec.max_attempts)]
-    fresh_after = started - spec.settle_seconds
-    batch.settling = [i.uri for i in due if spec.settle_seconds and i.mtime is not None and i.mtime > fresh_after]
-    due = [info for info in due if info.uri not in batch.settling]
+    with batch.signals:
+        due = _due(batch, started)
+        logger.info(
+            "spec %s (%s): %d shards listed, %d due, %d still settling, %d waiting after a storage error",
+            spec.name, spec_id, len(checked.inputs), len(due), len(batch.settling), len(batch.waiting),
+        )  # fmt: skip
+        _process_due(batch, due, batch_id, ray_address)
+        snapshot = current_snapshot(spec.out, options)
+        committed = sorted(r["shard"] for r in catalog.records().values() if r.get("status") == DONE)
+        # Publish whenever CURRENT does not hold exactly the committed shards: on the first batch (so readers
+        # always find a snapshot), after this batch committed some, and after a batch that died between its
+        # last commit and its publish.
+        if snapshot is None or sorted(snapshot.get("shards", [])) != committed:
+            snapshot = publish_snapshot(spec, batch.selection, catalog)
+        sweep(spec, catalog)
+        record = _batch_record(batch, batch_id, spec_id, started, snapshot)
+        storage.write_json_atomic(storage.join(spec.out, "batches", f"{batch_id}.json"), record, options)
     logger.info(
-        "spec %s (%s): %d shards listed, %d due, %d still settling",
-        spec.name, spec_id, len(checked.inputs), len(due), len(batch.settling),
-    )  # fmt: skip
-    _process_due(batch, due, batch_id, ray_address)
-    snapshot = current_snapshot(spec.out, options)
-    committed = sorted(r["shard"] for r in catalog.records().values() if r.get("status") == DONE)
-    # Publish whenever CURRENT does not hold exactly the committed shards: on the first batch (so readers
-    # always find a snapshot), after this batch committed some, and after a batch that died between its
-    # last commit and its publish.
-    if snapshot is None or sorted(snapshot.get("shards", [])) != committed:
-        snapshot = publish_snapshot(spec, batch.selection, catalog)
-    sweep(spec, catalog)
-    record = _batch_record(batch, batch_id, spec_id, started, snapshot)
-    storage.write_json_atomic(storage.join(spec.out, "batches", f"{batch_id}.json"), record, options)
-    logger.info(
-        "batch %s: %d done, %d failed, %d documents encoded, snapshot v%s",
+        "batch %s: %d done, %d failed, %d storage errors, %d documents encoded, snapshot v%s",
         batch_id,
         len(record["done"]),
         len(record["failed"]),
+        len(record["storage_errors"]),
         record["documents_encoded"],
         record["snapshot"],
     )
     return record
 
 
+def _due(batch: _Batch, started: float) -> list[FileInfo]:
+    """The listed shards this batch may claim; notes those still settling and those waiting out a storage
+    error's backoff on `batch`."""
+    spec = batch.spec
+    records = batch.catalog.records()
+    due, batch.waiting = [], []
+    for info in batch.checked.inputs:
+        record = records.get(shard_key(info.uri))
+        if needs_work(record, info, spec.max_attempts, started):
+            due.append(info)
+        elif record is not None and record.get("status") == STORAGE_ERROR:
+            batch.waiting.append(info.uri)
+    fresh_after = started - spec.settle_seconds
+    batch.settling = [i.uri for i in due if spec.settle_seconds and i.mtime is not None and i.mtime > fresh_after]
+    return [info for info in due if info.uri not in batch.settling]
+
+
 # Status --------------------------------------------------------------------------------------------
 
 
 def spec_status(spec: ScheduleSpec) -> dict[str, Any]:
-    """Shards seen, done, in progress, failed (with errors), rows curated and the last batch, from storage."""
+    """Shards seen, done, in progress, failed (with errors), waiting after a storage error, rows curated and
+    the last batch, from storage."""
     options = spec.storage_options()
     catalog = Catalog(spec.out, options, owner="status")
     try:
@@ -806,23 +937,14 @@ def spec_status(spec: ScheduleSpec) -> dict[str, Any]:
     records = catalog.records()
     seen = listed | {record["shard"] for record in records.values()}
     done = sorted(record["shard"] for record in records.values() if record.get("status") == DONE)
-    failed = sorted(
-        (
-            {"shard": r["shard"], "attempts": r.get("attempts", 0), "error": r.get("error")}
-            for r in records.values()
-            if r.get("status") == FAILED
-        ),
-        key=lambda r: r["shard"],
-    )
+    failed = _status_rows(records, FAILED, ("attempts", "error"))
+    storage_errors = _status_rows(records, STORAGE_ERROR, ("attempts", "storage_errors", "retry_after", "error"))
+    for row in storage_errors:
+        row["retry_after"] = _utc(row["retry_after"] or 0.0)
     leased = catalog.in_progress([key for key in catalog.leased_keys() if records.get(key, {}).get("status") != DONE])
     in_progress = sorted(lease["shard"] for lease in leased.values())
     pointer = current_snapshot(spec.out, options)
-    batches_dir = storage.join(spec.out, "batches")
-    last_batch = None
-    if storage.exists(batches_dir, options):
-        names = sorted(info.uri for info in storage.expand(batches_dir, options, config_field="out"))
-        if names:
-            last_batch = storage.read_json(names[-1], options).get("finished_at")
+    waiting = {row["shard"] for row in failed + storage_errors}
     return {
         "spec": spec.name,
         "out": spec.out,
@@ -830,22 +952,48 @@ def spec_status(spec: ScheduleSpec) -> dict[str, Any]:
         "done": len(done),
         "in_progress": in_progress,
         "failed": failed,
-        "pending": len(seen - set(done) - set(in_progress) - {f["shard"] for f in failed}),
+        "storage_errors": storage_errors,
+        "pending": len(seen - set(done) - set(in_progress) - waiting),
         "rows_curated": pointer["rows"] if pointer else 0,
         "snapshot": pointer["version"] if pointer else None,
-        "last_batch": last_batch,
+        "last_batch": _last_batch(spec.out, options),
     }
 
 
+def _status_rows(records: dict[str, dict[str, Any]], status: str, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The records of one status, as {"shard", *fields}, by shard."""
+    rows = [
+        {"shard": r["shard"], **{name: r.get(name) for name in fields}}
+        for r in records.values()
+        if r.get("status") == status
+    ]
+    return sorted(rows, key=lambda row: row["shard"])
+
+
+def _last_batch(out: str, options: StorageOptions) -> str | None:
+    """When the newest batch record under `out` was finished, or None before the first batch."""
+    batches_dir = storage.join(out, "batches")
+    if not storage.exists(batches_dir, options):
+        return None
+    names = sorted(info.uri for info in storage.expand(batches_dir, options, config_field="out"))
+    return storage.read_json(names[-1], options).get("finished_at") if names else None
+
+
 def format_status(status: dict[str, Any]) -> str:
+    """`spec_status` as the lines `jobs.schedule --status` prints."""
     lines = [
         f"spec {status['spec']} ({status['out']})",
         f"  shards seen {status['seen']}, done {status['done']}, in progress {len(status['in_progress'])}, "
-        f"failed {len(status['failed'])}, pending {status['pending']}",
+        f"failed {len(status['failed'])}, storage errors {len(status['storage_errors'])}, pending {status['pending']}",
         f"  rows curated {status['rows_curated']} (snapshot v{status['snapshot']}), last batch {status['last_batch']}",
     ]
     lines += [f"  in progress: {shard}" for shard in status["in_progress"]]
     lines += [f"  failed ({f['attempts']} attempts): {f['shard']}: {f['error']}" for f in status["failed"]]
+    lines += [
+        f"  storage error ({e['storage_errors']} in a row, not counted; retried after {e['retry_after']}): "
+        f"{e['shard']}: {e['error']}"
+        for e in status["storage_errors"]
+    ]
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import yaml
 from conftest import REPO
 from helpers import write_corpus
 
-from core import cli, storage
+from core import cli, reader, storage
 from core.errors import ConfigError
 from core.reader import shard_key
 from curation.schedule import service
@@ -30,6 +30,7 @@ from curation.schedule.service import (
     ScheduleJobConfig,
     ScheduleSpec,
     current_snapshot,
+    format_status,
     load_spec,
     read_current,
     run_batch,
@@ -37,6 +38,7 @@ from curation.schedule.service import (
     spec_identity,
     spec_status,
 )
+from curation.schedule.signals import BatchInterrupted, BatchSignals
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -86,7 +88,24 @@ runpy.run_module("jobs.schedule", run_name="__main__")
 """
 
 
-def start_job(args: list[str], log: Path, pause_marker: Path | None = None) -> subprocess.Popen:
+# `python -c PAUSE_IN_ROUND ARGS` runs jobs.schedule, but its first round's pipeline never ends: the batch
+# holds its round's leases and waits. It touches $PAUSE_MARKER there.
+PAUSE_IN_ROUND = """
+import os, runpy, sys, time
+from pathlib import Path
+from curation.schedule import service
+def pause(*args, **kwargs):
+    Path(os.environ["PAUSE_MARKER"]).write_text("encoding")
+    time.sleep(3600)
+service.encode_shards = pause
+sys.argv = ["jobs.schedule", *sys.argv[1:]]
+runpy.run_module("jobs.schedule", run_name="__main__")
+"""
+
+
+def start_job(
+    args: list[str], log: Path, pause_marker: Path | None = None, pause: str = PAUSE_BEFORE_PUBLISH
+) -> subprocess.Popen:
     """`python -m jobs.schedule ARGS`, joining the tests' Ray the way a batch joins a long-lived cluster."""
     import ray
 
@@ -95,7 +114,7 @@ def start_job(args: list[str], log: Path, pause_marker: Path | None = None) -> s
     env = job_env()
     command = ["-m", "jobs.schedule"]
     if pause_marker is not None:
-        command = ["-c", PAUSE_BEFORE_PUBLISH]
+        command = ["-c", pause]
         env["PAUSE_MARKER"] = str(pause_marker)
     # A session of its own, so the test can kill the batch with its local Ray, and nothing else.
     return subprocess.Popen(
@@ -144,14 +163,18 @@ def kill_after_commits(proc: subprocess.Popen, out: str, at_least: int, log: Pat
         proc.wait(timeout=30)
 
 
+def wait_for_marker(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert time.time() < deadline, "the batch never reached its pause:\n" + log.read_text()[-3000:]
+        assert proc.poll() is None, "the batch ended before its pause:\n" + log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
 def kill_before_publish(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 300) -> None:
     """SIGKILL the batch once it has committed every shard and claimed, but not written, its snapshot."""
-    deadline = time.time() + timeout
     try:
-        while not marker.exists():
-            assert time.time() < deadline, "the batch never reached its publish:\n" + log.read_text()[-3000:]
-            assert proc.poll() is None, "the batch ended before it could be killed:\n" + log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_for_marker(proc, marker, log, timeout)
     finally:
         kill_session(proc.pid)
         proc.wait(timeout=30)
@@ -687,13 +710,142 @@ def test_two_batches_started_together_split_the_shards(world, tmp_path):
     assert pq.read_table(tmp_path / "out" / pointer["path"] / "curated.parquet").num_rows == len(rows)
 
 
+def two_shard_corpus(world: dict, tmp_path: Path) -> tuple[str, list[str]]:
+    """The world's first two shards in a corpus of their own; returns its glob and the shards' URIs."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted((world["root"] / "corpus").glob("*.jsonl.gz"))[:2]:
+        shutil.copy(path, corpus / path.name)
+    return str(corpus / "*.jsonl.gz"), sorted(str(path) for path in corpus.iterdir())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_batch_gives_its_shards_back_without_charging_them(world, signum, tmp_path):
+    """Ctrl-C (SIGINT to the job's process group) or SIGTERM while a round runs: the batch releases its
+    leases on its way out, so the next batch takes the shards at once, and no attempt is counted."""
+    glob, shards = two_shard_corpus(world, tmp_path)
+    out = str(tmp_path / "out")
+    values = spec_values(world, out, glob, max_attempts=1, lease_seconds=600)
+    log, marker = tmp_path / "interrupted.log", tmp_path / "encoding"
+    proc = start_job(["--spec", write_spec(tmp_path / "spec.yaml", values), "--once"], log, marker, PAUSE_IN_ROUND)
+    try:
+        wait_for_marker(proc, marker, log)
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    catalog = Catalog(out, storage.StorageOptions().resolved(), owner="test")
+    newest = [catalog.newest(key) for key in catalog.leased_keys()]
+    assert len(newest) == 2 and all(lease["released"] for lease in newest), (newest, log.read_text()[-3000:])
+    assert catalog.records() == {}  # nothing recorded: no attempt counted
+    assert code != 0 and "giving this batch's shards back" in log.read_text()  # then it stopped as asked
+    # With leases of 600 s and a single attempt allowed, only a release lets the next batch in now.
+    record = run_batch(make_spec(world, out, glob, max_attempts=1, lease_seconds=600))
+    assert record["done"] == shards
+    assert [r["attempts"] for r in catalog.records().values()] == [1, 1]
+    assert files_under(storage.join(out, "work")) == []  # the interrupted round's directory was swept
+
+
+def test_a_signal_reaches_the_previous_handler_after_the_batch_gave_its_shards_back(world, tmp_path, monkeypatch):
+    """In the batch's own process: SIGTERM mid-round releases the leases, then the handler that was installed
+    before the batch is put back and gets the signal; SIGINT then raises KeyboardInterrupt as usual."""
+    glob, _ = two_shard_corpus(world, tmp_path)
+    out = str(tmp_path / "out")
+    received: list[int] = []
+
+    def encode_then_get_signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the handler raises here
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    monkeypatch.setattr(service, "encode_shards", encode_then_get_signalled)
+    sigint = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(BatchInterrupted):
+            run_batch(make_spec(world, out, glob, lease_seconds=600))
+        assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is handler and signal.getsignal(signal.SIGINT) is sigint
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    catalog = Catalog(out, None, owner="test")
+    assert all(catalog.newest(key)["released"] for key in catalog.leased_keys()) and catalog.records() == {}
+    assert len(catalog.leased_keys()) == 2
+
+
+def test_a_first_signal_waits_for_the_shielded_step_and_a_second_cuts_in():
+    steps: list[str] = []
+    sigint = signal.getsignal(signal.SIGINT)
+    assert sigint is signal.default_int_handler  # Python's, which raises KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):  # SIGINT's own handler, called once the batch let go
+        with BatchSignals() as signals:
+            with signals.shielded():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler has run by now, and held the signal
+                steps.append("claim recorded")
+            steps.append("never reached")
+    assert steps == ["claim recorded"]
+    assert signal.getsignal(signal.SIGINT) is sigint
+    with pytest.raises(KeyboardInterrupt):
+        with BatchSignals() as signals, signals.shielded():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            with pytest.raises(BatchInterrupted):
+                os.kill(os.getpid(), signal.SIGINT)  # the operator insists
+                time.sleep(0.05)
+            steps.append("cut in")
+    assert steps[-1] == "cut in"
+
+
+def test_storage_errors_are_not_attempts_back_off_and_are_retried_after_the_outage(world, tmp_path, monkeypatch):
+    """Two batches during an outage (every read raises ShardReadError) with max_attempts=2, then the store
+    recovers: both shards are curated. The error is recorded as the store's, shown by --status, costs no
+    attempt, and stops the batch from claiming more; a long backoff keeps the shard out."""
+    glob, (first, second) = two_shard_corpus(world, tmp_path)
+    out = str(tmp_path / "out")
+    real_read = reader._read_shards_udf
+
+    def read_during_an_outage(batch, **kwargs):
+        from core.reader import ShardReadError
+
+        raise ShardReadError(f"{batch['uri'][0]}: open failed 5 attempts; last: ConnectionError: reset by peer")
+
+    monkeypatch.setattr(reader, "_read_shards_udf", read_during_an_outage)
+    spec = make_spec(world, out, glob, max_attempts=2, storage_backoff_s=0)
+    for _ in range(2):
+        record = run_batch(spec)
+        # The round failed; run alone, the first shard met the outage and the second was given back untried.
+        assert record["storage_errors"] == [first] and record["given_back"] == [second] and record["failed"] == []
+    catalog = Catalog(out, None, owner="test")
+    stored = catalog.record(shard_key(first))
+    assert stored["status"] == "storage_error" and stored["attempts"] == 0 and stored["storage_errors"] == 2
+    assert stored["error"].startswith("ShardReadError: ") and "reset by peer" in stored["error"]
+    assert catalog.record(shard_key(second)) is None
+    status = spec_status(spec)
+    assert status["failed"] == [] and [row["shard"] for row in status["storage_errors"]] == [first]
+    assert "storage error (2 in a row, not counted; retried after " in format_status(status)
+
+    # A third error with a long backoff: the shard is left out of the batches that follow until put back.
+    waiting = make_spec(world, out, glob, max_attempts=2, storage_backoff_s=3600)
+    assert run_batch(waiting)["storage_errors"] == [first]
+    assert catalog.record(shard_key(first))["retry_after"] > time.time() + 4 * 3600 - 60  # doubled twice
+    monkeypatch.setattr(reader, "_read_shards_udf", real_read)  # the store is back
+    record = run_batch(waiting)
+    assert record["done"] == [second] and record["waiting_after_storage_error"] == [first]
+
+
 # Every field of a spec that the identity leaves out: the scheduling and execution settings, the paths
 # (seeds and the SAE count by content), and the encode's batch sizes and device. Adding a field to a spec
 # either puts it in the identity (and SCORED_EXAMPLES below must show it changes the identity) or here.
 UNSCORED = {
     "corpus", "out", "seeds", "sae", "name", "gpus_per_actor", "batch_size", "max_batch_tokens", "max_batch_rows",
     "shards_per_round", "max_shards_per_batch", "lease_seconds", "max_attempts", "max_bad_line_fraction",
-    "interval_s", "keep_snapshots", "settle_seconds", "task_retries", "round_timeout_s",
+    "interval_s", "keep_snapshots", "settle_seconds", "task_retries", "round_timeout_s", "storage_backoff_s",
     # CurateConfig's and RunConfig's execution_fields
     "encode_actors", "cpus_per_actor", "torch_threads", "read_attempts", "read_backoff_s", "s3_endpoint",
     "s3_region", "ray_address", "force",
