@@ -3,6 +3,7 @@ r"""Scheduled curation: each batch curates the shards that are new for a spec, c
     python -m jobs.schedule --spec jobs/configs/schedule-demo.yaml --once     # one batch, then exit (cron)
     python -m jobs.schedule --spec jobs/configs/schedule-demo.yaml            # a batch every interval_s
     python -m jobs.schedule --spec jobs/configs/schedule-demo.yaml --status   # what each spec has done
+    python -m jobs.schedule --spec jobs/configs/schedule-demo.yaml --retry-failed   # put failed shards back
     ray job submit --working-dir . -- python -m jobs.schedule --spec jobs/configs/schedule-demo.yaml --once
 
 A spec YAML holds the fields of `curation.schedule.service.ScheduleSpec` (those of `jobs.curate` plus scheduling):
@@ -16,13 +17,15 @@ from __future__ import annotations
 from typing import Any
 
 from core import cli
-from curation.schedule.service import ScheduleJobConfig, format_status, run_schedule
+from curation.schedule.service import ScheduleJobConfig, format_retry, format_status, run_schedule
 
 
 def _run(config: ScheduleJobConfig) -> list[dict[str, Any]]:
     results = run_schedule(config)
     if config.status:
         print("\n".join(format_status(status) for status in results), flush=True)
+    if config.retry_failed:
+        print("\n".join(format_retry(result) for result in results), flush=True)
     return results
 
 

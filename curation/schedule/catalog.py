@@ -4,10 +4,10 @@ Everything lives beside the spec's outputs, on local disk or S3, as small JSON o
 database. Under the spec's output root:
 
 - ``catalog/<key>.json``: one record per shard that reached an end: ``done``, ``failed`` (its own fault,
-  counted in ``attempts``) or ``storage_error`` (the store failed while it was read: not counted, retried
-  after a backoff). A ``done`` record is written only after the shard's output (``shards/<key>.parquet``)
-  is durably written, so a record's presence proves the output is there. ``<key>`` is
-  :func:`core.reader.shard_key` of the shard's URI.
+  counted in ``attempts``), ``storage_error`` (the store failed while it was read: not counted, retried
+  after a backoff) or ``pending`` (an operator put a failed shard back). A ``done`` record is written
+  only after the shard's output (``shards/<key>.parquet``) is durably written, so a record's presence
+  proves the output is there. ``<key>`` is :func:`core.reader.shard_key` of the shard's URI.
 - ``leases/<key>/<generation>.json``: claims. A batch claims a shard by *creating* the next generation's
   object with an exclusive create (:func:`core.storage.write_bytes_exclusive`: ``os.link`` locally,
   ``If-None-Match: *`` on S3), which exactly one of several racing batches wins. A lease names its owner
@@ -61,6 +61,8 @@ DONE = "done"
 FAILED = "failed"
 # The store failed while the shard was read (an outage): not the shard's fault, so not an attempt.
 STORAGE_ERROR = "storage_error"
+# A failed shard an operator put back (`jobs.schedule --retry-failed`): due, with its attempts reset.
+PENDING = "pending"
 # Statuses whose record carries a count of attempts that a later failure adds to.
 _RETRIED = (FAILED, STORAGE_ERROR)
 # A shard's storage-error backoff doubles per consecutive error up to this many times its first delay.
@@ -274,26 +276,60 @@ class Catalog:
         key = shard_key(info.uri)
         if not needs_work(self.record(key), info, max_attempts):
             return None
-        generations = self._generations(key)
-        newest = self._read_lease(key, generations[-1]) if generations else None
-        if generations and newest is None:
-            return None  # listed but not readable: treat it as held, the next batch looks again
-        claimed_before = newest is not None and not newest.get("released")
-        if claimed_before and newest.get("expires_at", 0.0) > time.time():
-            return None  # held
-        generation = generations[-1] + 1 if generations else 0
-        body, expires_at = self._lease_body(generation, info.uri)
-        if not storage.write_bytes_exclusive(self._lease_uri(key, generation), body, self.options):
-            return None  # another batch won the race for this generation
-        lease = Lease(key, info.uri, generation, self.owner, expires_at)
-        if claimed_before:  # and expired: its holder never gave it back
-            self._record_lost_attempt(lease, info, newest)
+        lease, lost = self._claim(key, info.uri)
+        if lease is None:
+            return None
+        if lost is not None:  # an expired claim: its holder never gave it back
+            self._record_lost_attempt(lease, info, lost)
         # A batch may have committed the shard between our check and our claim, or the lost attempt may
         # have been its last.
         if not needs_work(self.record(key), info, max_attempts):
             self.release(lease)
             return None
         return lease
+
+    def _claim(self, key: str, uri: str) -> tuple[Lease | None, dict[str, Any] | None]:
+        """Create the next generation on `key` unless a live claim holds it; returns the lease (None when
+        held or when another claimant won the race) and the expired claim it took over, if any."""
+        generations = self._generations(key)
+        newest = self._read_lease(key, generations[-1]) if generations else None
+        if generations and newest is None:
+            return None, None  # listed but not readable: treat it as held, the next batch looks again
+        claimed_before = newest is not None and not newest.get("released")
+        if claimed_before and newest.get("expires_at", 0.0) > time.time():
+            return None, None  # held
+        generation = generations[-1] + 1 if generations else 0
+        body, expires_at = self._lease_body(generation, uri)
+        if not storage.write_bytes_exclusive(self._lease_uri(key, generation), body, self.options):
+            return None, None  # another batch won the race for this generation
+        return Lease(key, uri, generation, self.owner, expires_at), newest if claimed_before else None
+
+    def reset_failed(self) -> tuple[list[str], list[str]]:
+        """Put every failed shard back (`failed` or `storage_error`): its record becomes `pending` with no
+        attempts and no backoff, so the next batch takes it. Returns the shards put back and those a live
+        lease holds (left as they are: run it again once that batch is done).
+
+        Each shard is claimed while its record is rewritten, so no batch commits it meanwhile.
+        """
+        reset: list[str] = []
+        busy: list[str] = []
+        for key, record in sorted(self.records().items()):
+            if record.get("status") not in _RETRIED:
+                continue
+            lease, _ = self._claim(key, record["shard"])
+            if lease is None:
+                busy.append(record["shard"])
+                continue
+            try:
+                current = self.record(key) or {}
+                if current.get("status") in _RETRIED:
+                    put_back = {**current, "status": PENDING, "attempts": 0, "storage_errors": 0, "retry_after": None}
+                    put_back.update(reset_by=self.owner, reset_at=utc_now(), previous_status=current["status"])
+                    storage.write_json_atomic(self.record_uri(key), put_back, self.options)
+                    reset.append(record["shard"])
+            finally:
+                self.release(lease)
+        return reset, busy
 
     def _record_lost_attempt(self, lease: Lease, info: FileInfo, lost: dict[str, Any]) -> None:
         """Count the attempt of a holder whose lease expired: it died (or stalled) without a result."""

@@ -160,6 +160,9 @@ class ScheduleJobConfig:
     status: bool = False
     """Print each spec's status (shards seen, done, in progress, failed, storage errors, rows curated, last
     batch) and exit."""
+    retry_failed: bool = False
+    """Put each spec's failed shards back (attempts reset to 0, storage-error backoff cleared) and exit; the
+    next batch retries them."""
     max_batches: int = 0
     """Without --once: stop after this many rounds of batches (0: run until stopped)."""
     ray_address: str | None = None
@@ -171,6 +174,8 @@ class ScheduleJobConfig:
         if not self.spec:
             raise ConfigError("spec", self.spec, "is required: pass --spec SPEC.yaml")
         check_range("max_batches", self.max_batches, ge=0, hint="0: run until stopped")
+        if self.retry_failed and (self.status or self.once):
+            raise ConfigError("retry_failed", True, "runs on its own and exits: drop --status and --once")
 
 
 def load_spec(path: str) -> ScheduleSpec:
@@ -997,11 +1002,32 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def retry_failed(spec: ScheduleSpec) -> dict[str, Any]:
+    """Put the spec's failed shards back (`jobs.schedule --retry-failed`): attempts reset, storage-error
+    backoff cleared, so the next batch takes them. Shards a running batch holds are left as they are."""
+    catalog = Catalog(spec.out, spec.storage_options(), owner=f"retry-failed-{new_batch_id()}")
+    reset, busy = catalog.reset_failed()
+    for shard in reset:
+        logger.info("put back %s", shard)
+    return {"spec": spec.name, "out": spec.out, "reset": reset, "busy": busy}
+
+
+def format_retry(result: dict[str, Any]) -> str:
+    """`retry_failed`'s result as the lines `jobs.schedule --retry-failed` prints."""
+    lines = [f"spec {result['spec']} ({result['out']}): put back {len(result['reset'])} failed shards"]
+    lines += [f"  put back: {shard}" for shard in result["reset"]]
+    lines += [f"  held by a running batch, left as it is (run again later): {shard}" for shard in result["busy"]]
+    return "\n".join(lines)
+
+
 def run_schedule(config: ScheduleJobConfig) -> list[dict[str, Any]]:
-    """`jobs.schedule`: status, one batch per spec (--once), or batches on each spec's interval."""
+    """`jobs.schedule`: status, putting failed shards back, one batch per spec (--once), or batches on each
+    spec's interval."""
     specs = [load_spec(path) for path in config.spec]
     if config.status:
         return [spec_status(spec) for spec in specs]
+    if config.retry_failed:
+        return [retry_failed(spec) for spec in specs]
     records: list[dict[str, Any]] = []
     rounds = 0
     while True:

@@ -33,6 +33,7 @@ from curation.schedule.service import (
     format_status,
     load_spec,
     read_current,
+    retry_failed,
     run_batch,
     shard_failure,
     spec_identity,
@@ -805,7 +806,8 @@ def test_a_first_signal_waits_for_the_shielded_step_and_a_second_cuts_in():
 def test_storage_errors_are_not_attempts_back_off_and_are_retried_after_the_outage(world, tmp_path, monkeypatch):
     """Two batches during an outage (every read raises ShardReadError) with max_attempts=2, then the store
     recovers: both shards are curated. The error is recorded as the store's, shown by --status, costs no
-    attempt, and stops the batch from claiming more; a long backoff keeps the shard out."""
+    attempt, and stops the batch from claiming more; a long backoff keeps the shard out until
+    --retry-failed puts it back."""
     glob, (first, second) = two_shard_corpus(world, tmp_path)
     out = str(tmp_path / "out")
     real_read = reader._read_shards_udf
@@ -837,6 +839,52 @@ def test_storage_errors_are_not_attempts_back_off_and_are_retried_after_the_outa
     monkeypatch.setattr(reader, "_read_shards_udf", real_read)  # the store is back
     record = run_batch(waiting)
     assert record["done"] == [second] and record["waiting_after_storage_error"] == [first]
+    assert retry_failed(waiting)["reset"] == [first]
+    record = run_batch(waiting)
+    assert record["done"] == [first] and catalog.record(shard_key(first))["attempts"] == 1
+    assert {r["status"] for r in catalog.records().values()} == {"done"}
+
+
+def test_retry_failed_puts_shards_out_of_attempts_back(world, poisoned, tmp_path):
+    """`jobs.schedule --retry-failed` resets the attempts of the shards that ran out of them; the next
+    batch tries them again and counts afresh."""
+    out = tmp_path / "out"
+    shutil.copytree(poisoned["out"], out)
+    corpus = str(poisoned["root"] / "corpus" / "*")
+    values = {**json.loads(json.dumps(poisoned["spec"].__dict__)), "out": str(out)}
+    spec_file = write_spec(tmp_path / "spec.yaml", values)
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.schedule", "--spec", spec_file, "--retry-failed"], cwd=REPO, env=job_env(),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "put back 2 failed shards" in result.stdout
+    records = Catalog(str(out), None, owner="test").records()
+    put_back = [r for r in records.values() if r["status"] == "pending"]
+    assert len(put_back) == 2 and all(r["attempts"] == 0 and r["previous_status"] == "failed" for r in put_back)
+    spec = make_spec(world, str(out), corpus, max_attempts=2)
+    assert spec_status(spec)["pending"] == 2
+    record = run_batch(spec)
+    assert sorted(Path(uri).name for uri in record["failed"]) == ["broken.jsonl.gz", "notjson.jsonl"]
+    assert {shard["attempts"] for shard in record["shards"].values()} == {1}
+    refused = subprocess.run(
+        [sys.executable, "-m", "jobs.schedule", "--spec", spec_file, "--retry-failed", "--once"], cwd=REPO,
+        env=job_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "retry_failed" in refused.stderr
+
+
+def test_retry_failed_leaves_a_shard_a_batch_holds(tmp_path):
+    root, options = str(tmp_path / "out"), storage.StorageOptions().resolved()
+    held, free = (storage.FileInfo(str(tmp_path / f"{name}.jsonl"), 10, 1.0) for name in ("held", "free"))
+    batch = Catalog(root, options, owner="batch", lease_seconds=120)
+    for info in (held, free):
+        batch.commit_failed(batch.try_claim(info, 3), info, "boom")
+    holder = batch.try_claim(held, 3)  # a batch is retrying it right now
+    reset, busy = Catalog(root, options, owner="operator").reset_failed()
+    assert reset == [free.uri] and busy == [held.uri]
+    assert batch.record(shard_key(held.uri))["status"] == "failed" and batch.holds(holder)
+    assert batch.record(shard_key(free.uri))["attempts"] == 0
 
 
 # Every field of a spec that the identity leaves out: the scheduling and execution settings, the paths
