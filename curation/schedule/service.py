@@ -2,16 +2,17 @@
 
 A spec (YAML, :class:`ScheduleSpec`) names corpus globs, seeds, an SAE, the model, the selection rule
 and an output root. Each batch lists the corpus, claims shards that are new for the spec (or failed
-fewer than `max_attempts` times) with leases (:mod:`curation.schedule.catalog`), runs the stage 1 pipeline of
-:mod:`curation.selection.curate` on them, a round of `shards_per_round` shards per Ray Data pipeline, and commits
-per shard. Then it publishes a new snapshot of the dataset. Output root layout:
+fewer than `max_attempts` times, or past a storage error's backoff) with leases
+(:mod:`curation.schedule.catalog`), runs the stage 1 pipeline of :mod:`curation.selection.curate` on
+them, a round of `shards_per_round` shards per Ray Data pipeline, and commits per shard. Then it
+publishes a new snapshot of the dataset. Output root layout:
 
 | path | what |
 |---|---|
-| `spec.json` | the spec's identity (seeds, SAE and model digests, layer, selection, cleaning); written once |
+| `spec.json` | the spec's identity (every scoring setting, seeds and SAE file digests); written once |
 | `shards/<key>.parquet` | a shard's candidates: its own top-N per seed/domain (all rows over the threshold), scored |
 | `rejects/<key>.parquet` | a shard's rejected rows with their reasons |
-| `catalog/<key>.json` | the shard's record: done (rows, candidates, rejects) or failed (error, attempts) |
+| `catalog/<key>.json` | the shard's record: done, failed (error, attempts), storage_error (backoff) or pending |
 | `leases/<key>/<gen>.json` | claims and releases, one object per generation, never deleted (a few per attempt) |
 | `work/<batch>-<n>/` | a round's scored rows and `_ROUND.json` (its leases); removed after the round, or later |
 | `batches/<id>.json` | one record per batch: shards, documents encoded, tokens, snapshot, timings |
