@@ -245,6 +245,10 @@ def test_example_spec_loads_and_bad_values_name_the_field():
     assert spec.max_attempts >= 1 and spec.lease_seconds > 0 and spec.keep_snapshots >= 1
     with pytest.raises(ConfigError, match="shards_per_round"):
         ScheduleSpec(corpus=["x"], seeds="s", sae="a", out="o", shards_per_round=0)
+    with pytest.raises(ConfigError, match="storage_backoff_s"):
+        ScheduleSpec(corpus=["x"], seeds="s", sae="a", out="o", storage_backoff_s=float("nan"))
+    with pytest.raises(ConfigError, match="retry_failed"):
+        ScheduleJobConfig(spec=["s.yaml"], retry_failed=True, status=True)
     with pytest.raises(ConfigError, match="spec"):
         ScheduleJobConfig()
 
