@@ -26,7 +26,8 @@ def _factories() -> dict:
     from curation.sae.model import SAEConfig
     from curation.sae.train import TrainSAEConfig
     from curation.schedule.catalog import Catalog, LeaseKeeper
-    from curation.schedule.service import ScheduleJobConfig, ScheduleSpec
+    from curation.schedule.service import ScheduleJobConfig
+    from curation.schedule.spec import ScheduleSpec
     from curation.selection.curate import CurateConfig
     from curation.selection.rules import SelectionSpec
     from curation.split import SplitConfig

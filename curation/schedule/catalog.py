@@ -73,6 +73,11 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def utc_time(epoch: float) -> str:
+    """`epoch` (seconds) as the UTC timestamps records carry."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
 @dataclass
 class Lease:
     """A claim on one shard: the generation object this batch created, and its expiry as last written."""

@@ -24,22 +24,16 @@ from helpers import write_corpus
 from core import cli, reader, storage
 from core.errors import ConfigError
 from core.reader import shard_key
-from curation.schedule import service
+from curation.schedule import batch as schedule_batch
+from curation.schedule import snapshots
+from curation.schedule.batch import run_batch
 from curation.schedule.catalog import Catalog, LeaseKeeper
-from curation.schedule.service import (
-    ScheduleJobConfig,
-    ScheduleSpec,
-    current_snapshot,
-    format_status,
-    load_spec,
-    read_current,
-    retry_failed,
-    run_batch,
-    shard_failure,
-    spec_identity,
-    spec_status,
-)
+from curation.schedule.service import ScheduleJobConfig
+from curation.schedule.shards import shard_failure
 from curation.schedule.signals import BatchInterrupted, BatchSignals
+from curation.schedule.snapshots import current_snapshot, read_current
+from curation.schedule.spec import ScheduleSpec, identity_hash, load_spec, spec_identity
+from curation.schedule.status import format_status, retry_failed, spec_status
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -77,13 +71,13 @@ def write_spec(path: Path, values: dict) -> str:
 PAUSE_BEFORE_PUBLISH = """
 import os, runpy, sys, time
 from pathlib import Path
-from curation.schedule import service
-claim = service._claim_version
+from curation.schedule import snapshots
+claim = snapshots._claim_version
 def pause(out, options):
     version = claim(out, options)
     Path(os.environ["PAUSE_MARKER"]).write_text(str(version))
     time.sleep(3600)
-service._claim_version = pause
+snapshots._claim_version = pause
 sys.argv = ["jobs.schedule", *sys.argv[1:]]
 runpy.run_module("jobs.schedule", run_name="__main__")
 """
@@ -94,11 +88,11 @@ runpy.run_module("jobs.schedule", run_name="__main__")
 PAUSE_IN_ROUND = """
 import os, runpy, sys, time
 from pathlib import Path
-from curation.schedule import service
+from curation.schedule import batch
 def pause(*args, **kwargs):
     Path(os.environ["PAUSE_MARKER"]).write_text("encoding")
     time.sleep(3600)
-service.encode_shards = pause
+batch.encode_shards = pause
 sys.argv = ["jobs.schedule", *sys.argv[1:]]
 runpy.run_module("jobs.schedule", run_name="__main__")
 """
@@ -423,7 +417,7 @@ def test_s3_conflicting_conditional_writes_are_a_lost_race(s3_bucket, monkeypatc
     conflicts["left"] = 0
     assert Catalog(root, options, owner="later", lease_seconds=120).try_claim(other, 3) is not None
     conflicts.update(left=1, winner_lands=True)
-    assert service._claim_version(root, options) == 2
+    assert snapshots._claim_version(root, options) == 2
 
 
 def test_lost_attempts_count_when_the_holder_dies(tmp_path):
@@ -459,7 +453,7 @@ def test_sweep_removes_a_round_directory_killed_while_it_started(tmp_path):
         if name != "live-1":
             os.utime(work / name / file, (long_ago, long_ago))
     spec = SimpleNamespace(out=str(tmp_path / "out"), lease_seconds=4.0)
-    service._sweep_work(spec, Catalog(spec.out, None, owner="sweeper"))
+    snapshots._sweep_work(spec, Catalog(spec.out, None, owner="sweeper"))
     assert sorted(path.name for path in work.iterdir()) == ["live-1", "other"]
 
 
@@ -522,19 +516,19 @@ def test_a_shard_still_being_written_is_not_committed_as_a_prefix(world, tmp_pat
     growing, fresh = corpus / "growing.jsonl", corpus / "fresh.jsonl"
     half = len(lines[0]) // 2
     growing.write_bytes(b"".join(lines[0][:half]))
-    real_encode = service.encode_shards
+    real_encode = schedule_batch.encode_shards
 
     def encode_while_the_copy_goes_on(*args, **kwargs):
         real_encode(*args, **kwargs)
         with growing.open("ab") as handle:
             handle.write(b"".join(lines[0][half:]))
 
-    monkeypatch.setattr(service, "encode_shards", encode_while_the_copy_goes_on)
+    monkeypatch.setattr(schedule_batch, "encode_shards", encode_while_the_copy_goes_on)
     first = run_batch(make_spec(world, out, str(corpus / "*.jsonl")))
     assert first["done"] == [] and first["changed"] == [str(growing)]
     assert Catalog(out, None, owner="test").records() == {}  # not recorded: still due
 
-    monkeypatch.setattr(service, "encode_shards", real_encode)
+    monkeypatch.setattr(schedule_batch, "encode_shards", real_encode)
     fresh.write_bytes(b"".join(lines[1]))  # arrives just now
     an_hour_ago = time.time() - 3600
     os.utime(growing, (an_hour_ago, an_hour_ago))
@@ -687,7 +681,7 @@ def test_killed_batch_then_rerun_equals_a_clean_run(world, backend, stage, tmp_p
     # What the killed batch left is cleaned up: its round directory, and the version it claimed but never wrote.
     assert files_under(storage.join(out, "work")) == []
     options = storage.StorageOptions().resolved()
-    versions = service._versions(out, options)
+    versions = snapshots._versions(out, options)
     assert versions and all(
         storage.exists(storage.join(out, "snapshots", f"v{version:06d}", "manifest.json"), options)
         for version in versions
@@ -768,7 +762,7 @@ def test_a_signal_reaches_the_previous_handler_after_the_batch_gave_its_shards_b
     def handler(signum, frame):
         received.append(signum)
 
-    monkeypatch.setattr(service, "encode_shards", encode_then_get_signalled)
+    monkeypatch.setattr(schedule_batch, "encode_shards", encode_then_get_signalled)
     sigint = signal.getsignal(signal.SIGINT)
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -921,7 +915,7 @@ def test_spec_identity_holds_every_setting_that_changes_a_score(tmp_path):
     fields = {field.name for field in dataclasses.fields(ScheduleSpec)}
     assert set(identity["settings"]) == {*SCORED_EXAMPLES, "model"} and fields - set(identity["settings"]) == UNSCORED
     assert identity["settings"]["dtype"] == "auto"  # resolved by each encode worker, after the identity is bound
-    hashed = service.identity_hash
+    hashed = identity_hash
     for name, value in SCORED_EXAMPLES.items():
         assert hashed(spec_identity(dataclasses.replace(base, **{name: value}), "tiny")) != hashed(identity), name
     assert hashed(spec_identity(base, "another-model")) != hashed(identity)
@@ -961,7 +955,7 @@ def test_a_changed_scoring_setting_needs_a_new_output_root(world, tmp_path):
     # An output root bound by an earlier identity, which left these settings out, is refused too.
     bound = json.loads((Path(out) / "spec.json").read_text())
     bound["identity"] = {"seeds_sha256": "x", "model": "tiny", "selection": {}}
-    bound["id"] = service.identity_hash(bound["identity"])
+    bound["id"] = identity_hash(bound["identity"])
     (Path(out) / "spec.json").write_text(json.dumps(bound))
     with pytest.raises(ConfigError, match="written by an earlier FineScope"):
         run_batch(make_spec(world, out))
@@ -980,6 +974,6 @@ def test_stray_snapshot_names_are_ignored_logged_once_and_never_removed(world, t
             assert run_batch(spec)["snapshot"] == 1
     stray = [r.getMessage() for r in caplog.records if "is not a snapshot version" in r.getMessage()]
     assert len(stray) == 3 and any("/snapshots/vX" in message for message in stray)
-    assert service._versions(str(out), None) == [1]
-    assert service._claim_version(str(out), None) == 2
+    assert snapshots._versions(str(out), None) == [1]
+    assert snapshots._claim_version(str(out), None) == 2
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["old", "v000001", "v000002", "v12", "vX"]
