@@ -12,7 +12,8 @@ from conftest import REPO
 import pipeline
 from core import cli
 from curation.sae.train import TrainSAEConfig
-from curation.schedule.service import ScheduleJobConfig, load_spec
+from curation.schedule.service import ScheduleJobConfig
+from curation.schedule.spec import load_spec
 from curation.selection.curate import CurateConfig
 
 CLUSTER = REPO / "cluster"

@@ -27,7 +27,8 @@ def _factories() -> dict:
     from curation.sae.model import SAEConfig
     from curation.sae.train import TrainSAEConfig
     from curation.schedule.catalog import Catalog, LeaseKeeper
-    from curation.schedule.service import ScheduleJobConfig, ScheduleSpec
+    from curation.schedule.service import ScheduleJobConfig
+    from curation.schedule.spec import ScheduleSpec
     from curation.selection.curate import CurateConfig
     from curation.selection.rules import SelectionSpec
     from curation.split import SplitConfig
@@ -278,6 +279,7 @@ BUILT_FROM_CHECKED = {
     # Config dataclasses no user writes: code builds them from configs the table above already checks.
     "EncoderSpec": "built from a checked CurateConfig or TrainSAEConfig and the SAE's cfg.json",
     "PrepareSpec": "built from a checked DistillConfig",
+    "LoopConfig": "what each fine-tuning worker runs from, built from a checked FinetuneConfig and its plan",
     "HoldoutConfig": "a replication step's config, built from a checked ReplicationSpec",
     "ArmConfig": "a replication step's config, built from a checked ReplicationSpec",
 }

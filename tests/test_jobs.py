@@ -111,7 +111,7 @@ def test_a_labelled_heldout_set_replaces_the_curated_split_in_evaluation(tmp_pat
 
 def test_shipped_yaml_configs_load():
     import pipeline
-    from curation.schedule.service import ScheduleSpec, load_spec
+    from curation.schedule.spec import ScheduleSpec, load_spec
     from training.finetuning.finetune import FinetuneConfig
 
     classes = {"sae": TrainSAEConfig, "curate": CurateConfig, "finetune": FinetuneConfig}

@@ -3,10 +3,11 @@
 Everything lives beside the spec's outputs, on local disk or S3, as small JSON objects; there is no
 database. Under the spec's output root:
 
-- ``catalog/<key>.json``: one record per shard that reached an end, ``done`` or ``failed``. A ``done``
-  record is written only after the shard's output (``shards/<key>.parquet``) is durably written, so a
-  record's presence proves the output is there. ``<key>`` is :func:`core.reader.shard_key` of the
-  shard's URI.
+- ``catalog/<key>.json``: one record per shard that reached an end: ``done``, ``failed`` (its own fault,
+  counted in ``attempts``), ``storage_error`` (the store failed while it was read: not counted, retried
+  after a backoff) or ``pending`` (an operator put a failed shard back). A ``done`` record is written
+  only after the shard's output (``shards/<key>.parquet``) is durably written, so a record's presence
+  proves the output is there. ``<key>`` is :func:`core.reader.shard_key` of the shard's URI.
 - ``leases/<key>/<generation>.json``: claims. A batch claims a shard by *creating* the next generation's
   object with an exclusive create (:func:`core.storage.write_bytes_exclusive`: ``os.link`` locally,
   ``If-None-Match: *`` on S3), which exactly one of several racing batches wins. A lease names its owner
@@ -30,9 +31,11 @@ Guarantees, stated honestly:
   shard's output and record are written to names keyed by the shard, each write replaces the whole
   object, and dataset rows are keyed by content (``id``), so the second writer overwrites the first with
   an equivalent result.
-- Every claim counts: a batch that takes over an expired lease first records the lost attempt as a
-  failure (the holder died or stalled: a worker-killing shard can kill its driver too), so a shard that
-  keeps killing its batches runs out of ``max_attempts`` like any other failing shard.
+- A batch that stops on an exception or a signal it can handle (SIGINT, SIGTERM) gives its shards back.
+  A lease that expired instead (its holder was SIGKILLed, lost its host, or stalled) counts as an attempt:
+  the batch that takes it over records the lost attempt as a failure first, since a worker-killing shard
+  can kill its driver too, so a shard that keeps killing its batches runs out of ``max_attempts`` like any
+  other failing shard. The taker cannot tell such a shard from an operator's ``kill -9``.
 """
 
 from __future__ import annotations
@@ -56,10 +59,23 @@ logger = logging.getLogger(__name__)
 
 DONE = "done"
 FAILED = "failed"
+# The store failed while the shard was read (an outage): not the shard's fault, so not an attempt.
+STORAGE_ERROR = "storage_error"
+# A failed shard an operator put back (`jobs.schedule --retry-failed`): due, with its attempts reset.
+PENDING = "pending"
+# Statuses whose record carries a count of attempts that a later failure adds to.
+_RETRIED = (FAILED, STORAGE_ERROR)
+# A shard's storage-error backoff doubles per consecutive error up to this many times its first delay.
+MAX_BACKOFF_FACTOR = 64
 
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def utc_time(epoch: float) -> str:
+    """`epoch` (seconds) as the UTC timestamps records carry."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 @dataclass
@@ -73,8 +89,9 @@ class Lease:
     expires_at: float = 0.0
 
 
-def needs_work(record: dict[str, Any] | None, info: FileInfo, max_attempts: int) -> bool:
-    """Whether a shard is due: never finished, or failed fewer than `max_attempts` times.
+def needs_work(record: dict[str, Any] | None, info: FileInfo, max_attempts: int, now: float | None = None) -> bool:
+    """Whether a shard is due: never finished, or failed fewer than `max_attempts` times and, after a
+    storage error, past its backoff (`retry_after`).
 
     A failed shard whose file changed since (size or mtime: a fixed upload) is due again whatever its
     count, and its count restarts.
@@ -83,7 +100,16 @@ def needs_work(record: dict[str, Any] | None, info: FileInfo, max_attempts: int)
         return True
     if record.get("status") == DONE:
         return False
-    return _changed(record, info) or int(record.get("attempts", 0)) < max_attempts
+    if _changed(record, info):
+        return True
+    if int(record.get("attempts", 0)) >= max_attempts:
+        return False
+    return record.get("status") != STORAGE_ERROR or float(record.get("retry_after") or 0.0) <= (now or time.time())
+
+
+def backoff_seconds(first_s: float, errors: int) -> float:
+    """The wait after the `errors`-th storage error in a row: `first_s`, doubled per further error, capped."""
+    return first_s * min(2 ** max(errors - 1, 0), MAX_BACKOFF_FACTOR)
 
 
 def _changed(record: dict[str, Any], info: FileInfo) -> bool:
@@ -149,10 +175,37 @@ class Catalog:
         self.release(lease)
         return attempts
 
+    def commit_storage_error(self, lease: Lease, info: FileInfo, error: str, backoff_s: float) -> dict[str, Any]:
+        """Record that the store failed while the shard was read, then give the shard back; returns the record.
+
+        Not an attempt: the count of earlier failed attempts is kept as it was. Batches leave the shard
+        alone until `retry_after`, `backoff_s` after this error, doubled for each one before it in a row.
+        """
+        previous = self.record(lease.key) or {}
+        status = previous.get("status") if previous and not _changed(previous, info) else None
+        attempts = int(previous.get("attempts", 0)) if status in _RETRIED else 0
+        errors = int(previous.get("storage_errors", 0)) + 1 if status == STORAGE_ERROR else 1
+        record = {
+            "shard": info.uri,
+            "key": lease.key,
+            "status": STORAGE_ERROR,
+            "size": info.size,
+            "mtime": info.mtime,
+            "attempts": attempts,
+            "storage_errors": errors,
+            "retry_after": time.time() + backoff_seconds(backoff_s, errors),
+            "error": error,
+            "batch": self.owner,
+            "finished_at": utc_now(),
+        }
+        storage.write_json_atomic(self.record_uri(lease.key), record, self.options)
+        self.release(lease)
+        return record
+
     def _write_failed(self, key: str, info: FileInfo, error: str, details: dict[str, Any] | None = None) -> int:
         previous = self.record(key)
         attempts = 1
-        if previous is not None and previous.get("status") == FAILED and not _changed(previous, info):
+        if previous is not None and previous.get("status") in _RETRIED and not _changed(previous, info):
             attempts = int(previous.get("attempts", 0)) + 1
         record = {
             "shard": info.uri,
@@ -228,26 +281,60 @@ class Catalog:
         key = shard_key(info.uri)
         if not needs_work(self.record(key), info, max_attempts):
             return None
-        generations = self._generations(key)
-        newest = self._read_lease(key, generations[-1]) if generations else None
-        if generations and newest is None:
-            return None  # listed but not readable: treat it as held, the next batch looks again
-        claimed_before = newest is not None and not newest.get("released")
-        if claimed_before and newest.get("expires_at", 0.0) > time.time():
-            return None  # held
-        generation = generations[-1] + 1 if generations else 0
-        body, expires_at = self._lease_body(generation, info.uri)
-        if not storage.write_bytes_exclusive(self._lease_uri(key, generation), body, self.options):
-            return None  # another batch won the race for this generation
-        lease = Lease(key, info.uri, generation, self.owner, expires_at)
-        if claimed_before:  # and expired: its holder never gave it back
-            self._record_lost_attempt(lease, info, newest)
+        lease, lost = self._claim(key, info.uri)
+        if lease is None:
+            return None
+        if lost is not None:  # an expired claim: its holder never gave it back
+            self._record_lost_attempt(lease, info, lost)
         # A batch may have committed the shard between our check and our claim, or the lost attempt may
         # have been its last.
         if not needs_work(self.record(key), info, max_attempts):
             self.release(lease)
             return None
         return lease
+
+    def _claim(self, key: str, uri: str) -> tuple[Lease | None, dict[str, Any] | None]:
+        """Create the next generation on `key` unless a live claim holds it; returns the lease (None when
+        held or when another claimant won the race) and the expired claim it took over, if any."""
+        generations = self._generations(key)
+        newest = self._read_lease(key, generations[-1]) if generations else None
+        if generations and newest is None:
+            return None, None  # listed but not readable: treat it as held, the next batch looks again
+        claimed_before = newest is not None and not newest.get("released")
+        if claimed_before and newest.get("expires_at", 0.0) > time.time():
+            return None, None  # held
+        generation = generations[-1] + 1 if generations else 0
+        body, expires_at = self._lease_body(generation, uri)
+        if not storage.write_bytes_exclusive(self._lease_uri(key, generation), body, self.options):
+            return None, None  # another batch won the race for this generation
+        return Lease(key, uri, generation, self.owner, expires_at), newest if claimed_before else None
+
+    def reset_failed(self) -> tuple[list[str], list[str]]:
+        """Put every failed shard back (`failed` or `storage_error`): its record becomes `pending` with no
+        attempts and no backoff, so the next batch takes it. Returns the shards put back and those a live
+        lease holds (left as they are: run it again once that batch is done).
+
+        Each shard is claimed while its record is rewritten, so no batch commits it meanwhile.
+        """
+        reset: list[str] = []
+        busy: list[str] = []
+        for key, record in sorted(self.records().items()):
+            if record.get("status") not in _RETRIED:
+                continue
+            lease, _ = self._claim(key, record["shard"])
+            if lease is None:
+                busy.append(record["shard"])
+                continue
+            try:
+                current = self.record(key) or {}
+                if current.get("status") in _RETRIED:
+                    put_back = {**current, "status": PENDING, "attempts": 0, "storage_errors": 0, "retry_after": None}
+                    put_back.update(reset_by=self.owner, reset_at=utc_now(), previous_status=current["status"])
+                    storage.write_json_atomic(self.record_uri(key), put_back, self.options)
+                    reset.append(record["shard"])
+            finally:
+                self.release(lease)
+        return reset, busy
 
     def _record_lost_attempt(self, lease: Lease, info: FileInfo, lost: dict[str, Any]) -> None:
         """Count the attempt of a holder whose lease expired: it died (or stalled) without a result."""

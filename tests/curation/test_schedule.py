@@ -21,21 +21,19 @@ import yaml
 from conftest import REPO
 from helpers import write_corpus
 
-from core import cli, storage
+from core import cli, reader, storage
 from core.errors import ConfigError
 from core.reader import shard_key
-from curation.schedule import service
+from curation.schedule import batch as schedule_batch
+from curation.schedule import snapshots
+from curation.schedule.batch import run_batch
 from curation.schedule.catalog import Catalog, LeaseKeeper
-from curation.schedule.service import (
-    ScheduleJobConfig,
-    ScheduleSpec,
-    current_snapshot,
-    load_spec,
-    read_current,
-    run_batch,
-    shard_failure,
-    spec_status,
-)
+from curation.schedule.service import ScheduleJobConfig
+from curation.schedule.shards import shard_failure
+from curation.schedule.signals import BatchInterrupted, BatchSignals
+from curation.schedule.snapshots import current_snapshot, read_current
+from curation.schedule.spec import ScheduleSpec, identity_hash, load_spec, spec_identity
+from curation.schedule.status import format_status, retry_failed, spec_status
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -73,19 +71,36 @@ def write_spec(path: Path, values: dict) -> str:
 PAUSE_BEFORE_PUBLISH = """
 import os, runpy, sys, time
 from pathlib import Path
-from curation.schedule import service
-claim = service._claim_version
+from curation.schedule import snapshots
+claim = snapshots._claim_version
 def pause(out, options):
     version = claim(out, options)
     Path(os.environ["PAUSE_MARKER"]).write_text(str(version))
     time.sleep(3600)
-service._claim_version = pause
+snapshots._claim_version = pause
 sys.argv = ["jobs.schedule", *sys.argv[1:]]
 runpy.run_module("jobs.schedule", run_name="__main__")
 """
 
 
-def start_job(args: list[str], log: Path, pause_marker: Path | None = None) -> subprocess.Popen:
+# `python -c PAUSE_IN_ROUND ARGS` runs jobs.schedule, but its first round's pipeline never ends: the batch
+# holds its round's leases and waits. It touches $PAUSE_MARKER there.
+PAUSE_IN_ROUND = """
+import os, runpy, sys, time
+from pathlib import Path
+from curation.schedule import batch
+def pause(*args, **kwargs):
+    Path(os.environ["PAUSE_MARKER"]).write_text("encoding")
+    time.sleep(3600)
+batch.encode_shards = pause
+sys.argv = ["jobs.schedule", *sys.argv[1:]]
+runpy.run_module("jobs.schedule", run_name="__main__")
+"""
+
+
+def start_job(
+    args: list[str], log: Path, pause_marker: Path | None = None, pause: str = PAUSE_BEFORE_PUBLISH
+) -> subprocess.Popen:
     """`python -m jobs.schedule ARGS`, joining the tests' Ray the way a batch joins a long-lived cluster."""
     import ray
 
@@ -94,7 +109,7 @@ def start_job(args: list[str], log: Path, pause_marker: Path | None = None) -> s
     env = job_env()
     command = ["-m", "jobs.schedule"]
     if pause_marker is not None:
-        command = ["-c", PAUSE_BEFORE_PUBLISH]
+        command = ["-c", pause]
         env["PAUSE_MARKER"] = str(pause_marker)
     # A session of its own, so the test can kill the batch with its local Ray, and nothing else.
     return subprocess.Popen(
@@ -143,14 +158,18 @@ def kill_after_commits(proc: subprocess.Popen, out: str, at_least: int, log: Pat
         proc.wait(timeout=30)
 
 
+def wait_for_marker(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert time.time() < deadline, "the batch never reached its pause:\n" + log.read_text()[-3000:]
+        assert proc.poll() is None, "the batch ended before its pause:\n" + log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
 def kill_before_publish(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 300) -> None:
     """SIGKILL the batch once it has committed every shard and claimed, but not written, its snapshot."""
-    deadline = time.time() + timeout
     try:
-        while not marker.exists():
-            assert time.time() < deadline, "the batch never reached its publish:\n" + log.read_text()[-3000:]
-            assert proc.poll() is None, "the batch ended before it could be killed:\n" + log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_for_marker(proc, marker, log, timeout)
     finally:
         kill_session(proc.pid)
         proc.wait(timeout=30)
@@ -220,6 +239,10 @@ def test_example_spec_loads_and_bad_values_name_the_field():
     assert spec.max_attempts >= 1 and spec.lease_seconds > 0 and spec.keep_snapshots >= 1
     with pytest.raises(ConfigError, match="shards_per_round"):
         ScheduleSpec(corpus=["x"], seeds="s", sae="a", out="o", shards_per_round=0)
+    with pytest.raises(ConfigError, match="storage_backoff_s"):
+        ScheduleSpec(corpus=["x"], seeds="s", sae="a", out="o", storage_backoff_s=float("nan"))
+    with pytest.raises(ConfigError, match="retry_failed"):
+        ScheduleJobConfig(spec=["s.yaml"], retry_failed=True, status=True)
     with pytest.raises(ConfigError, match="spec"):
         ScheduleJobConfig()
 
@@ -394,7 +417,7 @@ def test_s3_conflicting_conditional_writes_are_a_lost_race(s3_bucket, monkeypatc
     conflicts["left"] = 0
     assert Catalog(root, options, owner="later", lease_seconds=120).try_claim(other, 3) is not None
     conflicts.update(left=1, winner_lands=True)
-    assert service._claim_version(root, options) == 2
+    assert snapshots._claim_version(root, options) == 2
 
 
 def test_lost_attempts_count_when_the_holder_dies(tmp_path):
@@ -430,7 +453,7 @@ def test_sweep_removes_a_round_directory_killed_while_it_started(tmp_path):
         if name != "live-1":
             os.utime(work / name / file, (long_ago, long_ago))
     spec = SimpleNamespace(out=str(tmp_path / "out"), lease_seconds=4.0)
-    service._sweep_work(spec, Catalog(spec.out, None, owner="sweeper"))
+    snapshots._sweep_work(spec, Catalog(spec.out, None, owner="sweeper"))
     assert sorted(path.name for path in work.iterdir()) == ["live-1", "other"]
 
 
@@ -493,19 +516,19 @@ def test_a_shard_still_being_written_is_not_committed_as_a_prefix(world, tmp_pat
     growing, fresh = corpus / "growing.jsonl", corpus / "fresh.jsonl"
     half = len(lines[0]) // 2
     growing.write_bytes(b"".join(lines[0][:half]))
-    real_encode = service.encode_shards
+    real_encode = schedule_batch.encode_shards
 
     def encode_while_the_copy_goes_on(*args, **kwargs):
         real_encode(*args, **kwargs)
         with growing.open("ab") as handle:
             handle.write(b"".join(lines[0][half:]))
 
-    monkeypatch.setattr(service, "encode_shards", encode_while_the_copy_goes_on)
+    monkeypatch.setattr(schedule_batch, "encode_shards", encode_while_the_copy_goes_on)
     first = run_batch(make_spec(world, out, str(corpus / "*.jsonl")))
     assert first["done"] == [] and first["changed"] == [str(growing)]
     assert Catalog(out, None, owner="test").records() == {}  # not recorded: still due
 
-    monkeypatch.setattr(service, "encode_shards", real_encode)
+    monkeypatch.setattr(schedule_batch, "encode_shards", real_encode)
     fresh.write_bytes(b"".join(lines[1]))  # arrives just now
     an_hour_ago = time.time() - 3600
     os.utime(growing, (an_hour_ago, an_hour_ago))
@@ -658,7 +681,7 @@ def test_killed_batch_then_rerun_equals_a_clean_run(world, backend, stage, tmp_p
     # What the killed batch left is cleaned up: its round directory, and the version it claimed but never wrote.
     assert files_under(storage.join(out, "work")) == []
     options = storage.StorageOptions().resolved()
-    versions = service._versions(out, options)
+    versions = snapshots._versions(out, options)
     assert versions and all(
         storage.exists(storage.join(out, "snapshots", f"v{version:06d}", "manifest.json"), options)
         for version in versions
@@ -684,3 +707,273 @@ def test_two_batches_started_together_split_the_shards(world, tmp_path):
     pointer = json.loads((tmp_path / "out" / "CURRENT").read_text())
     assert len(pointer["shards"]) == SHARDS
     assert pq.read_table(tmp_path / "out" / pointer["path"] / "curated.parquet").num_rows == len(rows)
+
+
+def two_shard_corpus(world: dict, tmp_path: Path) -> tuple[str, list[str]]:
+    """The world's first two shards in a corpus of their own; returns its glob and the shards' URIs."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted((world["root"] / "corpus").glob("*.jsonl.gz"))[:2]:
+        shutil.copy(path, corpus / path.name)
+    return str(corpus / "*.jsonl.gz"), sorted(str(path) for path in corpus.iterdir())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_batch_gives_its_shards_back_without_charging_them(world, signum, tmp_path):
+    """Ctrl-C (SIGINT to the job's process group) or SIGTERM while a round runs: the batch releases its
+    leases on its way out, so the next batch takes the shards at once, and no attempt is counted."""
+    glob, shards = two_shard_corpus(world, tmp_path)
+    out = str(tmp_path / "out")
+    values = spec_values(world, out, glob, max_attempts=1, lease_seconds=600)
+    log, marker = tmp_path / "interrupted.log", tmp_path / "encoding"
+    proc = start_job(["--spec", write_spec(tmp_path / "spec.yaml", values), "--once"], log, marker, PAUSE_IN_ROUND)
+    try:
+        wait_for_marker(proc, marker, log)
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    catalog = Catalog(out, storage.StorageOptions().resolved(), owner="test")
+    newest = [catalog.newest(key) for key in catalog.leased_keys()]
+    assert len(newest) == 2 and all(lease["released"] for lease in newest), (newest, log.read_text()[-3000:])
+    assert catalog.records() == {}  # nothing recorded: no attempt counted
+    assert code != 0 and "giving this batch's shards back" in log.read_text()  # then it stopped as asked
+    # With leases of 600 s and a single attempt allowed, only a release lets the next batch in now.
+    record = run_batch(make_spec(world, out, glob, max_attempts=1, lease_seconds=600))
+    assert record["done"] == shards
+    assert [r["attempts"] for r in catalog.records().values()] == [1, 1]
+    assert files_under(storage.join(out, "work")) == []  # the interrupted round's directory was swept
+
+
+def test_a_signal_reaches_the_previous_handler_after_the_batch_gave_its_shards_back(world, tmp_path, monkeypatch):
+    """In the batch's own process: SIGTERM mid-round releases the leases, then the handler that was installed
+    before the batch is put back and gets the signal; SIGINT then raises KeyboardInterrupt as usual."""
+    glob, _ = two_shard_corpus(world, tmp_path)
+    out = str(tmp_path / "out")
+    received: list[int] = []
+
+    def encode_then_get_signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the handler raises here
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    monkeypatch.setattr(schedule_batch, "encode_shards", encode_then_get_signalled)
+    sigint = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(BatchInterrupted):
+            run_batch(make_spec(world, out, glob, lease_seconds=600))
+        assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is handler and signal.getsignal(signal.SIGINT) is sigint
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    catalog = Catalog(out, None, owner="test")
+    assert all(catalog.newest(key)["released"] for key in catalog.leased_keys()) and catalog.records() == {}
+    assert len(catalog.leased_keys()) == 2
+
+
+def test_a_first_signal_waits_for_the_shielded_step_and_a_second_cuts_in():
+    steps: list[str] = []
+    sigint = signal.getsignal(signal.SIGINT)
+    assert sigint is signal.default_int_handler  # Python's, which raises KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):  # SIGINT's own handler, called once the batch let go
+        with BatchSignals() as signals:
+            with signals.shielded():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler has run by now, and held the signal
+                steps.append("claim recorded")
+            steps.append("never reached")
+    assert steps == ["claim recorded"]
+    assert signal.getsignal(signal.SIGINT) is sigint
+    with pytest.raises(KeyboardInterrupt):
+        with BatchSignals() as signals, signals.shielded():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            with pytest.raises(BatchInterrupted):
+                os.kill(os.getpid(), signal.SIGINT)  # the operator insists
+                time.sleep(0.05)
+            steps.append("cut in")
+    assert steps[-1] == "cut in"
+
+
+def test_storage_errors_are_not_attempts_back_off_and_are_retried_after_the_outage(world, tmp_path, monkeypatch):
+    """Two batches during an outage (every read raises ShardReadError) with max_attempts=2, then the store
+    recovers: both shards are curated. The error is recorded as the store's, shown by --status, costs no
+    attempt, and stops the batch from claiming more; a long backoff keeps the shard out until
+    --retry-failed puts it back."""
+    glob, (first, second) = two_shard_corpus(world, tmp_path)
+    out = str(tmp_path / "out")
+    real_read = reader._read_shards_udf
+
+    def read_during_an_outage(batch, **kwargs):
+        from core.reader import ShardReadError
+
+        raise ShardReadError(f"{batch['uri'][0]}: open failed 5 attempts; last: ConnectionError: reset by peer")
+
+    monkeypatch.setattr(reader, "_read_shards_udf", read_during_an_outage)
+    spec = make_spec(world, out, glob, max_attempts=2, storage_backoff_s=0)
+    for _ in range(2):
+        record = run_batch(spec)
+        # The round failed; run alone, the first shard met the outage and the second was given back untried.
+        assert record["storage_errors"] == [first] and record["given_back"] == [second] and record["failed"] == []
+    catalog = Catalog(out, None, owner="test")
+    stored = catalog.record(shard_key(first))
+    assert stored["status"] == "storage_error" and stored["attempts"] == 0 and stored["storage_errors"] == 2
+    assert stored["error"].startswith("ShardReadError: ") and "reset by peer" in stored["error"]
+    assert catalog.record(shard_key(second)) is None
+    status = spec_status(spec)
+    assert status["failed"] == [] and [row["shard"] for row in status["storage_errors"]] == [first]
+    assert "storage error (2 in a row, not counted; retried after " in format_status(status)
+
+    # A third error with a long backoff: the shard is left out of the batches that follow until put back.
+    waiting = make_spec(world, out, glob, max_attempts=2, storage_backoff_s=3600)
+    assert run_batch(waiting)["storage_errors"] == [first]
+    assert catalog.record(shard_key(first))["retry_after"] > time.time() + 4 * 3600 - 60  # doubled twice
+    monkeypatch.setattr(reader, "_read_shards_udf", real_read)  # the store is back
+    record = run_batch(waiting)
+    assert record["done"] == [second] and record["waiting_after_storage_error"] == [first]
+    assert retry_failed(waiting)["reset"] == [first]
+    record = run_batch(waiting)
+    assert record["done"] == [first] and catalog.record(shard_key(first))["attempts"] == 1
+    assert {r["status"] for r in catalog.records().values()} == {"done"}
+
+
+def test_retry_failed_puts_shards_out_of_attempts_back(world, poisoned, tmp_path):
+    """`jobs.schedule --retry-failed` resets the attempts of the shards that ran out of them; the next
+    batch tries them again and counts afresh."""
+    out = tmp_path / "out"
+    shutil.copytree(poisoned["out"], out)
+    corpus = str(poisoned["root"] / "corpus" / "*")
+    values = {**json.loads(json.dumps(poisoned["spec"].__dict__)), "out": str(out)}
+    spec_file = write_spec(tmp_path / "spec.yaml", values)
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.schedule", "--spec", spec_file, "--retry-failed"], cwd=REPO, env=job_env(),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "put back 2 failed shards" in result.stdout
+    records = Catalog(str(out), None, owner="test").records()
+    put_back = [r for r in records.values() if r["status"] == "pending"]
+    assert len(put_back) == 2 and all(r["attempts"] == 0 and r["previous_status"] == "failed" for r in put_back)
+    spec = make_spec(world, str(out), corpus, max_attempts=2)
+    assert spec_status(spec)["pending"] == 2
+    record = run_batch(spec)
+    assert sorted(Path(uri).name for uri in record["failed"]) == ["broken.jsonl.gz", "notjson.jsonl"]
+    assert {shard["attempts"] for shard in record["shards"].values()} == {1}
+    refused = subprocess.run(
+        [sys.executable, "-m", "jobs.schedule", "--spec", spec_file, "--retry-failed", "--once"], cwd=REPO,
+        env=job_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "retry_failed" in refused.stderr
+
+
+def test_retry_failed_leaves_a_shard_a_batch_holds(tmp_path):
+    root, options = str(tmp_path / "out"), storage.StorageOptions().resolved()
+    held, free = (storage.FileInfo(str(tmp_path / f"{name}.jsonl"), 10, 1.0) for name in ("held", "free"))
+    batch = Catalog(root, options, owner="batch", lease_seconds=120)
+    for info in (held, free):
+        batch.commit_failed(batch.try_claim(info, 3), info, "boom")
+    holder = batch.try_claim(held, 3)  # a batch is retrying it right now
+    reset, busy = Catalog(root, options, owner="operator").reset_failed()
+    assert reset == [free.uri] and busy == [held.uri]
+    assert batch.record(shard_key(held.uri))["status"] == "failed" and batch.holds(holder)
+    assert batch.record(shard_key(free.uri))["attempts"] == 0
+
+
+# Every field of a spec that the identity leaves out: the scheduling and execution settings, the paths
+# (seeds and the SAE count by content), and the encode's batch sizes and device. Adding a field to a spec
+# either puts it in the identity (and SCORED_EXAMPLES below must show it changes the identity) or here.
+UNSCORED = {
+    "corpus", "out", "seeds", "sae", "name", "gpus_per_actor", "batch_size", "max_batch_tokens", "max_batch_rows",
+    "shards_per_round", "max_shards_per_batch", "lease_seconds", "max_attempts", "max_bad_line_fraction",
+    "interval_s", "keep_snapshots", "settle_seconds", "task_retries", "round_timeout_s", "storage_backoff_s",
+    # CurateConfig's and RunConfig's execution_fields
+    "encode_actors", "cpus_per_actor", "torch_threads", "read_attempts", "read_backoff_s", "s3_endpoint",
+    "s3_region", "ray_address", "force",
+}  # fmt: skip
+SCORED_EXAMPLES = {
+    "rule": "global_topn", "top_n": 3, "threshold": 0.5, "max_tokens": 128, "pooling": "mean",
+    "weighting": "none", "dtype": "float32", "min_chars": 5, "max_chars": 100, "too_long": "reject",
+}  # fmt: skip
+
+
+def test_spec_identity_holds_every_setting_that_changes_a_score(tmp_path):
+    import dataclasses
+
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    for name, body in {"cfg.json": "{}", "sae.safetensors": "weights", "latent_stats.json": '{"docs": 3}'}.items():
+        (sae / name).write_text(body)
+    (tmp_path / "seeds.jsonl").write_text('{"text": "a seed"}\n')
+    base = ScheduleSpec(corpus=["c/*"], seeds=str(tmp_path / "seeds.jsonl"), sae=str(sae), out=str(tmp_path / "o"))
+    identity = spec_identity(base, "tiny")
+    fields = {field.name for field in dataclasses.fields(ScheduleSpec)}
+    assert set(identity["settings"]) == {*SCORED_EXAMPLES, "model"} and fields - set(identity["settings"]) == UNSCORED
+    assert identity["settings"]["dtype"] == "auto"  # resolved by each encode worker, after the identity is bound
+    hashed = identity_hash
+    for name, value in SCORED_EXAMPLES.items():
+        assert hashed(spec_identity(dataclasses.replace(base, **{name: value}), "tiny")) != hashed(identity), name
+    assert hashed(spec_identity(base, "another-model")) != hashed(identity)
+    for name in UNSCORED - {"corpus", "out", "seeds", "sae", "name", "s3_endpoint", "s3_region", "ray_address"}:
+        value = getattr(base, name)
+        changed = (not value) if isinstance(value, bool) else value * 2 if value else 1
+        assert spec_identity(dataclasses.replace(base, **{name: changed}), "tiny") == identity, name
+    # The seeds and the SAE count by content: a copy elsewhere is the same spec, an edited file is not.
+    shutil.copytree(sae, tmp_path / "copy")
+    assert spec_identity(dataclasses.replace(base, sae=str(tmp_path / "copy")), "tiny") == identity
+    for edited in ("latent_stats.json", "cfg.json", "sae.safetensors"):
+        (tmp_path / "copy" / edited).write_text("changed")
+        assert spec_identity(dataclasses.replace(base, sae=str(tmp_path / "copy")), "tiny") != identity, edited
+    (tmp_path / "seeds.jsonl").write_text('{"text": "another seed"}\n')
+    assert spec_identity(base, "tiny") != identity
+
+
+def test_a_changed_scoring_setting_needs_a_new_output_root(world, tmp_path):
+    """Batch 1 scored with `weighting: idf`; a spec with `weighting: none` and `pooling: mean`, or an SAE
+    whose latent_stats.json changed, is refused on its output root instead of mixing score scales."""
+    out = str(tmp_path / "out")
+    shutil.copytree(world["root"] / "clean", out)
+    with pytest.raises(ConfigError) as caught:
+        run_batch(make_spec(world, out, weighting="none", pooling="mean"))
+    assert caught.value.field == "out" and "changed: pooling, weighting, sae latent_stats.json" in str(caught.value)
+    sae = tmp_path / "sae"
+    shutil.copytree(world["sae"], sae)
+    stats = json.loads((sae / "latent_stats.json").read_text())
+    stats["docs"] += 1
+    (sae / "latent_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ConfigError, match="changed: sae latent_stats.json"):
+        run_batch(make_spec({**world, "sae": str(sae)}, out))
+    # The same SAE elsewhere, and other scheduling, are the same spec: nothing new is due.
+    shutil.copy(Path(world["sae"]) / "latent_stats.json", sae / "latent_stats.json")
+    record = run_batch(make_spec({**world, "sae": str(sae)}, out, shards_per_round=1, batch_size=8))
+    assert record["shards"] == {} and record["snapshot"] == 1
+    # An output root bound by an earlier identity, which left these settings out, is refused too.
+    bound = json.loads((Path(out) / "spec.json").read_text())
+    bound["identity"] = {"seeds_sha256": "x", "model": "tiny", "selection": {}}
+    bound["id"] = identity_hash(bound["identity"])
+    (Path(out) / "spec.json").write_text(json.dumps(bound))
+    with pytest.raises(ConfigError, match="written by an earlier FineScope"):
+        run_batch(make_spec(world, out))
+
+
+def test_stray_snapshot_names_are_ignored_logged_once_and_never_removed(world, tmp_path, caplog):
+    """A directory made by hand under snapshots/ (`vX`, `v12`, `old`) neither crashes a batch nor counts as
+    a version, and no pruning or sweep removes it."""
+    out = tmp_path / "out"
+    shutil.copytree(world["root"] / "clean", out)
+    for name in ("vX", "v12", "old"):
+        (out / "snapshots" / name).mkdir()
+    spec = make_spec(world, str(out), keep_snapshots=1)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            assert run_batch(spec)["snapshot"] == 1
+    stray = [r.getMessage() for r in caplog.records if "is not a snapshot version" in r.getMessage()]
+    assert len(stray) == 3 and any("/snapshots/vX" in message for message in stray)
+    assert snapshots._versions(str(out), None) == [1]
+    assert snapshots._claim_version(str(out), None) == 2
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["old", "v000001", "v000002", "v12", "vX"]
