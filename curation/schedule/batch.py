@@ -33,7 +33,7 @@ from curation.schedule.catalog import (
 from curation.schedule.shards import shard_candidates, shard_failure, value_counts
 from curation.schedule.signals import BatchSignals
 from curation.schedule.snapshots import ROUND_FILE, current_snapshot, publish_snapshot, sweep
-from curation.schedule.spec import ScheduleSpec, bind_output, spec_identity
+from curation.schedule.spec import ScheduleSpec, bind_dtype, bind_output, spec_identity
 from curation.selection.curate import (
     CurationPlan,
     PreparedEncoder,
@@ -158,6 +158,7 @@ def _run_round(batch: _Batch, infos: list[FileInfo], work_dir: str) -> dict[str,
     spec, options = batch.spec, batch.options
     if batch.encoder is None:
         batch.encoder = prepare_encoder(spec, batch.checked)
+        bind_dtype(spec.out, batch.encoder.dtype, options)
     scored_dir = storage.join(work_dir, "scored")
     rejects_dir = storage.join(spec.out, "rejects")
     uris = [info.uri for info in infos]

@@ -107,8 +107,8 @@ def spec_identity(spec: ScheduleSpec, model: str) -> dict[str, Any]:
     the batch encodes with (the SAE's base model when the spec leaves it unset), and the content digests of
     the seeds and of the SAE's files.
 
-    `latent_stats.json` counts where `weighting: idf` reads it. `dtype: auto` stays `auto`: each encode
-    worker resolves it on its own device, after the identity is bound.
+    `latent_stats.json` counts where `weighting: idf` reads it. `dtype: auto` stays `auto` here; what it
+    becomes is bound to the root by :func:`bind_dtype` when the first batch decides it.
     """
     options = spec.storage_options()
     settings = {name: value for name, value in spec.content().items() if name not in NOT_SCORED}
@@ -162,3 +162,25 @@ def bind_output(spec: ScheduleSpec, identity: dict[str, Any], options: StorageOp
             )
         return digest
     raise OSError(f"could not create or read {uri}: every exclusive create of it was contested")
+
+
+DTYPE_FILE = "dtype.json"
+"""The encode precision the root's scores were made in: what the first batch's `dtype` became."""
+
+
+def bind_dtype(out: str, decision: dict[str, Any], options: StorageOptions) -> None:
+    """Record the encode dtype and device a batch decided (core.placement.dtype_decision) the first time;
+    refuse a later batch that decided another, whose scores would sit on a different scale (`dtype: auto`
+    becomes bfloat16 on a CPU with fast bf16 and float32 elsewhere)."""
+    uri = storage.join(out, DTYPE_FILE)
+    chosen = {"dtype": decision["dtype"], "device": decision["device"]}
+    if storage.write_bytes_exclusive(uri, json.dumps({**chosen, "decided": decision}).encode(), options):
+        return
+    bound = storage.read_json(uri, options)
+    if {"dtype": bound.get("dtype"), "device": bound.get("device")} != chosen:
+        raise ConfigError(
+            "dtype", decision["asked"], f"this root's scores were encoded in {bound.get('dtype')} on "
+            f"{bound.get('device')}, and this batch's {decision['asked']} became {chosen['dtype']} on "
+            f"{chosen['device']}: set dtype: {bound.get('dtype')} in the spec to go on with this root, or use a "
+            "new out for the new precision",
+        )  # fmt: skip

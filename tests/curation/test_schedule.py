@@ -24,6 +24,7 @@ from helpers import write_corpus
 from core import cli, reader, storage
 from core.errors import ConfigError
 from core.reader import shard_key
+from core.storage import StorageOptions
 from curation.schedule import batch as schedule_batch
 from curation.schedule import snapshots
 from curation.schedule.batch import run_batch
@@ -977,3 +978,19 @@ def test_stray_snapshot_names_are_ignored_logged_once_and_never_removed(world, t
     assert snapshots._versions(str(out), None) == [1]
     assert snapshots._claim_version(str(out), None) == 2
     assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["old", "v000001", "v000002", "v12", "vX"]
+
+
+def test_a_root_keeps_the_encode_dtype_its_first_batch_decided(tmp_path):
+    """`dtype: auto` is bfloat16 on a CPU with fast bf16 and float32 elsewhere: a root scored in one must
+    not take a batch scored in the other, whose scores sit on another scale."""
+    from curation.schedule.spec import DTYPE_FILE, bind_dtype
+
+    options = StorageOptions()
+    fp32 = {"asked": "auto", "device": "cpu", "dtype": "float32", "cpu_bf16_flags": []}
+    bind_dtype(str(tmp_path), fp32, options)
+    bind_dtype(str(tmp_path), {"asked": "float32", "device": "cpu", "dtype": "float32"}, options)  # same scale
+    bf16 = {"asked": "auto", "device": "cpu", "dtype": "bfloat16", "bf16_matmul_speedup": 5.9}
+    with pytest.raises(ConfigError) as error:
+        bind_dtype(str(tmp_path), bf16, options)
+    assert error.value.field == "dtype" and "set dtype: float32" in str(error.value)
+    assert json.loads((tmp_path / DTYPE_FILE).read_text())["decided"] == fp32
