@@ -33,6 +33,7 @@ def pipeline_report(spec: PipelineSpec, steps: list[Step], records: dict[str, An
         f"Base model `{spec.model}`, teacher `{spec.teacher or spec.model}` ({spec.backend}), pruning ratios "
         f"{', '.join(ratio_tag(r) for r in spec.ratios)}, domains: {', '.join(spec.domains)}.",
         "",
+        *_precision_lines(spec.root, steps, options),
     ]
     for domain in spec.domains:
         results_uri = storage.join(spec.root, domain, "eval", "results.json")
@@ -43,6 +44,17 @@ def pipeline_report(spec: PipelineSpec, steps: list[Step], records: dict[str, An
         else:
             lines += ["Not evaluated yet.", ""]
     return "\n".join(lines + steps_table(spec.root, steps, records, options)) + "\n"
+
+
+def _precision_lines(root: str, steps: list[Step], options: StorageOptions) -> list[str]:
+    """What the curation's encode ran in: `dtype: auto` selects other documents where it becomes bfloat16."""
+    from core.placement import describe_dtype
+
+    curate = next((step for step in steps if step.stage == "curate"), None)
+    uri = storage.join(curate.out, "manifest.json") if curate else None
+    if uri is None or not storage.exists(uri, options):
+        return []
+    return [f"Curation encoded in {describe_dtype(storage.read_json(uri, options).get('dtype'))}.", ""]
 
 
 def steps_table(root: str, steps: list[Step], records: dict[str, Any], options: StorageOptions) -> list[str]:

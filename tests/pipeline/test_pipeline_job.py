@@ -118,6 +118,8 @@ def test_pipeline_through_ray_job_submit_writes_every_stage(pipeline_run, tiny_m
     top = (run / "report.md").read_text()
     for label in labels:
         assert f"| {label} |" in top
+    decided = json.loads((run / "curate" / "manifest.json").read_text())["dtype"]
+    assert f"Curation encoded in {decided['dtype']} on cpu (auto: " in top  # what auto became, in the report
     for link in ("curate/report.md", "maths/pruned-0.30/prune_report.json", "maths/eval/report.md",
                  "maths/finetuned-0.30/metrics.jsonl"):  # fmt: skip
         assert f"]({link})" in top and (run / link).is_file()
