@@ -35,8 +35,8 @@ demo: install
 	$(PY) -m jobs.pipeline --spec jobs/configs/demo-pipeline.yaml --root $(DEMO) --corpus '$(DEMO)/corpus/*.jsonl.gz'
 
 lint: install
-	$(VENV)/bin/ruff check core curation training pipeline jobs tests bench
-	$(VENV)/bin/ruff format --check core curation training pipeline jobs tests bench
+	$(VENV)/bin/ruff check core curation training pipeline experiments jobs tests bench
+	$(VENV)/bin/ruff format --check core curation training pipeline experiments jobs tests bench
 
 # Build DeepSpeed's op once, before the tests, instead of inside the first fine-tuning test's workers.
 warm-deepspeed: install

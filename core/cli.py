@@ -350,15 +350,22 @@ def _add_flag(group: Any, spec: dataclasses.Field, annotation: Any, help_text: s
 
 
 def build_parser(
-    cls: type, description: str | None = None, prog: str | None = None, required: tuple[str, ...] | list[str] = ()
+    cls: type,
+    description: str | None = None,
+    prog: str | None = None,
+    required: tuple[str, ...] | list[str] = (),
+    config_file: bool = True,
 ) -> argparse.ArgumentParser:
     """A parser with one flag per field of `cls`. `required` fields lead the usage line and have a heading of
-    their own; they may come from --config instead, so argparse does not insist on them (the config does)."""
+    their own; they may come from --config instead, so argparse does not insist on them (the config does).
+    `config_file` False leaves --config out: a job whose one input file is a spec takes it as --spec."""
     parser = OneLineArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    must = parser.add_argument_group("required (as flags, or as keys of --config)") if required else parser
-    parser.add_argument("--config", help="YAML file of overrides; flags given here win over it")
+    heading = "required (as flags, or as keys of --config)" if config_file else "required"
+    must = parser.add_argument_group(heading) if required else parser
+    if config_file:
+        parser.add_argument("--config", help="YAML file of overrides; flags given here win over it")
     docs, hints = field_docs(cls), _hints(cls)
     shown = []
     for spec in dataclasses.fields(cls):
@@ -367,7 +374,7 @@ def build_parser(
         if is_required:
             shown.append(_usage(action))
     if shown:  # the required flags, then the rest in one word: argparse would list all ~30 flags
-        parser.usage = f"%(prog)s {' '.join(shown)} [--config CONFIG] [options]"
+        parser.usage = f"%(prog)s {' '.join(shown)}{' [--config CONFIG]' if config_file else ''} [options]"
     return parser
 
 
@@ -413,9 +420,10 @@ def parse(
     description: str | None = None,
     prog: str | None = None,
     required: tuple[str, ...] | list[str] = (),
+    config_file: bool = True,
 ) -> T:
     """Parse `argv` into `cls`. Any configuration mistake exits with status 2 and one line, before any work."""
-    parser = build_parser(cls, description, prog, required)
+    parser = build_parser(cls, description, prog, required, config_file)
     args = vars(parser.parse_args(argv))
     try:
         return _config_from_args(cls, args)
@@ -434,15 +442,16 @@ def run_job(
     description: str | None,
     prog: str | None = None,
     required: tuple[str, ...] | list[str] = (),
+    config_file: bool = True,
 ) -> Any:
     """Parse, log the config, run. A ConfigError, before or during the run, exits 2 with one line.
 
     `prog` is how the job is started (`python -m jobs.curate`), shown in --help and in every error;
-    `required` names the fields --help lists as required.
+    `required` names the fields --help lists as required; `config_file` False: no --config (see build_parser).
     """
     setup_logging()
     prog = prog or os.path.basename(sys.argv[0])
-    config = parse(cls, argv, description, prog, required)
+    config = parse(cls, argv, description, prog, required, config_file)
     logger.info("config: %s", json.dumps(to_dict(config), default=str, sort_keys=True))
     try:
         return run(config)

@@ -31,7 +31,7 @@ STAGE_DATASETS: dict[str, tuple[str, ...]] = {
     "curate": ("curated",),
     "split": ("train", "heldout", "random"),
     "distill": ("distilled",),
-    # The replication's data steps (pipeline/replication_data.py).
+    # The replication's data steps (experiments/replication/data.py).
     "holdout": ("heldout", "pool"),
     "arm": ("rows",),
     "union": ("rows",),

@@ -3,7 +3,7 @@ r"""The whole method as one job: train the SAE (or reuse one), curate, prune, di
     python -m jobs.pipeline --spec jobs/configs/demo-pipeline.yaml
     python -m jobs.pipeline --spec my-pipeline.yaml --only curate          # a stage and what it needs
     python -m jobs.pipeline --spec my-pipeline.yaml --force                # redo every step
-    ray job submit --working-dir . -- python -m jobs.pipeline --spec cluster/pipeline-s3.yaml
+    ray job submit --working-dir . -- python -m jobs.pipeline --spec jobs/configs/pipeline-s3.yaml
 
 The spec (YAML) names the base model, corpus, seeds, domains (with their MMLU subjects), pruning ratios,
 teacher and backend, and the storage root; each stage's own settings go under its name (`sae:`,
@@ -30,7 +30,8 @@ def _run(config: PipelineJobConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(PipelineJobConfig, _run, argv, __doc__, prog="python -m jobs.pipeline", required=("spec",))
+    cli.run_job(PipelineJobConfig, _run, argv, __doc__, prog="python -m jobs.pipeline", required=("spec",),
+                config_file=False)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from core import cli
-from pipeline.replication import ReplicationJobConfig, run_replication_job
+from experiments.replication import ReplicationJobConfig, run_replication_job
 
 
 def _run(config: ReplicationJobConfig) -> dict[str, Any]:
@@ -29,7 +29,8 @@ def _run(config: ReplicationJobConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_job(ReplicationJobConfig, _run, argv, __doc__, prog="python -m jobs.replicate", required=("spec",))
+    cli.run_job(ReplicationJobConfig, _run, argv, __doc__, prog="python -m jobs.replicate", required=("spec",),
+                config_file=False)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ Steps form a graph, not a chain. Per domain `d` and ratio `r`:
                              -> distill/d ----------------/                     /
                              -> distill-random/d -> finetune-random/d/r -------/
 
+Every graph-shaped job builds its graph with `pipeline.graph.Graph` and runs it with
+`pipeline.runner.run_steps`: the pipeline here, and the studies in `experiments/`.
+
 `split/d` cuts the curated rows of `d` into train and held-out by a hash of each row's id (stable as the
 corpus grows), and draws the random control: as many corpus documents, none of them curated for `d`,
 as the train split has. The held-out rows give the domain perplexity; the control fine-tune (same
@@ -25,12 +28,15 @@ own manifest (config plus input files) still matches, resumes from what it left 
 reruns that stage and exactly the steps downstream of it.
 """
 
-from pipeline.runner import PipelineJobConfig, run_pipeline, run_pipeline_job
+from pipeline.graph import Graph, Step, step_key
+from pipeline.runner import GraphJobConfig, PipelineJobConfig, run_pipeline, run_pipeline_job, run_steps
 from pipeline.spec import DomainSpec, PipelineSpec, load_spec
-from pipeline.steps import Step, build_steps, step_key
+from pipeline.steps import build_steps
 
 __all__ = [
     "DomainSpec",
+    "Graph",
+    "GraphJobConfig",
     "PipelineJobConfig",
     "PipelineSpec",
     "Step",
@@ -38,5 +44,6 @@ __all__ = [
     "load_spec",
     "run_pipeline",
     "run_pipeline_job",
+    "run_steps",
     "step_key",
 ]

@@ -6,8 +6,8 @@ from typing import Any
 
 from core import storage
 from core.storage import StorageOptions
+from pipeline.graph import Step, ratio_tag
 from pipeline.spec import PipelineSpec
-from pipeline.steps import Step, ratio_tag
 from training.evaluation.report import summary_lines
 
 _STAGE_REPORTS = {

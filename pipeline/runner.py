@@ -16,9 +16,10 @@ from typing import Any
 from core import manifest, storage
 from core.errors import ConfigError
 from core.storage import StorageOptions
+from pipeline.graph import Step, step_key
 from pipeline.report import pipeline_report
 from pipeline.spec import PipelineSpec, load_spec
-from pipeline.steps import Step, build_steps, step_key
+from pipeline.steps import build_steps
 
 logger = logging.getLogger(__name__)
 
@@ -187,17 +188,16 @@ def spec_dict(spec: Any) -> dict[str, Any]:
 
 
 @dataclass
-class PipelineJobConfig:
-    """What `python -m jobs.pipeline` does."""
+class GraphJobConfig:
+    """What a graph-shaped job (`python -m jobs.pipeline`, `python -m jobs.replicate`) takes on its command
+    line: the spec and what to override in it."""
 
     spec: str = ""
-    """The pipeline spec (YAML): model, corpus, seeds, domains, ratios, teacher, backend, root, stages."""
+    """The spec (YAML): what the graph is built from."""
     root: str | None = None
     """Overrides the spec's storage root (local or s3://)."""
-    corpus: list[str] = field(default_factory=list)
-    """Overrides the spec's corpus shards (paths, directories or globs)."""
     only: list[str] = field(default_factory=list)
-    """Run only these steps or stages and what they need, e.g. `curate` or `prune/mathematics/0.30`."""
+    """Run only these steps (or stages, or step prefixes such as `finetune/mathematics`) and what they need."""
     force: bool = False
     """Redo every step, even those that are up to date."""
     ray_address: str | None = None
@@ -205,16 +205,25 @@ class PipelineJobConfig:
 
     def __post_init__(self) -> None:
         if not self.spec:
-            raise ConfigError("spec", self.spec, "is required: pass --spec PIPELINE.yaml")
+            raise ConfigError("spec", self.spec, "is required: pass --spec SPEC.yaml")
+
+    def overrides(self) -> dict[str, Any]:
+        """The spec fields these flags set."""
+        chosen = {"force": self.force, "root": self.root, "ray_address": self.ray_address}
+        return {name: value for name, value in chosen.items() if value}
+
+
+@dataclass
+class PipelineJobConfig(GraphJobConfig):
+    """What `python -m jobs.pipeline` does: the pipeline spec names the model, corpus, seeds, domains,
+    ratios, teacher, backend, root and each stage's settings."""
+
+    corpus: list[str] = field(default_factory=list)
+    """Overrides the spec's corpus shards (paths, directories or globs)."""
+
+    def overrides(self) -> dict[str, Any]:
+        return {**super().overrides(), **({"corpus": self.corpus} if self.corpus else {})}
 
 
 def run_pipeline_job(config: PipelineJobConfig) -> dict[str, Any]:
-    overrides: dict[str, Any] = {"force": config.force}
-    if config.root:
-        overrides["root"] = config.root
-    if config.corpus:
-        overrides["corpus"] = config.corpus
-    if config.ray_address:
-        overrides["ray_address"] = config.ray_address
-    spec = load_spec(config.spec, overrides)
-    return run_pipeline(spec, config.only or None)
+    return run_pipeline(load_spec(config.spec, config.overrides()), config.only or None)

@@ -188,8 +188,8 @@ def documented_commands() -> list[list[str]]:
 def test_documented_job_commands_parse():
     """The commands of the README and docs/ use flags the jobs accept, and the spec files they name load;
     together they run every stage's job."""
+    from experiments.replication import ReplicationJobConfig, build_replication, load_replication_spec
     from jobs.make_demo_corpus import DemoCorpusConfig
-    from pipeline.replication import ReplicationJobConfig, build_replication, load_replication_spec
     from training.distillation.distill import DistillConfig
     from training.evaluation.evaluate import EvaluateConfig
     from training.finetuning.finetune import FinetuneConfig

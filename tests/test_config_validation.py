@@ -32,8 +32,8 @@ def _factories() -> dict:
     from curation.selection.curate import CurateConfig
     from curation.selection.rules import SelectionSpec
     from curation.split import SplitConfig
+    from experiments.replication import ReplicationSpec
     from jobs.make_demo_corpus import DemoCorpusConfig
-    from pipeline.replication import ReplicationSpec
     from pipeline.spec import PipelineSpec
     from training.distillation.distill import DistillConfig
     from training.distillation.teacher import TeacherConfig
@@ -274,7 +274,7 @@ def test_bad_values_fail_before_ray_starts_in_a_fresh_process():
     assert int(done.stdout.split()[-1]) == len(CASES)
 
 
-PACKAGES = ("core", "curation", "training", "pipeline", "jobs")
+PACKAGES = ("core", "curation", "training", "pipeline", "experiments", "jobs")
 BUILT_FROM_CHECKED = {
     # Config dataclasses no user writes: code builds them from configs the table above already checks.
     "EncoderSpec": "built from a checked CurateConfig or TrainSAEConfig and the SAE's cfg.json",

@@ -126,7 +126,7 @@ def test_shipped_yaml_configs_load():
             assert {step.stage for step in steps} >= {"curate", "split", "prune", "distill", "finetune", "evaluate"}
             continue
         if path.stem == "replication":  # a replication spec: its whole graph builds
-            from pipeline.replication import build_replication, load_replication_spec
+            from experiments.replication import build_replication, load_replication_spec
 
             steps, _ = build_replication(load_replication_spec(str(path)))
             assert {step.stage for step in steps} >= {"holdout", "arm", "curate", "prune", "finetune", "evaluate"}
@@ -288,8 +288,8 @@ def test_every_job_help_shows_its_command_and_its_required_flags(capsys):
 @pytest.mark.parametrize("job", [job for job, (_, required) in JOBS.items() if required])
 def test_a_flag_marked_required_is_refused_when_missing(job):
     """`--help` marks a flag required only when the config cannot be built without it."""
+    from experiments.replication import ReplicationJobConfig
     from pipeline import PipelineJobConfig
-    from pipeline.replication import ReplicationJobConfig
 
     config, required = JOBS[job]
     spec_jobs = {"pipeline": PipelineJobConfig, "replicate": ReplicationJobConfig}

@@ -13,8 +13,8 @@ import yaml
 from conftest import REPO
 
 from core.errors import ConfigError
-from pipeline.replication import arm_labels, build_replication, load_replication_spec, run_replication
-from pipeline.replication_data import HoldoutConfig, split_labelled
+from experiments.replication import arm_labels, build_replication, load_replication_spec, run_replication
+from experiments.replication.data import HoldoutConfig, split_labelled
 
 pytestmark = pytest.mark.timeout(1200)
 

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline.replication_report import ReplicationLayout, ablation_figures, domain_figures, write_report
+from experiments.replication.report import ReplicationLayout, ablation_figures, domain_figures, write_report
 
 TRIALS = [0, 1, 2]
 # NLL per token: FineScope recovers 3/4 of what pruning cost, random 1/4, the oracle 5/6.
