@@ -18,8 +18,9 @@ from conftest import REPO, build_tiny_model
 from core import cli
 from core.errors import ConfigError
 from core.storage import StorageOptions
+from training.finetuning.config import LoopConfig
 from training.finetuning.deepspeed_config import build_deepspeed_config
-from training.finetuning.finetune import FinetuneConfig, LoopConfig, merged_model, plan, run_finetune
+from training.finetuning.finetune import FinetuneConfig, plan, run_finetune
 from training.finetuning.losses import IGNORE_INDEX, causal_lm_loss, kd_loss
 from training.finetuning.sft_data import (
     BatchShape,
@@ -31,6 +32,7 @@ from training.finetuning.sft_data import (
     window_order,
 )
 from training.finetuning.step_clock import PHASES, StepClock
+from training.finetuning.worker import merged_model
 
 ROWS = 96
 
@@ -206,7 +208,8 @@ class ListShard:
 def test_resume_skips_exactly_the_steps_already_done(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from training.finetuning.finetune import TrainerState, _steps
+    from training.finetuning.checkpoints import TrainerState
+    from training.finetuning.worker import _steps
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     shard = ListShard(pq.read_table(write_distilled(tmp_path / "d", rows=40)))
@@ -305,7 +308,7 @@ def test_step_clock_tiles_the_lap_and_takes_nested_phases_out_of_their_parent():
 
 
 def test_worker_threads_and_environment_follow_the_settings(tiny_model_dir):
-    from training.finetuning.finetune import worker_environment
+    from training.finetuning.worker import worker_environment
 
     # Two workers on two cores reserve 0.75 CPU each: one thread each, never more threads than cores.
     assert worker_environment(loop_config(tiny_model_dir, cpus_per_worker=0.75)) == {
@@ -321,7 +324,7 @@ def test_lora_merge_gives_the_adapter_models_logits(tiny_model_dir, one_torch_th
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from training.finetuning.finetune import _lora_config
+    from training.finetuning.worker import _lora_config
 
     loop = loop_config(tiny_model_dir, lora_r=4, lora_alpha=8.0, lora_targets=["q_proj", "v_proj", "down_proj"])
     adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), _lora_config(loop))
@@ -519,21 +522,22 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 import ray.train
 from conftest import build_tiny_model
 from core.storage import StorageOptions
-from training.finetuning import finetune as ft
+from training.finetuning import checkpoints, worker
+from training.finetuning.config import FinetuneConfig, LoopConfig
 
 work, marker = sys.argv[1], sys.argv[2]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 model_dir = str(build_tiny_model(__import__("pathlib").Path(work) / "model", num_layers=1))
-config = ft.FinetuneConfig(model=model_dir, data="unused.parquet", out=work, zero_stage=2, torch_threads=1)
-loop = ft.LoopConfig(config, model_dir, None, 10, StorageOptions(), "")
-model, _ = ft._build_model(loop)
-engine = ft._build_engine(model, loop, 1)
+config = FinetuneConfig(model=model_dir, data="unused.parquet", out=work, zero_stage=2, torch_threads=1)
+loop = LoopConfig(config, model_dir, None, 10, StorageOptions(), "")
+model, _ = worker._build_model(loop)
+engine = worker._build_engine(model, loop, 1)
 checkpoint = os.path.join(work, "checkpoint")
-engine.save_checkpoint(checkpoint, tag=ft.DS_TAG)  # what _save_checkpoint writes, before Ray Train uploads it
-with open(os.path.join(checkpoint, ft.STATE_FILE), "w") as handle:
+engine.save_checkpoint(checkpoint, tag=checkpoints.DS_TAG)  # what save_checkpoint writes, before Ray Train uploads it
+with open(os.path.join(checkpoint, checkpoints.STATE_FILE), "w") as handle:
     json.dump({"global_step": 7, "epoch": 1, "step_in_epoch": 2}, handle)
 ray.train.get_checkpoint = lambda: ray.train.Checkpoint.from_directory(checkpoint)
-report = {"clean_step": ft._restore(engine, loop).global_step}
+report = {"clean_step": checkpoints.restore(engine, loop).global_step}
 
 
 class Payload:
@@ -541,9 +545,9 @@ class Payload:
         return os.system, (f"touch {marker}",)
 
 
-torch.save({"module": Payload()}, os.path.join(checkpoint, ft.DS_TAG, "mp_rank_00_model_states.pt"))
+torch.save({"module": Payload()}, os.path.join(checkpoint, checkpoints.DS_TAG, "mp_rank_00_model_states.pt"))
 try:
-    report["tampered_step"] = ft._restore(engine, loop).global_step
+    report["tampered_step"] = checkpoints.restore(engine, loop).global_step
 except Exception as error:
     report["error"] = [type(error).__name__, str(error)]
 print("REPORT " + json.dumps(report))
