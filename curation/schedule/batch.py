@@ -19,6 +19,7 @@ from core.errors import ConfigError
 from core.reader import ShardReadError, rejects_uri, shard_key
 from core.runtime import init_ray
 from core.storage import FileInfo, StorageOptions
+from curation.encode_pipeline import PreparedEncoder, encode_shards, prepare_encoder
 from curation.schedule.catalog import (
     DONE,
     FAILED,
@@ -34,14 +35,7 @@ from curation.schedule.shards import shard_candidates, shard_failure, value_coun
 from curation.schedule.signals import BatchSignals
 from curation.schedule.snapshots import ROUND_FILE, current_snapshot, publish_snapshot, sweep
 from curation.schedule.spec import ScheduleSpec, bind_dtype, bind_output, spec_identity
-from curation.selection.curate import (
-    CurationPlan,
-    PreparedEncoder,
-    encode_shards,
-    plan,
-    prepare_encoder,
-    selection_spec,
-)
+from curation.selection.curate import CurationPlan, plan, selection_spec
 from curation.selection.rules import SelectionSpec
 
 logger = logging.getLogger(__name__)

@@ -7,25 +7,22 @@ and, last, `manifest.json`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 
 from core import manifest, models, storage
-from core.batching import tokenize_batch, tokenize_texts
 from core.errors import ConfigError, check_range, check_ranges
-from core.heap import model_actor_runtime_env
-from core.logs import worker_logging
-from core.placement import describe_dtype, dtype_decision, requested_device, run_remote
+from core.placement import describe_dtype
 from core.progress import ray_counter
-from core.reader import CleanConfig, count_rejects, read_corpus
-from core.runtime import RunConfig, default_torch_threads
+from core.reader import CleanConfig, count_rejects
+from core.runtime import RunConfig
 from core.stage import Outcome, Stage, run_stage
-from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec, Pooling
+from curation.encode import Pooling
+from curation.encode_pipeline import encode_shards, prepare_encoder
 from curation.explain import DomainDrivers, domain_drivers, row_explanations
 from curation.sae.model import TopKSAE
 from curation.scoring import STATS_FILE, LatentStats
@@ -190,30 +187,6 @@ def _load_sae(sae: str, local_dir: str) -> tuple[TopKSAE, LatentStats | None]:
         raise ConfigError("sae", sae, f"{error}; train it again with `python -m jobs.train_sae`") from None
 
 
-def seed_vectors(encoder: DocumentEncoder, seeds: Seeds, max_tokens: int) -> np.ndarray:
-    """(seeds, latents) unit vectors of the seeds, encoded by `encoder` as corpus documents are."""
-    return encoder.encode(tokenize_texts(encoder.tokenizer, seeds.texts, max_tokens)).numpy()
-
-
-def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE, weights: list[float] | None) -> EncoderSpec:
-    threads = config.torch_threads or default_torch_threads(
-        config.encode_actors, config.cpus_per_actor, config.ray_address
-    )
-    return EncoderSpec(
-        model=model,
-        sae_dir=None,
-        layer=sae.cfg.layer,
-        skip_positions=sae.cfg.skip_positions,
-        pooling=config.pooling,
-        max_batch_tokens=config.max_batch_tokens,
-        max_batch_rows=config.max_batch_rows,
-        device=requested_device(config.gpus_per_actor),
-        dtype=config.dtype,
-        torch_threads=threads,
-        latent_weights=weights,
-    )
-
-
 def _candidates_udf(batch: pa.Table, spec: SelectionSpec) -> pa.Table:
     sims = np.stack(batch.column("seed_sims").to_numpy(zero_copy_only=False))
     ids = batch.column("id").to_numpy(zero_copy_only=False)
@@ -271,92 +244,6 @@ def selection_spec(config: CurateConfig, seeds: Seeds) -> SelectionSpec:
         seed_domains=seeds.domains,
         top_n=config.top_n,
         threshold=config.threshold if config.threshold is not None else 0.0,
-    )
-
-
-def _encode_seeds(spec: EncoderSpec, sae: TopKSAE, seeds: Seeds, max_tokens: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """The seed vectors, always in float32: a handful of documents, often short, that every corpus document
-    is scored against, so bf16 rounding here would move every score (docs/results.md, "bfloat16 encode").
-    With them, the encode dtype decided on this worker, one actor's like (core.placement.dtype_decision)."""
-    worker_logging()
-    encoder = DocumentEncoder(dataclasses.replace(spec, dtype="float32"), sae=sae)
-    decision = dtype_decision(spec.dtype, encoder.device)
-    return seed_vectors(encoder, seeds, max_tokens), decision
-
-
-class PreparedEncoder(NamedTuple):
-    """What the encode actors are built from: their spec (its dtype decided), the seed vectors, and the
-    record of how the dtype was decided (for the manifest)."""
-
-    spec: EncoderSpec
-    seeds_matrix: np.ndarray
-    dtype: dict[str, Any]
-
-
-def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> PreparedEncoder:
-    """The encoder actors' spec and the (seeds, latents) seed vectors, encoded in a Ray task that holds one
-    encoder actor's resources (the driver loads no model); `auto` dtype is decided there, once, so every
-    actor runs the same. Ray must be initialised."""
-    spec = _encoder_spec(config, checked.model, checked.sae, checked.latent_weights)
-    seeds_matrix, decision = run_remote(
-        _encode_seeds, spec, checked.sae, checked.seeds, config.max_tokens,
-        num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
-    )  # fmt: skip
-    logger.info("encode dtype: %s", describe_dtype(decision))
-    return PreparedEncoder(dataclasses.replace(spec, dtype=decision["dtype"]), seeds_matrix, decision)
-
-
-def encode_shards(
-    config: CurateConfig,
-    checked: CurationPlan,
-    uris: list[str],
-    spec: EncoderSpec,
-    seeds_matrix: np.ndarray,
-    scored_dir: str,
-    rejects_dir: str,
-    retries: int | None = None,
-    progress: Any = None,
-) -> None:
-    """read -> clean -> tokenize -> encode actor pool -> `scored_dir` (Parquet with `seed_sims`), on Ray Data.
-
-    Rejects land in `rejects_dir`, one file per shard. The stream is ordered, so every run cuts the corpus
-    into the same encode batches (see the comment below). Ray must be initialised. `retries` bounds how often
-    a tokenize or write task is retried, and an encode actor restarted, after its worker process dies
-    (None: Ray Data's default, which retries without end); the read tasks keep the reader's settings.
-    `progress`, a `core.progress.ray_counter`, is bumped by the encode actors once per batch.
-    """
-    import ray
-
-    options = config.storage_options()
-    docs = read_corpus(uris, options, config.clean_config(), rejects_dir)
-    task_retries = {} if retries is None else {"max_retries": retries}
-    actor_retries = {} if retries is None else {"max_restarts": retries, "max_task_retries": retries}
-    tokens = docs.map_batches(
-        tokenize_batch,
-        fn_kwargs={"model": checked.model, "max_tokens": config.max_tokens},
-        batch_size=config.batch_size,
-        num_cpus=0.25,
-        **task_retries,
-    )
-    scored = tokens.map_batches(
-        EncodeDocuments,
-        fn_constructor_args=(spec, seeds_matrix, checked.sae, progress, checked.seeds.domains),
-        compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=config.gpus_per_actor or None,
-        runtime_env=model_actor_runtime_env(),
-        batch_size=config.batch_size,
-        **actor_retries,
-    )
-    # A document's padding partners come from its encode batch, and a different partner can move its
-    # activations by a rounding error, enough to flip an SAE latent in or out of the top-k. Unordered, the
-    # batches are cut from whichever shard's rows arrive first; ordered, they are cut from the corpus in
-    # shard order, so scores (and the selection) repeat. The setting is this dataset's own (ray.data copies
-    # the DataContext when a dataset is created).
-    scored.context.execution_options.preserve_order = True
-    # A write task asks for 1 CPU by default: on a 2-CPU node with two batches' actor pools it never starts.
-    scored.write_parquet(
-        **storage.arrow_target(scored_dir, options), ray_remote_args={"num_cpus": 0.25, **task_retries}
     )
 
 

@@ -459,22 +459,24 @@ def test_auto_dtype_follows_the_device(tiny_model_dir, monkeypatch):
 def test_seeds_are_encoded_in_float32_whatever_the_corpus_dtype(tiny_model_dir):
     """Every corpus document is scored against the seed vectors, so they are computed in float32 even when the
     corpus is encoded in bfloat16."""
+    from curation.encode_pipeline import _encode_seeds, seed_vectors
     from curation.seeds import Seeds
-    from curation.selection.curate import _encode_seeds, seed_vectors
 
     seeds = Seeds(texts=["the cell divides and the gene is copied " * 4, "a bond yields interest " * 6],
                   domains=["bio", "finance"])  # fmt: skip
     spec = EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype="bfloat16", bf16_min_tokens=0)
-    vectors = _encode_seeds(spec, None, seeds, max_tokens=64)
+    vectors, decision = _encode_seeds(spec, None, seeds, max_tokens=64)
     exact = seed_vectors(make_encoder(tiny_model_dir), seeds, max_tokens=64)
     rounded = seed_vectors(DocumentEncoder(spec), seeds, max_tokens=64)
     assert np.array_equal(vectors, exact)
     assert not np.array_equal(vectors, rounded)
+    assert decision == {"asked": "bfloat16", "device": "cpu", "dtype": "bfloat16"}  # the corpus's, recorded
 
 
 def test_the_curate_stage_passes_its_micro_batch_size_to_the_encoder():
+    from curation.encode_pipeline import _encoder_spec
     from curation.sae.model import SAEConfig, TopKSAE
-    from curation.selection.curate import CurateConfig, _encoder_spec
+    from curation.selection.curate import CurateConfig
 
     config = CurateConfig(corpus=["c/*.jsonl"], seeds="s.jsonl", sae="sae", out="out", max_batch_tokens=65536,
                           max_batch_rows=1024)  # fmt: skip
