@@ -66,9 +66,10 @@ class CurateConfig(RunConfig):
     """How much each latent counts in the cosine: `idf`, by its rarity over the corpus's documents, measured
     when the SAE was trained (curation/scoring.py); `none`, all alike (the paper's)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """The truncated forward's precision: auto is bfloat16 where the encode worker's device computes it
-    natively (2.85x the float32 forward on an AVX512-BF16 CPU, vectors within cosine 0.99: docs/results.md)
-    and float32 elsewhere. SAE, pooling and scores stay in float32."""
+    """The truncated forward's precision: auto is bfloat16 where the encode device computes it natively and
+    fast (a GPU with bf16; a CPU whose bf16 matmuls measure at least 1.25x float32's, as AMX does), float32
+    elsewhere; it is decided once per run and recorded in the manifest (`dtype`). bf16 keeps vectors within
+    cosine 0.99 of float32's (docs/results.md). SAE, pooling and scores stay in float32."""
     min_chars: int = 1
     """Documents shorter than this, after stripping, are rejected."""
     max_chars: int = 20_000
