@@ -229,7 +229,7 @@ def label_rows(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[s
             "text": rows.column("text"),
             "domain": labels.column("domain"),
             "score": labels.column("score"),
-            "nearest_seed": labels.column("nearest_seed"),
+            "nearest_seed": _seed_names(labels.column("nearest_seed").to_pylist(), spec),
             "source": rows.column("source"),
             "meta": rows.column("meta"),
             "n_tokens": rows.column("n_tokens"),
@@ -239,12 +239,19 @@ def label_rows(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[s
     )
 
 
+def _seed_names(indices: list[int], spec: SelectionSpec) -> pa.Array:
+    """Seed indices -> the seeds' ids, which survive a reordered or edited seeds file."""
+    ids = spec.seed_ids or [str(index) for index in range(len(spec.seed_domains))]
+    return pa.array([ids[index] for index in indices], pa.string())
+
+
 def selection_spec(config: CurateConfig, seeds: Seeds) -> SelectionSpec:
     return SelectionSpec(
         rule=config.rule,  # type: ignore[arg-type]
         seed_domains=seeds.domains,
         top_n=config.top_n,
         threshold=config.threshold if config.threshold is not None else 0.0,
+        seed_ids=seeds.ids,
     )
 
 

@@ -77,12 +77,13 @@ def _top_examples(curated: pa.Table, seeds: Seeds, per_domain: int = 5) -> list[
     columns = ["domain", "score", "text", "nearest_seed", "source"]
     columns += [name for name in ("top_latents", "latent_contributions") if name in curated.column_names]
     rows = curated.select(columns).to_pylist()
+    text_of = dict(zip(seeds.ids, seeds.texts, strict=True))
     for domain in sorted({row["domain"] for row in rows}):
         best = sorted((row for row in rows if row["domain"] == domain), key=lambda row: -row["score"])
         lines += [f"### {domain}", "", "| score | text | nearest seed | driving latents |", "|---:|---|---|---|"]
         for row in best[:per_domain]:
             text = " ".join(row["text"].split())[:160].replace("|", "\\|")
-            seed = " ".join(seeds.texts[row["nearest_seed"]].split())[:60].replace("|", "\\|")
+            seed = " ".join(text_of.get(row["nearest_seed"], "?").split())[:60].replace("|", "\\|")
             lines.append(f"| {row['score']:.3f} | {text} | {seed} | {_driving(row)} |")
         lines.append("")
     return lines

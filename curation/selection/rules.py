@@ -39,6 +39,8 @@ class SelectionSpec:
     seed_domains: list[str]
     top_n: int = 100
     threshold: float = 0.5
+    seed_ids: list[str] | None = None
+    """Each seed's id (curation.seeds), which a curated row's `nearest_seed` names; None: its index."""
 
     def __post_init__(self) -> None:
         check_range("top_n", self.top_n, ge=1)

@@ -15,6 +15,7 @@ from core.errors import ConfigError
 from curation.sae.model import TopKSAE
 from curation.sae.train import TrainSAEConfig, run_train_sae
 from curation.scoring import LatentStats
+from curation.seeds import load_seeds
 from curation.selection.curate import CurateConfig, run_curation
 from curation.split import SplitConfig, run_split
 
@@ -93,6 +94,10 @@ def test_planted_documents_are_selected_first(curated_run):
     for row in table:
         assert row["score"] > 0.5
         assert set(row) >= {"id", "text", "domain", "score", "nearest_seed", "source", "meta"}
+    # A planted document's nearest seed is the one it was made from, named by that seed's id, not its line.
+    seeds = load_seeds(curated_run["corpus"]["seeds"])
+    made_from = {seed_id: text for seed_id, text in zip(seeds.ids, seeds.texts, strict=True)}
+    assert all(row["text"].startswith(made_from[row["nearest_seed"]]) for row in table)
 
 
 def test_every_row_is_scored_or_rejected(curated_run):

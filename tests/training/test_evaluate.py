@@ -404,10 +404,31 @@ def test_evaluate_job_as_subprocess(tmp_path, tiny_model_dir, planted_model_dir)
                     "ppl_t.png"]  # fmt: skip
     assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pngs)
     assert len((out / "questions.jsonl").read_text().splitlines()) == 12
+    _check_harness_files(out, section)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "evaluate" and manifest["counts"]["questions"] == 12
     rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0 and "skipping" in rerun.stderr  # the manifest matches: no model is loaded
+
+
+def _check_harness_files(out, section: dict) -> None:
+    """lm-eval's layout beside results.json: a file per model and shot setting that lm-eval readers parse."""
+    names = sorted(str(path.relative_to(out / "lm_eval")) for path in (out / "lm_eval").rglob("*.json"))
+    assert names == [f"{label}/results-{k}shot.json" for label in ("base", "planted", "same") for k in (0, 2)]
+    harness = json.loads((out / "lm_eval" / "planted" / "results-2shot.json").read_text())
+    ours = section["results"]["planted"]["2-shot"]
+    subject = next(iter(ours["sum"]["subjects"]))
+    task = harness["results"][f"mmlu_{subject}"]
+    assert task["acc,none"] == ours["sum"]["subjects"][subject]["accuracy"] == 1.0
+    assert task["acc_norm,none"] == ours["char"]["subjects"][subject]["accuracy"]
+    p, n = ours["char"]["overall"]["accuracy"], ours["char"]["overall"]["total"]
+    overall = harness["results"]["mmlu"]
+    assert overall["acc_norm,none"] == p and overall["acc_norm_stderr,none"] == pytest.approx(
+        (p * (1 - p) / (n - 1)) ** 0.5
+    )
+    assert harness["n-shot"][f"mmlu_{subject}"] == 2 and harness["config"]["model"] == "planted"
+    assert harness["n-samples"][f"mmlu_{subject}"]["effective"] == ours["sum"]["subjects"][subject]["total"]
+    assert "finescope_ppl_t" in harness["results"]
 
 
 def test_real_smollm2_packed_scores_equal_separate_forwards(one_torch_thread):

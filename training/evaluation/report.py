@@ -11,6 +11,7 @@ from core import storage
 from core.figures import png_bytes
 from core.storage import StorageOptions
 from training.evaluation import stats
+from training.evaluation.harness_format import write_harness_results
 from training.evaluation.mmlu import GROUPS
 
 GROUP_TITLES = {"stem": "STEM", "humanities": "Humanities", "social_sciences": "Social sciences", "other": "Other"}
@@ -238,3 +239,7 @@ def write_outputs(out: str, results: dict[str, Any], questions: list[dict[str, A
     for name, png in charts(results).items():
         storage.write_bytes_atomic(storage.join(out, name), png, options)
     storage.write_bytes_atomic(storage.join(out, "report.md"), report_markdown(results).encode(), options)
+    shots = [
+        int(key.removesuffix("-shot")) for key in next(iter((results["mmlu"] or {}).get("results", {}).values()), {})
+    ]
+    write_harness_results(out, results, shots or [0], options)
