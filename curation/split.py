@@ -27,12 +27,20 @@ class SplitConfig(RunConfig):
     curated: str = ""
     """The curate stage's output directory (its `curated/` and `scored/` are read)."""
     domain: str = ""
+    """The domain (of the seeds file) whose curated rows are split."""
     out: str = ""
+    """Output directory, local or s3://: train/, heldout/, random/, manifest.json."""
     heldout_fraction: float = 0.2
+    """Share of the domain's curated rows held out of training (by a hash of each row's id)."""
     control: bool = True
+    """Draw the random control: as many uncurated corpus documents as the train side holds."""
     seed: int = 0
+    """Seed of the random control's draw."""
 
     def __post_init__(self) -> None:
+        for name in ("curated", "domain", "out"):
+            if not getattr(self, name):
+                raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
         check_range("heldout_fraction", self.heldout_fraction, gt=0.0, lt=1.0)
         check_seed("seed", self.seed)
 

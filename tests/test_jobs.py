@@ -163,6 +163,7 @@ JOBS = {  # job -> (its config in test_config_validation's tables, the flags its
     "distill": ("DistillConfig", ["data", "out"]),
     "finetune": ("FinetuneConfig", ["model", "data", "out"]),
     "evaluate": ("EvaluateConfig", ["models", "out"]),
+    "split": ("SplitConfig", ["curated", "domain", "out"]),
     "make_demo_corpus": ("DemoCorpusConfig", []),
     "schedule": ("ScheduleJobConfig", ["spec"]),
     "pipeline": ("PipelineSpec", ["spec"]),  # a spec job: the config's values live in the spec file

@@ -151,13 +151,14 @@ def test_prune_reads_a_curate_output_through_its_manifest(curated_run, tiny_mode
     from training.pruning.prune import PruneConfig, run_pruning
 
     out = curated_run["root"] / "out"
-    config = PruneConfig(
-        model=tiny_model_dir, data=str(out), out=str(tmp_path / "pruned"), ratio=0.3, channel_multiple=8, max_tokens=32
-    )
-    run_pruning(config)
+    settings = {"model": tiny_model_dir, "data": str(out), "ratio": 0.3, "channel_multiple": 8, "max_tokens": 32}
+    with pytest.raises(ConfigError) as error:  # two domains curated: importance on both mixed serves neither
+        run_pruning(PruneConfig(**settings, out=str(tmp_path / "mixed")))
+    assert error.value.field == "domain" and "body, maths" in str(error.value)
+    run_pruning(PruneConfig(**settings, domain="maths", out=str(tmp_path / "pruned")))
     written = json.loads((tmp_path / "pruned" / "manifest.json").read_text())
     assert [info["uri"] for info in written["inputs"]] == _files(out / "curated")
-    assert written["counts"]["docs"] == curated_run["manifest"]["counts"]["curated_rows"]
+    assert written["counts"]["docs"] == curated_run["manifest"]["counts"]["by_domain"]["maths"]
     for wrong in ("scored", "rejects"):
         with pytest.raises(ConfigError) as error:
             run_pruning(PruneConfig(model=tiny_model_dir, data=str(out / wrong), out=str(tmp_path / wrong)))

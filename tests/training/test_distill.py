@@ -360,6 +360,18 @@ def test_pipeline_filters_dedups_and_resumes(ray_local, scripted_model, tmp_path
 
 
 @pytest.mark.timeout(240)
+def test_one_domain_of_a_multi_domain_set_is_rewritten_with_domain(ray_local, scripted_model, tmp_path):
+    data = write_rows(tmp_path / "data", INSTRUCTION_ROWS)
+    result = run_distill(mechanics_config(data, tmp_path / "out", scripted_model, domain="mathematics"))
+    distilled = read_dir(tmp_path / "out" / "distilled")
+    assert set(distilled) == {"r05", "r06"} and result["counts"]["rows"] == 2
+    assert {row["domain"] for row in distilled.values()} == {"mathematics"}
+    with pytest.raises(ConfigError) as error:
+        distill.plan(mechanics_config(data, tmp_path / "other", scripted_model, domain="history"))
+    assert error.value.field == "domain" and "general, mathematics" in str(error.value)
+
+
+@pytest.mark.timeout(240)
 def test_pipeline_reads_a_curated_output(ray_local, scripted_model, tmp_path):
     """Raw curated text takes the continuation recipe; a changed config starts over instead of resuming."""
     docs = [

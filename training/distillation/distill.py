@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from core import manifest, models, storage
 from core.batching import cached_tokenizer
+from core.domains import check_domain, domains_in, only_domain
 from core.errors import ConfigError, check_range, check_ranges
 from core.progress import Progress
 from core.runtime import RunConfig, default_torch_threads
@@ -130,6 +131,9 @@ class DistillConfig(RunConfig, GenerationSettings):
 
     data: str = ""
     """Input: a curated stage's output directory (its curated/ is read), or Parquet files, a directory or a glob."""
+    domain: str | None = None
+    """Rewrite this domain's rows only (unset: every row; a curate output of a multi-domain seeds file holds
+    several domains)."""
     teacher: str = "smollm2-135m"
     """Teacher model: an embedded name (smollm2-135m), a Hugging Face directory or a .gguf file."""
     backend: Backend = "transformers"
@@ -422,6 +426,7 @@ def plan(config: DistillConfig) -> DistillPlan:
     """Check everything that can be checked without Ray: inputs, columns, teacher, context."""
     options = config.storage_options()
     inputs = input_files(config.data, options)
+    check_domain(config.domain, domains_in(inputs, options), config.data, mixed=True)
     with storage.open_read(inputs[0].uri, options) as handle:
         columns = set(pq.read_schema(handle).names)
     has_pairs = {config.instruction_column, config.response_column} <= columns
@@ -528,6 +533,8 @@ def _read_prepared(source: dict[str, Any], spec: PrepareSpec, done_ids: set[str]
     import ray
 
     data = ray.data.read_parquet(source["path"], filesystem=source["filesystem"])
+    if config.domain is not None:
+        data = data.map_batches(only_domain, fn_args=(config.domain,), batch_format="pyarrow", num_cpus=0.25)
     if config.limit:
         data = data.limit(config.limit)
     return data.map_batches(

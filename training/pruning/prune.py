@@ -46,6 +46,7 @@ from torch import nn
 
 from core import manifest, models, storage
 from core.batching import pad_right, tokenize_texts
+from core.domains import check_domain, domains_in, only_domain
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
 from core.placement import run_remote, worker_device
@@ -74,6 +75,9 @@ class PruneConfig(RunConfig):
     """Base model: an embedded name (smollm2-135m), a Hugging Face directory, or a .gguf file."""
     data: str = ""
     """Curated set: Parquet file or directory with a `text` column, local or s3:// (e.g. <curate out>/curated)."""
+    domain: str | None = None
+    """Measure importance on this domain's rows only; needed when `data` holds several domains (a curate
+    output of a multi-domain seeds file)."""
     out: str = ""
     """Output directory, local or s3://: the pruned model, prune_report.json, manifest.json."""
     ratio: float = 0.30
@@ -282,10 +286,13 @@ def domain_batches(
         yield pad_right(token_lists[start : start + batch_size], tokenizer.pad_token_id)
 
 
-def read_texts(data: str, max_docs: int, options: storage.StorageOptions | None = None) -> list[str]:
-    """The first `max_docs` non-empty texts of a Parquet file or directory; empty data fails with the fix."""
+def read_texts(
+    data: str, max_docs: int, options: storage.StorageOptions | None = None, domain: str | None = None
+) -> list[str]:
+    """The first `max_docs` non-empty texts of a Parquet file or directory (of `domain`'s rows, when given);
+    empty data fails with the fix."""
     try:
-        table = storage.read_parquet(data, options)
+        table = only_domain(storage.read_parquet(data, options), domain)
     except FileNotFoundError:
         raise ConfigError(
             "data", data, "holds no *.parquet file; pass the curated/ directory of a curate run"
@@ -305,7 +312,9 @@ def _domain_data(config: PruneConfig, options: storage.StorageOptions) -> tuple[
         return [], []
     inputs = manifest.input_files(config.data, field="data", reads=DATA_READS, options=options)
     source = manifest.resolve_input(config.data, field="data", reads=DATA_READS, options=options)
-    texts = read_texts(source, config.max_docs, options) if config.method == "taylor" else []
+    parquet = [info for info in inputs if info.uri.endswith(".parquet")]
+    check_domain(config.domain, domains_in(parquet, options), config.data)
+    texts = read_texts(source, config.max_docs, options, config.domain) if config.method == "taylor" else []
     return inputs, texts
 
 
