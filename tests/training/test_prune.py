@@ -1,7 +1,9 @@
-"""Structured pruning on the tiny GQA Llama: ratio, exact slicing, reloading, errors, the job."""
+"""Structured pruning of every supported family (tiny models built from their config classes): ratio, exact
+slicing, Taylor scores; and, on the tiny GQA Llama, reloading, errors and the job."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -12,13 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from core.errors import ConfigError
 from tests.conftest import REPO, TINY_TEXTS
+from tests.training.pruning_models import FAMILIES, build_family_model, masked, save_family_model
 from training.pruning.importance import Importance, magnitude_importance, random_importance, taylor_importance
 from training.pruning.prune import PruneConfig, allocate, domain_batches, read_report, run_pruning
-from training.pruning.structures import count_params, kv_rows, layout_of, query_rows, slice_structures
+from training.pruning.prune import plan as prune_plan
+from training.pruning.structures import count_params, is_uniform, layout_of, slice_layer, slice_structures
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,23 +43,14 @@ def _input_ids(tokenizer) -> torch.Tensor:
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
-@torch.no_grad()
-def zero_removed(model, keep_groups: list[list[int]], keep_channels: list[list[int]]):
-    """The original model with every removed structure's weights set to zero (the pruning reference)."""
-    layout = layout_of(model.config)
-    for layer, groups, channels in zip(model.model.layers, keep_groups, keep_channels, strict=True):
-        gone = sorted(set(range(layout.num_kv_heads)) - set(groups))
-        q_rows, kv = query_rows(layout, gone), kv_rows(layout, gone)
-        attention, mlp = layer.self_attn, layer.mlp
-        attention.q_proj.weight[q_rows] = 0
-        attention.k_proj.weight[kv] = 0
-        attention.v_proj.weight[kv] = 0
-        attention.o_proj.weight[:, q_rows] = 0
-        dropped = sorted(set(range(layout.intermediate_size)) - set(channels))
-        mlp.gate_proj.weight[dropped] = 0
-        mlp.up_proj.weight[dropped] = 0
-        mlp.down_proj.weight[:, dropped] = 0
-    return model
+def _family_model(family: str, **extra):
+    # The word-level test tokenizer (conftest.py) has fewer words and numbers its specials <unk>, <pad>, <s>, </s>.
+    return build_family_model(family, 320, 1, 2, 3, **extra)
+
+
+def _family_ids() -> torch.Tensor:
+    """Two sequences of 12 tokens: longer than the sliding windows (4), so windowed layers see fewer keys."""
+    return torch.randint(4, 230, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 def _write_texts(path: Path, texts: list[str]) -> str:
@@ -69,9 +65,11 @@ def domain_dir(tmp_path) -> str:
     return _write_texts(tmp_path / "curated", texts)
 
 
-def test_plan_hits_the_ratio_within_one_rounding_step(tiny_model_dir):
-    model = _load(tiny_model_dir)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_allocation_hits_the_ratio_within_one_rounding_step(family):
+    model = _family_model(family)
     layout = layout_of(model.config)
+    assert layout.full_params() == count_params(model)  # the description counts every parameter
     importance = magnitude_importance(model, layout)
     for ratio in (0.1, 0.2, 0.3, 0.4):
         plan = allocate(importance, layout, ratio, channel_multiple=8)
@@ -79,75 +77,99 @@ def test_plan_hits_the_ratio_within_one_rounding_step(tiny_model_dir):
         step = 8 * layout.channel_params * layout.num_layers / plan.params_before
         assert abs(plan.ratio - ratio) <= step / 2 + 1e-9, (ratio, plan.ratio)
         assert all(len(c) % 8 == 0 for c in plan.keep_channels)
-        assert len({len(g) for g in plan.keep_groups}) == 1 and len({len(c) for c in plan.keep_channels}) == 1
+        assert is_uniform(plan.keep_groups, plan.keep_channels)
         # The decoder loses a larger share than the whole model: embeddings are never cut.
         assert plan.decoder_ratio > plan.ratio
-        pruned = slice_structures(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)
+        pruned = slice_structures(_family_model(family), plan.keep_groups, plan.keep_channels)
         assert count_params(pruned) == plan.params_after
 
 
-def test_pruned_logits_equal_original_with_removed_structures_zeroed(tiny_model_dir):
-    model = _load(tiny_model_dir)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sliced_logits_equal_the_unpruned_model_with_removed_heads_and_channels_zeroed(family):
+    model = _family_model(family)
     layout = layout_of(model.config)
     # Random scores, one KV group of two kept per layer: which group survives differs from layer to layer,
-    # so a slip in the q/k/v rows, the o columns or the GQA pairing changes the logits.
+    # so a slip in the q/k/v rows (or their biases, or a fused block's offset), the o columns or the GQA
+    # pairing changes the logits.
     plan = allocate(random_importance(layout, seed=3), layout, 0.3, channel_multiple=8, keep_groups=1)
     assert len({groups[0] for groups in plan.keep_groups}) == 2
-    ids = _input_ids(_tokenizer(tiny_model_dir))
+    ids = _family_ids()
     with torch.no_grad():
         original = model(ids).logits
-        reference = zero_removed(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)(ids).logits
-        pruned = slice_structures(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)(ids).logits
-    assert pruned.shape == original.shape
-    assert not torch.allclose(reference, original, atol=1e-3)
-    torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=1e-5)
+        with masked(model, plan.keep_groups, plan.keep_channels):
+            reference = model(ids).logits
+        pruned = slice_structures(_family_model(family), plan.keep_groups, plan.keep_channels)
+        logits = pruned(ids).logits
+    assert not torch.allclose(reference, original, atol=1e-2)
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
+    channels = len(plan.keep_channels[0])
+    assert (pruned.config.num_key_value_heads, pruned.config.num_attention_heads) == (1, 2)
+    assert (pruned.config.head_dim, pruned.config.intermediate_size) == (layout.head_dim, channels)
+    assert count_params(pruned) == plan.params_after
     assert model.config.num_key_value_heads == 2  # the original's config is untouched
 
 
-def test_first_and_last_layers_can_stay_whole_in_memory(tiny_model_dir):
-    model = _load(tiny_model_dir)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_and_last_layers_can_stay_whole_in_memory(family):
+    model = _family_model(family)
     layout = layout_of(model.config)
-    plan = allocate(magnitude_importance(model, layout), layout, 0.2, channel_multiple=8, keep_first_last=True)
+    plan = allocate(random_importance(layout, seed=3), layout, 0.15, channel_multiple=8, keep_first_last=True)
     sizes = [(len(g), len(c)) for g, c in zip(plan.keep_groups, plan.keep_channels, strict=True)]
-    assert sizes[0] == sizes[-1] == (layout.num_kv_heads, layout.intermediate_size)
-    assert sizes[1] == sizes[2] and sizes[1] != sizes[0]
-    ids = _input_ids(_tokenizer(tiny_model_dir))
+    assert sizes[0] == sizes[-1] == (layout.num_kv_heads, layout.intermediate_size) != sizes[1]
+    ids = _family_ids()
     with torch.no_grad():
-        reference = zero_removed(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)(ids).logits
-        pruned = slice_structures(_load(tiny_model_dir), plan.keep_groups, plan.keep_channels)(ids).logits
-    torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=1e-5)
+        with masked(model, plan.keep_groups, plan.keep_channels):
+            reference = model(ids).logits
+        # Phi-3 splits qkv_proj's output by the config's head count: each layer runs on a config of its sizes.
+        pruned = slice_structures(_family_model(family), plan.keep_groups, plan.keep_channels)
+        torch.testing.assert_close(pruned(ids).logits, reference, atol=1e-4, rtol=0)
 
 
-def test_taylor_hooks_match_a_plain_backward(tiny_model_dir):
-    """Gradients folded and freed during backward give exactly the |w * grad| sums of an ordinary backward."""
-    model = _load(tiny_model_dir)
+def _cut_elements(layer: nn.Module, layout, keep_groups: list[int], keep_channels: list[int]) -> dict:
+    """Per parameter that slicing to these structures cuts, a mask of the elements it keeps: each element
+    is tagged with its own index before a copy of the layer is sliced."""
+    tagged, shapes = copy.deepcopy(layer), {name: p.shape for name, p in layer.named_parameters()}
+    with torch.no_grad():
+        for parameter in tagged.parameters():
+            parameter.copy_(torch.arange(parameter.numel(), dtype=torch.float32).view_as(parameter))
+    slice_layer(tagged, layout, keep_groups, keep_channels)
+    masks = {}
+    for name, parameter in tagged.named_parameters():
+        if parameter.shape != shapes[name]:
+            mask = torch.zeros(shapes[name].numel(), dtype=torch.bool)
+            mask[parameter.detach().flatten().long()] = True
+            masks[name] = mask.view(shapes[name])
+    return masks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_taylor_scores_sum_what_slicing_removes_with_each_structure(family, tiny_model_dir):
+    """Gradients folded and freed during backward give, per structure, the |w * grad| of an ordinary backward
+    summed over exactly the weights and biases that slicing removes with that structure."""
+    model = _family_model(family)
     layout = layout_of(model.config)
-    tokenizer = _tokenizer(tiny_model_dir)
-    batches = list(domain_batches(TINY_TEXTS, tokenizer, max_tokens=32, batch_size=2))
+    batches = list(domain_batches(TINY_TEXTS, _tokenizer(tiny_model_dir), max_tokens=32, batch_size=2))
     scores = taylor_importance(model, layout, batches)
     assert scores.batches == len(batches) and all(p.grad is None for p in model.parameters())
 
-    expected = Importance(torch.zeros_like(scores.groups), torch.zeros_like(scores.channels))
+    layers = model.get_decoder().layers
+    plain = [{name: torch.zeros_like(p) for name, p in layer.named_parameters()} for layer in layers]
     for ids, mask in batches:
         model.zero_grad()
-        labels = ids.masked_fill(mask == 0, -100)
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        for index, layer in enumerate(model.model.layers):
-            attention, mlp = layer.self_attn, layer.mlp
-            for group in range(layout.num_kv_heads):
-                q, kv = query_rows(layout, [group]), kv_rows(layout, [group])
-                total = sum(
-                    (lin.weight * lin.weight.grad)[rows].abs().sum()
-                    for lin, rows in ((attention.q_proj, q), (attention.k_proj, kv), (attention.v_proj, kv))
-                )
-                total += (attention.o_proj.weight * attention.o_proj.weight.grad)[:, q].abs().sum()
-                expected.groups[index, group] += float(total.detach())
-            channel = (mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
-            channel += (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
-            channel += (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(0)
-            expected.channels[index] += channel.double()
-    torch.testing.assert_close(scores.groups, expected.groups, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(scores.channels, expected.channels, rtol=1e-4, atol=1e-7)
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        for layer, sums in zip(layers, plain, strict=True):
+            for name, parameter in layer.named_parameters():
+                sums[name] += (parameter * parameter.grad).abs().detach()
+    every_group, every_channel = list(range(layout.num_kv_heads)), list(range(layout.intermediate_size))
+    for index, (layer, sums) in enumerate(zip(layers, plain, strict=True)):
+        for group in every_group:
+            masks = _cut_elements(layer, layout, [g for g in every_group if g != group], every_channel)
+            expected = sum(float(sums[name][~kept].sum()) for name, kept in masks.items())
+            assert scores.groups[index, group].item() == pytest.approx(expected, rel=1e-4)
+        for channel in (0, 37, layout.intermediate_size - 1):
+            masks = _cut_elements(layer, layout, every_group, [c for c in every_channel if c != channel])
+            expected = sum(float(sums[name][~kept].sum()) for name, kept in masks.items())
+            assert scores.channels[index, channel].item() == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.timeout(300)
@@ -194,9 +216,8 @@ def test_run_pruning_writes_a_standard_checkpoint_and_skips_on_rerun(tiny_model_
     plan = allocate(importance, layout, 0.3, channel_multiple=8)
     assert plan.keep_groups == keep_groups
     ids = _input_ids(_tokenizer(out))
-    with torch.no_grad():
-        expected = zero_removed(reference, plan.keep_groups, plan.keep_channels)(ids).logits
-        torch.testing.assert_close(reloaded.eval()(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), masked(reference, plan.keep_groups, plan.keep_channels):
+        torch.testing.assert_close(reloaded.eval()(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
 
     mtime = (Path(out) / "model.safetensors").stat().st_mtime_ns
     assert run_pruning(config)["params_after"] == report["params_after"]  # the manifest carries the counts
@@ -258,3 +279,112 @@ def test_prune_job_subprocess(tiny_model_dir, domain_dir, tmp_path):
         timeout=240,
     )
     assert bad.returncode == 2 and "ratio=1.0" in bad.stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_job_writes_a_standard_checkpoint_of_every_family(family, tiny_model_dir, domain_dir, tmp_path):
+    """`python -m jobs.prune` (in this process, the stage's work in its Ray task) on a tiny checkpoint of
+    each family: a same-family checkpoint that plain transformers loads, whose config describes the sliced
+    sizes, and whose logits are the original's with the reported structures zeroed."""
+    from jobs import prune as prune_job
+
+    model_dir = save_family_model(family, _tokenizer(tiny_model_dir), tmp_path / family)
+    out = tmp_path / "pruned"
+    args = ["--model", model_dir, "--data", domain_dir, "--out", str(out), "--ratio", "0.3"]
+    prune_job.main([*args, "--channel-multiple", "8", "--max-tokens", "32"])
+
+    report = read_report(str(out))
+    original = _load(model_dir)
+    layout = layout_of(original.config)
+    step = 8 * layout.channel_params * layout.num_layers / report["params_before"]
+    assert report["model_type"] == family and abs(report["ratio_achieved"] - 0.3) <= step / 2 + 1e-9
+    assert report["params_before"] == count_params(original)
+    assert report["method"] == "taylor" and report["importance"]["batches"] == 3
+    config_json = json.loads((out / "config.json").read_text())
+    sizes = report["sizes_after"]
+    assert config_json["model_type"] == family
+    assert {key: config_json[key] for key in sizes} == sizes
+    assert sizes["head_dim"] == layout.head_dim and sizes["intermediate_size"] < layout.intermediate_size
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # no custom code
+    assert type(reloaded) is type(original)
+    assert count_params(reloaded) == report["params_after"]
+    plan = allocate(Importance.from_npz((out / "prune_importance.npz").read_bytes()), layout, 0.3, channel_multiple=8)
+    removed = [sorted(set(range(layout.num_kv_heads)) - set(groups)) for groups in plan.keep_groups]
+    assert removed == [layer["kv_groups_removed"] for layer in report["removed_per_layer"]]
+    ids = _family_ids()
+    with torch.no_grad(), masked(original, plan.keep_groups, plan.keep_channels):
+        torch.testing.assert_close(reloaded(ids).logits, original(ids).logits, atol=1e-4, rtol=0)
+
+
+def _moe_config():
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_experts=4)
+
+
+def _mixtral_config():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+
+
+def _gemma3_multimodal_config():
+    from transformers import Gemma3Config
+
+    return Gemma3Config()
+
+
+def _gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+
+
+@pytest.mark.parametrize(
+    "make_config, reason",
+    [
+        (_moe_config, "mixture-of-experts"),
+        (_mixtral_config, "mixture-of-experts"),
+        (_gemma3_multimodal_config, "multimodal"),
+        (_gpt2_config, "supported model types: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3"),
+    ],
+)
+def test_a_family_pruning_cannot_slice_is_refused_at_validation(make_config, reason, tmp_path):
+    """From config.json alone (there are no weights to load), before Ray starts, with the reason."""
+    model_dir = tmp_path / "model"
+    make_config().save_pretrained(model_dir)
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError) as error:
+        prune_plan(PruneConfig(model=str(model_dir), method="magnitude", out=str(out)))
+    assert error.value.field == "model" and reason in str(error.value), str(error.value)
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] in str(error.value)
+    assert not out.exists()
+
+
+def test_phi3_with_longrope_factors_keeps_its_attention_and_cuts_its_mlp(tmp_path):
+    """Phi-3's config checks longrope factors against hidden_size / num_attention_heads, so fewer heads would
+    not load: such a model keeps every attention group, and asking for fewer is refused at validation."""
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.5] * 8, "rope_theta": 10000.0}
+    extra = dict(rope_parameters=rope, original_max_position_embeddings=64)
+    model = _family_model("phi3", **extra)
+    model_dir = tmp_path / "phi3"
+    model.config.save_pretrained(model_dir)
+    layout = layout_of(model.config)
+    assert "longrope" in layout.fixed_groups
+
+    plan = allocate(magnitude_importance(model, layout), layout, 0.2, channel_multiple=8)
+    assert plan.keep_groups == [[0, 1]] * layout.num_layers and len(plan.keep_channels[0]) < layout.intermediate_size
+    slice_structures(model, plan.keep_groups, plan.keep_channels).save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert count_params(reloaded) == plan.params_after
+    assert reloaded.config.rope_parameters["short_factor"] == [1.0] * 8
+
+    with pytest.raises(ConfigError) as error:
+        prune_plan(PruneConfig(model=str(model_dir), method="magnitude", keep_groups=1, out=str(tmp_path / "o")))
+    assert error.value.field == "keep_groups" and "longrope" in str(error.value)
+    with pytest.raises(ConfigError) as error:  # the MLP alone cannot remove 80%
+        prune_plan(PruneConfig(model=str(model_dir), method="magnitude", ratio=0.8, out=str(tmp_path / "o")))
+    assert error.value.field == "ratio" and "not reachable" in str(error.value)
+    assert not (tmp_path / "o").exists()

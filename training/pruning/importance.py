@@ -1,8 +1,10 @@
 """Importance of every attention group and MLP channel: first-order Taylor, magnitude, or random.
 
 Taylor (Molchanov et al. 2019; LLM-Pruner's element-wise first-order term, Ma et al. 2023): for each batch
-of domain text, the causal-LM loss is back-propagated and every weight contributes |w * dL/dw|; the
-contributions are summed over the weights of a structure and accumulated over batches.
+of domain text, the causal-LM loss is back-propagated and every weight contributes |w * dL/dw| (so does the
+bias of a cut row, in the families that have one); the contributions are summed over the weights of a
+structure and accumulated over batches. Which weights make up a structure comes from the model family's
+description in structures.py, fused projections included.
 
 Memory. Only the per-structure sums are kept: (layers, groups) and (layers, channels) floats, 46,170
 numbers for SmolLM2. No gradient outlives its own parameter's backward step: a post-accumulate-grad hook
@@ -29,14 +31,15 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
-from training.pruning.structures import Layout, decoder_layers
+from training.pruning.structures import CHANNEL, Layout, decoder_layers, module_at, structure_sums
 
 logger = logging.getLogger(__name__)
 
@@ -79,42 +82,36 @@ def _zeros(layout: Layout) -> Importance:
     )
 
 
-# Per-structure reductions of an element-wise score matrix (rows = output features, columns = inputs).
-def _per_group_rows(score: torch.Tensor, groups: int) -> torch.Tensor:
-    """(groups * rows_per_group, in) -> (groups,): q_proj, k_proj, v_proj."""
-    return score.sum(1).view(groups, -1).sum(1)
+def _structure_reducers(model: nn.Module, layout: Layout, into: Importance) -> list[tuple[nn.Parameter, Callable]]:
+    """For every sliced weight and bias, a function that adds its element-wise scores into `into`.
 
-
-def _per_group_columns(score: torch.Tensor, groups: int) -> torch.Tensor:
-    """(out, groups * cols_per_group) -> (groups,): o_proj."""
-    return score.sum(0).view(groups, -1).sum(1)
-
-
-def _structure_reducers(model: nn.Module, layout: Layout, into: Importance) -> list[tuple[nn.Parameter, callable]]:
-    """For every sliced weight, a function that adds an element-wise score matrix into `into`."""
-    groups = layout.num_kv_heads
+    A weight's scores are summed over the axis that is not cut (a row's or a column's total), a bias's are
+    taken as they are; either way one number per row of the cut axis, which the family's description splits
+    into its blocks and sums per structure.
+    """
     reducers = []
     for index, layer in enumerate(decoder_layers(model)):
-        attention, mlp = layer.self_attn, layer.mlp
-
-        def add_groups(score: torch.Tensor, by_rows: bool, index: int = index) -> None:
-            reduce = _per_group_rows if by_rows else _per_group_columns
-            into.groups[index] += reduce(score, groups).double().cpu()
-
-        def add_channels(score: torch.Tensor, by_rows: bool, index: int = index) -> None:
-            into.channels[index] += (score.sum(1) if by_rows else score.sum(0)).double().cpu()
-
-        for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
-            reducers.append((linear.weight, lambda s, f=add_groups: f(s, True)))
-        reducers.append((attention.o_proj.weight, lambda s, f=add_groups: f(s, False)))
-        for linear in (mlp.gate_proj, mlp.up_proj):
-            reducers.append((linear.weight, lambda s, f=add_channels: f(s, True)))
-        reducers.append((mlp.down_proj.weight, lambda s, f=add_channels: f(s, False)))
+        for projection in layout.family.projections:
+            linear = module_at(layer, projection.path)
+            add = partial(_add_rows, into, layout, projection.parts, index)
+            reducers.append((linear.weight, partial(_add_weight, add, 1 - projection.axis)))
+            if projection.axis == 0 and linear.bias is not None:
+                reducers.append((linear.bias, add))
     return reducers
 
 
+def _add_weight(add: Callable, kept_axis: int, score: torch.Tensor) -> None:
+    add(score.sum(kept_axis))
+
+
+def _add_rows(into: Importance, layout: Layout, parts: tuple[str, ...], layer: int, rows: torch.Tensor) -> None:
+    for part, sums in structure_sums(layout, parts, rows):
+        target = into.channels if part == CHANNEL else into.groups
+        target[layer] += sums.double().cpu()
+
+
 def magnitude_importance(model: nn.Module, layout: Layout) -> Importance:
-    """Sum of |w| over each structure: no data, the classic baseline."""
+    """Sum of |w| over each structure's weights (and cut biases): no data, the classic baseline."""
     scores = _zeros(layout)
     with torch.no_grad():
         for weight, add in _structure_reducers(model, layout, scores):
@@ -138,13 +135,22 @@ def random_importance(layout: Layout, seed: int = 0) -> Importance:
     return scores
 
 
+def _train_without_dropout(model: nn.Module) -> None:
+    """Train mode for the decoder layers, which transformers checkpoints only in train mode, with every dropout
+    (Phi-3's residual dropout, the attention's dropout rate) left off, so the scores do not depend on a draw."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) or hasattr(module, "attention_dropout"):
+            module.eval()
+
+
 def taylor_importance(
     model: nn.Module,
     layout: Layout,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     checkpointing: bool = False,
 ) -> Importance:
-    """Sum over batches and over each structure's weights of |w * dL/dw|, L the causal-LM loss.
+    """Sum over batches and over each structure's weights (and cut biases) of |w * dL/dw|, L the causal-LM loss.
 
     `batches` yields (batch, tokens) input ids and attention masks; padded positions carry no loss.
     Gradients are folded into the per-structure sums by hooks during backward and freed at once.
@@ -166,7 +172,7 @@ def taylor_importance(
     was_training = model.training
     if checkpointing:
         model.gradient_checkpointing_enable()
-        model.train()  # transformers checkpoints only in train mode; Llama has no dropout to switch on
+        _train_without_dropout(model)
     started = time.perf_counter()
     try:
         for input_ids, attention_mask in batches:

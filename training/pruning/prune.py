@@ -24,6 +24,11 @@ the sums are comparable. `ranking` decides how layers weigh in that sum: `global
 across layers; `per_layer` divides each layer's scores by that layer's total first, so every layer counts
 alike. `keep_groups` fixes the number of attention groups instead.
 
+**Model families.** Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3 checkpoints are cut
+by one slicer that reads each family's description in structures.py: which modules hold q/k/v/o and
+gate/up/down, how Phi-3 fuses them, which biases and per-head norms a layer has. A mixture-of-experts or
+multimodal checkpoint, or any other type, is refused at validation from its config, with the reason.
+
 **First and last layers.** `keep_first_last` leaves layers 0 and L-1 whole. The model then has layers of
 two sizes, which no standard config describes: such an allocation can be applied in memory (e.g. to measure its
 perplexity), but it cannot be saved as a standard checkpoint, and the job refuses it at validation.
@@ -53,7 +58,7 @@ from core.placement import run_remote, worker_device
 from core.runtime import RunConfig, default_torch_threads
 from core.stage import Outcome, Stage, run_stage
 from training.pruning.importance import Importance, magnitude_importance, random_importance, taylor_importance
-from training.pruning.structures import SUPPORTED_MODEL_TYPES, Layout, count_params, layout_of, slice_structures
+from training.pruning.structures import Layout, count_params, layout_of, refusal, slice_structures
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +169,7 @@ def allocate(
 ) -> Allocation:
     """Uniform sizes for the pruned layers that hit `ratio` of total parameters, removing least importance."""
     pruned = _prunable_layers(layout, keep_first_last)
-    params_before = layout.total_params(
-        [layout.num_kv_heads] * layout.num_layers, [layout.intermediate_size] * layout.num_layers
-    )
+    params_before = layout.full_params()
     group_scores, channel_scores = _ranking_scores(importance, ranking)
     candidates = _allocation_candidates(
         layout,
@@ -204,6 +207,18 @@ def _prunable_layers(layout: Layout, keep_first_last: bool) -> list[int]:
     return pruned
 
 
+def _group_options(layout: Layout, keep_groups: int | None) -> list[int]:
+    """Attention groups per layer an allocation may keep: `keep_groups` when set, all of them when the model's
+    attention cannot be cut (Layout.fixed_groups), else any number from 1 to all."""
+    if keep_groups is not None and not 1 <= keep_groups <= layout.num_kv_heads:
+        raise ConfigError("keep_groups", keep_groups, f"must be in 1..{layout.num_kv_heads} (KV heads per layer)")
+    if layout.fixed_groups:
+        if keep_groups not in (None, layout.num_kv_heads):
+            raise ConfigError("keep_groups", keep_groups, f"this {layout.model_type} model {layout.fixed_groups}")
+        return [layout.num_kv_heads]
+    return [keep_groups] if keep_groups is not None else list(range(1, layout.num_kv_heads + 1))
+
+
 def _channel_options(intermediate_size: int, channel_multiple: int) -> list[int]:
     """MLP sizes an allocation may keep: the multiples of `channel_multiple`, and the full size (no MLP cut)."""
     return sorted({c for c in range(channel_multiple, intermediate_size + 1, channel_multiple)} | {intermediate_size})
@@ -227,10 +242,8 @@ def _allocation_candidates(
     fixed = params_before - full * len(pruned)  # embeddings, final norm, untouched layers
     sorted_groups = group_scores[pruned].sort(dim=1).values.sum(0)  # (kv_heads,) ascending per layer, summed
     sorted_channels = channel_scores[pruned].sort(dim=1).values.sum(0)
-    group_options = [keep_groups] if keep_groups is not None else range(1, layout.num_kv_heads + 1)
+    group_options = _group_options(layout, keep_groups)
     channel_options = _channel_options(layout.intermediate_size, channel_multiple)
-    if keep_groups is not None and not 1 <= keep_groups <= layout.num_kv_heads:
-        raise ConfigError("keep_groups", keep_groups, f"must be in 1..{layout.num_kv_heads} (KV heads per layer)")
     candidates = []
     for groups in group_options:
         per_layer_budget = (target_after - fixed) / len(pruned) - layout.layer_params(groups, 0)
@@ -349,6 +362,7 @@ def prune_report(config: PruneConfig, allocation: Allocation, importance: Import
     total_importance = float(importance.groups.sum() + importance.channels.sum())
     middle_groups = allocation.keep_groups[len(allocation.keep_groups) // 2]
     return {
+        "model_type": layout.model_type,
         "method": config.method,
         "ranking": config.ranking,
         "ratio_asked": config.ratio,
@@ -361,13 +375,16 @@ def prune_report(config: PruneConfig, allocation: Allocation, importance: Import
         "sizes_before": {
             "num_attention_heads": layout.num_heads,
             "num_key_value_heads": layout.num_kv_heads,
+            "head_dim": layout.head_dim,
             "intermediate_size": layout.intermediate_size,
         },
         "sizes_after": {
             "num_attention_heads": len(middle_groups) * layout.heads_per_group,
             "num_key_value_heads": len(middle_groups),
+            "head_dim": layout.head_dim,
             "intermediate_size": len(allocation.keep_channels[len(allocation.keep_channels) // 2]),
         },
+        "attention_kept_whole": layout.fixed_groups,
         "removed_per_layer": removed,
         "allocation_candidates": allocation.candidates,
         "importance": {
@@ -395,6 +412,19 @@ class PrunePlan:
 def plan(config: PruneConfig) -> PrunePlan:
     """Check the model (from its config, no weights) and read the curated texts, before Ray starts."""
     layout = _checked_layout(config)
+    # Which structures go needs the scores; whether the sizes can hit the ratio does not: with all scores equal,
+    # an unreachable ratio or an impossible keep_groups fails here instead of in the task, after the load.
+    allocate(
+        Importance(
+            torch.zeros(layout.num_layers, layout.num_kv_heads, dtype=torch.float64),
+            torch.zeros(layout.num_layers, layout.intermediate_size, dtype=torch.float64),
+        ),
+        layout,
+        config.ratio,
+        ranking=config.ranking,
+        channel_multiple=config.channel_multiple,
+        keep_groups=config.keep_groups,
+    )
     inputs, texts = _domain_data(config, config.storage_options())
     return PrunePlan(layout, texts, inputs, config.digest(inputs))
 
@@ -435,6 +465,7 @@ def _prune_and_save(config: PruneConfig, layout: Layout, texts: list[str], threa
         dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
         model = models.load_model(config.model, dtype=dtype, device=worker_device(config.gpus))
         tokenizer = models.load_tokenizer(config.model)
+    _check_described(model, layout, config.model)
     with timer("importance"):
         importance = compute_importance(model, layout, config, texts, tokenizer)
     allocation = allocate(
@@ -460,17 +491,33 @@ def _prune_and_save(config: PruneConfig, layout: Layout, texts: list[str], threa
     return timer.timings, counts, {"params_before": allocation.params_before, "params_after": allocation.params_after}
 
 
+def _check_described(model: nn.Module, layout: Layout, name: str) -> None:
+    """Refuse a loaded model whose parameters are not the ones its family's description counts: slicing it
+    could leave a structure's weights behind in a module the description does not name."""
+    if (found := count_params(model)) != (described := layout.full_params()):
+        raise ConfigError(
+            "model",
+            name,
+            f"holds {found} parameters where the {layout.model_type} description counts {described}: "
+            "its modules are not the ones pruning slices for this family",
+        )
+
+
 def _checked_layout(config: PruneConfig) -> Layout:
     """The base model's layout, once the run is known to be one this stage can save as a standard checkpoint."""
     if config.keep_first_last:
         raise ConfigError(
             "keep_first_last", True, "gives layers of two sizes, which no standard config describes; use the library"
         )
-    # An unsupported model type fails here, from config.json or GGUF metadata, before any weights load.
+    # An unsupported model type fails here, from config.json or GGUF metadata, before any weights load; a config
+    # of a supported type that still cannot be sliced (experts, a nested text model) fails in layout_of.
     model_type = _model_type(config.model)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError("model", config.model, f"is a {model_type!r} model; pruning supports {SUPPORTED_MODEL_TYPES}")
-    return layout_of(_read_config(config.model))
+    if reason := refusal(model_type):
+        raise ConfigError("model", config.model, f"a {model_type!r} model {reason}")
+    try:
+        return layout_of(_read_config(config.model))
+    except ConfigError as error:
+        raise ConfigError("model", config.model, f"a {error.value!r} model {error.fix}") from None
 
 
 def _log_pruned(model: str, allocation: Allocation, report: dict) -> None:
