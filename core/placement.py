@@ -53,7 +53,7 @@ def resolve_device(device: str) -> str:
         raise RuntimeError(
             f"this worker was given a GPU but CUDA is not available here "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); ask for no GPUs "
-            f"(gpus_per_actor: 0 and the like), or set {FORCE_CPU}=1 to run a GPU configuration on CPU"
+            f"(gpus: 0 and the like), or set {FORCE_CPU}=1 to run a GPU configuration on CPU"
         )
     return "cuda"
 

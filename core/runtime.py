@@ -93,8 +93,8 @@ def is_local_ray(address: str | None) -> bool:
     return ray_address(address) is None
 
 
-def default_torch_threads(actors: int, cpus_per_actor: float, address: str | None) -> int:
+def default_threads(actors: int, cpus: float, address: str | None) -> int:
     """Threads per model actor: a local run shares this machine's cores; a cluster actor uses its CPUs."""
     if is_local_ray(address):
         return max(1, (os.cpu_count() or 1) // max(actors, 1))
-    return max(1, int(cpus_per_actor))
+    return max(1, int(cpus))

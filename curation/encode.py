@@ -101,7 +101,7 @@ class EncoderSpec:
     A short document's vector is the share of a few tokens each latent fires on, so one token's Top-K swap
     under bf16 rounding moves it most; these documents are about 0.5% of a corpus's tokens
     (docs/results.md, "bfloat16 encode")."""
-    torch_threads: int = 0
+    threads: int = 0
     latent_weights: list[float] | None = None
     """Per SAE latent, a weight applied to the pooled vector before it is normalised: the rarity weights of
     curation/scoring.py. None weighs every latent alike."""
@@ -111,8 +111,8 @@ class DocumentEncoder:
     """A truncated model plus (optionally) an SAE, loaded once, turning token lists into vectors."""
 
     def __init__(self, spec: EncoderSpec, sae: TopKSAE | None = None):
-        if spec.torch_threads > 0:
-            torch.set_num_threads(spec.torch_threads)
+        if spec.threads > 0:
+            torch.set_num_threads(spec.threads)
         self.spec = spec
         self.device = resolve_device(spec.device)
         self.tokenizer = load_tokenizer(spec.model)

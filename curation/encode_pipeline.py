@@ -16,7 +16,7 @@ from core.heap import model_actor_runtime_env
 from core.logs import worker_logging
 from core.placement import describe_dtype, dtype_decision, requested_device, run_remote
 from core.reader import read_corpus
-from core.runtime import default_torch_threads
+from core.runtime import default_threads
 from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec
 from curation.sae.model import TopKSAE
 from curation.seeds import Seeds
@@ -33,9 +33,7 @@ def seed_vectors(encoder: DocumentEncoder, seeds: Seeds, max_tokens: int) -> np.
 
 
 def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE, weights: list[float] | None) -> EncoderSpec:
-    threads = config.torch_threads or default_torch_threads(
-        config.encode_actors, config.cpus_per_actor, config.ray_address
-    )
+    threads = config.threads or default_threads(config.actors, config.cpus, config.ray_address)
     return EncoderSpec(
         model=model,
         sae_dir=None,
@@ -44,9 +42,9 @@ def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE, weights: list[
         pooling=config.pooling,
         max_batch_tokens=config.max_batch_tokens,
         max_batch_rows=config.max_batch_rows,
-        device=requested_device(config.gpus_per_actor),
+        device=requested_device(config.gpus),
         dtype=config.dtype,
-        torch_threads=threads,
+        threads=threads,
         latent_weights=weights,
     )
 
@@ -77,7 +75,7 @@ def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> PreparedEnco
     spec = _encoder_spec(config, checked.model, checked.sae, checked.latent_weights)
     seeds_matrix, decision = run_remote(
         _encode_seeds, spec, checked.sae, checked.seeds, config.max_tokens,
-        num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
+        num_cpus=config.cpus, num_gpus=config.gpus,
     )  # fmt: skip
     logger.info("encode dtype: %s", describe_dtype(decision))
     return PreparedEncoder(dataclasses.replace(spec, dtype=decision["dtype"]), seeds_matrix, decision)
@@ -118,9 +116,9 @@ def encode_shards(
     scored = tokens.map_batches(
         EncodeDocuments,
         fn_constructor_args=(spec, seeds_matrix, checked.sae, progress, checked.seeds.domains),
-        compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=config.gpus_per_actor or None,
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        num_cpus=config.cpus,
+        num_gpus=config.gpus or None,
         runtime_env=model_actor_runtime_env(),
         batch_size=config.batch_size,
         **actor_retries,

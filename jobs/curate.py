@@ -4,7 +4,7 @@ r"""Curate a domain dataset: the corpus documents nearest (cosine, in SAE space)
         --sae runs/sae --out runs/curated --top-n 50
     python -m jobs.curate ... --threshold 0.6          # every document at or above a cosine
     ray job submit --working-dir . -- python -m jobs.curate --corpus 's3://bucket/rp/**/*.jsonl.zst' \
-        --seeds seeds.jsonl --sae s3://bucket/sae --out s3://bucket/curated --gpus-per-actor 1
+        --seeds seeds.jsonl --sae s3://bucket/sae --out s3://bucket/curated --gpus 1
 
 The seeds file may hold several domains (`domain` field); all are scored in one pass. Writes
 curated/ (Parquet: id, text, domain, score, nearest_seed, source, meta), scored/, rejects/,

@@ -5,7 +5,7 @@ r"""Self-data distillation: the teacher rewrites the curated data; the rewrites 
     python -m jobs.distill --data 'data/instructions/*.parquet' --recipe rewrite --teacher smollm2-135m \
         --backend transformers --out runs/sdft
     ray job submit --working-dir . -- python -m jobs.distill --data s3://bucket/curated \
-        --teacher /models/teacher --backend vllm --teacher-actors 4 --batch-size 64 \
+        --teacher /models/teacher --backend vllm --actors 4 --batch-size 64 \
         --engine-kwargs '{"dtype": "bfloat16", "max_model_len": 4096}' --out s3://bucket/distilled
 
 Recipes: `rewrite` (instruction + reference response -> the teacher's own response, SDFT) and

@@ -5,7 +5,7 @@ r"""Evaluate models on MMLU-form multiple choice and on domain perplexity, with 
         ft-random=runs/ft-random --mmlu stem high_school_biology --shots 0,5 \
         --ppl 'runs/demo/corpus/*.jsonl.gz' --ppl-topic Mathematics --out runs/eval
     ray job submit --working-dir . -- python -m jobs.evaluate --models base=s3://bucket/base \
-        pruned=s3://bucket/pruned --mmlu all --out s3://bucket/eval --gpus-per-model 1
+        pruned=s3://bucket/pruned --mmlu all --out s3://bucket/eval --gpus 1
 
 Each model runs in its own Ray task, in parallel where the CPUs allow. Writes results.json,
 questions.jsonl (per question and model, the four summed log-likelihoods), report.md with the comparison

@@ -3,7 +3,7 @@ r"""Train a Top-K SAE on a model's layer-L activations over a corpus.
     python -m jobs.train_sae --corpus 'data/corpus/*.jsonl.gz' --model smollm2-135m --layer 15 \
         --seeds jobs/seeds/demo.jsonl --out runs/sae
     ray job submit --working-dir . -- python -m jobs.train_sae --corpus 's3://bucket/rp/**/*.jsonl.zst' \
-        --layer 15 --out s3://bucket/sae --gpus-per-actor 1 --encode-actors 4
+        --layer 15 --out s3://bucket/sae --gpus 1 --actors 4
 
 Without a cluster it starts a local Ray; under `ray job submit` it joins the cluster. Writes
 cfg.json, sae.safetensors and, last, manifest.json (FVU, dead fraction, tokens/s).

@@ -203,7 +203,7 @@ def gpu_settings() -> dict[str, dict]:
         stage: {key: value for key, value in shipped.get(stage, {}).items() if "gpu" in key or key == "zero_stage"}
         for stage in GPU_STAGES
     }
-    settings["distill"]["gpus_per_actor"] = 1
+    settings["distill"]["gpus"] = 1
     return settings
 
 
@@ -225,14 +225,14 @@ def write_spec(root: Path, tiny_model_dir: str, corpus: dict, glob: str, **chang
         "domains": {"maths": {"mmlu": ["all"]}},
         "ratios": [0.3],
         "sae": {"layer": 2, "coords": "jacobian", "num_coords": 32, "expansion_factor": 4, "k": 8,
-                "max_train_tokens": 1500, "epochs": 3, "batch_tokens": 256, "cpus_per_actor": 0.5},
-        "curate": {"top_n": 2, "cpus_per_actor": 0.5, "batch_size": 16},
+                "max_train_tokens": 1500, "epochs": 3, "batch_tokens": 256, "cpus": 0.5},
+        "curate": {"top_n": 2, "cpus": 0.5, "batch_size": 16},
         "prune": {"channel_multiple": 8, "max_tokens": 32},
         "distill": {"max_new_tokens": 4, "min_document_tokens": 4, "batch_size": 2, "part_rows": 2,
-                    "cpus_per_actor": 0.5, "torch_threads": 1},
+                    "cpus": 0.5, "threads": 1},
         "finetune": {"epochs": 3, "micro_batch": 1, "max_tokens": 32, "warmup_steps": 1, "checkpoint_every": 2,
-                     "log_every": 1, "cpus_per_worker": 0.5, "torch_threads": 1},
-        "evaluate": {"mmlu_file": str(mmlu_file), "window": 16, "stride": 8, "torch_threads": 1},
+                     "log_every": 1, "cpus": 0.5, "threads": 1},
+        "evaluate": {"mmlu_file": str(mmlu_file), "window": 16, "stride": 8, "threads": 1},
     }  # fmt: skip
     for dotted, value in changes.items():
         stage, key = dotted.split("__")

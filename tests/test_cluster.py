@@ -167,7 +167,7 @@ def test_shipped_schedule_specs_load():
         spec = load_spec(str(path))
         assert spec.rule in ("per_seed_topn", "global_topn", "threshold") and spec.max_attempts >= 1, path
     cluster_spec = load_spec(str(REPO / "jobs" / "configs" / "schedule-s3.yaml"))
-    assert cluster_spec.gpus_per_actor == 1 and cluster_spec.out.startswith("s3://")
+    assert cluster_spec.gpus == 1 and cluster_spec.out.startswith("s3://")
     assert Path(REPO / "jobs" / "schedule.py").is_file()
 
 

@@ -245,9 +245,9 @@ def test_the_cpu_references_redo_the_gpu_work_in_fp32_on_the_cpu(tmp_path, monke
     refs = checks.reference_configs(list(build_steps(spec)), spec.root, rows=64, finetune_steps=10)
     curate, distill = steps["curate"], steps["distill/mathematics"]
     finetune, evaluate = steps["finetune/mathematics/0.30"], steps["evaluate/mathematics"]
-    assert (refs["curate"].gpus_per_actor, curate.gpus_per_actor) == (0.0, 0.5)
+    assert (refs["curate"].gpus, curate.gpus) == (0.0, 0.5)
     # Every model stage of the GPU run asks for a GPU; on one GPU the SAE's actor and trainer share it.
-    assert (steps["sae"].gpus_per_actor, steps["sae"].train_gpus, steps["prune/mathematics/0.30"].gpus) == (0.5, 0.5, 1)
+    assert (steps["sae"].gpus, steps["sae"].trainer_gpus, steps["prune/mathematics/0.30"].gpus) == (0.5, 0.5, 1)
     assert (refs["curate"].sae, refs["curate"].corpus, refs["curate"].seeds) == (
         curate.sae,
         curate.corpus,
@@ -255,10 +255,10 @@ def test_the_cpu_references_redo_the_gpu_work_in_fp32_on_the_cpu(tmp_path, monke
     )
     assert (refs["distill"].backend, refs["distill"].dtype, refs["distill"].limit) == ("transformers", "float32", 64)
     assert (refs["distill"].data, refs["distill"].max_new_tokens) == (distill.data, distill.max_new_tokens)
-    assert (refs["finetune"].use_gpu, refs["finetune"].zero_stage, refs["finetune"].max_steps) == (False, 2, 10)
+    assert (refs["finetune"].gpus, refs["finetune"].zero_stage, refs["finetune"].max_steps) == (0, 2, 10)
     assert (refs["finetune"].model, refs["finetune"].data) == (finetune.model, finetune.data)
     assert refs["finetune"].micro_batch * refs["finetune"].grad_accum == finetune.micro_batch * finetune.grad_accum
     assert refs["finetune"].warmup_steps >= 10  # the 10 compared steps are all in the shared warm-up
-    assert (refs["evaluate"].dtype, refs["evaluate"].gpus_per_model, refs["evaluate"].ppl) == ("float32", 0.0, [])
+    assert (refs["evaluate"].dtype, refs["evaluate"].gpus, refs["evaluate"].ppl) == ("float32", 0.0, [])
     assert (refs["evaluate"].models, refs["evaluate"].limit) == (evaluate.models, evaluate.limit)
     assert all(config.out.startswith(f"{spec.root}/cpu-reference/") for config in refs.values())

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(600)
 
 SAE_FLAGS = [
     "--layer", "2", "--coords", "jacobian", "--num-coords", "32", "--expansion-factor", "4", "--k", "8",
-    "--max-train-tokens", "1500", "--epochs", "3", "--batch-tokens", "256", "--cpus-per-actor", "0.5",
+    "--max-train-tokens", "1500", "--epochs", "3", "--batch-tokens", "256", "--cpus", "0.5",
 ]  # fmt: skip
 
 
@@ -59,7 +59,7 @@ def test_train_sae_and_curate_as_subprocesses(tmp_path, trained):
     corpus, glob = trained["corpus"], trained["glob"]
     assert (trained["sae"] / "cfg.json").is_file() and (trained["sae"] / "manifest.json").is_file()
     overrides = tmp_path / "curate.yaml"
-    overrides.write_text("top_n: 2\ncpus_per_actor: 0.5\nbatch_size: 16\n")
+    overrides.write_text("top_n: 2\ncpus: 0.5\nbatch_size: 16\n")
     args = ["jobs.curate", "--config", str(overrides), "--corpus", glob, "--seeds", corpus["seeds"],
             "--sae", str(trained["sae"]), "--out", str(tmp_path / "out")]  # fmt: skip
     run_job(args)
@@ -146,7 +146,7 @@ def test_curate_through_ray_job_submit(tmp_path, trained):
     with ray_head(env) as address:
         submit = submit_job(address, [
             "jobs.curate", "--corpus", glob, "--seeds", corpus["seeds"], "--sae", str(trained["sae"]),
-            "--out", str(tmp_path / "out"), "--top-n", "2", "--cpus-per-actor", "0.5", "--batch-size", "16",
+            "--out", str(tmp_path / "out"), "--top-n", "2", "--cpus", "0.5", "--batch-size", "16",
         ], env)  # fmt: skip
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
     assert "succeeded" in submit.stdout

@@ -25,11 +25,11 @@ from core.placement import (
 
 def test_every_model_stage_of_the_gpu_pipeline_asks_for_a_gpu():
     settings = gpu_settings()
-    assert settings["sae"] == {"gpus_per_actor": 1, "train_gpus": 1}
-    assert settings["curate"] == {"gpus_per_actor": 1}
+    assert settings["sae"] == {"gpus": 1, "trainer_gpus": 1}
+    assert settings["curate"] == {"gpus": 1}
     assert settings["prune"] == {"gpus": 1}
-    assert settings["finetune"] == {"zero_stage": 3, "use_gpu": True}
-    assert settings["evaluate"] == {"gpus_per_model": 1}
+    assert settings["finetune"] == {"zero_stage": 3, "gpus": 1}
+    assert settings["evaluate"] == {"gpus": 1}
 
 
 def test_a_worker_given_a_gpu_uses_cuda_or_says_how_to_run_on_cpu(monkeypatch):

@@ -30,7 +30,7 @@ from core.logs import worker_logging
 from core.placement import decide_dtype, record_model_load, requested_device, run_remote, worker_device
 from core.progress import Progress
 from core.reader import DOC, CleanConfig, iter_shard, read_corpus
-from core.runtime import RunConfig, default_torch_threads
+from core.runtime import RunConfig, default_threads
 from core.stage import Outcome, Stage, run_stage
 from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
 from curation.sae.coords import CoordSelector, select_coords, unmeasured_coords
@@ -47,10 +47,10 @@ ACTIVATION_BLOCK_BYTES = 8 * 1024 * 1024
 @dataclass
 class TrainSAEConfig(RunConfig):
     execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {
-        "encode_actors",
-        "cpus_per_actor",
-        "torch_threads",
-        "train_cpus",
+        "actors",
+        "cpus",
+        "threads",
+        "trainer_cpus",
         "replay_dir",
     }
 
@@ -90,22 +90,22 @@ class TrainSAEConfig(RunConfig):
     stats_docs: int = 2048
     """Corpus documents (the first ones) on which each latent's document frequency is measured after
     training, for curation's rarity weighting (curation/scoring.py); 0 skips it."""
-    encode_actors: int = 1
+    actors: int = 1
     """Model actors computing activations."""
-    cpus_per_actor: float = 1.0
+    cpus: float = 1.0
     """CPUs each activation actor reserves."""
-    gpus_per_actor: float = 0.0
+    gpus: float = 0.0
     """GPUs each activation actor reserves; > 0 runs it on CUDA."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """The truncated forward's precision when computing activations: auto is bfloat16 where the actor's
     device computes it natively, float32 elsewhere (the SAE trains in float32 either way; coordinates are
     always measured in float32)."""
-    train_cpus: float = 0.5
-    """CPUs the SAE trainer task reserves (it uses every core of a local machine, int(train_cpus) on a cluster)."""
-    train_gpus: float = 0.0
+    trainer_cpus: float = 0.5
+    """CPUs the SAE trainer task reserves (it uses every core of a local machine, int(trainer_cpus) on a cluster)."""
+    trainer_gpus: float = 0.0
     """GPUs the SAE trainer task reserves; > 0 trains on CUDA."""
-    torch_threads: int = 0
-    """Torch threads per actor; 0 picks from the machine (local) or cpus_per_actor (cluster)."""
+    threads: int = 0
+    """Torch threads per actor; 0 picks from the machine (local) or cpus (cluster)."""
     replay_dir: str | None = None
     """Local directory, on the trainer's node, for the replayed activations (epochs > 1); unset: the system's
     temporary directory."""
@@ -121,15 +121,15 @@ class TrainSAEConfig(RunConfig):
         if not self.out:
             raise ConfigError("out", self.out, "is required: pass --out DIR")
         positive = ("num_coords", "expansion_factor", "k", "max_train_tokens", "epochs", "batch_tokens")
-        check_ranges(self, (*positive, "max_tokens", "calibration_docs", "encode_actors"), ge=1)
+        check_ranges(self, (*positive, "max_tokens", "calibration_docs", "actors"), ge=1)
         check_range("stats_docs", self.stats_docs, ge=0, hint="0 skips the latent statistics")
         check_range("layer", self.layer, ge=0, hint="a 0-based decoder layer index")
         check_range("lr", self.lr, gt=0, optional=True, hint="unset uses the width-scaled default")
-        check_range("cpus_per_actor", self.cpus_per_actor, gt=0, hint="fractions are fine")
-        check_range("gpus_per_actor", self.gpus_per_actor, ge=0)
-        check_range("train_cpus", self.train_cpus, gt=0, hint="fractions are fine")
-        check_range("train_gpus", self.train_gpus, ge=0)
-        check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the machine")
+        check_range("cpus", self.cpus, gt=0, hint="fractions are fine")
+        check_range("gpus", self.gpus, ge=0)
+        check_range("trainer_cpus", self.trainer_cpus, gt=0, hint="fractions are fine")
+        check_range("trainer_gpus", self.trainer_gpus, ge=0)
+        check_range("threads", self.threads, ge=0, hint="0 picks from the machine")
 
 
 @dataclass
@@ -184,12 +184,10 @@ def corpus_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo], limit: 
 
 def _encoder_spec(config: TrainSAEConfig) -> EncoderSpec:
     """The activation encoder's spec, reading every coordinate until they are chosen."""
-    threads = config.torch_threads or default_torch_threads(
-        config.encode_actors, config.cpus_per_actor, config.ray_address
-    )
-    device = requested_device(config.gpus_per_actor)
+    threads = config.threads or default_threads(config.actors, config.cpus, config.ray_address)
+    device = requested_device(config.gpus)
     return EncoderSpec(
-        model=config.model, sae_dir=None, layer=config.layer, device=device, dtype=config.dtype, torch_threads=threads
+        model=config.model, sae_dir=None, layer=config.layer, device=device, dtype=config.dtype, threads=threads
     )
 
 
@@ -223,9 +221,9 @@ def activation_dataset(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[s
         .map_batches(
             TokenActivations,
             fn_constructor_args=(spec,),
-            compute=ray.data.ActorPoolStrategy(size=config.encode_actors),
-            num_cpus=config.cpus_per_actor,
-            num_gpus=config.gpus_per_actor or None,
+            compute=ray.data.ActorPoolStrategy(size=config.actors),
+            num_cpus=config.cpus,
+            num_gpus=config.gpus or None,
             runtime_env=model_actor_runtime_env(),
             batch_size=128,
         )
@@ -264,7 +262,7 @@ def _train_and_save(
     worker_logging()
     DataContext.get_current().enable_progress_bars = False
     torch.set_num_threads(threads)
-    device = worker_device(config.train_gpus)
+    device = worker_device(config.trainer_gpus)
     stream = _activation_stream(config, spec, inputs)
     with Progress("sae train", config.max_train_tokens * config.epochs, "tokens") as progress:
         batches = replay_batches(stream, config.epochs, config.batch_tokens, config.seed, progress, config.replay_dir)
@@ -309,8 +307,8 @@ def _train(config: TrainSAEConfig, checked: TrainSAEPlan, timer: manifest.Timer)
     """Choose coordinates, train, measure latent statistics; core.stage.run_stage does the rest."""
     info, inputs = checked.info, checked.inputs
     spec = _encoder_spec(config)
-    decision = decide_dtype(spec.dtype, spec.device, spec.torch_threads, num_cpus=config.cpus_per_actor,
-                            num_gpus=config.gpus_per_actor)  # fmt: skip
+    decision = decide_dtype(spec.dtype, spec.device, spec.threads, num_cpus=config.cpus,
+                            num_gpus=config.gpus)  # fmt: skip
     spec = dataclasses.replace(spec, dtype=decision["dtype"])  # every activation actor runs the recorded dtype
     # The driver loads no model: coordinates, when there are any to measure, are measured in a task holding
     # one activation actor's resources, and the SAE trains in a task holding the trainer's, which streams
@@ -319,22 +317,20 @@ def _train(config: TrainSAEConfig, checked: TrainSAEPlan, timer: manifest.Timer)
     coords = unmeasured_coords(config.coords, info.hidden_size)
     if coords is None:
         with timer("coords"):
-            coords = run_remote(
-                _choose_coords, shipped, spec, inputs, num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor
-            )
+            coords = run_remote(_choose_coords, shipped, spec, inputs, num_cpus=config.cpus, num_gpus=config.gpus)
     spec = dataclasses.replace(spec, coords=coords)
     sae_config = _sae_config(config, info, coords)
-    threads = default_torch_threads(1, config.train_cpus, config.ray_address)
+    threads = default_threads(1, config.trainer_cpus, config.ray_address)
     with timer("train"):
         metrics = run_remote(
             _train_and_save, shipped, spec, inputs, sae_config, threads,
-            num_cpus=config.train_cpus, num_gpus=config.train_gpus,
+            num_cpus=config.trainer_cpus, num_gpus=config.trainer_gpus,
         )  # fmt: skip
     if config.stats_docs:
         with timer("latent_stats"):
             metrics["stats_docs"] = run_remote(
                 _measure_latent_stats, shipped, spec, inputs,
-                num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
+                num_cpus=config.cpus, num_gpus=config.gpus,
             )  # fmt: skip
     counts = {"train_tokens_drawn": metrics["tokens"] // max(config.epochs, 1), **metrics}
     logger.info(

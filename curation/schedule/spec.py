@@ -86,7 +86,7 @@ NOT_SCORED = frozenset(
         # the identity is bound to, and the seeds and the SAE count by their content digests, not their paths.
         "corpus", "out", "seeds", "sae", "name",
         # How the encode runs. These move a score by rounding at most, as which shards share a round does.
-        "gpus_per_actor", "batch_size", "max_batch_tokens", "max_batch_rows",
+        "gpus", "batch_size", "max_batch_tokens", "max_batch_rows",
         # Scheduling: when, how many and how often shards are tried, and what a batch keeps.
         "shards_per_round", "max_shards_per_batch", "lease_seconds", "max_attempts", "max_bad_line_fraction",
         "interval_s", "keep_snapshots", "settle_seconds", "task_retries", "round_timeout_s", "storage_backoff_s",

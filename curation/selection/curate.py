@@ -35,9 +35,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class CurateConfig(RunConfig):
     execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {
-        "encode_actors",
-        "cpus_per_actor",
-        "torch_threads",
+        "actors",
+        "cpus",
+        "threads",
         "read_attempts",
         "read_backoff_s",
     }
@@ -76,14 +76,14 @@ class CurateConfig(RunConfig):
     """Documents longer than this are truncated or rejected (see too_long)."""
     too_long: Literal["truncate", "reject"] = "truncate"
     """What to do with a document over max_chars: truncate or reject."""
-    encode_actors: int = 1
+    actors: int = 1
     """Model actors in the encode pool (one per GPU on a cluster)."""
-    cpus_per_actor: float = 1.0
+    cpus: float = 1.0
     """CPUs each encode actor reserves. Keep it below the node's CPUs so read tasks can run."""
-    gpus_per_actor: float = 0.0
+    gpus: float = 0.0
     """GPUs each encode actor reserves; > 0 runs the encoder on CUDA."""
-    torch_threads: int = 0
-    """Torch threads per actor; 0 picks from the machine (local) or cpus_per_actor (cluster)."""
+    threads: int = 0
+    """Torch threads per actor; 0 picks from the machine (local) or cpus (cluster)."""
     batch_size: int = 256
     """Documents per encode batch; each is cut into length-sorted micro-batches."""
     max_batch_tokens: int = 8192
@@ -110,13 +110,13 @@ class CurateConfig(RunConfig):
             self.rule = "threshold" if self.threshold is not None else "per_seed_topn"
         if self.rule == "threshold" and self.threshold is None:
             raise ConfigError("threshold", None, "the threshold rule needs --threshold T (a cosine in [-1, 1])")
-        sizes = ("top_n", "max_tokens", "encode_actors", "batch_size", "max_batch_tokens", "max_batch_rows")
+        sizes = ("top_n", "max_tokens", "actors", "batch_size", "max_batch_tokens", "max_batch_rows")
         check_ranges(self, sizes, ge=1)
         if self.max_batch_tokens < self.max_tokens:
             raise ConfigError("max_batch_tokens", self.max_batch_tokens, f"must be >= max_tokens={self.max_tokens}")
-        check_range("cpus_per_actor", self.cpus_per_actor, gt=0, hint="fractions are fine")
-        check_range("gpus_per_actor", self.gpus_per_actor, ge=0)
-        check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the machine")
+        check_range("cpus", self.cpus, gt=0, hint="fractions are fine")
+        check_range("gpus", self.gpus, ge=0)
+        check_range("threads", self.threads, ge=0, hint="0 picks from the machine")
         self.clean_config()
 
     def clean_config(self) -> CleanConfig:

@@ -21,7 +21,7 @@ class ReplicationGraph(Graph):
     def __init__(self, spec: ReplicationSpec):
         super().__init__(spec, owned=OWNED)
         probe = self.config("finetune", FinetuneConfig, {"model": spec.model, "data": "-", "out": "-"})
-        rows_per_step = probe.micro_batch * probe.grad_accum * probe.num_workers
+        rows_per_step = probe.micro_batch * probe.grad_accum * probe.actors
         self.max_steps = max(1, spec.budget * spec.epochs // rows_per_step)
 
     def holdout(self) -> None:

@@ -204,8 +204,8 @@ def test_a_spec_file_mistake_names_spec(tmp_path):
         ("max_chars: 1e6\n", "max_chars='1e6'", "must be of type int, not str"),
         ("top_n: {a: 1}\n", "top_n={'a': 1}", "must be of type int, not dict"),
         ("top_n: [5]\n", "top_n=[5]", "must be of type int, not list"),
-        ("cpus_per_actor: true\n", "cpus_per_actor=True", "must be of type float, not bool"),
-        ("cpus_per_actor: '0.5'\n", "cpus_per_actor='0.5'", "must be of type float, not str"),
+        ("cpus: true\n", "cpus=True", "must be of type float, not bool"),
+        ("cpus: '0.5'\n", "cpus='0.5'", "must be of type float, not str"),
         ("threshold: yes\n", "threshold=True", "must be of type float, not bool"),
         ("corpus: {a: 1}\n", "corpus={'a': 1}", "must be of type list[str], not dict"),
         ("corpus: [a, [b]]\n", "corpus[1]=['b']", "must be of type str, not list"),
@@ -226,11 +226,11 @@ def test_a_yaml_value_of_the_wrong_type_exits_2_naming_field_value_and_type(
 
 def test_yaml_values_of_the_right_type_are_kept(tmp_path):
     config_file = write_yaml(
-        tmp_path / "good.yaml", "corpus: [a.jsonl, b.jsonl]\ncpus_per_actor: 1\ntop_n: 5.0\nthreshold: null\n"
+        tmp_path / "good.yaml", "corpus: [a.jsonl, b.jsonl]\ncpus: 1\ntop_n: 5.0\nthreshold: null\n"
     )
     config = cli.parse(CurateConfig, ["--config", config_file, "--seeds", "s", "--sae", "x", "--out", "o"])
     assert config.corpus == ["a.jsonl", "b.jsonl"]
-    assert config.cpus_per_actor == 1.0 and isinstance(config.cpus_per_actor, float)
+    assert config.cpus == 1.0 and isinstance(config.cpus, float)
     assert config.top_n == 5 and isinstance(config.top_n, int)
     assert config.threshold is None
     single = cli.from_mapping(TrainSAEConfig, {"corpus": "one.jsonl", "out": "o"})

@@ -17,7 +17,7 @@ def test_local_ray_is_recognised_however_it_is_asked_for(monkeypatch, argument, 
         monkeypatch.setenv("RAY_ADDRESS", env)
     assert runtime.is_local_ray(argument)
     # A local Ray's actors share this machine's cores, not the CPUs they reserve.
-    assert runtime.default_torch_threads(1, 1.0, argument) == (os.cpu_count() or 1)
+    assert runtime.default_threads(1, 1.0, argument) == (os.cpu_count() or 1)
     assert runtime.ray_address(argument) is None
 
 
@@ -30,5 +30,5 @@ def test_a_named_cluster_is_joined_and_actors_use_the_cpus_they_reserve(monkeypa
     else:
         monkeypatch.setenv("RAY_ADDRESS", env)
     assert not runtime.is_local_ray(argument)
-    assert runtime.default_torch_threads(1, 3.0, argument) == 3
+    assert runtime.default_threads(1, 3.0, argument) == 3
     assert runtime.ray_address(argument) == (argument or env)

@@ -180,7 +180,7 @@ def test_finetune_refuses_an_out_that_holds_its_model(tmp_path, tiny_model_dir):
     data = tmp_path / "distilled"
     data.mkdir()
     pq.write_table(pa.table({"prompt": ["a"] * 4, "response": ["b"] * 4}), data / "part.parquet")
-    config = FinetuneConfig(model=str(model), data=str(data), out=str(run), micro_batch=1, num_workers=1)
+    config = FinetuneConfig(model=str(model), data=str(data), out=str(run), micro_batch=1, actors=1)
     with pytest.raises(ConfigError) as error:
         run_finetune(config)
     assert error.value.field == "out" and "holds" in str(error.value)

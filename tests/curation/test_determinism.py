@@ -25,11 +25,11 @@ from curation.sae.replay import replay_batches
 
 SAE_FLAGS = [
     "--layer", "2", "--coords", "jacobian", "--num-coords", "16", "--expansion-factor", "4", "--k", "8",
-    "--max-train-tokens", "800", "--epochs", "2", "--batch-tokens", "128", "--cpus-per-actor", "0.5",
+    "--max-train-tokens", "800", "--epochs", "2", "--batch-tokens", "128", "--cpus", "0.5",
 ]  # fmt: skip
 # A top-N larger than the planted documents, so the selection reaches into background documents whose
 # rank depends on the SAE's details.
-CURATE_FLAGS = ["--top-n", "12", "--cpus-per-actor", "0.5", "--batch-size", "16"]
+CURATE_FLAGS = ["--top-n", "12", "--cpus", "0.5", "--batch-size", "16"]
 
 
 def run_job(args: list[str], timeout: int = 400) -> None:

@@ -228,7 +228,7 @@ def planted_run(ray_local, tiny_model_dir, tmp_path_factory):
     (root / "sae" / STATS_FILE).write_bytes(stats.to_bytes())
     config = CurateConfig(
         corpus=[str(root / "corpus.jsonl")], seeds=str(root / "seeds.jsonl"), sae=str(root / "sae"),
-        out=str(root / "out"), rule="global_topn", top_n=3, cpus_per_actor=0.5, batch_size=16,
+        out=str(root / "out"), rule="global_topn", top_n=3, cpus=0.5, batch_size=16,
     )  # fmt: skip
     manifest = run_curation(config)
     return {"out": root / "out", "documents": len(corpus), "manifest": manifest}

@@ -52,7 +52,7 @@ def job_env() -> dict[str, str]:
 def spec_values(world: dict, out: str, corpus: str | None = None, **overrides) -> dict:
     values = {
         "corpus": [corpus or world["glob"]], "seeds": world["seeds"], "sae": world["sae"], "out": out,
-        "top_n": 2, "cpus_per_actor": 0.5, "batch_size": 16, "shards_per_round": 2, "torch_threads": 1,
+        "top_n": 2, "cpus": 0.5, "batch_size": 16, "shards_per_round": 2, "threads": 1,
     }  # fmt: skip
     values.update(overrides)
     return values
@@ -890,11 +890,11 @@ def test_retry_failed_leaves_a_shard_a_batch_holds(tmp_path):
 # (seeds and the SAE count by content), and the encode's batch sizes and device. Adding a field to a spec
 # either puts it in the identity (and SCORED_EXAMPLES below must show it changes the identity) or here.
 UNSCORED = {
-    "corpus", "out", "seeds", "sae", "name", "gpus_per_actor", "batch_size", "max_batch_tokens", "max_batch_rows",
+    "corpus", "out", "seeds", "sae", "name", "gpus", "batch_size", "max_batch_tokens", "max_batch_rows",
     "shards_per_round", "max_shards_per_batch", "lease_seconds", "max_attempts", "max_bad_line_fraction",
     "interval_s", "keep_snapshots", "settle_seconds", "task_retries", "round_timeout_s", "storage_backoff_s",
     # CurateConfig's and RunConfig's execution_fields
-    "encode_actors", "cpus_per_actor", "torch_threads", "read_attempts", "read_backoff_s", "s3_endpoint",
+    "actors", "cpus", "threads", "read_attempts", "read_backoff_s", "s3_endpoint",
     "s3_region", "ray_address", "force",
 }  # fmt: skip
 SCORED_EXAMPLES = {

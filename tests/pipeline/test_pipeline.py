@@ -26,7 +26,7 @@ def _train(corpus_glob: str, seeds: str, model: str, out: str) -> dict:
     return run_train_sae(
         TrainSAEConfig(
             corpus=[corpus_glob], out=out, model=model, layer=2, seeds=seeds, coords="jacobian", num_coords=32,
-            expansion_factor=4, k=8, max_train_tokens=1500, epochs=3, batch_tokens=256, cpus_per_actor=0.5,
+            expansion_factor=4, k=8, max_train_tokens=1500, epochs=3, batch_tokens=256, cpus=0.5,
         )
     )  # fmt: skip
 
@@ -38,7 +38,7 @@ def curated_run(ray_local, tiny_model_dir, tmp_path_factory):
     sae_manifest = _train(str(root / "corpus" / "*.jsonl.gz"), corpus["seeds"], tiny_model_dir, str(root / "sae"))
     config = CurateConfig(
         corpus=[str(root / "corpus" / "*.jsonl.gz")], seeds=corpus["seeds"], sae=str(root / "sae"),
-        out=str(root / "out"), top_n=2, cpus_per_actor=0.5, batch_size=16,
+        out=str(root / "out"), top_n=2, cpus=0.5, batch_size=16,
     )  # fmt: skip
     result = run_curation(config)
     return {"root": root, "corpus": corpus, "config": config, "manifest": result, "sae_manifest": sae_manifest}
@@ -72,7 +72,7 @@ def test_all_coordinates_train_without_measuring_any(curated_run, tiny_model_dir
     manifest = run_train_sae(
         TrainSAEConfig(
             corpus=[str(root / "corpus" / "*.jsonl.gz")], out=str(root / "sae-all"), model=tiny_model_dir, layer=2,
-            expansion_factor=2, k=8, max_train_tokens=600, epochs=1, batch_tokens=256, cpus_per_actor=0.5,
+            expansion_factor=2, k=8, max_train_tokens=600, epochs=1, batch_tokens=256, cpus=0.5,
             stats_docs=0,
         )
     )  # fmt: skip
@@ -124,7 +124,7 @@ def test_threshold_rule_reruns_and_selects_by_cosine_reporting_progress(curated_
     monkeypatch.setenv("FINESCOPE_PROGRESS_S", "0.2")
     config = CurateConfig(
         corpus=curated_run["config"].corpus, seeds=curated_run["config"].seeds, sae=curated_run["config"].sae,
-        out=str(tmp_path / "thr"), threshold=0.99, cpus_per_actor=0.5,
+        out=str(tmp_path / "thr"), threshold=0.99, cpus=0.5,
     )  # fmt: skip
     assert config.rule == "threshold"
     with caplog.at_level(logging.INFO, logger="core.progress"):
@@ -208,7 +208,7 @@ def test_s3_round_trip(ray_local, tiny_model_dir, s3_bucket, tmp_path):
     result = run_curation(
         CurateConfig(
             corpus=[corpus], seeds=f"s3://{s3_bucket}/seeds.jsonl", sae=f"s3://{s3_bucket}/sae",
-            out=f"s3://{s3_bucket}/curated", top_n=2, cpus_per_actor=0.5, batch_size=16,
+            out=f"s3://{s3_bucket}/curated", top_n=2, cpus=0.5, batch_size=16,
         )
     )  # fmt: skip
     table = storage.read_parquet(f"s3://{s3_bucket}/curated/curated")

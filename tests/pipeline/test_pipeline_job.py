@@ -69,7 +69,7 @@ def pipeline_run(tmp_path_factory, tiny_model_dir):
 # tested in tests/training/test_finetune.py).
 GPU_CHANGES = {
     **{f"{stage}__{key}": value for stage, keys in gpu_settings().items() for key, value in keys.items()},
-    "finetune__num_workers": 1,
+    "finetune__actors": 1,
 }
 
 

@@ -127,8 +127,8 @@ def mechanics_config(data: Path, out: Path, teacher: str, **overrides) -> Distil
         max_new_tokens=4,
         batch_size=2,
         part_rows=2,
-        cpus_per_actor=0.5,
-        torch_threads=1,
+        cpus=0.5,
+        threads=1,
     )
     values.update(overrides)
     return DistillConfig(**values)
@@ -411,7 +411,7 @@ def test_finetune_reads_a_distill_output_through_its_manifest(ray_local, scripte
     assert {"distilled", "parts", "rejects", "manifest.json"} <= {p.name for p in out.iterdir()}
 
     def plan(data: str):
-        config = FinetuneConfig(model=scripted_model, data=data, out=str(tmp_path / "ft"), micro_batch=1, num_workers=1)
+        config = FinetuneConfig(model=scripted_model, data=data, out=str(tmp_path / "ft"), micro_batch=1, actors=1)
         return finetune.plan(config)
 
     checked = plan(str(out))

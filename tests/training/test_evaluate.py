@@ -449,8 +449,8 @@ def test_evaluate_model_task_reads_a_model_from_s3(s3_bucket, tiny_model_dir, ti
     questions = [mmlu.parse_row(row)[0] for row in planted_questions(3)]
     choices = [[mmlu.continuation(c) for c in q.choices] for q in questions]
     task = ModelTask(label="remote", model=uri, contexts={0: [mmlu.build_context(q, []) for q in questions]},
-                     choices=choices, documents={"d": ["w1 w2 w3 w4"]}, max_length=512, window=16, stride=8,
-                     max_batch_tokens=512, dtype="float32", device="cpu", torch_threads=1,
+                     choices=choices, documents={"d": ["w1 w2 w3 w4"]}, max_tokens=512, window=16, stride=8,
+                     max_batch_tokens=512, dtype="float32", device="cpu", threads=1,
                      storage_options=storage.StorageOptions().resolved())  # fmt: skip
     output = evaluate_model(task)
     tokenizer, model = tiny

@@ -77,7 +77,7 @@ def write_distilled(directory: Path, rows: int = ROWS, with_response: bool = Fal
 def fit_config(model: str, data: Path, out: str, **overrides) -> FinetuneConfig:
     values = dict(
         model=model, data=str(data), out=out, epochs=2, micro_batch=4, grad_accum=1, window_steps=4, max_tokens=32,
-        lr=5e-3, warmup_steps=2, checkpoint_every=5, log_every=5, cpus_per_worker=0.5, torch_threads=1, seed=1,
+        lr=5e-3, warmup_steps=2, checkpoint_every=5, log_every=5, cpus=0.5, threads=1, seed=1,
     )  # fmt: skip
     values.update(overrides)
     return FinetuneConfig(**values)
@@ -311,12 +311,12 @@ def test_worker_threads_and_environment_follow_the_settings(tiny_model_dir):
     from training.finetuning.worker import worker_environment
 
     # Two workers on two cores reserve 0.75 CPU each: one thread each, never more threads than cores.
-    assert worker_environment(loop_config(tiny_model_dir, cpus_per_worker=0.75)) == {
+    assert worker_environment(loop_config(tiny_model_dir, cpus=0.75)) == {
         "OMP_NUM_THREADS": "1",
         "RAY_worker_niceness": "0",
     }
-    assert worker_environment(loop_config(tiny_model_dir, cpus_per_worker=2.0))["OMP_NUM_THREADS"] == "2"
-    explicit = loop_config(tiny_model_dir, cpus_per_worker=0.5, torch_threads=3)
+    assert worker_environment(loop_config(tiny_model_dir, cpus=2.0))["OMP_NUM_THREADS"] == "2"
+    explicit = loop_config(tiny_model_dir, cpus=0.5, threads=3)
     assert worker_environment(explicit)["OMP_NUM_THREADS"] == "3"
 
 
@@ -413,7 +413,7 @@ def test_zero1_takes_the_same_steps_as_zero2_and_resumes(zero2_run, tiny_model_d
 def test_step_breakdown_sums_to_the_step_time_and_workers_use_the_set_threads(zero2_run):
     out, _ = zero2_run
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["torch_threads"] == 1 and summary["omp_num_threads"] == "1"  # fit_config: torch_threads=1
+    assert summary["threads"] == 1 and summary["omp_num_threads"] == "1"  # fit_config: threads=1
     assert summary["niceness"] == 0
     assert summary["optimizer"] == "AdamW, fused"  # one pass per partition, not several
     for row in read_metrics(out):
@@ -463,7 +463,7 @@ def test_job_with_lora_and_kd_as_subprocess(tiny_model_dir, tmp_path):
     data = write_distilled(tmp_path / "distilled", rows=48, with_response=True)
     overrides = tmp_path / "finetune.yaml"
     overrides.write_text(
-        "epochs: 1\nmicro_batch: 4\nwindow_steps: 2\nmax_tokens: 32\ncpus_per_worker: 0.5\nlr: 0.003\n"
+        "epochs: 1\nmicro_batch: 4\nwindow_steps: 2\nmax_tokens: 32\ncpus: 0.5\nlr: 0.003\n"
         "lora_targets: [q_proj, v_proj]\n"
     )
     out = tmp_path / "out"
@@ -528,7 +528,7 @@ from training.finetuning.config import FinetuneConfig, LoopConfig
 work, marker = sys.argv[1], sys.argv[2]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 model_dir = str(build_tiny_model(__import__("pathlib").Path(work) / "model", num_layers=1))
-config = FinetuneConfig(model=model_dir, data="unused.parquet", out=work, zero_stage=2, torch_threads=1)
+config = FinetuneConfig(model=model_dir, data="unused.parquet", out=work, zero_stage=2, threads=1)
 loop = LoopConfig(config, model_dir, None, 10, StorageOptions(), "")
 model, _ = worker._build_model(loop)
 engine = worker._build_engine(model, loop, 1)

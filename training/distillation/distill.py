@@ -45,9 +45,9 @@ import pyarrow.parquet as pq
 from core import manifest, models, storage
 from core.batching import cached_tokenizer
 from core.domains import check_domain, domains_in, only_domain
-from core.errors import ConfigError, check_range, check_ranges
+from core.errors import ConfigError, check_range
 from core.progress import Progress
-from core.runtime import RunConfig, default_torch_threads
+from core.runtime import RunConfig, default_threads
 from core.stage import Outcome, Stage, run_stage
 from training.distillation.teacher import (
     Backend,
@@ -122,8 +122,8 @@ PREPARED_SCHEMA = pa.schema(
 class DistillConfig(RunConfig, GenerationSettings):
     # Greedy output does not depend on these: they change how a run executes, not what it produces.
     execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {
-        "teacher_actors",
-        "gpus_per_actor",
+        "actors",
+        "gpus",
         "batch_size",
         "max_batch_tokens",
         "part_rows",
@@ -163,9 +163,9 @@ class DistillConfig(RunConfig, GenerationSettings):
     """A rewrite containing any of these (case-insensitive) leaks the prompt and is rejected."""
     part_rows: int = 256
     """Rows per resumable part file: a crash loses at most the parts in flight, a rerun redoes only those."""
-    limit: int = 0
-    """Process at most this many input rows (0: all); for demos and smoke runs."""
-    teacher_actors: int = 1
+    limit: int | None = None
+    """Process at most this many input rows (unset: all); for demos and smoke runs."""
+    actors: int = 1
     """transformers: teacher actors; vllm: engine replicas (concurrency)."""
 
     def __post_init__(self) -> None:
@@ -182,19 +182,18 @@ class DistillConfig(RunConfig, GenerationSettings):
                 f"must be >= min_document_tokens={self.min_document_tokens}",
             )
         check_range("part_rows", self.part_rows, ge=1)
-        check_ranges(self, ("context_length", "limit"), ge=0, hint="0: default")
-        if self.backend == "vllm" and self.gpus_per_actor:
-            raise ConfigError(
-                "gpus_per_actor", self.gpus_per_actor, "is for the transformers backend; vLLM takes GPUs itself"
-            )
+        check_range("context_length", self.context_length, ge=0, hint="0: the teacher's own")
+        check_range("limit", self.limit, ge=1, optional=True, hint="or unset for every row")
+        if self.backend == "vllm" and self.gpus:
+            raise ConfigError("gpus", self.gpus, "is for the transformers backend; vLLM takes GPUs itself")
         self.teacher_config()
 
     def teacher_config(self) -> TeacherConfig:
         generation = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationSettings)}
         try:
-            return TeacherConfig(model=self.teacher, backend=self.backend, actors=self.teacher_actors, **generation)
+            return TeacherConfig(model=self.teacher, backend=self.backend, actors=self.actors, **generation)
         except ConfigError as error:  # name the flag the user gave
-            field_name = {"actors": "teacher_actors", "model": "teacher"}.get(error.field, error.field)
+            field_name = {"actors": "actors", "model": "teacher"}.get(error.field, error.field)
             raise ConfigError(field_name, error.value, error.fix) from None
 
 
@@ -625,13 +624,13 @@ def _generate(rows, teacher: TeacherConfig, config: DistillConfig):
         model_dir = models.local_model_dir(teacher.model)
         processor = build_vllm_processor(teacher, model_dir, PREPARED_SCHEMA.names, eos_ids(tokenizer))
         return processor(rows)
-    threads = teacher.torch_threads or default_torch_threads(teacher.actors, teacher.cpus_per_actor, config.ray_address)
+    threads = teacher.threads or default_threads(teacher.actors, teacher.cpus, config.ray_address)
     return rows.map_batches(
         TransformersTeacher,
         fn_constructor_args=(teacher, threads),
         compute=ray.data.ActorPoolStrategy(size=teacher.actors),
-        num_cpus=teacher.cpus_per_actor,
-        num_gpus=teacher.gpus_per_actor or None,
+        num_cpus=teacher.cpus,
+        num_gpus=teacher.gpus or None,
         batch_size=teacher.batch_size,
         batch_format="pyarrow",
     )

@@ -66,12 +66,12 @@ class GenerationSettings:
     """Rows per Ray Data batch handed to a teacher actor (vLLM: per engine request batch)."""
     max_batch_tokens: int = 16384
     """transformers: (prompt + max_new_tokens) x rows per generate call, which bounds the KV cache."""
-    cpus_per_actor: float = 0.5
+    cpus: float = 0.5
     """CPUs each transformers actor reserves; keep it below the node's CPUs so read tasks can run."""
-    gpus_per_actor: float = 0.0
+    gpus: float = 0.0
     """GPUs each transformers actor reserves; > 0 generates on CUDA."""
-    torch_threads: int = 0
-    """Torch threads per transformers actor; 0 picks from the machine (local) or cpus_per_actor (cluster)."""
+    threads: int = 0
+    """Torch threads per transformers actor; 0 picks from the machine (local) or cpus (cluster)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     """transformers weights and activations. float32 (the default) gives, row for row, the text of a lone
     greedy `generate`; bfloat16 (or auto: bf16 where the device computes it natively, such as a CPU with
@@ -102,9 +102,9 @@ class TeacherConfig(GenerationSettings):
         check_range("temperature", self.temperature, ge=0, hint="0 decodes greedily")
         check_range("top_p", self.top_p, gt=0, le=1)
         check_seed("seed", self.seed)
-        check_range("cpus_per_actor", self.cpus_per_actor, gt=0, hint="fractions are fine")
-        check_range("gpus_per_actor", self.gpus_per_actor, ge=0)
-        check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the machine")
+        check_range("cpus", self.cpus, gt=0, hint="fractions are fine")
+        check_range("gpus", self.gpus, ge=0)
+        check_range("threads", self.threads, ge=0, hint="0 picks from the machine")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError("dtype", self.dtype, "must be auto, float32 or bfloat16 (auto: bf16 where native)")
         if any(not text for text in self.stop):
@@ -373,7 +373,7 @@ class TransformersTeacher:
 
     def __init__(self, config: TeacherConfig, threads: int = 0):
         worker_logging()
-        device = worker_device(config.gpus_per_actor)
+        device = worker_device(config.gpus)
         self.generator = BatchedGenerator(config, device=device, threads=threads)
         self.generated_tokens = 0
         self.seconds = 0.0

@@ -24,7 +24,7 @@ import numpy as np
 from core import manifest, models, storage
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
-from core.placement import requested_device, resolve_device
+from core.placement import dtype_decision, requested_device, resolve_device
 from core.runtime import RunConfig, init_ray, is_local_ray
 from core.stage import Outcome, Stage, run_stage
 from training.evaluation import mmlu, stats
@@ -41,9 +41,9 @@ _LABEL = re.compile(r"^([A-Za-z][\w.+-]*)=(.+)$")
 @dataclass
 class EvaluateConfig(RunConfig):
     execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {
-        "cpus_per_model",
-        "gpus_per_model",
-        "torch_threads",
+        "cpus",
+        "gpus",
+        "threads",
         "max_batch_tokens",
     }
 
@@ -77,17 +77,19 @@ class EvaluateConfig(RunConfig):
     """Perplexity window in tokens; a longer document is read in sliding windows."""
     stride: int = 512
     """Tokens between the starts of consecutive windows (each scored token has >= window - stride context)."""
-    max_length: int = 2048
+    max_tokens: int = 2048
     """Tokens of an MMLU prompt (context plus a choice); a longer context is cut from the left."""
     max_batch_tokens: int = 4096
     """Padded tokens per forward."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights and activations; log-probabilities are always taken in float32."""
-    cpus_per_model: float = 0.0
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    """Weights and activations: float32, bfloat16, or auto (bfloat16 where the model task's device computes it
+    natively and fast, float32 elsewhere; results.json records what each model ran in). Log-probabilities
+    are always taken in float32."""
+    cpus: float = 0.0
     """CPUs each model's Ray task reserves; 0: this machine's CPUs shared among the models (local), else 1."""
-    gpus_per_model: float = 0.0
+    gpus: float = 0.0
     """GPUs each model's Ray task reserves; > 0 runs the model on CUDA."""
-    torch_threads: int = 0
+    threads: int = 0
     """Torch threads per model task; 0 picks from the CPUs it reserves."""
 
     def __post_init__(self) -> None:
@@ -112,12 +114,12 @@ class EvaluateConfig(RunConfig):
         if not all(isinstance(k, numbers.Integral) and 0 <= k <= mmlu.DEV_PER_SUBJECT for k in self.shots):
             raise ConfigError("shots", self.shots, f"each must be in 0..{mmlu.DEV_PER_SUBJECT} (the held-out pool)")
         check_range("ppl_max_docs", self.ppl_max_docs, ge=1, optional=True, hint="or unset for every document")
-        check_ranges(self, ("window", "max_length", "max_batch_tokens"), ge=2)
+        check_ranges(self, ("window", "max_tokens", "max_batch_tokens"), ge=2)
         if not 1 <= self.stride <= self.window:
             raise ConfigError("stride", self.stride, f"must be in 1..window={self.window}")
-        check_range("cpus_per_model", self.cpus_per_model, ge=0, hint="0 shares this machine's CPUs")
-        check_range("gpus_per_model", self.gpus_per_model, ge=0)
-        check_range("torch_threads", self.torch_threads, ge=0, hint="0 picks from the CPUs reserved")
+        check_range("cpus", self.cpus, ge=0, hint="0 shares this machine's CPUs")
+        check_range("gpus", self.gpus, ge=0)
+        check_range("threads", self.threads, ge=0, hint="0 picks from the CPUs reserved")
 
     def labelled_models(self) -> list[tuple[str, str]]:
         pairs = []
@@ -142,13 +144,13 @@ class ModelTask:
     """Per question, the continuations (choices with their leading space)."""
     documents: dict[str, list[str]]
     """Per perplexity dataset, the document texts."""
-    max_length: int
+    max_tokens: int
     window: int
     stride: int
     max_batch_tokens: int
     dtype: str
     device: str
-    torch_threads: int
+    threads: int
     storage_options: storage.StorageOptions | None = None
     """For a model on s3://, copied to a local directory in the task before loading."""
 
@@ -165,17 +167,18 @@ def evaluate_model(task: ModelTask) -> dict[str, Any]:
     from training.evaluation.scoring import encode_item, score_items
 
     worker_logging()
-    if task.torch_threads:
-        torch.set_num_threads(task.torch_threads)
+    if task.threads:
+        torch.set_num_threads(task.threads)
     started = time.perf_counter()
     path = storage.local_copy(task.model, task.storage_options) if storage.is_remote(task.model) else task.model
     tokenizer = models.load_tokenizer(path)
     device = resolve_device(task.device)
-    model = models.load_model(path, dtype=getattr(torch, task.dtype), device=device)
-    limit = int(getattr(model.config, "max_position_embeddings", task.max_length) or task.max_length)
-    max_length, window = min(task.max_length, limit), min(task.window, limit)
+    decision = dtype_decision(task.dtype, device)
+    model = models.load_model(path, dtype=getattr(torch, decision["dtype"]), device=device)
+    limit = int(getattr(model.config, "max_position_embeddings", task.max_tokens) or task.max_tokens)
+    max_length, window = min(task.max_tokens, limit), min(task.window, limit)
     stride = min(task.stride, window)
-    result: dict[str, Any] = {"label": task.label, "mmlu": {}, "ppl": {}, "timings_s": {}}
+    result: dict[str, Any] = {"label": task.label, "mmlu": {}, "ppl": {}, "timings_s": {}, "dtype": decision}
     n_chars = np.array([[len(text) for text in row] for row in task.choices])
     for shots, contexts in task.contexts.items():
         tick = time.perf_counter()
@@ -279,13 +282,13 @@ def build_tasks(checked: EvaluationPlan) -> list[ModelTask]:
             contexts=contexts,
             choices=choices,
             documents=checked.documents,
-            max_length=config.max_length,
+            max_tokens=config.max_tokens,
             window=config.window,
             stride=config.stride,
             max_batch_tokens=config.max_batch_tokens,
             dtype=config.dtype,
-            device=requested_device(config.gpus_per_model),
-            torch_threads=threads,
+            device=requested_device(config.gpus),
+            threads=threads,
             storage_options=config.storage_options(),
         )
         for label, model in checked.models
@@ -296,13 +299,13 @@ def _resources(config: EvaluateConfig, n_models: int) -> tuple[float, int]:
     """CPUs per model task and torch threads. Locally the machine's cores are shared among the models,
     with fractional CPUs so that all tasks run at once (docs/design.md, "Ray on small machines")."""
     cores = os.cpu_count() or 1
-    if config.cpus_per_model:
-        cpus = config.cpus_per_model
+    if config.cpus:
+        cpus = config.cpus
     elif is_local_ray(config.ray_address):
         cpus = max(cores / n_models, 0.25)
     else:
         cpus = 1.0
-    threads = config.torch_threads or max(1, int(cpus) if cpus >= 1 else 1)
+    threads = config.threads or max(1, int(cpus) if cpus >= 1 else 1)
     return cpus, threads
 
 
@@ -312,7 +315,7 @@ def run_tasks(tasks: list[ModelTask], config: EvaluateConfig) -> list[dict[str, 
     import ray
 
     cpus, _ = _resources(config, len(tasks))
-    remote = ray.remote(evaluate_model).options(num_cpus=cpus, num_gpus=config.gpus_per_model or None, max_retries=1)
+    remote = ray.remote(evaluate_model).options(num_cpus=cpus, num_gpus=config.gpus or None, max_retries=1)
     logger.info("evaluating %d models, %.2f CPUs each", len(tasks), cpus)
     return ray.get([remote.remote(task) for task in tasks])
 
@@ -342,12 +345,13 @@ def summarise(checked: EvaluationPlan, outputs: list[dict[str, Any]]) -> dict[st
 
 
 def _model_entries(checked: EvaluationPlan, outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model, in the config's order: its label, source, size and timings."""
+    """Per model, in the config's order: its label, source, size, what its dtype became, and timings."""
     return [
         {
             "label": label,
             "model": model,
             "parameters": output["parameters"],
+            "dtype": output["dtype"],
             "timings_s": {k: round(v, 2) for k, v in output["timings_s"].items()},
         }  # fmt: skip
         for output, (label, model) in zip(outputs, checked.models, strict=True)

@@ -19,8 +19,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class FinetuneConfig(RunConfig):
     # These do not change the trained weights: they stay out of the manifest hash.
     execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {
-        "torch_threads",
-        "cpus_per_worker",
+        "threads",
+        "cpus",
         "log_every",
         "checkpoint_every",
         "keep_checkpoints",
@@ -75,13 +75,13 @@ class FinetuneConfig(RunConfig):
     """Gradient-norm clipping threshold."""
     seed: int = 0
     """Seed of the batch order and of LoRA's initialisation."""
-    num_workers: int = 2
+    actors: int = 2
     """Ray Train workers (one per GPU on a cluster)."""
-    use_gpu: bool = False
-    """Train on GPUs (bf16); otherwise CPU (fp32, gloo)."""
-    cpus_per_worker: float = 0.0
+    cpus: float = 0.0
     """CPUs each worker reserves; 0: 1 on a cluster, and on a local Ray a share that leaves room for reads."""
-    torch_threads: int = 0
+    gpus: float = 0.0
+    """GPUs each worker reserves: 0 trains on CPUs (float32, gloo), 1 on a GPU each (bf16, NCCL)."""
+    threads: int = 0
     """Torch threads per worker; 0 picks from the CPUs reserved."""
     log_every: int = 10
     """Report metrics to Ray Train every this many steps. Progress lines (steps done of the total, rate, ETA,
@@ -115,16 +115,19 @@ class FinetuneConfig(RunConfig):
 
     def _check_numbers(self) -> None:
         """The schedule, optimiser and execution settings; NaN and infinities are refused everywhere."""
-        positive = ("epochs", "micro_batch", "grad_accum", "window_steps", "num_workers", "log_every")
+        positive = ("epochs", "micro_batch", "grad_accum", "window_steps", "actors", "log_every")
         check_ranges(self, (*positive, "checkpoint_every", "keep_checkpoints"), ge=1)
         check_range("max_tokens", self.max_tokens, ge=8)
-        check_ranges(self, ("max_steps", "warmup_steps", "max_failures", "fail_at_step", "torch_threads"), ge=0)
+        check_ranges(self, ("max_steps", "warmup_steps", "max_failures", "fail_at_step", "threads"), ge=0)
         check_range("lr", self.lr, gt=0)
         check_range("weight_decay", self.weight_decay, ge=0)
         check_range("min_lr_ratio", self.min_lr_ratio, ge=0.0, le=1.0)
         check_range("grad_clip", self.grad_clip, ge=0, hint="0 turns clipping off")
         check_seed("seed", self.seed)
-        check_range("cpus_per_worker", self.cpus_per_worker, ge=0, hint="0 picks one")
+        check_range("cpus", self.cpus, ge=0, hint="0 picks one")
+        if self.gpus not in (0, 1):
+            raise ConfigError("gpus", self.gpus, "must be 0 (train on CPUs) or 1 (one GPU per worker; set `actors` "
+                              "to the number of GPUs)")  # fmt: skip
 
     @property
     def checkpoint_uri(self) -> str:
@@ -136,7 +139,7 @@ class LoopConfig:
     """What every Ray Train worker runs from, resolved once on the driver: a typo fails at parse time."""
 
     config: FinetuneConfig
-    """The job's config, with local paths absolute and `cpus_per_worker` resolved."""
+    """The job's config, with local paths absolute and `cpus` resolved."""
     model_dir: str
     """The student's local Hugging Face directory."""
     teacher_dir: str | None

@@ -102,7 +102,7 @@ def plan(config: FinetuneConfig) -> FinetunePlan:
         missing += [name for name in DISTILLED_COLUMNS if name not in columns]
     if missing:
         raise ConfigError("data", config.data, f"lacks the columns {missing}; expected a distilled set")
-    rows_per_step = config.micro_batch * config.grad_accum * config.num_workers
+    rows_per_step = config.micro_batch * config.grad_accum * config.actors
     steps_per_epoch = rows // rows_per_step
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -124,13 +124,13 @@ def _model_files(directory: str | None) -> list[storage.FileInfo]:
 # ---------------------------------------------------------------- worker side
 
 
-def _cpus_per_worker(config: FinetuneConfig) -> float:
-    if config.cpus_per_worker:
-        return config.cpus_per_worker
+def _worker_cpus(config: FinetuneConfig) -> float:
+    if config.cpus:
+        return config.cpus
     if not is_local_ray(config.ray_address):
         return 1.0
     # Leave half a CPU for Ray Data's read tasks: a pool that takes every CPU starves them (docs/design.md).
-    return max(0.25, ((os.cpu_count() or 1) - 0.5) / config.num_workers)
+    return max(0.25, ((os.cpu_count() or 1) - 0.5) / config.actors)
 
 
 def _loop_config(checked: FinetunePlan) -> LoopConfig:
@@ -140,7 +140,7 @@ def _loop_config(checked: FinetunePlan) -> LoopConfig:
         # Ray Train runs each worker in a directory of its own: every local path must be absolute.
         out=storage.absolute(config.out),
         checkpoints=config.checkpoints and storage.absolute(config.checkpoints),
-        cpus_per_worker=_cpus_per_worker(config),
+        cpus=_worker_cpus(config),
     )
     return LoopConfig(
         config=resolved,
@@ -178,9 +178,9 @@ def build_trainer(checked: FinetunePlan):
         train_loop_per_worker,
         train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers,
-            use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": loop.config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+            num_workers=config.actors,
+            use_gpu=bool(config.gpus),
+            resources_per_worker={"CPU": loop.config.cpus, **({"GPU": 1} if config.gpus else {})},
         ),
         # NCCL for GPU workers; gloo when the GPU configuration runs on CPU (core.placement.FORCE_CPU).
         torch_config=TorchConfig(backend="gloo" if cpu_forced() else None),
@@ -207,7 +207,7 @@ def _finetune(config: FinetuneConfig, checked: FinetunePlan, timer: manifest.Tim
     options = config.storage_options()
     logger.info(
         "fine-tuning %s on %d rows: %d steps, ZeRO-%d, %d workers%s%s",
-        config.model, checked.rows, checked.total_steps, config.zero_stage, config.num_workers,
+        config.model, checked.rows, checked.total_steps, config.zero_stage, config.actors,
         f", LoRA r={config.lora_r}" if config.lora_r else "", f", KD w={config.kd_weight}" if config.kd_weight else "",
     )  # fmt: skip
     with timer("fit"):

@@ -36,20 +36,20 @@ logger = logging.getLogger(__name__)
 
 
 def _worker_threads(loop: LoopConfig) -> int:
-    """Torch threads per worker: `torch_threads`, else one per whole CPU the worker reserves (at least one).
+    """Torch threads per worker: `threads`, else one per whole CPU the worker reserves (at least one).
 
     Two workers on two cores thus run one thread each: more would oversubscribe the cores.
     """
-    if loop.config.torch_threads:
-        return loop.config.torch_threads
-    return max(1, int(loop.config.cpus_per_worker))
+    if loop.config.threads:
+        return loop.config.threads
+    return max(1, int(loop.config.cpus))
 
 
 def worker_environment(loop: LoopConfig) -> dict[str, str]:
     """Environment of the Ray Train worker processes.
 
     OpenMP gets the worker's thread count (Ray would set one per whole CPU reserved, which disagrees with
-    `torch_threads` when that is set). Ray starts worker processes at niceness 15; a training worker holds
+    `threads` when that is set). Ray starts worker processes at niceness 15; a training worker holds
     its CPUs for the whole fit and every step waits for the slowest worker, so it runs at normal priority:
     otherwise any other process on the node, Ray's own daemons included, preempts it and stalls them all.
     """
@@ -57,8 +57,8 @@ def worker_environment(loop: LoopConfig) -> dict[str, str]:
 
 
 def _worker_device(loop: LoopConfig) -> str:
-    """cuda for a worker given a GPU (use_gpu), unless FINESCOPE_FORCE_CPU; it also decides bf16."""
-    return worker_device(1 if loop.config.use_gpu else 0)
+    """cuda for a worker given a GPU (`gpus`), unless FINESCOPE_FORCE_CPU; it also decides bf16."""
+    return worker_device(loop.config.gpus)
 
 
 def _build_model(loop: LoopConfig) -> tuple[torch.nn.Module, Any]:
@@ -325,7 +325,7 @@ def _summary(state: Any, metrics: dict[str, Any], engine: Any) -> dict[str, Any]
         "tokens": state.tokens,
         "final_loss": metrics.get("loss"),
         "resumed_from_step": state.resumed_from_step,
-        "torch_threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "niceness": os.nice(0),
     }

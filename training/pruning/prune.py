@@ -54,8 +54,8 @@ from core.batching import pad_right, tokenize_texts
 from core.domains import check_domain, domains_in, only_domain
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
-from core.placement import run_remote, worker_device
-from core.runtime import RunConfig, default_torch_threads
+from core.placement import dtype_decision, run_remote, worker_device
+from core.runtime import RunConfig, default_threads
 from core.stage import Outcome, Stage, run_stage
 from training.pruning.importance import Importance, magnitude_importance, random_importance, taylor_importance
 from training.pruning.structures import Layout, count_params, layout_of, refusal, slice_structures
@@ -74,7 +74,7 @@ IMPORTANCE = "prune_importance.npz"
 
 @dataclass
 class PruneConfig(RunConfig):
-    execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {"cpus"}
+    execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {"cpus", "threads"}
 
     model: str = models.DEFAULT_MODEL
     """Base model: an embedded name (smollm2-135m), a Hugging Face directory, or a .gguf file."""
@@ -105,14 +105,17 @@ class PruneConfig(RunConfig):
     """Documents per importance batch."""
     checkpointing: bool = False
     """Activation checkpointing during the importance backward (for big models)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights' dtype during importance and in the saved model."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    """Weights' dtype during importance and in the saved model: float32, bfloat16, or auto (bfloat16 where the
+    pruning task's device computes it natively and fast; the manifest records what it became)."""
     seed: int = 0
     """Seed of the random baseline."""
     cpus: float = 1.0
     """CPUs the pruning task reserves (it uses every core of a local machine, int(cpus) on a cluster)."""
     gpus: float = 0.0
     """GPUs the pruning task reserves; > 0 loads the model and measures importance on CUDA."""
+    threads: int = 0
+    """Torch threads of the pruning task; 0 picks from the machine (local) or from `cpus` (a cluster)."""
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -125,6 +128,7 @@ class PruneConfig(RunConfig):
         check_seed("seed", self.seed)
         check_range("cpus", self.cpus, gt=0, hint="fractions are fine")
         check_range("gpus", self.gpus, ge=0)
+        check_range("threads", self.threads, ge=0, hint="0 picks from the machine")
 
 
 @dataclass
@@ -432,7 +436,7 @@ def plan(config: PruneConfig) -> PrunePlan:
 def _prune(config: PruneConfig, checked: PrunePlan, timer: manifest.Timer) -> Outcome:
     """The model is loaded, scored, sliced and saved in one Ray task that holds `cpus` and `gpus`
     (docs/design.md, "Placement"); the driver only plans."""
-    threads = default_torch_threads(1, config.cpus, config.ray_address)
+    threads = config.threads or default_threads(1, config.cpus, config.ray_address)
     timings, counts, params = run_remote(
         _prune_and_save, config.for_workers(), checked.layout, checked.texts, threads,
         num_cpus=config.cpus, num_gpus=config.gpus,
@@ -461,9 +465,10 @@ def _prune_and_save(config: PruneConfig, layout: Layout, texts: list[str], threa
     torch.set_num_threads(threads)
     options = config.storage_options()
     timer = manifest.Timer()
+    device = worker_device(config.gpus)
+    decision = dtype_decision(config.dtype, device)
     with timer("load"):
-        dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
-        model = models.load_model(config.model, dtype=dtype, device=worker_device(config.gpus))
+        model = models.load_model(config.model, dtype=getattr(torch, decision["dtype"]), device=device)
         tokenizer = models.load_tokenizer(config.model)
     _check_described(model, layout, config.model)
     with timer("importance"):
@@ -488,7 +493,8 @@ def _prune_and_save(config: PruneConfig, layout: Layout, texts: list[str], threa
         storage.write_bytes_atomic(storage.join(config.out, IMPORTANCE), importance.to_npz(), options)
     _log_pruned(config.model, allocation, report)
     counts = {"docs": len(texts), "batches": importance.batches, "tokens": importance.tokens}
-    return timer.timings, counts, {"params_before": allocation.params_before, "params_after": allocation.params_after}
+    extra = {"params_before": allocation.params_before, "params_after": allocation.params_after, "dtype": decision}
+    return timer.timings, counts, extra
 
 
 def _check_described(model: nn.Module, layout: Layout, name: str) -> None:
