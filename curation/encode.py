@@ -104,7 +104,7 @@ class EncoderSpec:
     threads: int = 0
     latent_weights: list[float] | None = None
     """Per SAE latent, a weight applied to the pooled vector before it is normalised: the rarity weights of
-    curation/scoring.py. None weighs every latent alike."""
+    curation/latent_weights.py. None weighs every latent alike."""
 
 
 class DocumentEncoder:

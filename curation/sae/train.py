@@ -33,10 +33,10 @@ from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_threads
 from core.stage import Outcome, Stage, run_stage
 from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
+from curation.latent_weights import STATS_FILE, latent_stats
 from curation.sae.coords import CoordSelector, select_coords, unmeasured_coords
 from curation.sae.model import SAEConfig, TopKSAE, TrainingDiverged, train_sae
 from curation.sae.replay import replay_batches
-from curation.scoring import STATS_FILE, latent_stats
 from curation.seeds import load_seeds
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class TrainSAEConfig(RunConfig):
     """Corpus documents used to choose coordinates when no seeds are given."""
     stats_docs: int = 2048
     """Corpus documents (the first ones) on which each latent's document frequency is measured after
-    training, for curation's rarity weighting (curation/scoring.py); 0 skips it."""
+    training, for curation's rarity weighting (curation/latent_weights.py); 0 skips it."""
     actors: int = 1
     """Model actors computing activations."""
     cpus: float = 1.0
@@ -280,7 +280,7 @@ def _train_and_save(
 
 def _measure_latent_stats(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]) -> int:
     """Encode the corpus's first `stats_docs` documents with the trained SAE and store in how many each latent
-    fires (curation/scoring.py), beside the SAE; the number of documents measured."""
+    fires (curation/latent_weights.py), beside the SAE; the number of documents measured."""
     worker_logging()
     options = config.storage_options()
     sae = TopKSAE.load(storage.local_copy(config.out, options))

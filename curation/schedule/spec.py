@@ -13,8 +13,8 @@ from typing import Any
 from core import cli, storage
 from core.errors import ConfigError, check_range, check_ranges
 from core.storage import StorageOptions
+from curation.latent_weights import STATS_FILE
 from curation.sae.model import CONFIG_FILE, WEIGHTS_FILE
-from curation.scoring import STATS_FILE
 from curation.selection.curate import CurateConfig
 
 

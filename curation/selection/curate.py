@@ -24,8 +24,8 @@ from core.stage import Outcome, Stage, run_stage
 from curation.encode import Pooling
 from curation.encode_pipeline import encode_shards, prepare_encoder
 from curation.explain import DomainDrivers, domain_drivers, row_explanations
+from curation.latent_weights import STATS_FILE, LatentStats
 from curation.sae.model import TopKSAE
-from curation.scoring import STATS_FILE, LatentStats
 from curation.seeds import Seeds, load_seeds
 from curation.selection.rules import SelectionRule, SelectionSpec, block_candidates, label_selected, merge_candidates
 
@@ -64,7 +64,7 @@ class CurateConfig(RunConfig):
     """SAE codes to a document vector: `rate`, the share of its tokens each latent fires on, or `mean`."""
     weighting: Literal["idf", "none"] = "idf"
     """How much each latent counts in the cosine: `idf`, by its rarity over the corpus's documents, measured
-    when the SAE was trained (curation/scoring.py); `none`, all alike (the paper's)."""
+    when the SAE was trained (curation/latent_weights.py); `none`, all alike (the paper's)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """The truncated forward's precision: auto is bfloat16 where the encode device computes it natively and
     fast (a GPU with bf16; a CPU whose bf16 matmuls measure at least 1.25x float32's, as AMX does), float32

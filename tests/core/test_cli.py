@@ -15,10 +15,10 @@ import torch
 
 from core import cli
 from core.errors import ConfigError
+from curation.latent_weights import STATS_FILE, LatentStats
 from curation.sae.model import SAEConfig, TopKSAE
 from curation.sae.train import TrainSAEConfig
 from curation.sae.train import plan as plan_sae
-from curation.scoring import STATS_FILE, LatentStats
 from curation.selection.curate import CurateConfig, plan
 
 REPO = Path(__file__).resolve().parents[1]

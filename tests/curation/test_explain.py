@@ -17,8 +17,8 @@ from helpers import background
 from core.batching import cached_tokenizer, tokenize_texts
 from curation.encode import DocumentEncoder, EncoderSpec
 from curation.explain import domain_drivers, row_explanations, top_contributions
+from curation.latent_weights import STATS_FILE, latent_stats
 from curation.sae.model import SAEConfig, TopKSAE
-from curation.scoring import STATS_FILE, latent_stats
 from curation.selection.curate import CurateConfig, label_rows, run_curation
 from curation.selection.explain_report import token_in_context
 from curation.selection.rules import SelectionSpec, domain_scores, nearest_seeds

@@ -195,9 +195,9 @@ def build_sae(model: str, corpus_glob: str, seeds: str, out: Path) -> None:
     from core.models import model_info
     from core.reader import DOC, CleanConfig, iter_shard
     from curation.encode import DocumentEncoder, EncoderSpec
+    from curation.latent_weights import STATS_FILE, latent_stats
     from curation.sae.coords import select_coords
     from curation.sae.model import SAEConfig, train_sae
-    from curation.scoring import STATS_FILE, latent_stats
     from curation.seeds import load_seeds
 
     encoder = DocumentEncoder(EncoderSpec(model=model, sae_dir=None, layer=2))

@@ -12,9 +12,9 @@ from helpers import write_corpus
 
 from core import storage
 from core.errors import ConfigError
+from curation.latent_weights import LatentStats
 from curation.sae.model import TopKSAE
 from curation.sae.train import TrainSAEConfig, run_train_sae
-from curation.scoring import LatentStats
 from curation.seeds import load_seeds
 from curation.selection.curate import CurateConfig, run_curation
 from curation.split import SplitConfig, run_split

