@@ -13,7 +13,7 @@ import pipeline
 from core import cli
 from curation.sae.train import TrainSAEConfig
 from curation.schedule.service import ScheduleJobConfig
-from curation.schedule.spec import load_spec
+from curation.schedule.spec import load_schedule_spec
 from curation.selection.curate import CurateConfig
 
 CLUSTER = REPO / "cluster"
@@ -51,7 +51,7 @@ def check_job_command(argv: list[str]) -> None:
         assert {step.stage for step in steps} >= {"curate", "prune", "distill", "finetune", "evaluate"}
         return
     for spec in getattr(config, "spec", []):
-        loaded = load_spec(str(REPO / spec))
+        loaded = load_schedule_spec(str(REPO / spec))
         assert loaded.corpus and loaded.out
 
 
@@ -164,9 +164,9 @@ def test_a_wrong_flag_would_be_caught(bad):
 
 def test_shipped_schedule_specs_load():
     for path in sorted((REPO / "jobs" / "configs").glob("schedule-*.yaml")):
-        spec = load_spec(str(path))
+        spec = load_schedule_spec(str(path))
         assert spec.rule in ("per_seed_topn", "global_topn", "threshold") and spec.max_attempts >= 1, path
-    cluster_spec = load_spec(str(REPO / "jobs" / "configs" / "schedule-s3.yaml"))
+    cluster_spec = load_schedule_spec(str(REPO / "jobs" / "configs" / "schedule-s3.yaml"))
     assert cluster_spec.gpus == 1 and cluster_spec.out.startswith("s3://")
     assert Path(REPO / "jobs" / "schedule.py").is_file()
 

@@ -111,7 +111,7 @@ def test_a_labelled_heldout_set_replaces_the_curated_split_in_evaluation(tmp_pat
 
 def test_shipped_yaml_configs_load():
     import pipeline
-    from curation.schedule.spec import ScheduleSpec, load_spec
+    from curation.schedule.spec import ScheduleSpec, load_schedule_spec
     from training.finetuning.finetune import FinetuneConfig
 
     classes = {"sae": TrainSAEConfig, "curate": CurateConfig, "finetune": FinetuneConfig}
@@ -119,7 +119,7 @@ def test_shipped_yaml_configs_load():
     assert len(shipped) >= 5
     for path in shipped:
         if path.stem.startswith("schedule-"):  # a schedule spec is a whole curation spec on its own
-            assert isinstance(load_spec(str(path)), ScheduleSpec)
+            assert isinstance(load_schedule_spec(str(path)), ScheduleSpec)
             continue
         if path.stem.endswith("pipeline") or path.stem.startswith("pipeline-"):  # every stage's config builds
             steps = pipeline.build_steps(pipeline.load_spec(str(path)))

@@ -42,7 +42,7 @@ from typing import Any
 
 from core.errors import ConfigError, check_range
 from curation.schedule.batch import run_batch
-from curation.schedule.spec import load_spec
+from curation.schedule.spec import load_schedule_spec
 from curation.schedule.status import retry_failed, spec_status
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class ScheduleJobConfig:
 def run_schedule(config: ScheduleJobConfig) -> list[dict[str, Any]]:
     """`jobs.schedule`: status, putting failed shards back, one batch per spec (--once), or batches on each
     spec's interval."""
-    specs = [load_spec(path) for path in config.spec]
+    specs = [load_schedule_spec(path) for path in config.spec]
     if config.status:
         return [spec_status(spec) for spec in specs]
     if config.retry_failed:

@@ -69,7 +69,7 @@ class ScheduleSpec(CurateConfig):
         check_range("storage_backoff_s", self.storage_backoff_s, ge=0, hint="0: the next batch retries")
 
 
-def load_spec(path: str) -> ScheduleSpec:
+def load_schedule_spec(path: str) -> ScheduleSpec:
     """A spec from its YAML file; unknown keys and bad values fail naming the field."""
     return cli.from_mapping(ScheduleSpec, cli.load_yaml(path, flag="--spec"), origin=path)
 

@@ -181,7 +181,7 @@ def test_yaml_that_is_not_a_mapping_exits_2_naming_config(tmp_path, capsys):
 
 def test_a_spec_file_mistake_names_spec(tmp_path):
     """The spec jobs read their YAML through the same loader; their flag is --spec."""
-    from curation.schedule.service import load_spec as load_schedule_spec
+    from curation.schedule.spec import load_schedule_spec
     from experiments.replication import load_replication_spec
     from pipeline.spec import load_spec
 

@@ -33,7 +33,7 @@ from curation.schedule.service import ScheduleJobConfig
 from curation.schedule.shards import shard_failure
 from curation.schedule.signals import BatchInterrupted, BatchSignals
 from curation.schedule.snapshots import current_snapshot, read_current
-from curation.schedule.spec import ScheduleSpec, identity_hash, load_spec, spec_identity
+from curation.schedule.spec import ScheduleSpec, identity_hash, load_schedule_spec, spec_identity
 from curation.schedule.status import format_status, retry_failed, spec_status
 
 pytestmark = pytest.mark.timeout(600)
@@ -235,7 +235,7 @@ def world(ray_local, tiny_model_dir, tmp_path_factory):
 
 
 def test_example_spec_loads_and_bad_values_name_the_field():
-    spec = load_spec(str(REPO / "jobs" / "configs" / "schedule-demo.yaml"))
+    spec = load_schedule_spec(str(REPO / "jobs" / "configs" / "schedule-demo.yaml"))
     assert spec.rule == "per_seed_topn" and spec.corpus and spec.out.endswith("scheduled")
     assert spec.max_attempts >= 1 and spec.lease_seconds > 0 and spec.keep_snapshots >= 1
     with pytest.raises(ConfigError, match="shards_per_round"):
