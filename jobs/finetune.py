@@ -4,7 +4,7 @@ r"""Fine-tune a pruned model on a distilled set with Ray Train and DeepSpeed (Ze
     python -m jobs.finetune ... --zero-stage 3 --kd-weight 0.5 --teacher smollm2-135m --lora-r 16
     python -m jobs.finetune --config jobs/configs/demo-finetune.yaml --model ... --data ... --out ...
     ray job submit --working-dir . -- python -m jobs.finetune --model s3://bucket/pruned \
-        --data s3://bucket/distilled --out s3://bucket/finetuned --actors 8 --use-gpu --zero-stage 3
+        --data s3://bucket/distilled --out s3://bucket/finetuned --actors 8 --gpus 1 --zero-stage 3
 
 Trains on response tokens only (prompt masked), optionally with a KD term against the unpruned teacher
 and with LoRA adapters (merged at export). Checkpoints every --checkpoint-every steps to
