@@ -188,6 +188,7 @@ def documented_commands() -> list[list[str]]:
 def test_documented_job_commands_parse():
     """The commands of the README and docs/ use flags the jobs accept, and the spec files they name load;
     together they run every stage's job."""
+    from curation.split import SplitConfig
     from experiments.replication import ReplicationJobConfig, build_replication, load_replication_spec
     from jobs.make_demo_corpus import DemoCorpusConfig
     from training.distillation.distill import DistillConfig
@@ -195,13 +196,13 @@ def test_documented_job_commands_parse():
     from training.finetuning.finetune import FinetuneConfig
     from training.pruning.prune import PruneConfig
 
-    configs = {**JOB_CONFIGS, "jobs.prune": PruneConfig, "jobs.distill": DistillConfig,
+    configs = {**JOB_CONFIGS, "jobs.split": SplitConfig, "jobs.prune": PruneConfig, "jobs.distill": DistillConfig,
                "jobs.finetune": FinetuneConfig, "jobs.evaluate": EvaluateConfig,
                "jobs.make_demo_corpus": DemoCorpusConfig, "jobs.replicate": ReplicationJobConfig}  # fmt: skip
     commands = documented_commands()
     assert {command[0] for command in commands} >= {
-        "jobs.train_sae", "jobs.curate", "jobs.prune", "jobs.distill", "jobs.finetune", "jobs.evaluate",
-        "jobs.schedule", "jobs.pipeline", "jobs.replicate",
+        "jobs.train_sae", "jobs.curate", "jobs.split", "jobs.prune", "jobs.distill", "jobs.finetune",
+        "jobs.evaluate", "jobs.schedule", "jobs.pipeline", "jobs.replicate",
     }  # fmt: skip
     for command in commands:
         module, args = command[0], command[1:]

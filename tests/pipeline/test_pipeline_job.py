@@ -126,6 +126,54 @@ def test_pipeline_through_ray_job_submit_writes_every_stage(pipeline_run, tiny_m
     assert "| finescope-0.30 |" in stdout  # the job ends by printing the comparison table
 
 
+def _flags(settings: dict) -> list[str]:
+    """A spec section's settings as the flags of its stage's job."""
+    flags: list[str] = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _by_hand(job: str, env: dict[str, str], *args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", f"jobs.{job}", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=400)  # fmt: skip
+    assert done.returncode == 0, f"jobs.{job}: {done.stderr[-3000:]}"
+
+
+def _rows(path: Path) -> list[dict]:
+    return sorted(pq.read_table(path).to_pylist(), key=lambda row: row["id"])
+
+
+def test_one_domain_by_hand_gives_the_pipelines_outputs(pipeline_run, tiny_model_dir, tmp_path):
+    """docs/pipeline.md, "One domain by hand": the jobs run one by one with the spec's settings write what the
+    pipeline's steps for that domain wrote (it runs before the test below changes the spec)."""
+    run, env, hand = pipeline_run["run"], pipeline_run["driver_env"], tmp_path / "hand"
+    spec = yaml.safe_load(pipeline_run["spec"].read_text())
+    _by_hand("split", env, "--curated", str(run / "curate"), "--domain", "maths", "--out", str(hand / "split"))
+    for part in ("train", "heldout", "random"):
+        assert _rows(hand / "split" / part) == _rows(run / "maths" / "split" / part), part
+    _by_hand("prune", env, "--model", tiny_model_dir, "--data", str(hand / "split"), "--ratio", "0.3",
+             *_flags(spec["prune"]), "--out", str(hand / "pruned"))  # fmt: skip
+    pruned = run / "maths" / "pruned-0.30"
+    assert (hand / "pruned" / "model.safetensors").read_bytes() == (pruned / "model.safetensors").read_bytes()
+    _by_hand("distill", env, "--data", str(hand / "split" / "train"), "--teacher", tiny_model_dir,
+             *_flags(spec["distill"]), "--out", str(hand / "distilled"))  # fmt: skip
+    columns = ("id", "prompt", "original", "teacher", "accepted", "reason", "response")
+    mine, theirs = _rows(hand / "distilled" / "distilled"), _rows(run / "maths" / "distilled" / "distilled")
+    assert [[row[c] for c in columns] for row in mine] == [[row[c] for c in columns] for row in theirs]
+    _by_hand("finetune", env, "--model", str(hand / "pruned"), "--data", str(hand / "distilled"),
+             *_flags(spec["finetune"]), "--out", str(hand / "finetuned"))  # fmt: skip
+    losses = [[row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+              for out in (hand / "finetuned", run / "maths" / "finetuned-0.30")]  # fmt: skip
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(losses[0]) > 1
+
+
 def test_gpu_pipeline_loads_every_model_on_the_gpu_node_and_none_in_the_driver(pipeline_run, tiny_model_dir):
     loads = [json.loads(line) for line in pipeline_run["loads"].read_text().splitlines()]
     assert not [row for row in loads if row["driver"]]
