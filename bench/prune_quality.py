@@ -12,7 +12,8 @@ for the evaluation. No recovery training: these are the numbers straight after p
     python -m bench.prune_quality --json /tmp/prune_quality.json --work /tmp/pq   # a rerun reuses /tmp/pq
 
 Perplexity is exp of the mean next-token loss over all held-out tokens (token-weighted), first 256
-tokens of each document. Peak RSS of the Taylor run is the pruning process's high-water mark, recorded in its
+tokens of each document: the evaluation's own (`training.evaluation.perplexity`), one window per
+document. Peak RSS of the Taylor run is the pruning process's high-water mark, recorded in its
 prune_report.json (the Taylor run goes first, so nothing bigger has run before it).
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import tempfile
 import time
@@ -33,9 +33,11 @@ from transformers import AutoModelForCausalLM
 
 from bench.measure import bench_parser, settings_of, write_json
 from core import storage
+from core.batching import tokenize_texts
 from core.models import DEFAULT_MODEL, load_model, load_tokenizer
 from curation.demo_corpus import load_summaries
-from training.pruning.prune import PruneConfig, domain_batches, read_report, run_pruning
+from training.evaluation.perplexity import document_nll, perplexity
+from training.pruning.prune import PruneConfig, read_report, run_pruning
 
 NAME = "prune_quality"
 METHODS = ("taylor", "magnitude", "random")
@@ -67,20 +69,12 @@ def split_domain(topic: str, importance_docs: int, heldout_docs: int, seed: int)
     return texts[:importance_docs], texts[importance_docs : importance_docs + heldout_docs]
 
 
-@torch.no_grad()
 def heldout_perplexity(model, tokenizer, texts: list[str], max_tokens: int) -> float:
-    """exp(mean next-token loss) over every real token of the texts."""
-    total_loss, total_tokens = 0.0, 0
-    for ids, mask in domain_batches(texts, tokenizer, max_tokens, batch_size=8):
-        labels = ids.masked_fill(mask == 0, -100)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total_loss += float(loss)
-        total_tokens += int((targets != -100).sum())
-    return math.exp(total_loss / total_tokens)
+    """Token-weighted perplexity of the texts' first `max_tokens` tokens, each document's first token
+    unscored: the evaluation's perplexity, with one window per document."""
+    token_lists = tokenize_texts(tokenizer, texts, max_tokens)
+    nll, counts = document_nll(model, token_lists, tokenizer.pad_token_id, window=max_tokens, stride=max_tokens)
+    return perplexity(nll, counts)
 
 
 def write_domain_data(work: Path, texts: list[str], topic: str) -> str:

@@ -225,3 +225,22 @@ def test_prune_quality_perplexity_is_exp_of_the_mean_loss_over_each_documents_fi
         scored += len(ids) - 1
     assert scored == 5 * (max_tokens - 1)
     assert heldout_perplexity(model, tokenizer, texts, max_tokens) == pytest.approx(math.exp(total / scored), rel=1e-5)
+
+
+def test_prune_quality_scores_through_the_evaluations_perplexity(tiny_model_dir, monkeypatch):
+    """No perplexity of the bench's own: held-out text goes through `training.evaluation.perplexity`, one
+    window per document cut to `max_tokens`."""
+    import bench.prune_quality as bench
+    from core.models import load_model, load_tokenizer
+    from training.evaluation import perplexity
+
+    calls = []
+
+    def spy(model, token_lists, pad_id, window, stride, *args, **kwargs):
+        calls.append((max(map(len, token_lists)), window, stride))
+        return perplexity.document_nll(model, token_lists, pad_id, window, stride, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "document_nll", spy, raising=False)
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    bench.heldout_perplexity(model, tokenizer, TINY_TEXTS, 7)
+    assert calls == [(7, 7, 7)]
