@@ -35,7 +35,8 @@ def test_core_mode_checks_agreement_without_ray(tmp_path):
     assert "imported of Ray, DeepSpeed, vLLM: none" in done.stdout
     report = json.loads(out.read_text())
     assert report["name"] == "gpu.check" and report["machine"]["gpu"] is None
-    assert (report["settings"]["device"], report["settings"]["dtype"], report["settings"]["docs"]) == ("cpu", "bfloat16", 48)
+    settings = {key: report["settings"][key] for key in ("mode", "device", "dtype", "docs")}
+    assert settings == {"mode": "core", "device": "cpu", "dtype": "bfloat16", "docs": 48}
     results = {result["name"]: result for result in report["results"]["checks"]}
     assert set(results) == {
         "encode", "SAE training (fp32)", "pruning importance", "teacher (greedy)", "MMLU scoring", "training step"
@@ -70,8 +71,8 @@ def test_a_disagreeing_candidate_fails_the_check():
 
 def test_the_gpu_encode_bench_without_a_gpu_exits_2_and_says_why():
     done = subprocess.run(
-        [sys.executable, "-m", "bench.gpu.encode", "--docs", "8"], cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        [sys.executable, "-m", "bench.gpu.encode", "--docs", "8"], cwd=REPO, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )  # fmt: skip
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stdout
 
@@ -230,11 +231,10 @@ def test_the_cpu_references_redo_the_gpu_work_in_fp32_on_the_cpu(tmp_path, monke
     """The reference stages read the GPU run's own inputs, with only device, precision and size changed."""
     import argparse
 
+    from bench.gpu import check as gpu_check
     from core import cli
     from pipeline import PipelineSpec
     from pipeline.steps import build_steps
-
-    from bench.gpu import check as gpu_check
 
     checks = _checks()
 
