@@ -46,13 +46,13 @@ test: install lint warm-deepspeed
 	RAY_AUTH_MODE=$(TEST_RAY_AUTH_MODE) $(PY) -m pytest -q -ra --durations=25
 
 bench: install
-	$(PY) bench/curation_throughput.py
-	$(PY) bench/curation_quality.py
-	$(PY) bench/eval_throughput.py
-	$(PY) bench/prune_quality.py
-	$(PY) bench/pruned_speed.py
-	$(PY) bench/teacher_throughput.py
-	$(PY) bench/train_throughput.py
+	$(PY) -m bench.curation_throughput
+	$(PY) -m bench.curation_quality
+	$(PY) -m bench.eval_throughput
+	$(PY) -m bench.prune_quality
+	$(PY) -m bench.pruned_speed
+	$(PY) -m bench.teacher_throughput
+	$(PY) -m bench.train_throughput
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

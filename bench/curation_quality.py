@@ -25,8 +25,11 @@ The model's layer activations of every document are computed once and cached und
 (about 2.5 GB for the whole corpus); SAEs are cached per setting and seed. A rerun only recomputes
 what is missing.
 
-    python bench/curation_quality.py                              # the full table (about 1 h on 2 cores)
-    python bench/curation_quality.py --docs 2000 --sae-seeds 1    # a quick look
+With `--json PATH` the file holds every figure, and as ratios each method's mean P@100 and AP over the
+random base rate's.
+
+    python -m bench.curation_quality                              # the full table (about 1 h on 2 cores)
+    python -m bench.curation_quality --docs 2000 --sae-seeds 1    # a quick look
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.measure import bench_parser, settings_of, write_json
 from core.batching import tokenize_texts
 from core.models import DEFAULT_MODEL, model_info
 from curation.demo_corpus import load_summaries
@@ -56,6 +60,7 @@ from curation.sae.train import TrainSAEConfig
 from curation.scoring import latent_stats
 from curation.seeds import load_seeds
 
+NAME = "curation_quality"
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "jobs" / "seeds" / "wikipedia-topics.jsonl"
 TOPICS = {
@@ -73,7 +78,7 @@ TOPICS = {
 }
 CUTS = (100, 250)
 
-logger = logging.getLogger("curation_quality")
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,10 +433,8 @@ def print_tables(results: dict[str, dict], topics: list[str]) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser(NAME, __doc__)
     parser.add_argument("--docs", type=int, default=0, help="corpus documents (0: all 10,033)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--layer", type=int, default=15)
@@ -455,56 +458,63 @@ def main() -> None:
         default=1000,
         help="bf16 against fp32 on this many documents (the demo corpus's 1,000); 0 skips",
     )
-    parser.add_argument("--json", help="also write every figure here")
     parser.add_argument("--cache-only", action="store_true", help="compute the activation caches and stop")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    rows = corpus_rows(args.docs)
+    return parser
+
+
+@dataclass
+class Task:
+    """What every method ranks and is scored against: the corpus, the seeds and the topic labels."""
+
+    texts: list[str]
+    seed_texts: list[str]
+    seed_topics: np.ndarray
+    topics: list[str]
+    labels: np.ndarray
+    """Per document, the index of its topic in `topics` (-1: a topic without seeds)."""
+
+    def score(self, scores: np.ndarray) -> dict[str, dict[str, float]]:
+        return figures(scores, self.labels, self.topics)
+
+
+def load_task(docs: int) -> Task:
+    rows = corpus_rows(docs)
     seeds = load_seeds(str(SEEDS))
     topics = [t for t in TOPICS if t in set(seeds.domains)]
-    seed_topics = np.asarray(seeds.domains)
     topic_index = {TOPICS[t]: i for i, t in enumerate(topics)}
     labels = np.array([topic_index.get(row["meta"]["topic"], -1) for row in rows])
-    texts = [row["text"] for row in rows]
-    work = Path(args.work)
-    # bf16 runs the forward under autocast (curation/encode.py); caches of the older all-bf16 forward are stale.
-    tag = f"L{args.layer}-t{args.max_tokens}-{'bf16-autocast' if args.dtype == 'bfloat16' else args.dtype}"
-    seed_acts = cached_activations(work / f"acts-seeds-{tag}", seeds.texts, args, args.dtype)
-    doc_acts = cached_activations(work / f"acts-docs{len(rows)}-{tag}", texts, args, args.dtype)
-    if args.cache_only:
-        return
+    return Task([row["text"] for row in rows], seeds.texts, np.asarray(seeds.domains), topics, labels)
 
-    results: dict[str, dict] = {}
 
-    def record(name: str, runs: list[dict]) -> None:
-        results[name] = summarise(runs)
-        logger.info("%s: mean P@100 %.3f, AP %.3f", name, results[name]["mean"]["p@100"], results[name]["mean"]["ap"])
+Record = Callable[[str, list[dict]], None]
 
-    base = {t: {f"p@{c}": float((labels == i).mean()) for c in CUTS} for i, t in enumerate(topics)}
-    record("random (base rate)", [{t: {**base[t], "ap": base[t]["p@100"]} for t in topics}])
+
+def lexical_and_dense(task: Task, record: Record, work: Path, args, doc_acts: Activations, seed_acts: Activations):
+    """The baselines: random, BM25, TF-IDF, MiniLM and the dense layer vectors."""
+    base = {t: {f"p@{c}": float((task.labels == i).mean()) for c in CUTS} for i, t in enumerate(task.topics)}
+    record("random (base rate)", [{t: {**base[t], "ap": base[t]["p@100"]} for t in task.topics}])
     for rule in ("max", "centroid"):
-        record(f"BM25, {rule}", [figures(bm25_scores(texts, seeds.texts, seed_topics, topics, rule), labels, topics)])
-    doc_tfidf, seed_tfidf = tfidf_vectors(texts, seeds.texts)
+        record(f"BM25, {rule}", [task.score(bm25_scores(task.texts, task.seed_texts, task.seed_topics, task.topics,
+                                                        rule))])  # fmt: skip
+    doc_tfidf, seed_tfidf = tfidf_vectors(task.texts, task.seed_texts)
     for rule in ("max", "centroid"):
-        record(f"TF-IDF 1-2 grams, {rule}", [figures(rank_scores(doc_tfidf, seed_tfidf, seed_topics, topics, rule),
-                                                     labels, topics)])  # fmt: skip
-    minilm_docs = minilm_vectors(work / f"minilm-docs{len(rows)}.npy", texts, args.threads)
-    minilm_seeds = minilm_vectors(work / "minilm-seeds.npy", seeds.texts, args.threads)
-    for rule, feedback in (("max", 0), ("centroid", 0), ("centroid", FEEDBACK)):
-        name = f"MiniLM, {rule}" + (f", prf{FEEDBACK}" if feedback else "")
-        scores = rank_scores(minilm_docs, minilm_seeds, seed_topics, topics, rule, feedback)
-        record(name, [figures(scores, labels, topics)])
-    dense_docs, dense_seeds = dense_vectors(doc_acts), dense_vectors(seed_acts)
-    for rule, feedback in (("max", 0), ("centroid", 0), ("centroid", FEEDBACK)):
-        name = f"dense layer {args.layer}, {rule}" + (f", prf{FEEDBACK}" if feedback else "")
-        record(
-            name, [figures(rank_scores(dense_docs, dense_seeds, seed_topics, topics, rule, feedback), labels, topics)]
-        )
+        record(f"TF-IDF 1-2 grams, {rule}",
+               [task.score(rank_scores(doc_tfidf, seed_tfidf, task.seed_topics, task.topics, rule))])  # fmt: skip
+    vectors = {
+        "MiniLM": (minilm_vectors(work / f"minilm-docs{len(task.texts)}.npy", task.texts, args.threads),
+                   minilm_vectors(work / "minilm-seeds.npy", task.seed_texts, args.threads)),
+        f"dense layer {args.layer}": (dense_vectors(doc_acts), dense_vectors(seed_acts)),
+    }  # fmt: skip
+    for label, (docs, seeds) in vectors.items():
+        for rule, feedback in (("max", 0), ("centroid", 0), ("centroid", FEEDBACK)):
+            name = f"{label}, {rule}" + (f", prf{FEEDBACK}" if feedback else "")
+            record(name, [task.score(rank_scores(docs, seeds, task.seed_topics, task.topics, rule, feedback))])
 
+
+def sae_methods(task: Task, record: Record, work: Path, args, doc_acts: Activations, seed_acts: Activations):
+    """FineScope's SAE and the paper's setting, each scored every way in SCORINGS, over the SAE seeds."""
     for label, setting, sae_seeds in sae_settings(args):
-        coords = sae_coords(work, setting, seeds.texts, args)
+        coords = sae_coords(work, setting, task.seed_texts, args)
         runs: dict[str, list[dict]] = {name: [] for name in SCORINGS}
         for seed in range(sae_seeds):
             sae = bench_sae(work, doc_acts, coords, setting, seed, args.layer)
@@ -514,37 +524,72 @@ def main() -> None:
             for name, (rule, weighted, feedback) in SCORINGS.items():
                 w = idf if weighted else 1.0
                 if rule == "ratio":
-                    scores = ratio_scores(doc_rates, seed_rates, seed_topics, topics, doc_rates[: len(idf_sample)])
+                    scores = ratio_scores(doc_rates, seed_rates, task.seed_topics, task.topics,
+                                          doc_rates[: len(idf_sample)])  # fmt: skip
                 else:
-                    scores = rank_scores(doc_rates * w, seed_rates * w, seed_topics, topics, rule, feedback)
-                runs[name].append(figures(scores, labels, topics))
+                    scores = rank_scores(doc_rates * w, seed_rates * w, task.seed_topics, task.topics, rule, feedback)
+                runs[name].append(task.score(scores))
         for name, figure_runs in runs.items():
             record(f"{label} ({setting.name}), {name}", figure_runs)
 
+
+def encode_agreement(task: Task, work: Path, args, doc_acts: Activations, seed_acts: Activations) -> dict:
+    """The shipped SAE (seed 0) fed the first `--agreement-docs` documents' activations computed in `--dtype`
+    and in float32: `agreement` of the two encodes."""
+    n = min(args.agreement_docs, len(task.texts))
+    full_tag = f"L{args.layer}-t{args.max_tokens}-float32"
+    full_docs = cached_activations(work / f"acts-docs{n}-{full_tag}", task.texts[:n], args, "float32")
+    full_seeds = cached_activations(work / f"acts-seeds-{full_tag}", task.seed_texts, args, "float32")
+    coords = sae_coords(work, SAESetting(), task.seed_texts, args)
+    sae = bench_sae(work, doc_acts, coords, SAESetting(), 0, args.layer)
+    low = firing_rates(sae, Activations(doc_acts.values, doc_acts.offsets[: n + 1]))
+    return agreement(low, firing_rates(sae, full_docs), firing_rates(sae, seed_acts), firing_rates(sae, full_seeds))
+
+
+def lift_over_random(results: dict[str, dict]) -> dict[str, float]:
+    """Each method's mean P@100 and AP over the random base rate's."""
+    base = results["random (base rate)"]["mean"]
+    return {f"{name}: mean {key} / random": r["mean"][key] / base[key] for name, r in results.items()
+            if name != "random (base rate)" for key in ("p@100", "ap")}  # fmt: skip
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    task = load_task(args.docs)
+    work = Path(args.work)
+    # bf16 runs the forward under autocast (curation/encode.py); caches of the older all-bf16 forward are stale.
+    tag = f"L{args.layer}-t{args.max_tokens}-{'bf16-autocast' if args.dtype == 'bfloat16' else args.dtype}"
+    seed_acts = cached_activations(work / f"acts-seeds-{tag}", task.seed_texts, args, args.dtype)
+    doc_acts = cached_activations(work / f"acts-docs{len(task.texts)}-{tag}", task.texts, args, args.dtype)
+    if args.cache_only:
+        return
+
+    results: dict[str, dict] = {}
+
+    def record(name: str, runs: list[dict]) -> None:
+        results[name] = summarise(runs)
+        logger.info("%s: mean P@100 %.3f, AP %.3f", name, results[name]["mean"]["p@100"], results[name]["mean"]["ap"])
+
+    lexical_and_dense(task, record, work, args, doc_acts, seed_acts)
+    sae_methods(task, record, work, args, doc_acts, seed_acts)
     agreed = None
     if args.agreement_docs and args.dtype != "float32":
-        # The shipped SAE (seed 0), fed the same documents' activations computed in float32.
-        n = min(args.agreement_docs, len(rows))
-        full_tag = f"L{args.layer}-t{args.max_tokens}-float32"
-        full_docs = cached_activations(work / f"acts-docs{n}-{full_tag}", texts[:n], args, "float32")
-        full_seeds = cached_activations(work / f"acts-seeds-{full_tag}", seeds.texts, args, "float32")
-        sae = bench_sae(work, doc_acts, sae_coords(work, SAESetting(), seeds.texts, args), SAESetting(), 0, args.layer)
-        low = firing_rates(sae, Activations(doc_acts.values, doc_acts.offsets[: n + 1]))
-        agreed = agreement(
-            low, firing_rates(sae, full_docs), firing_rates(sae, seed_acts), firing_rates(sae, full_seeds)
-        )
+        agreed = encode_agreement(task, work, args, doc_acts, seed_acts)
 
-    print(f"\n{len(rows)} documents, {len(topics)} topics, {len(seeds.texts)} seeds "
+    print(f"\n{len(task.texts)} documents, {len(task.topics)} topics, {len(task.seed_texts)} seeds "
           f"({SEEDS.relative_to(REPO)}), layer {args.layer}, encode in {args.dtype}; "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
-    print_tables(results, topics)
+    print_tables(results, task.topics)
     if agreed:
         print(f"\n{args.dtype} against float32 encode on the first {agreed['docs']} documents (the demo corpus): "
               f"vector cosine min {agreed['cosine_min']:.4f}, mean {agreed['cosine_mean']:.4f}; per-seed top-10 "
               f"selection overlap {agreed['overlap']:.3f} of {agreed['selected']}")  # fmt: skip
     if args.json:
-        payload = {"args": vars(args), "topics": topics, "results": results, "agreement": agreed}
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        figures_out = {"topics": task.topics, "results": results, "agreement": agreed}
+        write_json(args.json, NAME, settings_of(args), figures_out, lift_over_random(results))
 
 
 if __name__ == "__main__":

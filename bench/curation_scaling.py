@@ -4,7 +4,8 @@ Curation: `jobs.curate` over the first 1,000, 2,500, 5,000 and all 10,033 docume
 corpus (each size a prefix of the next, 8 shards each), with the same SAE and seeds, each run in a fresh
 process on a fresh local Ray. Per size it prints the wall time, the encode stage's tokens/s (tokens over
 the stage's own time, from the manifest), the driver's peak RSS and the encode actors' peak RSS and peak
-USS, sampled every 0.2 s over the driver's process tree. RSS counts the pages of Ray's shared-memory object
+USS, sampled every 0.2 s over the driver's process tree (`bench.measure.TreeMonitor`; a peak RSS is the
+kernel's high-water mark of the process, `VmHWM`). RSS counts the pages of Ray's shared-memory object
 store an actor has mapped (blocks passing through it); USS counts only the pages the process alone holds,
 so a USS that stays flat while RSS grows is the object store, not the actor. Goals: tokens/s flat within 15%
 from 2,500 documents up, driver and worker peak memory flat within 10% (nothing is collected to the driver;
@@ -22,9 +23,11 @@ Goals, from the second budget up: training tokens/s flat within 15% (the steady 
 apart), driver, trainer (anonymous) and activation actor memory (USS: its RSS also counts the
 object-store pages its output passed through) flat within 10%.
 
-    python bench/curation_scaling.py
-    python bench/curation_scaling.py --sizes 1000 2500 --budgets 50000 100000   # a quick look
-    python bench/curation_scaling.py --sizes --budgets 100000 200000 400000      # SAE training only
+With `--json PATH` the ratios are each goal's largest relative distance from its reference row.
+
+    python -m bench.curation_scaling
+    python -m bench.curation_scaling --sizes 1000 2500 --budgets 50000 100000   # a quick look
+    python -m bench.curation_scaling --sizes --budgets 100000 200000 400000      # SAE training only
 """
 
 from __future__ import annotations
@@ -34,77 +37,27 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
+from bench.measure import TreeMonitor, bench_parser, settings_of, write_json
 from curation.demo_corpus import write_demo_corpus
 
+NAME = "curation_scaling"
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "jobs" / "seeds" / "demo.jsonl"
-MB = 1024 * 1024
 TARGET_RATE = 0.15  # tokens/s within 15% of the 2,500-document run's
 TARGET_RSS = 0.10
 
 
-class TreeMonitor:
-    """Peak RSS, anonymous RSS and USS of a process and of each of its descendants, sampled on a thread until
-    `stop`: RSS and anonymous RSS every `interval` seconds, USS every `uss_every`-th time.
-
-    USS is read from /proc/PID/smaps, a walk of the process's page tables under its memory-map lock. At 5
-    sweeps a second over a local Ray's ~13 processes that took about a third of a core and stalled the
-    sampled processes' own allocations: SAE training's stage (100k tokens, 2 cores) took 435 s instead of
-    332 s. RSS and its file-backed share come from /proc/PID/statm, which costs next to nothing.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.2, uss_every: int = 10):
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.uss_every = uss_every
-        # pid -> (latest process title, peak rss, peak uss, peak anonymous rss)
-        self.peaks: dict[int, tuple[str, int, int, int]] = {}
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _sample(self, process: psutil.Process, with_uss: bool) -> None:
-        try:
-            title = " ".join(process.cmdline())[:120]
-            memory = process.memory_info()  # rss and shared (file-backed), from statm
-            uss = process.memory_full_info().uss if with_uss else 0
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            return
-        _, peak_rss, peak_uss, peak_anon = self.peaks.get(process.pid, ("", 0, 0, 0))
-        # Ray renames a worker process after the task or actor it runs: keep the most specific title.
-        keep = title if title.startswith("ray::") and "IDLE" not in title else self.peaks.get(process.pid, (title,))[0]
-        peaks = (max(peak_rss, memory.rss), max(peak_uss, uss), max(peak_anon, memory.rss - memory.shared))
-        self.peaks[process.pid] = (keep or title, *peaks)
-
-    def _run(self) -> None:
-        sweeps = 0
-        while not self._done.is_set():
-            try:
-                family = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                break
-            for process in family:
-                self._sample(process, with_uss=sweeps % self.uss_every == 0)
-            sweeps += 1
-            self._done.wait(self.interval)
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def peak(self, marker: str | None = None, uss: bool = False, anon: bool = False) -> float:
-        """MB: the driver's peak RSS (marker None) or the largest among processes whose title has `marker`;
-        their peak USS with `uss`, their peak anonymous RSS (RSS less file-backed pages) with `anon`."""
-        column = 2 if uss else 3 if anon else 1
-        if marker is None:
-            return self.peaks.get(self.root.pid, ("", 0, 0, 0))[column] / MB
-        return max((peaks[column] for peaks in self.peaks.values() if marker in peaks[0]), default=0) / MB
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser(NAME, __doc__)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 2500, 5000, 10033], help="none: no curation")
+    parser.add_argument("--budget-docs", type=int, default=10033, help="corpus documents for the SAE budgets")
+    parser.add_argument("--budgets", type=int, nargs="*", default=[100_000, 200_000, 400_000])
+    parser.add_argument("--epochs", type=int, default=4, help="SAE training epochs (the jobs' default)")
+    parser.add_argument("--work", default="runs/scaling")
+    return parser
 
 
 VERDICT = {True: "PASS", False: "MISS"}
@@ -118,29 +71,34 @@ def print_table(columns: list[tuple[str, str, str]], rows: list[dict]) -> None:
         print("| " + " | ".join(format(r[key], spec) for _, key, spec in columns) + " |")
 
 
-def print_flatness(heading: str, rows: list[dict], reference: dict, checks: list[tuple[str, str, float]]) -> None:
-    """Per (label, key, target): the largest relative distance of `key` from the reference row's, over `rows`."""
-    parts = []
+def print_flatness(
+    heading: str, rows: list[dict], reference: dict, checks: list[tuple[str, str, float]]
+) -> dict[str, float]:
+    """Per (label, key, target): the largest relative distance of `key` from the reference row's, over `rows`;
+    printed, and returned by `heading: label`."""
+    parts, distances = [], {}
     for label, key, target in checks:
         value = max(abs(r[key] / max(reference[key], 1e-9) - 1) for r in rows)
         parts.append(f"{label} within {value:.1%} (target {target:.0%}) {VERDICT[value <= target]}")
+        distances[f"{heading}: {label}"] = value
     print(f"\n{heading}: " + "; ".join(parts))
+    return distances
 
 
-def report_curation(curation: list[dict]) -> None:
+def report_curation(curation: list[dict]) -> dict[str, float]:
     print_table([("documents", "docs", ","), ("tokens", "tokens", ","), ("wall s", "wall_s", ".0f"),
                  ("encode s", "encode_s", ".0f"), ("encode tokens/s", "tokens_per_s", ".0f"),
                  ("driver peak MB", "driver_mb", ".0f"), ("encode actor peak RSS MB", "encoder_mb", ".0f"),
                  ("encode actor peak USS MB", "encoder_uss_mb", ".0f")], curation)  # fmt: skip
     reference = next((r for r in curation if r["docs"] >= 2500), curation[0])
     upper = [r for r in curation if r["docs"] >= reference["docs"]]
-    print_flatness(f"from {reference['docs']:,} documents up", upper, reference,
+    return print_flatness(f"from {reference['docs']:,} documents up", upper, reference,
                    [("tokens/s", "tokens_per_s", TARGET_RATE), ("driver peak RSS", "driver_mb", TARGET_RSS),
                     ("encode actor peak RSS", "encoder_mb", TARGET_RSS),
                     ("encode actor peak USS", "encoder_uss_mb", TARGET_RSS)])  # fmt: skip
 
 
-def report_training(training: list[dict]) -> None:
+def report_training(training: list[dict]) -> dict[str, float]:
     """The budgets' table, and flatness from the second budget up (the first carries the start-up most)."""
     print_table([("token budget", "budget", ","), ("tokens trained (x epochs)", "tokens", ","),
                  ("wall s", "wall_s", ".0f"), ("train s", "train_s", ".0f"), ("train tokens/s", "tokens_per_s", ".0f"),
@@ -150,7 +108,7 @@ def report_training(training: list[dict]) -> None:
                  ("activation actor peak RSS MB", "activations_mb", ".0f"),
                  ("activation actor peak USS MB", "activations_uss_mb", ".0f")], training)  # fmt: skip
     reference = training[1] if len(training) > 1 else training[0]
-    print_flatness(f"from a budget of {reference['budget']:,} tokens up", training[training.index(reference) :],
+    return print_flatness(f"from a budget of {reference['budget']:,} tokens up", training[training.index(reference) :],
                    reference, [("train tokens/s", "tokens_per_s", TARGET_RATE),
                                ("steady tokens/s", "loop_tokens_per_s", TARGET_RATE),
                                ("driver peak RSS", "driver_mb", TARGET_RSS),
@@ -171,33 +129,21 @@ def run_job(args: list[str], env: dict[str, str]) -> tuple[float, TreeMonitor]:
     return time.perf_counter() - started, monitor
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
-    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 2500, 5000, 10033], help="none: no curation")
-    parser.add_argument("--budget-docs", type=int, default=10033, help="corpus documents for the SAE budgets")
-    parser.add_argument("--budgets", type=int, nargs="*", default=[100_000, 200_000, 400_000])
-    parser.add_argument("--epochs", type=int, default=4, help="SAE training epochs (the jobs' default)")
-    parser.add_argument("--work", default="runs/scaling")
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
-    work = Path(args.work).resolve()
+def job_environment() -> dict[str, str]:
+    """Each job starts a fresh local Ray of its own, offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": "local"}
     env.setdefault("RAY_AUTH_MODE", "disabled")
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
+    return env
 
-    corpora = {n: work / f"corpus-{n}" for n in sorted({*args.sizes, args.budget_docs})}
-    for n, path in corpora.items():
-        write_demo_corpus(str(path), shards=8, limit=n)
-    # One SAE for every size, trained as the demo trains it, on the smallest corpus.
+
+def measure_curation(sizes: list[int], corpora: dict[int, Path], work: Path, env: dict[str, str]) -> list[dict]:
+    """`jobs.curate` over each corpus size with one SAE (trained as the demo trains it, on the smallest)."""
     sae = work / "sae"
-    if args.sizes and not (sae / "manifest.json").is_file():
-        run_job(["jobs.train_sae", "--corpus", f"{corpora[min(args.sizes)]}/*.jsonl.gz", "--seeds", str(SEEDS),
+    if sizes and not (sae / "manifest.json").is_file():
+        run_job(["jobs.train_sae", "--corpus", f"{corpora[min(sizes)]}/*.jsonl.gz", "--seeds", str(SEEDS),
                  "--out", str(sae), "--expansion-factor", "4", "--max-train-tokens", "60000"], env)  # fmt: skip
-
     curation = []
-    for n in args.sizes:
+    for n in sizes:
         out = work / f"curated-{n}"
         wall, monitor = run_job(["jobs.curate", "--corpus", f"{corpora[n]}/*.jsonl.gz", "--seeds", str(SEEDS),
                                  "--sae", str(sae), "--out", str(out), "--top-n", "10", "--force"], env)  # fmt: skip
@@ -209,14 +155,17 @@ def main() -> None:
                "reader_mb": monitor.peak("ReadJSONL")}  # fmt: skip
         curation.append(row)
         print(f"curated {n} documents: {wall:.0f} s, {row['tokens_per_s']:.0f} tokens/s", flush=True)
+    return curation
 
+
+def measure_training(budgets: list[int], corpus: Path, epochs: int, work: Path, env: dict[str, str]) -> list[dict]:
+    """`jobs.train_sae` on the whole corpus at each token budget."""
     training = []
-    largest = corpora[args.budget_docs]
-    for budget in args.budgets:
+    for budget in budgets:
         out = work / f"sae-{budget}"
-        wall, monitor = run_job(["jobs.train_sae", "--corpus", f"{largest}/*.jsonl.gz", "--seeds", str(SEEDS),
+        wall, monitor = run_job(["jobs.train_sae", "--corpus", f"{corpus}/*.jsonl.gz", "--seeds", str(SEEDS),
                                  "--out", str(out), "--expansion-factor", "4", "--max-train-tokens", str(budget),
-                                 "--epochs", str(args.epochs), "--stats-docs", "0", "--force"], env)  # fmt: skip
+                                 "--epochs", str(epochs), "--stats-docs", "0", "--force"], env)  # fmt: skip
         manifest = json.loads((out / "manifest.json").read_text())
         training.append({"budget": budget, "tokens": manifest["counts"]["tokens"], "wall_s": wall,
                          "train_s": manifest["timings_s"]["train"],
@@ -228,13 +177,26 @@ def main() -> None:
                          "activations_mb": monitor.peak("TokenActivations"),
                          "activations_uss_mb": monitor.peak("TokenActivations", uss=True)})  # fmt: skip
         print(f"trained on {budget} tokens: {wall:.0f} s", flush=True)
+    return training
 
+
+def main() -> None:
+    args = build_parser().parse_args()
+    work = Path(args.work).resolve()
+    env = job_environment()
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
+    corpora = {n: work / f"corpus-{n}" for n in sorted({*args.sizes, args.budget_docs})}
+    for n, path in corpora.items():
+        write_demo_corpus(str(path), shards=8, limit=n)
+    curation = measure_curation(args.sizes, corpora, work, env)
+    training = measure_training(args.budgets, corpora[args.budget_docs], args.epochs, work, env)
+    distances: dict[str, float] = {}
     if curation:
-        report_curation(curation)
+        distances |= report_curation(curation)
     if training:
-        report_training(training)
+        distances |= report_training(training)
     if args.json:
-        Path(args.json).write_text(json.dumps({"curation": curation, "training": training}, indent=2))
+        write_json(args.json, NAME, settings_of(args), {"curation": curation, "training": training}, distances)
 
 
 if __name__ == "__main__":

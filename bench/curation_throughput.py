@@ -21,9 +21,10 @@ Measured in one process, on real Wikipedia summaries from the demo corpus:
   each padded to its longest document, to show what length bucketing buys.
 
 Only real tokens count, never padding. Each method is timed in units (a micro-batch, or one document for
-the naive path), the methods interleaved unit by unit, over several rounds after a warm-up. A method's
-tokens/s is its tokens over the sum of each unit's fastest round: on a shared machine, noise only ever adds
-time, and per-unit minima shed it far better than a best whole round. The median round is shown as well.
+the naive path), the methods interleaved unit by unit, over several rounds after a warm-up
+(`bench.measure.best_of_rounds`). A method's tokens/s is its tokens over the sum of each unit's fastest
+round: on a shared machine, noise only ever adds time, and per-unit minima shed it far better than a best
+whole round. The median round is shown as well.
 Targets: encode >= 0.85 x floor and >= 2 x naive. This is a benchmark, not a test; absolute numbers on a
 shared machine mean little, the ratios are the point.
 
@@ -31,29 +32,27 @@ The defaults (48 documents, 8 for the naive path) keep a run within about 5 minu
 The curation job encodes 256 documents per call (`CurateConfig.batch_size`), where length bucketing has
 more rows to sort and pads less: pass `--docs 256` for numbers representative of the pipeline.
 
-    .venv/bin/python bench/curation_throughput.py
-    .venv/bin/python bench/curation_throughput.py --docs 256 --naive-docs 48 --json /tmp/throughput.json
-    .venv/bin/python bench/curation_throughput.py --docs 1000 --repeats 1 --sae runs/demo/sae --emulate-bf16
+    .venv/bin/python -m bench.curation_throughput
+    .venv/bin/python -m bench.curation_throughput --docs 256 --naive-docs 48 --json /tmp/throughput.json
+    .venv/bin/python -m bench.curation_throughput --docs 1000 --repeats 1 --sae runs/demo/sae --emulate-bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from bench.measure import Rounds, bench_parser, best_of_rounds, settings_of, write_json
 from core.batching import length_batches, pad_right, tokenize_texts
 from core.models import DEFAULT_MODEL, load_model, model_info
 from core.placement import bf16_matmul_speedup
@@ -61,6 +60,7 @@ from curation.demo_corpus import load_summaries
 from curation.encode import DocumentEncoder, EncoderSpec, mean_pool, pooling_mask
 from curation.sae.model import SAEConfig, TopKSAE
 
+NAME = "curation_throughput"
 TARGET_VS_FLOOR = 0.85
 TARGET_VS_NAIVE = 2.0
 TARGET_BF16 = 2.0  # bf16 encode against the fp32 floor
@@ -84,11 +84,8 @@ class Method:
     unit_tokens: list[int]
     """Real (unpadded) tokens of each unit."""
     docs: int
-    unit_seconds: list[list[float]] = field(init=False)
-    """Per unit, its wall time in each round."""
-
-    def __post_init__(self) -> None:
-        self.unit_seconds = [[] for _ in self.units]
+    timing: Rounds | None = None
+    """Its rounds, once timed (`run_rounds`)."""
 
     @property
     def tokens(self) -> int:
@@ -96,22 +93,20 @@ class Method:
 
     @property
     def round_seconds(self) -> list[float]:
-        return [sum(times) for times in zip(*self.unit_seconds, strict=True)]
+        return self.timing.round_seconds()
 
     @property
     def best_tokens_per_s(self) -> float:
         """Tokens / the sum over units of each unit's fastest round: noise on a shared machine only adds time."""
-        return self.tokens / sum(min(times) for times in self.unit_seconds)
+        return self.tokens / self.timing.best()
 
     @property
     def median_tokens_per_s(self) -> float:
-        return self.tokens / statistics.median(self.round_seconds)
+        return self.tokens / self.timing.median()
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser(NAME, __doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name, HF directory or .gguf file")
     parser.add_argument("--layer", type=int, default=15, help="decoder layer read (ignored when --sae sets one)")
     parser.add_argument("--docs", type=int, default=48, help="documents sampled from the demo corpus")
@@ -125,7 +120,11 @@ def parse_args() -> argparse.Namespace:
     bf16.add_argument("--no-bf16", action="store_true", help="skip the bf16 encode and its agreement")
     bf16.add_argument("--emulate-bf16", action="store_true", help="bf16 agreement only, bf16 emulated in fp32")
     bf16.add_argument("--untimed-bf16", action="store_true", help="bf16 agreement only, autocast's own kernels")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args()
     for name in ("docs", "max_tokens", "max_batch_tokens", "threads", "repeats", "naive_docs"):
         if getattr(args, name) < 1:
@@ -178,6 +177,15 @@ def naive_encode(full_model: nn.Module, token_lists: Sequence[Sequence[int]], la
     return torch.cat(vectors)
 
 
+def whole_micro_batches(token_lists: list[list[int]], groups: list[list[int]], max_batch_tokens: int):
+    """The documents of each micro-batch, checked to stay one micro-batch when `encode` batches them again."""
+    group_docs = [[token_lists[row] for row in rows] for rows in groups]
+    for docs in group_docs:
+        if len(length_batches([len(tokens) for tokens in docs], max_batch_tokens)) != 1:
+            raise RuntimeError("length_batches split one of its own micro-batches; the encode units would differ")
+    return group_docs
+
+
 def make_methods(
     encoder: DocumentEncoder,
     full_model: nn.Module,
@@ -185,7 +193,8 @@ def make_methods(
     naive_lists: list[list[int]],
     bf16: DocumentEncoder | None = None,
 ) -> list[Method]:
-    """The four measured methods on one document set; padded batches are built here, outside the timing.
+    """The four measured methods on one document set, and the bf16 encode when given; padded batches are
+    built here, outside the timing.
 
     The encode units are `encoder.encode` on the documents of one micro-batch of `length_batches` over the
     whole set, so that its own length batching cuts them into exactly the micro-batch the floor runs.
@@ -193,10 +202,7 @@ def make_methods(
     lengths = [len(tokens) for tokens in token_lists]
     groups = length_batches(lengths, encoder.spec.max_batch_tokens)
     fixed = fixed_groups(len(token_lists), FIXED_BATCH_SIZE)
-    group_docs = [[token_lists[row] for row in rows] for rows in groups]
-    for docs in group_docs:
-        if len(length_batches([len(tokens) for tokens in docs], encoder.spec.max_batch_tokens)) != 1:
-            raise RuntimeError("length_batches split one of its own micro-batches; the encode units would differ")
+    group_docs = whole_micro_batches(token_lists, groups, encoder.spec.max_batch_tokens)
 
     def forward(batch: PaddedBatch) -> Callable[[], object]:
         return lambda: encoder.forward(*batch)
@@ -204,22 +210,13 @@ def make_methods(
     def group_tokens(row_groups: list[list[int]]) -> list[int]:
         return [sum(lengths[row] for row in rows) for rows in row_groups]
 
+    def encode(name: str, chosen: DocumentEncoder) -> Method:
+        units = [lambda docs=docs: chosen.encode(docs) for docs in group_docs]
+        return Method(name, units, group_tokens(groups), len(token_lists))
+
     layer, skip = encoder.forward.layer, encoder.spec.skip_positions
-    extra = [] if bf16 is None else [
-        Method(
-            "encode bf16 (SAE, length-bucketed)",
-            [lambda docs=docs: bf16.encode(docs) for docs in group_docs],
-            group_tokens(groups),
-            len(token_lists),
-        )
-    ]  # fmt: skip
-    return [
-        Method(
-            "encode (SAE, length-bucketed)",
-            [lambda docs=docs: encoder.encode(docs) for docs in group_docs],
-            group_tokens(groups),
-            len(token_lists),
-        ),
+    methods = [
+        encode("encode (SAE, length-bucketed)", encoder),
         Method(
             "floor (truncated fwd, same batches)",
             [forward(batch) for batch in pad_groups(token_lists, groups, encoder.pad_id)],
@@ -238,8 +235,8 @@ def make_methods(
             group_tokens(fixed),
             len(token_lists),
         ),
-        *extra,
     ]
+    return methods if bf16 is None else [*methods, encode("encode bf16 (SAE, length-bucketed)", bf16)]
 
 
 class EmulatedBF16(TorchFunctionMode):
@@ -301,23 +298,17 @@ def bf16_agreement(fp32: DocumentEncoder, bf16: DocumentEncoder, token_lists: li
     }
 
 
-def run_rounds(methods: list[Method], repeats: int) -> None:
-    """Time every unit of every method once per round, interleaving the methods unit by unit.
+def time_methods(methods: list[Method], repeats: int) -> None:
+    """Time every unit of every method once per round, the methods interleaved unit by unit and their order
+    rotating at every step (`bench.measure.best_of_rounds`), printing each round's totals."""
 
-    Interleaving puts the methods side by side in time, so a burst of load from another process hits all of
-    them rather than one; the order rotates at every step so no method always runs first.
-    """
-    steps = max(len(method.units) for method in methods)
-    for round_index in range(repeats):
-        for step in range(steps):
-            shift = (round_index + step) % len(methods)
-            for method in methods[shift:] + methods[:shift]:
-                if step < len(method.units):
-                    started = time.perf_counter()
-                    method.units[step]()
-                    method.unit_seconds[step].append(time.perf_counter() - started)
-        totals = ", ".join(f"{method.round_seconds[-1]:.1f}s" for method in methods)
-        print(f"  round {round_index + 1}/{repeats}: {totals}", flush=True)
+    def after_round(index: int, timings: dict[str, Rounds]) -> None:
+        totals = ", ".join(f"{timings[method.name].round_seconds()[-1]:.1f}s" for method in methods)
+        print(f"  round {index + 1}/{repeats}: {totals}", flush=True)
+
+    timings = best_of_rounds({m.name: m.units for m in methods}, repeats, rotate=True, after_round=after_round)
+    for method in methods:
+        method.timing = timings[method.name]
 
 
 @torch.inference_mode()
@@ -347,8 +338,9 @@ def mark(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def report_bf16(bf16: Method | None, floor: Method, agreement: dict) -> dict:
-    """The speed-up (None when bf16 was not timed: then only the agreement means anything) and the agreement."""
+def report_bf16(bf16: Method | None, floor: Method, agreement: dict) -> tuple[dict, dict]:
+    """The speed-up (None when bf16 was not timed: then only the agreement means anything) and the agreement,
+    as (figures, ratios)."""
     speedup = None if bf16 is None else bf16.best_tokens_per_s / floor.best_tokens_per_s
     cosine_ok = agreement["cosine_min"] >= TARGET_COSINE
     overlap_ok = agreement["selection_overlap"] >= TARGET_OVERLAP
@@ -367,9 +359,7 @@ def report_bf16(bf16: Method | None, floor: Method, agreement: dict) -> dict:
         f"{agreement['selection_overlap']:.3f} of {agreement['selected']} (target >= {TARGET_OVERLAP}) "
         f"{mark(overlap_ok)}"
     )
-    return {
-        "bf16_vs_fp32_floor": speedup,
-        "bf16_matmul_vs_fp32": ceiling,
+    figures = {
         "bf16_agreement": agreement,
         "bf16_pass": {
             "speedup": None if speedup is None else speedup >= TARGET_BF16,
@@ -377,9 +367,11 @@ def report_bf16(bf16: Method | None, floor: Method, agreement: dict) -> dict:
             "overlap": overlap_ok,
         },
     }
+    return figures, {"bf16 encode / fp32 floor": speedup, "bf16 / fp32 matmul": ceiling}
 
 
-def report(methods: list[Method], efficiency: dict[str, float], args: argparse.Namespace, extra: dict) -> dict:
+def report(methods: list[Method], efficiency: dict[str, float]) -> tuple[dict, dict]:
+    """Print the table and the ratios against the targets; return (figures, ratios)."""
     encode, floor, naive, fixed = methods[:4]
     header = f"{'method':<40} {'docs':>5} {'tokens':>7} {'best tok/s':>11} {'median tok/s':>13} {'x floor':>8}"
     print("\n" + header + "\n" + "-" * len(header))
@@ -399,9 +391,7 @@ def report(methods: list[Method], efficiency: dict[str, float], args: argparse.N
         f"padding efficiency (real / padded tokens): length-bucketed {efficiency['bucketed']:.3f}, "
         f"fixed batches of {FIXED_BATCH_SIZE} {efficiency['fixed']:.3f}; bucketing speed-up {bucketing_gain:.2f}x"
     )
-    return {
-        "args": vars(args),
-        **extra,
+    figures = {
         "methods": {
             m.name: {
                 "docs": m.docs,
@@ -412,18 +402,15 @@ def report(methods: list[Method], efficiency: dict[str, float], args: argparse.N
             }
             for m in methods
         },
-        "encode_vs_floor": vs_floor,
-        "encode_vs_naive": vs_naive,
-        "bucketing_speedup": bucketing_gain,
         "padding_efficiency": efficiency,
         "pass": {"vs_floor": vs_floor >= TARGET_VS_FLOOR, "vs_naive": vs_naive >= TARGET_VS_NAIVE},
     }
+    ratios = {"encode / floor": vs_floor, "encode / naive": vs_naive, "bucketing speed-up": bucketing_gain}
+    return figures, ratios
 
 
-def main() -> None:
-    args = parse_args()
-    note = busy_note(args.threads)
-    torch.set_num_threads(args.threads)
+def build_encoders(args: argparse.Namespace) -> tuple[TopKSAE, DocumentEncoder, DocumentEncoder | None]:
+    """The SAE, the fp32 encoder over it, and the bf16 one (None with --no-bf16; emulated with --emulate-bf16)."""
     sae = build_sae(args)
     layer = sae.cfg.layer if args.sae is not None and sae.cfg.layer >= 0 else args.layer
     spec = EncoderSpec(
@@ -435,46 +422,62 @@ def main() -> None:
         max_batch_tokens=args.max_batch_tokens,
         torch_threads=args.threads,
     )
-    encoder = DocumentEncoder(spec, sae=sae)
     bf16 = None
     if not args.no_bf16:
         bf16_spec = dataclasses.replace(spec, dtype="bfloat16")
         bf16 = EmulatedBF16Encoder(spec, sae=sae) if args.emulate_bf16 else DocumentEncoder(bf16_spec, sae=sae)
-    # An emulated speed means nothing: time bf16 only where the kernels may be native.
-    timed_bf16 = None if args.emulate_bf16 or args.untimed_bf16 else bf16
-    full_model = load_model(args.model)
+    return sae, DocumentEncoder(spec, sae=sae), bf16
+
+
+def prepare(args: argparse.Namespace, sae: TopKSAE, encoder: DocumentEncoder) -> list[list[int]]:
+    """The sampled documents; a fresh SAE's normaliser fitted on them. Prints what is measured."""
     token_lists = sample_documents(encoder.tokenizer, args.docs, args.max_tokens)
-    naive_lists = token_lists[: args.naive_docs]
     if args.sae is None:
         # A realistic normaliser: fitted on real activations of this layer and these coordinates.
         sae.fit_normalizer(encoder.activations(token_lists[:NORMALIZER_DOCS]))
     lengths = [len(tokens) for tokens in token_lists]
     print(
-        f"model={args.model} layer={layer} threads={torch.get_num_threads()} docs={len(token_lists)} "
+        f"model={args.model} layer={encoder.forward.layer} threads={torch.get_num_threads()} docs={len(token_lists)} "
         f"tokens={sum(lengths)} (mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}) "
         f"sae: d_in={sae.cfg.d_in} latents={sae.cfg.num_latents} k={sae.cfg.k}"
     )
+    return token_lists
+
+
+def main() -> None:
+    args = parse_args()
+    note = busy_note(args.threads)
+    torch.set_num_threads(args.threads)
+    sae, encoder, bf16 = build_encoders(args)
+    # An emulated speed means nothing: time bf16 only where the kernels may be native.
+    timed_bf16 = None if args.emulate_bf16 or args.untimed_bf16 else bf16
+    full_model = load_model(args.model)
+    token_lists = prepare(args, sae, encoder)
+    naive_lists = token_lists[: args.naive_docs]
     if note is not None:
         print(note)
+    layer = encoder.forward.layer
     error = truncation_error(encoder, full_model, token_lists[0])
     print(f"max |truncated - full hidden_states[{layer + 1}]| on one document: {error:.2e}")
 
     print("warm-up")
-    run_rounds(make_methods(encoder, full_model, token_lists[:WARMUP_DOCS], naive_lists[:2], timed_bf16), repeats=1)
+    time_methods(make_methods(encoder, full_model, token_lists[:WARMUP_DOCS], naive_lists[:2], timed_bf16), repeats=1)
     print("timed rounds")
     methods = make_methods(encoder, full_model, token_lists, naive_lists, timed_bf16)
-    run_rounds(methods, args.repeats)
+    time_methods(methods, args.repeats)
+    lengths = [len(tokens) for tokens in token_lists]
     efficiency = {
         "bucketed": padding_efficiency(token_lists, length_batches(lengths, args.max_batch_tokens)),
         "fixed": padding_efficiency(token_lists, fixed_groups(len(token_lists), FIXED_BATCH_SIZE)),
     }
-    results = report(methods, efficiency, args, {"layer": layer, "truncation_error": error, "busy_note": note})
+    figures, ratios = report(methods, efficiency)
+    figures = {"layer": layer, "truncation_error": error, "busy_note": note, **figures}
     if bf16 is not None:
         agreement = bf16_agreement(encoder, bf16, token_lists)
-        results.update(report_bf16(None if timed_bf16 is None else methods[4], methods[1], agreement))
+        bf16_figures, bf16_ratios = report_bf16(None if timed_bf16 is None else methods[4], methods[1], agreement)
+        figures, ratios = {**figures, **bf16_figures}, {**ratios, **bf16_ratios}
     if args.json is not None:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(args.json, NAME, settings_of(args), figures, ratios)
         print(f"wrote {args.json}")
 
 

@@ -16,8 +16,8 @@ intervals. From the job's per-question log-likelihoods it also prints a finer si
 on the same questions: the length-normalised log-likelihood of the right answer minus the mean of the
 wrong ones.
 
-    .venv/bin/python bench/quantisation_effect.py --work /tmp/quant
-    .venv/bin/python bench/quantisation_effect.py --limit 200 --docs 100 --json /tmp/quant.json
+    .venv/bin/python -m bench.quantisation_effect --work /tmp/quant
+    .venv/bin/python -m bench.quantisation_effect --limit 200 --docs 100 --json /tmp/quant.json
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from bench.measure import bench_parser, settings_of, write_json
 from core.models import DEFAULT_MODEL, load_model, local_model_dir
 from curation.demo_corpus import load_summaries
 from training.evaluation import mmlu
 from training.evaluation.evaluate import EvaluateConfig, run_evaluation
 
+NAME = "quantisation_effect"
 BLOCK = 32
 LEVELS = 15  # Q4_1: 4-bit codes 0..15, a scale and a minimum per block
 
@@ -105,59 +107,73 @@ def answer_margins(questions_path: Path, labels: list[str]) -> dict[str, np.ndar
     return {label: np.array(values) for label, values in margins.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser(NAME, __doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--work", default="/tmp/finescope-quantisation")
     parser.add_argument("--limit", type=int, default=500, help="MMLU questions of the fixed sample (seed 0)")
     parser.add_argument("--docs", type=int, default=200, help="held-out Wikipedia summaries for perplexity")
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    return parser
 
-    source = Path(local_model_dir(args.model))
-    model = load_model(args.model)
+
+def round_again(model_name: str, again: Path) -> dict[str, float]:
+    """Save the embedded model rounded once more (shifted Q4_1 blocks) to `again`, with its tokenizer files;
+    returns the RMS changes (the GGUF's own expected, on the original grid, on shifted blocks)."""
+    source = Path(local_model_dir(model_name))
+    model = load_model(model_name)
     first = first_rounding_noise(model)
     print(f"the GGUF's own rounding: expected change {first:.3f} x the weights' RMS")
     same_grid = round_decoder(model, shift=0)  # the GGUF's own grid: changes nothing (printed)
     print(f"rounding again on the original blocks: change {same_grid:.1e} x the weights' RMS (none)")
     noise = round_decoder(model, shift=BLOCK // 2)
     print(f"rounding again on shifted blocks: change {noise:.3f} x the weights' RMS")
-    again = work / "q4_1-again"
     if again.exists():
         shutil.rmtree(again)
     model.save_pretrained(again)
     for name in source.iterdir():
         if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(name, again / name.name)
+    return {"change_rms": noise, "first_rounding_rms": first, "same_grid_change_rms": same_grid}
+
+
+def margin_difference(questions_path: Path) -> tuple[dict[str, np.ndarray], np.ndarray, float, float]:
+    """Both models' answer margins, q4_1's minus q4_1-again's per question, and its 95% bootstrap interval."""
+    margins = answer_margins(questions_path, ["q4_1", "q4_1-again"])
+    difference = margins["q4_1"] - margins["q4_1-again"]
+    rng = np.random.default_rng(0)
+    boot = [difference[rng.integers(0, len(difference), len(difference))].mean() for _ in range(2000)]
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return margins, difference, float(low), float(high)
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    again = work / "q4_1-again"
+    changes = round_again(args.model, again)
     documents = work / "heldout.parquet"
     write_heldout(documents, args.docs, seed=0)
 
     out = work / "eval"
     config = EvaluateConfig(
-        models=[f"q4_1={source}", f"q4_1-again={again}"], out=str(out), mmlu=["all"], limit=args.limit,
-        sample_seed=0, ppl=[str(documents)], ppl_name="wikipedia", force=True,
+        models=[f"q4_1={local_model_dir(args.model)}", f"q4_1-again={again}"], out=str(out), mmlu=["all"],
+        limit=args.limit, sample_seed=0, ppl=[str(documents)], ppl_name="wikipedia", force=True,
     )  # fmt: skip
     run_evaluation(config)
-    margins = answer_margins(out / "questions.jsonl", ["q4_1", "q4_1-again"])
-    difference = margins["q4_1"] - margins["q4_1-again"]
-    rng = np.random.default_rng(0)
-    boot = [difference[rng.integers(0, len(difference), len(difference))].mean() for _ in range(2000)]
-    low, high = np.percentile(boot, [2.5, 97.5])
+    margins, difference, low, high = margin_difference(out / "questions.jsonl")
     means = {label: f"{values.mean():+.4f}" for label, values in margins.items()}
     print(f"answer margin (nats/char): q4_1 {means['q4_1']}, q4_1-again {means['q4_1-again']}")
     print(f"  q4_1 minus q4_1-again: {difference.mean():+.4f}, 95% bootstrap [{low:+.4f}, {high:+.4f}]")
     print((out / "report.md").read_text())
     if args.json:
-        figures = {"change_rms": noise, "first_rounding_rms": first, "same_grid_change_rms": same_grid,
-                   "margin": {k: float(v.mean()) for k, v in margins.items()},
-                   "margin_difference": [float(difference.mean()), float(low), float(high)],
+        figures = {**changes, "margin": {k: float(v.mean()) for k, v in margins.items()},
+                   "margin_difference": [float(difference.mean()), low, high],
                    "results": json.loads((out / "results.json").read_text())}  # fmt: skip
-        with open(args.json, "w") as handle:
-            json.dump(figures, handle, indent=2, default=str)
+        ratios = {
+            "second rounding / the GGUF's own (RMS change)": changes["change_rms"] / changes["first_rounding_rms"]
+        }
+        write_json(args.json, NAME, settings_of(args), figures, ratios)
 
 
 if __name__ == "__main__":

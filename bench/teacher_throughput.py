@@ -19,32 +19,30 @@ best round: on a shared machine noise only adds time, and taking turns spreads a
 them. Target: batched >= 5 x one-by-one. A benchmark, not a test; absolute numbers on a shared machine mean
 little, the ratio is the point.
 
-    .venv/bin/python bench/teacher_throughput.py
-    .venv/bin/python bench/teacher_throughput.py --prompts 64 --max-new-tokens 64 --repeats 2 --json /tmp/teacher.json
+    .venv/bin/python -m bench.teacher_throughput
+    .venv/bin/python -m bench.teacher_throughput --prompts 64 --max-new-tokens 64 --repeats 2 --json /tmp/teacher.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import time
 
 import torch
 
+from bench.measure import Rounds, bench_parser, best_of_rounds, settings_of, write_json
 from core.models import DEFAULT_MODEL, load_tokenizer
 from curation.demo_corpus import load_summaries
 from training.distillation.distill import PrepareSpec, prepare_rows
 from training.distillation.teacher import BatchedGenerator, Generation, TeacherConfig, finish_row
 
+NAME = "teacher_throughput"
 TARGET = 5.0
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser(NAME, __doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name, HF directory or .gguf file")
     parser.add_argument("--prompts", type=int, default=16, help="documents sampled from the demo corpus")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per prompt at most")
@@ -56,8 +54,7 @@ def parse_args() -> argparse.Namespace:
         "--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="every method's dtype"
     )
     parser.add_argument("--skip-padded", action="store_true", help="leave out the padded-generate reference")
-    parser.add_argument("--json", default=None, help="also write the figures to this file")
-    return parser.parse_args()
+    return parser
 
 
 def sample_prompts(model: str, count: int, max_document_tokens: int, max_new_tokens: int) -> list[list[int]]:
@@ -113,18 +110,9 @@ def padded(generator: BatchedGenerator, prompts: list[list[int]]) -> list[Genera
         generator.use_slots = True
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    prompts = sample_prompts(args.model, args.prompts, args.max_document_tokens, args.max_new_tokens)
-    config = TeacherConfig(
-        model=args.model,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        max_batch_tokens=1 << 20,
-        dtype=args.dtype,
-    )
-    generator = BatchedGenerator(config, threads=args.threads)
+def timed_methods(generator: BatchedGenerator, prompts: list[list[int]], args) -> tuple[dict[str, Rounds], list]:
+    """Each method's rounds after a warm-up on two prompts, and the 1-minute load average before and after
+    each round."""
     methods = {
         "batched": generator.generate,
         "padded_generate": lambda chosen: padded(generator, chosen),
@@ -134,17 +122,20 @@ def main() -> None:
         methods.pop("padded_generate")
     for method in methods.values():  # warm-up
         method(prompts[:2])
-    best = dict.fromkeys(methods, float("inf"))
-    outputs: dict[str, list[Generation]] = {}
     loads = [os.getloadavg()[0]]
-    for round_index in range(args.repeats):
-        for name, method in methods.items():
-            started = time.perf_counter()
-            outputs[name] = method(prompts)
-            best[name] = min(best[name], time.perf_counter() - started)
-            print(f"round {round_index + 1} {name}: {time.perf_counter() - started:.1f} s", flush=True)
+
+    def after_round(index: int, timings: dict[str, Rounds]) -> None:
+        for name, rounds in timings.items():
+            print(f"round {index + 1} {name}: {rounds.wall[0][-1]:.1f} s", flush=True)
         loads.append(os.getloadavg()[0])
-    reference = outputs["one_by_one"]
+
+    calls = {name: (lambda method=method: method(prompts)) for name, method in methods.items()}
+    return best_of_rounds(calls, args.repeats, after_round=after_round), loads
+
+
+def figures_of(timings: dict[str, Rounds], prompts: list[list[int]], generator: BatchedGenerator, args, loads) -> dict:
+    """Tokens, best seconds and tokens/s per method, rows identical to one-by-one's, and the ratios."""
+    reference: list[Generation] = timings["one_by_one"].results[0]
     figures: dict = {
         "model": args.model,
         "dtype": generator.dtype,
@@ -156,24 +147,44 @@ def main() -> None:
         "repeats": args.repeats,
         "load_average_1min": loads,
     }
-    for name in methods:
-        tokens = sum(g.tokens for g in outputs[name])
+    for name, rounds in timings.items():
+        outputs: list[Generation] = rounds.results[0]
+        tokens = sum(g.tokens for g in outputs)
         figures[f"{name}_tokens"] = tokens
-        figures[f"{name}_s"] = round(best[name], 3)
-        figures[f"{name}_tokens_per_s"] = round(tokens / best[name], 2)
+        figures[f"{name}_s"] = round(rounds.best(), 3)
+        figures[f"{name}_tokens_per_s"] = round(tokens / rounds.best(), 2)
         if name != "one_by_one":
-            identical = sum(same(a, b) for a, b in zip(outputs[name], reference, strict=True))
+            identical = sum(same(a, b) for a, b in zip(outputs, reference, strict=True))
             figures[f"{name}_identical_to_one_by_one"] = f"{identical}/{len(prompts)}"
     figures["ratio"] = round(figures["batched_tokens_per_s"] / figures["one_by_one_tokens_per_s"], 2)
-    if "padded_generate" in methods:
+    if "padded_generate" in timings:
         figures["padded_ratio"] = round(figures["padded_generate_tokens_per_s"] / figures["one_by_one_tokens_per_s"], 2)
     figures["target"] = TARGET
+    return figures
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    torch.set_num_threads(args.threads)
+    prompts = sample_prompts(args.model, args.prompts, args.max_document_tokens, args.max_new_tokens)
+    config = TeacherConfig(
+        model=args.model,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        max_batch_tokens=1 << 20,
+        dtype=args.dtype,
+    )
+    generator = BatchedGenerator(config, threads=args.threads)
+    timings, loads = timed_methods(generator, prompts, args)
+    figures = figures_of(timings, prompts, generator, args, loads)
     for name, value in figures.items():
         print(f"{name:>36}: {value}")
     print(f"batched vs one-by-one: {figures['ratio']}x generated tokens/s in {generator.dtype} (target >= {TARGET}x)")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(figures, handle, indent=2)
+        ratios = {"batched / one-by-one": figures["ratio"]}
+        if "padded_ratio" in figures:
+            ratios["padded generate / one-by-one"] = figures["padded_ratio"]
+        write_json(args.json, NAME, settings_of(args), figures, ratios)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ where its time goes, next to the plain loop's. Last, a bare gloo all-reduce of t
 between --workers processes gives the communication floor, and with it the best ratio any data-parallel
 loop could reach here without overlapping communication with the backward pass.
 
-    python bench/train_throughput.py                      # synthetic Llama (hidden 256, 4 layers)
-    python bench/train_throughput.py --rows 768 --grad-accum 2 --zero-stage 1   # one all-reduce per step
-    python bench/train_throughput.py --model smollm2-135m --rows 96 --max-tokens 128
+    python -m bench.train_throughput                      # synthetic Llama (hidden 256, 4 layers)
+    python -m bench.train_throughput --rows 768 --grad-accum 2 --zero-stage 1   # one all-reduce per step
+    python -m bench.train_throughput --model smollm2-135m --rows 96 --max-tokens 128 --json /tmp/train.json
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import logging
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,13 +37,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.measure import bench_parser, settings_of, write_json
+from core import models
+from training.finetuning.finetune import SUMMARY_FILE, FinetuneConfig, run_finetune
+from training.finetuning.losses import causal_lm_loss
+from training.finetuning.sft_data import BatchShape, Example, collate, encode_example, training_target, window_order
+from training.finetuning.step_clock import PHASES, StepClock
 
-from core import models  # noqa: E402
-from training.finetuning.finetune import SUMMARY_FILE, FinetuneConfig, run_finetune  # noqa: E402
-from training.finetuning.losses import causal_lm_loss  # noqa: E402
-from training.finetuning.sft_data import BatchShape, Example, collate, encode_example, training_target, window_order  # noqa: E402
-from training.finetuning.step_clock import PHASES, StepClock  # noqa: E402
+NAME = "train_throughput"
 
 
 def synthetic_model(directory: Path, hidden: int, layers: int) -> str:
@@ -217,10 +217,8 @@ def print_breakdown(plain: dict[str, Any], ray_run: dict[str, Any]) -> None:
     print(f"  {'step':<32}{plain_step * 1e3:9.1f}{'':>7}{ray_step * 1e3:9.1f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser(NAME, __doc__)
     parser.add_argument("--model", default=None, help="HF directory or embedded name; default: a synthetic Llama")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -233,9 +231,11 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="plain loop's torch threads; 0: one per worker")
     parser.add_argument("--repeats", type=int, default=3, help="Ray fits, each after a plain run")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(models.cache_root() / "torch_extensions"))
+    return parser
+
+
+def alternate(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Plain runs and Ray fits in alternation, `--repeats` of each plus one more plain run at the end."""
     plain_runs, ray_runs = [], []
     with tempfile.TemporaryDirectory(prefix="finescope-bench-") as tmp:
         root = Path(tmp)
@@ -249,6 +249,11 @@ def main() -> None:
             plain_runs.append(plain_loop(model_dir, data, args))
             ray_runs.append(ray_loop(model_dir, data, root / f"out-{repeat}", args))
         plain_runs.append(plain_loop(model_dir, data, args))
+    return plain_runs, ray_runs
+
+
+def report_rounds(plain_runs: list[dict], ray_runs: list[dict], args: argparse.Namespace) -> dict[str, float]:
+    """Each round's ratio and the best runs'; returns the ratios (best runs, median of rounds)."""
     print(f"model: {args.model or f'synthetic llama hidden={args.hidden} layers={args.layers}'}, rows={args.rows}")
     label = f"Ray Train + DeepSpeed ZeRO-{args.zero_stage}, {args.workers} workers"
     print(f"{'round':<7}{'plain tokens/s':>16}{'Ray+DS tokens/s':>17}{'ratio':>7}{'start-up s':>12}")
@@ -261,24 +266,46 @@ def main() -> None:
               f"{ray_run['startup_s']:12.1f}")  # fmt: skip
     best_plain = max(plain_runs, key=lambda run: run["tokens_per_s"])
     best_ray = max(ray_runs, key=lambda run: run["tokens_per_s"])
+    best_ratio = best_ray["tokens_per_s"] / best_plain["tokens_per_s"]
     print(f"plain torch loop (1 process, {best_plain['threads']} threads): best {best_plain['tokens_per_s']:.0f} "
           f"tokens/s over {best_plain['steps']} steps")  # fmt: skip
     print(f"{label} ({best_ray['threads']} torch threads each, OMP_NUM_THREADS={best_ray['omp_num_threads']}, "
           f"nice {best_ray['niceness']}): "
           f"best {best_ray['tokens_per_s']:.0f} tokens/s over {best_ray['steps']} steps")  # fmt: skip
-    print(f"throughput ratio (Ray+DS / plain): best runs {best_ray['tokens_per_s'] / best_plain['tokens_per_s']:.2f}, "
+    print(f"throughput ratio (Ray+DS / plain): best runs {best_ratio:.2f}, "
           f"median of rounds {statistics.median(ratios):.2f}")  # fmt: skip
     startups = ", ".join(f"{run['startup_s']:.1f}" for run in ray_runs)
     print(f"Ray+DS start-up and teardown: {startups} s (the first fit starts Ray)")
-    print_breakdown(best_plain, best_ray)
-    floor = allreduce_floor(best_plain["parameters"], args.workers)
+    return {"Ray+DS / plain, best runs": best_ratio, "Ray+DS / plain, median of rounds": statistics.median(ratios)}
+
+
+def report_floor(best_plain: dict, best_ray: dict, workers: int) -> dict[str, float]:
+    """The bare all-reduce and the best ratio a loop without overlap could reach with it."""
+    floor = allreduce_floor(best_plain["parameters"], workers)
     phases = best_ray["phases_s"]
     ceiling = phases["forward"] + phases["backward"] + floor + best_plain["phases_s"]["optimizer"]
     plain_step = sum(best_plain["phases_s"].values())
-    print(f"bare gloo all-reduce of the {best_plain['parameters']:,} gradients ({args.workers} processes, 1 thread "
+    print(f"bare gloo all-reduce of the {best_plain['parameters']:,} gradients ({workers} processes, 1 thread "
           f"each): {floor * 1e3:.1f} ms; Ray's forward and backward plus that and the plain optimizer step: "
           f"{ceiling * 1e3:.1f} ms, at best {plain_step / ceiling:.2f}x the plain loop without overlapping "
           "communication with backward")  # fmt: skip
+    return {"allreduce_s": floor, "ceiling_step_s": ceiling, "ceiling_ratio": plain_step / ceiling}
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(models.cache_root() / "torch_extensions"))
+    plain_runs, ray_runs = alternate(args)
+    ratios = report_rounds(plain_runs, ray_runs, args)
+    best_plain = max(plain_runs, key=lambda run: run["tokens_per_s"])
+    best_ray = max(ray_runs, key=lambda run: run["tokens_per_s"])
+    print_breakdown(best_plain, best_ray)
+    floor = report_floor(best_plain, best_ray, args.workers)
+    if args.json:
+        ratios["at best without overlap / plain"] = floor["ceiling_ratio"]
+        figures = {"plain_runs": plain_runs, "ray_runs": ray_runs, "allreduce_floor": floor}
+        write_json(args.json, NAME, settings_of(args), figures, ratios)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""bench/gpu_check.py's core mode runs on plain torch and transformers, with Ray, DeepSpeed and vLLM absent.
+"""`python -m bench.gpu.check`'s core mode runs on plain torch and transformers, with Ray, DeepSpeed and vLLM absent.
 
 On CI the candidate is the CPU in bf16 (the same code path a GPU takes, on another device); on a GPU
 machine the same command with `--device cuda` is the check the docs report.
@@ -21,8 +21,7 @@ RUN_WITHOUT_RAY = """
 import runpy, sys
 for name in ("ray", "deepspeed", "vllm"):
     sys.modules[name] = None
-sys.argv = ["bench/gpu_check.py", *sys.argv[1:]]
-runpy.run_path("bench/gpu_check.py", run_name="__main__")
+runpy.run_module("bench.gpu.check", run_name="__main__", alter_sys=True)
 """
 
 
@@ -35,7 +34,10 @@ def test_core_mode_checks_agreement_without_ray(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "imported of Ray, DeepSpeed, vLLM: none" in done.stdout
     report = json.loads(out.read_text())
-    results = {result["name"]: result for result in report["results"]}
+    assert report["name"] == "gpu.check" and report["machine"]["gpu"] is None
+    settings = {key: report["settings"][key] for key in ("mode", "device", "dtype", "docs")}
+    assert settings == {"mode": "core", "device": "cpu", "dtype": "bfloat16", "docs": 48}
+    results = {result["name"]: result for result in report["results"]["checks"]}
     assert set(results) == {
         "encode", "SAE training (fp32)", "pruning importance", "teacher (greedy)", "MMLU scoring", "training step"
     }  # fmt: skip
@@ -50,14 +52,14 @@ def test_core_mode_checks_agreement_without_ray(tmp_path):
     mmlu = results["MMLU scoring"]["agreement"]
     assert mmlu["identical fp32"] == 1.0 and mmlu["identical bfloat16"] >= 0.98
     assert results["training step"]["agreement"]["largest relative loss gap"] <= 0.02
+    assert report["ratios"] == {f"tiny: MFU {name}": None for name in results}  # a CPU has no known peak
 
 
 def test_a_disagreeing_candidate_fails_the_check():
     """The selection agreement is a real comparison: vectors that disagree fail it."""
     import torch
 
-    sys.path.insert(0, str(REPO / "bench"))
-    from gpu_cores import per_seed_top
+    from bench.gpu.cores import per_seed_top
 
     torch.manual_seed(0)
     vectors = torch.nn.functional.normalize(torch.randn(200, 16), dim=1)
@@ -69,8 +71,8 @@ def test_a_disagreeing_candidate_fails_the_check():
 
 def test_the_gpu_encode_bench_without_a_gpu_exits_2_and_says_why():
     done = subprocess.run(
-        [sys.executable, "bench/gpu_encode.py", "--docs", "8"], cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        [sys.executable, "-m", "bench.gpu.encode", "--docs", "8"], cwd=REPO, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )  # fmt: skip
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stdout
 
@@ -78,8 +80,7 @@ def test_the_gpu_encode_bench_without_a_gpu_exits_2_and_says_why():
 def test_a_check_that_raises_is_reported_failed_and_the_others_still_run(monkeypatch):
     import torch
 
-    sys.path.insert(0, str(REPO / "bench"))
-    import gpu_cores
+    from bench.gpu import cores as gpu_cores
 
     def broken(setup):
         raise RuntimeError("Expected all tensors to be on the same device")
@@ -99,15 +100,14 @@ def test_a_check_that_raises_is_reported_failed_and_the_others_still_run(monkeyp
 
 
 def _checks():
-    sys.path.insert(0, str(REPO / "bench"))
-    import gpu_pipeline
+    from bench.gpu import pipeline_checks
 
-    return gpu_pipeline
+    return pipeline_checks
 
 
 def test_pipeline_mode_without_a_gpu_exits_2_and_says_why():
     done = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--mode", "pipeline"], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "bench.gpu.check", "--mode", "pipeline"], cwd=REPO, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
@@ -231,12 +231,12 @@ def test_the_cpu_references_redo_the_gpu_work_in_fp32_on_the_cpu(tmp_path, monke
     """The reference stages read the GPU run's own inputs, with only device, precision and size changed."""
     import argparse
 
+    from bench.gpu import check as gpu_check
     from core import cli
     from pipeline import PipelineSpec
     from pipeline.steps import build_steps
 
     checks = _checks()
-    import gpu_check
 
     monkeypatch.chdir(REPO)
     args = argparse.Namespace(out=str(tmp_path / "run"), max_steps=40, max_new_tokens=128)

@@ -1,7 +1,8 @@
 """The house's layering and size rules, read from the source (docs/design.md, 'Layout and layering').
 
 `jobs -> experiments -> pipeline -> {curation, training} -> core`: a package imports only the layers below it;
-`curation` and `training` never import each other; nothing imports `jobs`. Library functions stay short
+`curation` and `training` never import each other; nothing imports `jobs`. `bench` sits beside `jobs`: it
+may import the library, and nothing but the tests imports it. Library and bench functions stay short
 enough to read at a glance.
 """
 
@@ -22,6 +23,7 @@ ALLOWED = {
     "pipeline": {"core", "curation", "training", "pipeline"},
     "experiments": {"core", "curation", "training", "pipeline", "experiments"},
     "jobs": {"core", "curation", "training", "pipeline", "experiments", "jobs"},
+    "bench": {"core", "curation", "training", "pipeline", "experiments", "bench"},
 }
 MAX_FUNCTION_LINES = 60
 
@@ -56,7 +58,7 @@ def project_imports(path: Path, module: str, top_level_only: bool = False) -> se
 
 def test_every_package_imports_only_the_layers_below_it():
     wrong = []
-    for module, path in modules((*LIBRARY, "jobs")).items():
+    for module, path in modules((*LIBRARY, "jobs", "bench")).items():
         layer = module.split(".")[0]
         for imported in project_imports(path, module):
             if imported.split(".")[0] not in ALLOWED[layer]:
@@ -69,6 +71,14 @@ def test_the_layering_check_catches_a_backwards_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from curation.encode import DocumentEncoder\n")
     assert "curation.encode" in project_imports(bad, "training.bad")
+
+
+def test_the_layering_check_catches_the_library_importing_a_bench(tmp_path):
+    """Nothing imports `bench`: a library module that reaches for a bench's helper is reported."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from bench.measure import timed\n")
+    imported = project_imports(bad, "core.bad")
+    assert "bench.measure" in imported and "bench" not in ALLOWED["core"]
 
 
 def test_no_import_cycles_between_library_modules():
@@ -94,9 +104,9 @@ def test_no_import_cycles_between_library_modules():
             visit(module, [module])
 
 
-def test_library_functions_stay_short():
+def test_library_and_bench_functions_stay_short():
     long = []
-    for module, path in modules(LIBRARY).items():
+    for module, path in modules((*LIBRARY, "bench")).items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 lines = node.end_lineno - node.lineno + 1

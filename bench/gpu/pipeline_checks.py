@@ -1,6 +1,6 @@
 """Pipeline mode's agreement checks: the GPU pipeline's outputs against CPU fp32 runs of the same work.
 
-`bench/gpu_check.py --mode pipeline` runs the pipeline with every GPU path on, then the CPU references
+`python -m bench.gpu.check --mode pipeline` runs the pipeline with every GPU path on, then the CPU references
 (`reference_configs`: the same stages, the same inputs, in fp32 on the CPU, on slices where a slice
 is enough) in a child process that sees no GPU, and compares what the two wrote with the pure functions
 below. Each comparison returns an `Agreement`; the thresholds are in `THRESHOLDS`.
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.measure import flops_per_token, mfu
 
 THRESHOLDS = {
     "document cosine": 0.99,
@@ -308,11 +310,6 @@ def run_references(configs: dict[str, Any]) -> None:
 # --- throughput and MFU ----------------------------------------------------------------------------
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model-FLOPs utilisation: tokens/s x FLOPs per token over the device's bf16 peak (None: no peak)."""
-    return tokens_per_s * flops_per_token / peak if peak else None
-
-
 def encode_sample(model: str, sae_dir: str, texts: list[str], config, device: str, dtype=None):
     """(docs, latents) document vectors of `texts`, encoded as the curate stage encodes them, on `device`
     (weights cast to `dtype` when given)."""
@@ -426,12 +423,11 @@ def _manifest(out: str) -> dict[str, Any]:
     return json.loads(Path(out, "manifest.json").read_text())
 
 
-def _linear_params(model: str, layers: int | None = None) -> int:
-    from gpu_cores import linear_params
-
+def _model_flops(model: str, layers: int | None = None, training: bool = False) -> float:
+    """`bench.measure.flops_per_token` of a model by name or path (loaded on the CPU)."""
     from core.models import load_model
 
-    return linear_params(load_model(model), layers)
+    return flops_per_token(load_model(model), layers, training)
 
 
 def stage_rates(steps: list, peak: float | None) -> list[dict[str, Any]]:
@@ -442,18 +438,18 @@ def stage_rates(steps: list, peak: float | None) -> list[dict[str, Any]]:
 
     sae = TopKSAE.load(gpu["curate"].sae).cfg
     d_in, latents = sae.d_in, sae.num_latents
-    truncated = _linear_params(gpu["curate"].model or sae.base_model["name"], sae.layer + 1)
+    truncated = _model_flops(gpu["curate"].model or sae.base_model["name"], sae.layer + 1)
     curate, distill = _manifest(gpu["curate"].out), _manifest(gpu["distill"].out)
     rows = [("encode (curate, CUDA)", curate["counts"]["tokens"] / curate["timings_s"]["encode"],
-             2 * (truncated + d_in * latents))]  # fmt: skip
+             truncated + 2 * d_in * latents)]  # fmt: skip
     if "sae" in gpu:  # the pipeline trained the SAE (no sae_path)
         sae_rate = _manifest(gpu["sae"].out)["counts"]["tokens_per_s"]
-        rows.append(("SAE training", sae_rate, 2 * truncated + 6 * 2 * d_in * latents))
+        rows.append(("SAE training", sae_rate, truncated + 6 * 2 * d_in * latents))
     teacher_rate = _teacher_tokens(gpu["distill"]) / distill["timings_s"]["distill"]
-    rows.append(("teacher (vLLM, prompt + generated)", teacher_rate, 2 * _linear_params(gpu["distill"].teacher)))
+    rows.append(("teacher (vLLM, prompt + generated)", teacher_rate, _model_flops(gpu["distill"].teacher)))
     metrics = read_metrics(f"{gpu['finetune'].out}/metrics.jsonl")[1:]  # the first step includes warm-up
     rate = sum(m["tokens_per_s"] for m in metrics) / max(len(metrics), 1)
-    rows.append(("fine-tuning (ZeRO-3, bf16)", rate, 6 * _linear_params(gpu["finetune"].model)))
+    rows.append(("fine-tuning (ZeRO-3, bf16)", rate, _model_flops(gpu["finetune"].model, training=True)))
     rows.append(_mmlu_rate(gpu["evaluate"]))
     return [{"stage": name, "tokens_per_s": tps, "flops_per_token": flops, "mfu": mfu(tps, flops, peak)}
             for name, tps, flops in rows]  # fmt: skip
@@ -485,7 +481,7 @@ def _mmlu_rate(config) -> tuple[str, float, float]:
     tokens = sum(encode_item(tokenizer, context, choices, task.max_length).length for context, choices in pairs)
     labelled = checked.models
     seconds = _manifest(config.out)["timings_s"]["evaluate"]
-    flops = sum(2 * _linear_params(path) for _, path in labelled) / len(labelled)
+    flops = sum(_model_flops(path) for _, path in labelled) / len(labelled)
     return ("MMLU scoring (stage time, lower bound)", tokens * len(labelled) / seconds, flops)
 
 

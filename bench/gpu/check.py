@@ -3,12 +3,12 @@
 `--mode core` (the default) imports no Ray, DeepSpeed or vLLM, so it runs on any machine with torch and
 transformers. It runs every stage's pure core on `--device` in `--dtype` and the same core on the CPU in
 fp32, on models built from a config with seeded random weights (SmolLM2-135M's shape for agreement, a
-1B shape for MFU on CUDA), and asserts agreement (see `bench/gpu_cores.py` for each check and its
+1B shape for MFU on CUDA), and asserts agreement (see `bench/gpu/cores.py` for each check and its
 threshold). Exit status 0 when every check holds, 1 otherwise.
 
-    python bench/gpu_check.py                                     # CUDA, bf16, SmolLM2's shape
-    python bench/gpu_check.py --device cpu --dtype bfloat16 --shape tiny --docs 96   # the CPU's bf16 path
-    python bench/gpu_check.py --json runs/gpu-core.json           # also write the figures as JSON
+    python -m bench.gpu.check                                     # CUDA, bf16, SmolLM2's shape
+    python -m bench.gpu.check --device cpu --dtype bfloat16 --shape tiny --docs 96   # the CPU's bf16 path
+    python -m bench.gpu.check --json runs/gpu-core.json           # also write the figures as JSON
 
 `--mode pipeline` needs a CUDA GPU, Ray and the `gpu` extra (`pip install -e '.[gpu]'`, which brings vLLM
 through `ray[llm]`). It writes a slice of the demo corpus, then runs `jobs.pipeline` with every GPU path
@@ -20,11 +20,11 @@ switched on:
 - evaluation on CUDA in bfloat16.
 
 Then it runs the same work on the CPU in fp32 (`--mode cpu-reference`, in a child process that sees no
-GPU and starts a Ray of its own; `bench/gpu_pipeline.py`'s `reference_configs`): curation of the same
+GPU and starts a Ray of its own; `bench/gpu/pipeline_checks.py`'s `reference_configs`): curation of the same
 corpus with the same seeds and the GPU run's SAE; the transformers teacher on the first `--ref-rows`
 input rows; ZeRO-2 fine-tuning of the same pruned model on the same distilled set for `--ref-steps`
 steps; evaluation of the same models on the same MMLU sample. It compares (thresholds in
-`bench/gpu_pipeline.py`):
+`bench/gpu/pipeline_checks.py`):
 
 - curation: `seed_sims` per document, cosine >= 0.99 on every document; document vectors of
   `--sample-docs` documents re-encoded here on CUDA and on the CPU, cosine >= 0.99 (with bf16 weights:
@@ -39,27 +39,26 @@ It prints each stage's tokens/s and MFU (2 x parameters run x tokens/s over the 
 fine-tuning; the truncated forward for encode) and writes every figure to `--json`. Exit status 0 when
 every check holds, 1 otherwise, 2 without a GPU or vLLM.
 
-    python bench/gpu_check.py --mode pipeline --json runs/gpu-pipeline.json
-    python bench/gpu_check.py --mode pipeline --docs 4000 --out runs/gpu-check --max-steps 60
+    python -m bench.gpu.check --mode pipeline --json runs/gpu-pipeline.json
+    python -m bench.gpu.check --mode pipeline --docs 4000 --out runs/gpu-check --max-steps 60
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.measure import bench_parser, peak_flops, settings_of, write_json
+
+NAME = "gpu.check"
+REPO = Path(__file__).resolve().parents[2]
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser(NAME, __doc__)
     parser.add_argument(
         "--mode",
         choices=["core", "pipeline", "cpu-reference"],
@@ -71,7 +70,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shape", choices=["tiny", "smollm2-135m"], default="smollm2-135m", help="core mode")
     parser.add_argument("--checks", default="encode,sae,prune,teacher,mmlu,train", help="core mode: which")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by GPU name)")
-    parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
     parser.add_argument("--docs", type=int, default=None, help="documents (core: 256; pipeline: 2000)")
     parser.add_argument("--out", default="runs/gpu-check", help="the pipeline's root")
     parser.add_argument("--max-steps", type=int, default=40, help="fine-tuning steps")
@@ -79,7 +77,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ref-rows", type=int, default=64, help="pipeline: teacher rows generated on the CPU too")
     parser.add_argument("--ref-steps", type=int, default=10, help="pipeline: fine-tuning steps run on the CPU too")
     parser.add_argument("--sample-docs", type=int, default=64, help="pipeline: documents re-encoded on both devices")
-    return parser.parse_args()
+    return parser
 
 
 def spec_values(args: argparse.Namespace) -> dict:
@@ -112,7 +110,8 @@ def spec_values(args: argparse.Namespace) -> dict:
 
 def core_main(args: argparse.Namespace) -> int:
     import torch
-    from gpu_cores import as_dict, format_results, peak_flops, run_core_checks
+
+    from bench.gpu.cores import as_dict, format_results, run_core_checks
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here (use --device cpu to check the CPU's bf16 path)")
@@ -123,28 +122,22 @@ def core_main(args: argparse.Namespace) -> int:
     cuda = args.device.startswith("cuda")
     where = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
     started = time.perf_counter()
-    results = run_core_checks(args.shape, args.device, dtype, args.docs or 256, only)
+    shapes = {args.shape: run_core_checks(args.shape, args.device, dtype, args.docs or 256, only)}
     print(f"\nstage cores on {where} in {args.dtype} against the CPU in float32, {args.shape} shape:")
-    print("\n".join(format_results(results, peak)))
-    if args.device.startswith("cuda") and args.shape != "tiny":  # MFU at a size that can fill the GPU
+    print("\n".join(format_results(shapes[args.shape], peak)))
+    if cuda and args.shape != "tiny":  # MFU at a size that can fill the GPU
         large = run_core_checks("1b", args.device, dtype, args.docs or 256, ["encode", "train"], cpu_rounding=False)
+        shapes["1b"] = large
         print("\n1B shape (throughput and MFU; agreement as above):")
-        print("\n".join(format_results(large, peak)))
-        results += large
+        print("\n".join(format_results(shapes["1b"], peak)))
     imported = [name for name in ("ray", "deepspeed", "vllm") if sys.modules.get(name) is not None]
     print(f"took {time.perf_counter() - started:.0f} s; imported of Ray, DeepSpeed, vLLM: {imported or 'none'}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "device": where,
-            "dtype": args.dtype,
-            "shape": args.shape,
-            "peak_flops": peak,
-            "date": time.strftime("%Y-%m-%d"),
-            "results": [as_dict(r, peak) for r in results],
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2, default=float))  # fmt: skip
-    return 0 if all(result.passed for result in results) else 1
+        every = [(shape, result) for shape, results in shapes.items() for result in results]
+        checks = [{**as_dict(result, peak), "shape": shape} for shape, result in every]
+        ratios = {f"{shape}: MFU {result.name}": result.mfu(peak) for shape, result in every}
+        write_json(args.json, NAME, settings_of(args), {"device": where, "peak_flops": peak, "checks": checks}, ratios)
+    return 0 if all(result.passed for results in shapes.values() for result in results) else 1
 
 
 def run_gpu_pipeline(args: argparse.Namespace):
@@ -156,7 +149,7 @@ def run_gpu_pipeline(args: argparse.Namespace):
 
     logs.setup_logging()
     write_demo_corpus(str(Path(args.out) / "corpus"), shards=8, limit=args.docs)
-    spec = cli.from_mapping(PipelineSpec, spec_values(args), origin="bench/gpu_check.py")
+    spec = cli.from_mapping(PipelineSpec, spec_values(args), origin=f"python -m bench.{NAME}")
     started = time.perf_counter()
     run_pipeline(spec)
     return spec, build_steps(spec), time.perf_counter() - started
@@ -173,18 +166,18 @@ def run_cpu_references(args: argparse.Namespace) -> int:
     flags = ["--out", args.out, "--docs", str(args.docs), "--max-steps", str(args.max_steps),
              "--max-new-tokens", str(args.max_new_tokens), "--ref-rows", str(args.ref_rows),
              "--ref-steps", str(args.ref_steps)]  # fmt: skip
-    return subprocess.run([sys.executable, __file__, "--mode", "cpu-reference", *flags], env=env).returncode
+    command = [sys.executable, "-m", f"bench.{NAME}", "--mode", "cpu-reference", *flags]
+    return subprocess.run(command, env=env, cwd=REPO).returncode
 
 
 def reference_main(args: argparse.Namespace) -> int:
-    from gpu_pipeline import reference_configs, run_references
-
+    from bench.gpu.pipeline_checks import reference_configs, run_references
     from core import cli, logs
     from pipeline import PipelineSpec
     from pipeline.steps import build_steps
 
     logs.setup_logging()
-    spec = cli.from_mapping(PipelineSpec, spec_values(args), origin="bench/gpu_check.py")
+    spec = cli.from_mapping(PipelineSpec, spec_values(args), origin=f"python -m bench.{NAME}")
     run_references(reference_configs(build_steps(spec), spec.root, args.ref_rows, args.ref_steps))
     return 0
 
@@ -195,9 +188,9 @@ def pipeline_main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
         print("needs a CUDA GPU and vLLM (pip install -e '.[gpu]')")
         return 2
-    import gpu_pipeline as checks
     import ray
-    from gpu_cores import peak_flops
+
+    from bench.gpu import pipeline_checks as checks
 
     args.docs = args.docs or 2000
     spec, steps, total = run_gpu_pipeline(args)
@@ -212,21 +205,20 @@ def pipeline_main(args: argparse.Namespace) -> int:
     agreements += checks.pipeline_agreements(steps, references, args.sample_docs)
     peak = peak_flops("cuda", args.peak_tflops)
     rates = checks.stage_rates(steps, peak)
-    print(f"\nGPU check on {torch.cuda.get_device_name(0)}: pipeline {total:.0f} s, CPU references {reference_s:.0f} s")
+    device = torch.cuda.get_device_name(0)
+    print(f"\nGPU check on {device}: pipeline {total:.0f} s, CPU references {reference_s:.0f} s")
     print("\n".join(checks.format_rates(rates)))
     print("agreement with the CPU in fp32:")
     print("\n".join(checks.format_agreements(agreements)))
     if args.json:
-        payload = {"device": torch.cuda.get_device_name(0), "peak_flops": peak, "date": time.strftime("%Y-%m-%d"),
-                   "pipeline_s": total, "reference_s": reference_s, "rates": rates,
-                   "agreements": [checks.as_dict(a) for a in agreements]}  # fmt: skip
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2, default=float))
+        results = {"device": device, "peak_flops": peak, "pipeline_s": total, "reference_s": reference_s,
+                   "rates": rates, "agreements": [checks.as_dict(a) for a in agreements]}  # fmt: skip
+        write_json(args.json, NAME, settings_of(args), results, {f"MFU {row['stage']}": row["mfu"] for row in rates})
     return 0 if all(agreement.passed for agreement in agreements) else 1
 
 
 def main() -> int:
-    args = parse_args()
+    args = build_parser().parse_args()
     if args.mode == "core":
         return core_main(args)
     if args.mode == "cpu-reference":

@@ -7,8 +7,8 @@ every row decoded and non-empty or accounted for as cut off, the ids intact, and
 applied. It prints generated tokens/s (tokens vLLM reports, over the wall time of the processor's run,
 engine start-up excluded by a warm-up pass).
 
-    python bench/gpu_teacher_check.py
-    python bench/gpu_teacher_check.py --prompts 512 --max-new-tokens 128 --engine-kwargs '{"dtype": "bfloat16"}'
+    python -m bench.gpu.teacher_check
+    python -m bench.gpu.teacher_check --prompts 512 --max-new-tokens 128 --engine-kwargs '{"dtype": "bfloat16"}'
 
 Exit status 0 when every check holds, 1 otherwise, 2 without a GPU or vLLM.
 """
@@ -22,11 +22,13 @@ import random
 import sys
 import time
 
+from bench.measure import bench_parser, settings_of, write_json
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+NAME = "gpu.teacher_check"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = bench_parser(NAME, __doc__)
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name, HF directory or .gguf file")
     parser.add_argument("--prompts", type=int, default=256, help="documents sampled from the demo corpus")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="tokens generated per prompt at most")
@@ -36,25 +38,14 @@ def parse_args() -> argparse.Namespace:
         default='{"dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.5}',
         help="vLLM engine arguments (JSON)",
     )
-    return parser.parse_args()
+    return parser
 
 
-def main() -> int:
-    import torch
-
-    if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
-        print("needs a CUDA GPU and vLLM (pip install -e '.[gpu]')")
-        return 2
-    args = parse_args()
-    import ray
-
-    from core.models import load_tokenizer, local_model_dir
+def prepared_rows(args: argparse.Namespace, tokenizer) -> list[dict]:
+    """Distillation rows of `--prompts` demo-corpus summaries, prepared as the distill job prepares them."""
     from curation.demo_corpus import load_summaries
-    from training.distillation.distill import DEFAULT_LEAK_PHRASES, PREPARED_SCHEMA, PrepareSpec, judge, prepare_rows
-    from training.distillation.teacher import TeacherConfig, build_vllm_processor, eos_ids
+    from training.distillation.distill import PrepareSpec, prepare_rows
 
-    ray.init(include_dashboard=False, ignore_reinit_error=True)
-    tokenizer = load_tokenizer(args.model)
     rows = load_summaries()
     random.Random(0).shuffle(rows)
     spec = PrepareSpec(
@@ -63,7 +54,19 @@ def main() -> int:
     prepared = prepare_rows(
         [{"id": str(i), "text": r["text"]} for i, r in enumerate(rows[: args.prompts])], spec, tokenizer
     )
-    prepared = [row for row in prepared if not row["reason"]]
+    return [row for row in prepared if not row["reason"]]
+
+
+def generate(args: argparse.Namespace, tokenizer, prepared: list[dict]) -> tuple[list[dict], float]:
+    """The distill job's vLLM processor over the rows: what came back, and the seconds it took after a warm-up
+    pass (engine start, CUDA graphs) on one batch."""
+    import ray
+
+    from core.models import local_model_dir
+    from training.distillation.distill import PREPARED_SCHEMA
+    from training.distillation.teacher import TeacherConfig, build_vllm_processor, eos_ids
+
+    ray.init(include_dashboard=False, ignore_reinit_error=True)
     config = TeacherConfig(
         model=args.model,
         backend="vllm",
@@ -73,13 +76,16 @@ def main() -> int:
         engine_kwargs=json.loads(args.engine_kwargs),
     )
     processor = build_vllm_processor(config, local_model_dir(args.model), PREPARED_SCHEMA.names, eos_ids(tokenizer))
-
-    processor(ray.data.from_items(prepared[: args.batch_size])).take_all()  # warm-up: engine start, CUDA graphs
+    processor(ray.data.from_items(prepared[: args.batch_size])).take_all()
     started = time.perf_counter()
     out = processor(ray.data.from_items(prepared)).take_all()
-    seconds = time.perf_counter() - started
+    return out, time.perf_counter() - started
 
-    tokens = sum(int(row["teacher_tokens"]) for row in out)
+
+def check_rows(out: list[dict], prepared: list[dict]) -> tuple[dict[str, int], list[str]]:
+    """The judge's verdict per reason, and what is wrong with what came back (nothing, when it is right)."""
+    from training.distillation.distill import DEFAULT_LEAK_PHRASES, judge
+
     reasons: dict[str, int] = {}
     for row in out:
         reason = judge(row["teacher"], row["finish_reason"], None, DEFAULT_LEAK_PHRASES) or "accepted"
@@ -93,10 +99,32 @@ def main() -> int:
         failures.append("empty text on a cut-off row")
     if reasons.get("accepted", 0) == 0:
         failures.append("no rewrite accepted")
-    print(json.dumps({"rows": len(out), "generated_tokens": tokens, "seconds": round(seconds, 2), "reasons": reasons}))
+    return reasons, failures
+
+
+def main() -> int:
+    import torch
+
+    args = build_parser().parse_args()
+    if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
+        print("needs a CUDA GPU and vLLM (pip install -e '.[gpu]')")
+        return 2
+    from core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    prepared = prepared_rows(args, tokenizer)
+    out, seconds = generate(args, tokenizer, prepared)
+    tokens = sum(int(row["teacher_tokens"]) for row in out)
+    reasons, failures = check_rows(out, prepared)
+    figures = {"rows": len(out), "generated_tokens": tokens, "seconds": round(seconds, 2), "reasons": reasons}
+    print(json.dumps(figures))
     print(f"vLLM teacher: {tokens / seconds:.0f} generated tokens/s over {len(out)} rows")
     for failure in failures:
         print(f"FAILED: {failure}")
+    if args.json:
+        figures = {**figures, "tokens_per_s": tokens / seconds, "failures": failures}
+        accepted = reasons.get("accepted", 0) / max(len(out), 1)
+        write_json(args.json, NAME, settings_of(args), figures, {"accepted / rows": accepted})
     return 1 if failures else 0
 
 

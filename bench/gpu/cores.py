@@ -22,11 +22,11 @@ checks"). So where a check's candidate runs in `--dtype`, the device in fp32 is 
 | | | `--dtype`: at most 3 points fewer than the CPU's |
 | training | `training.finetuning.losses.causal_lm_loss`, AdamW, bf16 autocast | loss curve within 2% (relative) |
 
-MFU is 2 x parameters run x tokens per second (6 x for a training step) over the device's bf16 peak; for
-encode the parameters run are those of the truncated forward. Greedy text is compared in fp32 on both
-sides: in bf16 a decoded token can flip where two candidates are within rounding, and every later token
-then differs, so the share of identical rows in the candidate dtype is reported (the device's and the
-CPU's), not asserted.
+MFU is 2 x parameters run x tokens per second (6 x for a training step) over the device's bf16 peak
+(`bench.measure`); for encode the parameters run are those of the truncated forward. Greedy text is
+compared in fp32 on both sides: in bf16 a decoded token can flip where two candidates are within
+rounding, and every later token then differs, so the share of identical rows in the candidate dtype is
+reported (the device's and the CPU's), not asserted.
 """
 
 from __future__ import annotations
@@ -36,15 +36,13 @@ import math
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# Dense bf16 peak FLOP/s of common accelerators (vendor datasheets, no sparsity).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+from bench.measure import flops_per_token, mfu, timed
 
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -66,7 +64,7 @@ class CheckResult:
     detail: str = ""
 
     def mfu(self, peak: float | None) -> float | None:
-        return self.tokens_per_s * self.flops_per_token / peak if peak else None
+        return mfu(self.tokens_per_s, self.flops_per_token, peak)
 
 
 @dataclass
@@ -121,28 +119,10 @@ def synthetic_corpus(vocab: int, docs: int, topics: int = 4, seed: int = 0) -> t
     return corpus, labels
 
 
-def timed(function: Callable[[], object], device: str) -> tuple[object, float]:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    result = function()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - started
-
-
-def linear_params(model: torch.nn.Module, layers: int | None = None) -> int:
-    """Weights a forward multiplies by: the decoder blocks (the first `layers` of them) and the LM head."""
-    decoder = model.get_decoder()
-    blocks = decoder.layers if layers is None else decoder.layers[:layers]
-    count = sum(p.numel() for block in blocks for p in block.parameters() if p.dim() == 2)
-    return count + (model.get_output_embeddings().weight.numel() if layers is None else 0)
-
-
 # encode ------------------------------------------------------------------------------------------
 
 
-def _encoder(setup: Setup, device: str, dtype: torch.dtype, sae):
+def build_encoder(setup: Setup, device: str, dtype: torch.dtype, sae):
     """The encoder the curate stage builds for `device` and `dtype` (bf16: autocast over fp32 weights)."""
     from curation.encode import DocumentEncoder, EncoderSpec
 
@@ -180,19 +160,20 @@ def check_encode(setup: Setup) -> CheckResult:
     hidden = full_model.config.hidden_size
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_in=hidden, expansion_factor=4, k=32, layer=setup.layer))
-    reference = _encoder(setup, "cpu", torch.float32, sae)
+    reference = build_encoder(setup, "cpu", torch.float32, sae)
     sae.fit_normalizer(reference.activations(setup.docs[:64]))
     expected = reference.encode(setup.docs)
-    exact = _vector_agreement(setup, expected, _encoder(setup, setup.device, torch.float32, sae).encode(setup.docs))
+    on_device = build_encoder(setup, setup.device, torch.float32, sae).encode(setup.docs)
+    exact = _vector_agreement(setup, expected, on_device)
     on_cpu = (-1.0, 0.0)  # nothing to hold the device to, without the CPU's own rounding
     if setup.cpu_rounding:
-        on_cpu = _vector_agreement(setup, expected, _encoder(setup, "cpu", setup.dtype, sae).encode(setup.docs))
-    candidate = _encoder(setup, setup.device, setup.dtype, sae)
+        on_cpu = _vector_agreement(setup, expected, build_encoder(setup, "cpu", setup.dtype, sae).encode(setup.docs))
+    candidate = build_encoder(setup, setup.device, setup.dtype, sae)
     candidate.encode(setup.docs[:8])  # warm-up: kernels, allocator
     got, seconds = timed(lambda: candidate.encode(setup.docs), setup.device)
     rounded = _vector_agreement(setup, expected, got)
     tokens = sum(len(doc) for doc in setup.docs)
-    flops = 2 * (linear_params(full_model, setup.layer + 1) + 2 * hidden * sae.cfg.num_latents)
+    flops = flops_per_token(full_model, setup.layer + 1) + 2 * 2 * hidden * sae.cfg.num_latents
     name = str(setup.dtype).removeprefix("torch.")
     agreement = {
         "min cosine fp32": exact[0], "overlap fp32": exact[1],
@@ -265,7 +246,8 @@ def check_pruning(setup: Setup) -> CheckResult:
     group_share, channel_share = overlap(expected.groups, got.groups), overlap(expected.channels, got.channels)
     agreement = {"kept KV groups overlap": group_share, "kept MLP channels overlap": channel_share}
     passed = group_share >= 0.95 and channel_share >= 0.95
-    return CheckResult("pruning importance", agreement, passed, int(mask.sum()) / seconds, 6 * linear_params(model))
+    flops = flops_per_token(model, training=True)
+    return CheckResult("pruning importance", agreement, passed, int(mask.sum()) / seconds, flops)
 
 
 # teacher ----------------------------------------------------------------------------------------
@@ -297,7 +279,7 @@ def check_teacher(setup: Setup, rows: int = 48, new_tokens: int = 32) -> CheckRe
                  f"CPU {dtype}: identical rows": sum(identical(on_cpu)) / rows}  # fmt: skip
     tokens = sum(len(p) for p in prompts) + sum(g.tokens for g in got)
     detail = f"fp32 rows that differ: {differ[:10]}" if differ else ""
-    return CheckResult("teacher (greedy)", agreement, share >= 0.90, tokens / seconds, 2 * linear_params(model), detail)
+    return CheckResult("teacher (greedy)", agreement, share >= 0.90, tokens / seconds, flops_per_token(model), detail)
 
 
 # MMLU scoring -----------------------------------------------------------------------------------
@@ -332,7 +314,7 @@ def check_mmlu(setup: Setup, questions: int = 96) -> CheckResult:
     agreement = {"identical fp32": exact, f"identical {name}": rounded, f"CPU {name}: identical": on_cpu}
     tokens = sum(item.length for item in items)
     passed = exact >= 0.98 and rounded >= on_cpu - 0.03
-    return CheckResult("MMLU scoring", agreement, passed, tokens / seconds, 2 * linear_params(candidate))
+    return CheckResult("MMLU scoring", agreement, passed, tokens / seconds, flops_per_token(candidate))
 
 
 # training step ----------------------------------------------------------------------------------
@@ -370,7 +352,7 @@ def check_training(setup: Setup, steps: int = 8) -> CheckResult:
     autocast = setup.dtype if setup.dtype != torch.float32 else None
     got, model, seconds = _loss_curve(setup, setup.device, autocast, batches)
     gap = max(abs(a - b) / abs(a) for a, b in zip(expected, got, strict=True))
-    flops = 6 * linear_params(model)
+    flops = flops_per_token(model, training=True)
     tokens = int(mask[4:].sum())  # steps 2..
     return CheckResult("training step", {"largest relative loss gap": gap}, gap <= 0.02, tokens / seconds, flops)
 
@@ -414,15 +396,6 @@ def _run_check(name: str, setup: Setup) -> CheckResult:
         if setup.device.startswith("cuda"):
             torch.cuda.empty_cache()
         return CheckResult(name, {}, False, float("nan"), 0.0, f"raised {type(error).__name__}: {error}"[:300])
-
-
-def peak_flops(device: str, override_tflops: float | None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.startswith("cuda") and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
-    return None
 
 
 def format_results(results: list[CheckResult], peak: float | None) -> list[str]:
