@@ -53,11 +53,11 @@ from core.batching import tokenize_texts
 from core.models import DEFAULT_MODEL, model_info
 from curation.demo_corpus import load_summaries
 from curation.encode import DocumentEncoder, EncoderSpec
+from curation.latent_weights import latent_stats
 from curation.sae.coords import select_coords
 from curation.sae.model import WEIGHTS_FILE, SAEConfig, TopKSAE, train_sae
 from curation.sae.replay import replay_batches
 from curation.sae.train import TrainSAEConfig
-from curation.scoring import latent_stats
 from curation.seeds import load_seeds
 
 NAME = "curation_quality"
@@ -111,7 +111,7 @@ def layer_activations(
     texts: list[str], model: str, layer: int, max_tokens: int, threads: int, dtype: str
 ) -> Activations:
     """The truncated forward of the shipped encoder, every counted token kept (the SAE and pooling come later)."""
-    spec = EncoderSpec(model=model, sae_dir=None, layer=layer, torch_threads=threads, dtype=dtype)
+    spec = EncoderSpec(model=model, sae_dir=None, layer=layer, threads=threads, dtype=dtype)
     encoder = DocumentEncoder(spec)
     token_lists = tokenize_texts(encoder.tokenizer, texts, max_tokens)
     per_doc: list[np.ndarray | None] = [None] * len(texts)

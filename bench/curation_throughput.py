@@ -420,7 +420,7 @@ def build_encoders(args: argparse.Namespace) -> tuple[TopKSAE, DocumentEncoder, 
         coords=sae.cfg.coords or None,
         skip_positions=sae.cfg.skip_positions,
         max_batch_tokens=args.max_batch_tokens,
-        torch_threads=args.threads,
+        threads=args.threads,
     )
     bf16 = None
     if not args.no_bf16:

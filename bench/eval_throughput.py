@@ -27,7 +27,7 @@ import torch
 from bench.measure import bench_parser, best_of_rounds, settings_of, write_json
 from core.models import DEFAULT_MODEL, load_model, load_tokenizer
 from training.evaluation import mmlu
-from training.evaluation.scoring import PackedItem, encode_item, score_items, score_naive
+from training.evaluation.likelihood import PackedItem, encode_item, score_items, score_naive
 
 NAME = "eval_throughput"
 TARGET = 3.0

@@ -133,7 +133,7 @@ def plain_loop(model_dir: str, data: Path, args: argparse.Namespace) -> dict[str
 def ray_loop(model_dir: str, data: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One fit of the fine-tuning job; steady state from its metrics.jsonl, start-up as the rest of its wall time."""
     config = FinetuneConfig(
-        model=model_dir, data=str(data), out=str(out), zero_stage=args.zero_stage, num_workers=args.workers,
+        model=model_dir, data=str(data), out=str(out), zero_stage=args.zero_stage, actors=args.workers,
         micro_batch=args.micro_batch, grad_accum=args.grad_accum, window_steps=1000, max_tokens=args.max_tokens,
         epochs=1, lr=1e-4, warmup_steps=1, checkpoint_every=10**6, log_every=10**6, force=True,
     )  # fmt: skip
@@ -151,7 +151,7 @@ def ray_loop(model_dir: str, data: Path, out: Path, args: argparse.Namespace) ->
         "wall_s": wall,
         "phases_s": mean_phases([row["phases_s"] for row in metrics[1:]]),
         "wait_s": statistics.fmean(row["wait_s"] for row in metrics[1:]),
-        "threads": summary["torch_threads"],
+        "threads": summary["threads"],
         "omp_num_threads": summary["omp_num_threads"],
         "niceness": summary.get("niceness"),
     }

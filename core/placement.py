@@ -124,7 +124,7 @@ def shape_free_attention(device: Any) -> None:
 
     cuDNN's attention builds an execution plan for every (batch, length) shape it has not seen before, and
     every micro-batch of documents, every prefill and every decode step here has a new one: plan building,
-    not attention, then takes most of a forward's time (`bench/gpu_encode.py`). Flash and
+    not attention, then takes most of a forward's time (`python -m bench.gpu.encode`). Flash and
     memory-efficient attention need no plan. A no-op on other devices."""
     import torch
 

@@ -9,6 +9,7 @@ enough to read at a glance.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,28 @@ def test_library_and_bench_functions_stay_short():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{module}.{node.name}: {lines} lines")
     assert not long, "\n".join(long)
+
+
+OLD_RESOURCE_WORDS = re.compile(
+    r"\b(encode_actors|teacher_actors|cpus_per_actor|cpus_per_model|cpus_per_worker|gpus_per_actor|gpus_per_model"
+    r"|train_cpus|train_gpus|torch_threads)\b|--(encode-actors|teacher-actors|cpus-per-\w+|gpus-per-\w+|num-workers"
+    r"|use-gpu|train-cpus|train-gpus|torch-threads|max-length)\b"
+)
+RAY_TRAIN_KEYWORDS = re.compile(r"\b(num_workers|use_gpu)=")  # Ray's ScalingConfig keeps its own words
+
+
+def test_every_config_flag_and_doc_names_resources_one_way():
+    """actors, cpus, gpus, threads and dtype everywhere (docs/pipeline.md, "Running a stage on its own"): no
+    file of the project spells them another way, and `num_workers`/`use_gpu` appear only as Ray's keywords."""
+    found = []
+    for path in sorted(REPO.rglob("*")):
+        relative = path.relative_to(REPO)
+        if relative.parts[0] in {".venv", ".git", "runs", "build"} or relative.parts[:2] == ("docs", "replication"):
+            continue
+        if not path.is_file() or path.suffix not in {".py", ".md", ".yaml", ".yml"} or path.name == "test_layout.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            stripped = RAY_TRAIN_KEYWORDS.sub("", line)
+            if OLD_RESOURCE_WORDS.search(line) or re.search(r"\b(num_workers|use_gpu)\b", stripped):
+                found.append(f"{relative}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)

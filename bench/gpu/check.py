@@ -14,9 +14,9 @@ threshold). Exit status 0 when every check holds, 1 otherwise.
 through `ray[llm]`). It writes a slice of the demo corpus, then runs `jobs.pipeline` with every GPU path
 switched on:
 
-- encode on CUDA: SAE training and curation with GPU encode actors (`gpus_per_actor: 1`);
+- encode on CUDA: SAE training and curation with GPU encode actors (`gpus: 1`);
 - the vLLM teacher through `ray.data.llm` (`backend: vllm`, bfloat16);
-- DeepSpeed ZeRO-3 on CUDA in bfloat16 (`use_gpu: true`), one worker per GPU;
+- DeepSpeed ZeRO-3 on CUDA in bfloat16 (`gpus: 1`), one worker per GPU;
 - evaluation on CUDA in bfloat16.
 
 Then it runs the same work on the CPU in fp32 (`--mode cpu-reference`, in a child process that sees no
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_values(args: argparse.Namespace) -> dict:
     # Half a GPU each: on a one-GPU machine the SAE trainer shares the device with the activation actor.
-    gpu = {"encode_actors": 1, "cpus_per_actor": 2, "gpus_per_actor": 0.5}
+    gpu = {"actors": 1, "cpus": 2, "gpus": 0.5}
     return {
         "root": args.out,
         "model": "smollm2-135m",
@@ -93,7 +93,7 @@ def spec_values(args: argparse.Namespace) -> dict:
         "backend": "vllm",
         "control": "none",
         "sae": {"layer": 15, "coords": "all", "expansion_factor": 4, "k": 32, "max_train_tokens": 400_000,
-                "train_gpus": 0.5, **gpu},
+                "trainer_gpus": 0.5, **gpu},
         "curate": {"rule": "per_seed_topn", "top_n": 20, "batch_size": 2048, "max_batch_tokens": 65536,
                    "max_batch_rows": 1024, **gpu},
         "prune": {"dtype": "bfloat16", "gpus": 1},
@@ -102,9 +102,9 @@ def spec_values(args: argparse.Namespace) -> dict:
             "batch_size": 64,
             "engine_kwargs": {"dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.5},
         },
-        "finetune": {"zero_stage": 3, "use_gpu": True, "num_workers": 1, "max_steps": args.max_steps,
+        "finetune": {"zero_stage": 3, "gpus": 1, "actors": 1, "max_steps": args.max_steps,
                      "micro_batch": 8, "max_tokens": 512, "checkpoint_every": args.max_steps, "log_every": 10},
-        "evaluate": {"limit": 300, "gpus_per_model": 1, "dtype": "bfloat16"},
+        "evaluate": {"limit": 300, "gpus": 1, "dtype": "bfloat16"},
     }  # fmt: skip
 
 

@@ -18,7 +18,7 @@ checks"). So where a check's candidate runs in `--dtype`, the device in fp32 is 
 | SAE training | `curation.sae.model.SAETrainer` (fp32 on both) | FVU curve within 0.02 (absolute) at every step |
 | pruning | `training.pruning.importance.taylor_importance` | kept structures at a 30% cut overlap >= 95% |
 | teacher | `training.distillation.teacher.BatchedGenerator`, greedy | identical text on >= 90% of rows in fp32 |
-| MMLU | `training.evaluation.scoring.score_items` | fp32: identical predictions on >= 98% of questions; |
+| MMLU | `training.evaluation.likelihood.score_items` | fp32: identical predictions on >= 98% of questions; |
 | | | `--dtype`: at most 3 points fewer than the CPU's |
 | training | `training.finetuning.losses.causal_lm_loss`, AdamW, bf16 autocast | loss curve within 2% (relative) |
 
@@ -290,7 +290,7 @@ def check_mmlu(setup: Setup, questions: int = 96) -> CheckResult:
     (weights in `dtype`, as the evaluate stage loads them) must not flip more predictions than the CPU in
     `dtype` does."""
     from core.models import load_model
-    from training.evaluation.scoring import PackedItem, score_items
+    from training.evaluation.likelihood import PackedItem, score_items
 
     rng = np.random.default_rng(2)
     reference = load_model(setup.model_dir)

@@ -278,19 +278,19 @@ def reference_configs(steps: list, root: str, rows: int, finetune_steps: int) ->
     ref = f"{root.rstrip('/')}/cpu-reference"
     curate, distill, finetune, evaluate = (gpu[stage] for stage in ("curate", "distill", "finetune", "evaluate"))
     return {
-        "curate": dataclasses.replace(curate, out=f"{ref}/curate", gpus_per_actor=0.0),
+        "curate": dataclasses.replace(curate, out=f"{ref}/curate", gpus=0.0),
         "distill": dataclasses.replace(
-            distill, out=f"{ref}/distill", backend="transformers", dtype="float32", gpus_per_actor=0.0,
+            distill, out=f"{ref}/distill", backend="transformers", dtype="float32", gpus=0.0,
             engine_kwargs={}, limit=rows,
         ),
         "finetune": dataclasses.replace(
-            finetune, out=f"{ref}/finetune", use_gpu=False, zero_stage=2, num_workers=1,
-            grad_accum=finetune.grad_accum * finetune.num_workers,  # the same rows per step on one worker
+            finetune, out=f"{ref}/finetune", gpus=0, zero_stage=2, actors=1,
+            grad_accum=finetune.grad_accum * finetune.actors,  # the same rows per step on one worker
             max_steps=min(finetune_steps, finetune.max_steps or finetune_steps), checkpoint_every=finetune_steps,
             checkpoints=None,
         ),
         "evaluate": dataclasses.replace(
-            evaluate, out=f"{ref}/evaluate", dtype="float32", gpus_per_model=0.0, ppl=[], ppl_name=None,
+            evaluate, out=f"{ref}/evaluate", dtype="float32", gpus=0.0, ppl=[], ppl_name=None,
         ),
     }  # fmt: skip
 
@@ -470,7 +470,7 @@ def _mmlu_rate(config) -> tuple[str, float, float]:
     loading the models and the perplexity documents: a lower bound on the scoring's own rate."""
     from core.models import load_tokenizer
     from training.evaluation.evaluate import build_tasks, plan
-    from training.evaluation.scoring import encode_item
+    from training.evaluation.likelihood import encode_item
 
     checked = plan(config)
     task = build_tasks(checked)[0]
@@ -478,7 +478,7 @@ def _mmlu_rate(config) -> tuple[str, float, float]:
     pairs = [
         (c, choices) for contexts in task.contexts.values() for c, choices in zip(contexts, task.choices, strict=True)
     ]
-    tokens = sum(encode_item(tokenizer, context, choices, task.max_length).length for context, choices in pairs)
+    tokens = sum(encode_item(tokenizer, context, choices, task.max_tokens).length for context, choices in pairs)
     labelled = checked.models
     seconds = _manifest(config.out)["timings_s"]["evaluate"]
     flops = sum(_model_flops(path) for _, path in labelled) / len(labelled)
