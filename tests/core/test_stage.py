@@ -164,7 +164,7 @@ def test_jobs_refuse_an_out_they_did_not_write_with_exit_2(tmp_path, tiny_model_
     corpus = write_corpus(tmp_path / "corpus", shards=2, background_docs=4, bad_rows=False)
     before = sorted(os.listdir(tmp_path / "corpus"))
     done = _job(["jobs.train_sae", "--corpus", str(tmp_path / "corpus" / "*.jsonl.gz"), "--model", tiny_model_dir,
-                 "--seeds", corpus["seeds"], "--out", str(tmp_path / "corpus")])  # fmt: skip
+                 "--layer", "1", "--seeds", corpus["seeds"], "--out", str(tmp_path / "corpus")])  # fmt: skip
     assert done.returncode == 2 and "which this stage reads" in done.stderr, done.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "corpus")) == before
 
