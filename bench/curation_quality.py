@@ -52,7 +52,7 @@ from bench.measure import bench_parser, settings_of, write_json
 from core.batching import tokenize_texts
 from core.models import DEFAULT_MODEL, model_info
 from curation.demo_corpus import load_summaries
-from curation.encode import DocumentEncoder, EncoderSpec
+from curation.encode import DocumentEncoder, EncoderSettings
 from curation.latent_weights import latent_stats
 from curation.sae.coords import select_coords
 from curation.sae.model import WEIGHTS_FILE, SAEConfig, TopKSAE, train_sae
@@ -111,7 +111,7 @@ def layer_activations(
     texts: list[str], model: str, layer: int, max_tokens: int, threads: int, dtype: str
 ) -> Activations:
     """The truncated forward of the shipped encoder, every counted token kept (the SAE and pooling come later)."""
-    spec = EncoderSpec(model=model, sae_dir=None, layer=layer, threads=threads, dtype=dtype)
+    spec = EncoderSettings(model=model, sae_dir=None, layer=layer, threads=threads, dtype=dtype)
     encoder = DocumentEncoder(spec)
     token_lists = tokenize_texts(encoder.tokenizer, texts, max_tokens)
     per_doc: list[np.ndarray | None] = [None] * len(texts)
@@ -367,7 +367,7 @@ def sae_coords(work: Path, setting: SAESetting, seed_texts: list[str], args) -> 
         return list(range(model_info(args.model).hidden_size))
     path = work / f"coords-{setting.coords}{setting.num_coords}-L{args.layer}.json"
     if not path.is_file():
-        encoder = DocumentEncoder(EncoderSpec(model=args.model, sae_dir=None, layer=args.layer))
+        encoder = DocumentEncoder(EncoderSettings(model=args.model, sae_dir=None, layer=args.layer))
         tokens = tokenize_texts(encoder.tokenizer, seed_texts, args.max_tokens)
         path.write_text(json.dumps(select_coords(encoder, tokens, setting.coords, setting.num_coords, seed=0)))
     return json.loads(path.read_text())

@@ -57,7 +57,7 @@ from core.batching import length_batches, pad_right, tokenize_texts
 from core.models import DEFAULT_MODEL, load_model, model_info
 from core.placement import bf16_matmul_speedup
 from curation.demo_corpus import load_summaries
-from curation.encode import DocumentEncoder, EncoderSpec, mean_pool, pooling_mask
+from curation.encode import DocumentEncoder, EncoderSettings, mean_pool, pooling_mask
 from curation.sae.model import SAEConfig, TopKSAE
 
 NAME = "curation_throughput"
@@ -413,7 +413,7 @@ def build_encoders(args: argparse.Namespace) -> tuple[TopKSAE, DocumentEncoder, 
     """The SAE, the fp32 encoder over it, and the bf16 one (None with --no-bf16; emulated with --emulate-bf16)."""
     sae = build_sae(args)
     layer = sae.cfg.layer if args.sae is not None and sae.cfg.layer >= 0 else args.layer
-    spec = EncoderSpec(
+    spec = EncoderSettings(
         model=args.model,
         sae_dir=None,
         layer=layer,

@@ -34,7 +34,7 @@ import torch
 from bench.measure import Rounds, bench_parser, best_of_rounds, settings_of, write_json
 from core.models import DEFAULT_MODEL, load_tokenizer
 from curation.demo_corpus import load_summaries
-from training.distillation.distill import PrepareSpec, prepare_rows
+from training.distillation.distill import PrepareSettings, prepare_rows
 from training.distillation.teacher import BatchedGenerator, Generation, TeacherConfig, finish_row
 
 NAME = "teacher_throughput"
@@ -61,7 +61,7 @@ def sample_prompts(model: str, count: int, max_document_tokens: int, max_new_tok
     tokenizer = load_tokenizer(model)
     rows = [row for row in load_summaries() if len(row["text"]) > 400]
     random.Random(0).shuffle(rows)
-    spec = PrepareSpec(
+    spec = PrepareSettings(
         model,
         "continuation",
         "instruction",

@@ -74,7 +74,7 @@ def cosine_scores(doc_vectors: torch.Tensor, seed_vectors: torch.Tensor) -> torc
 
 
 @dataclass
-class EncoderSpec:
+class EncoderSettings:
     """Everything an encoder actor needs to build itself; small and picklable."""
 
     model: str
@@ -110,7 +110,7 @@ class EncoderSpec:
 class DocumentEncoder:
     """A truncated model plus (optionally) an SAE, loaded once, turning token lists into vectors."""
 
-    def __init__(self, spec: EncoderSpec, sae: TopKSAE | None = None):
+    def __init__(self, spec: EncoderSettings, sae: TopKSAE | None = None):
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
         self.spec = spec
@@ -227,7 +227,7 @@ class EncodeDocuments:
 
     def __init__(
         self,
-        spec: EncoderSpec,
+        spec: EncoderSettings,
         seed_vectors: np.ndarray,
         sae: TopKSAE | None = None,
         progress: Any = None,
@@ -262,7 +262,7 @@ class EncodeDocuments:
 class TokenActivations:
     """Ray Data actor: token ids -> one row per counted token, `act` of shape (d_in,), for SAE training."""
 
-    def __init__(self, spec: EncoderSpec):
+    def __init__(self, spec: EncoderSettings):
         worker_logging()
         self.encoder = DocumentEncoder(spec)
 

@@ -17,7 +17,7 @@ from core.logs import worker_logging
 from core.placement import describe_dtype, dtype_decision, requested_device, run_remote
 from core.reader import read_corpus
 from core.runtime import default_threads
-from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSpec
+from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSettings
 from curation.sae.model import TopKSAE
 from curation.seeds import Seeds
 
@@ -32,9 +32,9 @@ def seed_vectors(encoder: DocumentEncoder, seeds: Seeds, max_tokens: int) -> np.
     return encoder.encode(tokenize_texts(encoder.tokenizer, seeds.texts, max_tokens)).numpy()
 
 
-def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE, weights: list[float] | None) -> EncoderSpec:
+def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE, weights: list[float] | None) -> EncoderSettings:
     threads = config.threads or default_threads(config.actors, config.cpus, config.ray_address)
-    return EncoderSpec(
+    return EncoderSettings(
         model=model,
         sae_dir=None,
         layer=sae.cfg.layer,
@@ -49,7 +49,9 @@ def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE, weights: list[
     )
 
 
-def _encode_seeds(spec: EncoderSpec, sae: TopKSAE, seeds: Seeds, max_tokens: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _encode_seeds(
+    spec: EncoderSettings, sae: TopKSAE, seeds: Seeds, max_tokens: int
+) -> tuple[np.ndarray, dict[str, Any]]:
     """The seed vectors, always in float32: a handful of documents, often short, that every corpus document
     is scored against, so bf16 rounding here would move every score (docs/results.md, "bfloat16 encode").
     With them, the encode dtype decided on this worker, one actor's like (core.placement.dtype_decision)."""
@@ -63,7 +65,7 @@ class PreparedEncoder(NamedTuple):
     """What the encode actors are built from: their spec (its dtype decided), the seed vectors, and the
     record of how the dtype was decided (for the manifest)."""
 
-    spec: EncoderSpec
+    spec: EncoderSettings
     seeds_matrix: np.ndarray
     dtype: dict[str, Any]
 
@@ -85,7 +87,7 @@ def encode_shards(
     config: CurateConfig,
     checked: CurationPlan,
     uris: list[str],
-    spec: EncoderSpec,
+    spec: EncoderSettings,
     seeds_matrix: np.ndarray,
     scored_dir: str,
     rejects_dir: str,

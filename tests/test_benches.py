@@ -183,11 +183,11 @@ def test_emulated_bf16_matches_cpu_autocast_within_one_rounding(tiny_model_dir):
     import torch
 
     from bench.curation_throughput import EmulatedBF16Encoder
-    from curation.encode import DocumentEncoder, EncoderSpec
+    from curation.encode import DocumentEncoder, EncoderSettings
 
     rng = torch.Generator().manual_seed(0)
     docs = [torch.randint(4, 230, (length,), generator=rng).tolist() for length in (40, 36, 33, 48, 8, 12)]
-    spec = EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, bf16_min_tokens=20)
+    spec = EncoderSettings(model=tiny_model_dir, sae_dir=None, layer=2, bf16_min_tokens=20)
     hidden = {}
     for name, encoder in (("fp32", DocumentEncoder(spec)),
                           ("autocast", DocumentEncoder(dataclasses.replace(spec, dtype="bfloat16"))),

@@ -30,7 +30,7 @@ def _factories() -> dict:
     from curation.schedule.service import ScheduleJobConfig
     from curation.schedule.spec import ScheduleSpec
     from curation.selection.curate import CurateConfig
-    from curation.selection.rules import SelectionSpec
+    from curation.selection.rules import SelectionSettings
     from curation.split import SplitConfig
     from experiments.replication import ReplicationSpec
     from jobs.make_demo_corpus import DemoCorpusConfig
@@ -47,8 +47,10 @@ def _factories() -> dict:
         "SAEConfig": lambda **kw: SAEConfig(**{"d_in": 8, **kw}),
         "TrainSAEConfig": lambda **kw: TrainSAEConfig(**{"corpus": ["c"], "out": "o", **kw}),
         "CurateConfig": lambda **kw: CurateConfig(**{**curate, **kw}),
-        "SelectionSpec": lambda **kw: SelectionSpec(**{"rule": "per_seed_topn", "seed_domains": ["a"], **kw}),
-        "SelectionSpec[threshold]": lambda **kw: SelectionSpec(**{"rule": "threshold", "seed_domains": ["a"], **kw}),
+        "SelectionSettings": lambda **kw: SelectionSettings(**{"rule": "per_seed_topn", "seed_domains": ["a"], **kw}),
+        "SelectionSettings[threshold]": lambda **kw: SelectionSettings(
+            **{"rule": "threshold", "seed_domains": ["a"], **kw}
+        ),
         "ScheduleSpec": lambda **kw: ScheduleSpec(**{**curate, **kw}),
         "ScheduleJobConfig": lambda **kw: ScheduleJobConfig(**{"spec": ["spec.yaml"], **kw}),
         "Catalog": lambda **kw: Catalog("root", None, "owner", **kw),
@@ -126,8 +128,8 @@ BAD: dict[str, dict[str, tuple]] = {
         "threads": (-1,),
     },
     "CurateConfig": CURATE,
-    "SelectionSpec": {"top_n": (0,)},
-    "SelectionSpec[threshold]": {"threshold": (1.5, *FLOATS)},
+    "SelectionSettings": {"top_n": (0,)},
+    "SelectionSettings[threshold]": {"threshold": (1.5, *FLOATS)},
     "ScheduleSpec": {
         "shards_per_round": (0,),
         "max_shards_per_batch": (-1,),
@@ -279,8 +281,9 @@ def test_bad_values_fail_before_ray_starts_in_a_fresh_process():
 PACKAGES = ("core", "curation", "training", "pipeline", "experiments", "jobs")
 BUILT_FROM_CHECKED = {
     # Config dataclasses no user writes: code builds them from configs the table above already checks.
-    "EncoderSpec": "built from a checked CurateConfig or TrainSAEConfig and the SAE's cfg.json",
-    "PrepareSpec": "built from a checked DistillConfig",
+    "EncoderSettings": "built from a checked CurateConfig or TrainSAEConfig and the SAE's cfg.json",
+    "PrepareSettings": "built from a checked DistillConfig",
+    "GenerationSettings": "a base of TeacherConfig and DistillConfig, whose tables check every field of it",
     "LoopConfig": "what each fine-tuning worker runs from, built from a checked FinetuneConfig and its plan",
     "HoldoutConfig": "a replication step's config, built from a checked ReplicationSpec",
     "ArmConfig": "a replication step's config, built from a checked ReplicationSpec",
@@ -288,7 +291,7 @@ BUILT_FROM_CHECKED = {
 
 
 def _config_classes() -> dict[str, type]:
-    """Every dataclass of the project named *Config or *Spec, by class name."""
+    """Every dataclass of the project named *Config, *Spec or *Settings, by class name."""
     import importlib
     import pkgutil
 
@@ -298,7 +301,7 @@ def _config_classes() -> dict[str, type]:
         for info in pkgutil.walk_packages(root.__path__, f"{package}."):
             module = importlib.import_module(info.name)
             for name, obj in vars(module).items():
-                is_config = name.endswith(("Config", "Spec")) and dataclasses.is_dataclass(obj)
+                is_config = name.endswith(("Config", "Spec", "Settings")) and dataclasses.is_dataclass(obj)
                 if is_config and isinstance(obj, type) and obj.__module__ == module.__name__:
                     found[name] = obj
     return found

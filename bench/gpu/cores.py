@@ -124,10 +124,10 @@ def synthetic_corpus(vocab: int, docs: int, topics: int = 4, seed: int = 0) -> t
 
 def build_encoder(setup: Setup, device: str, dtype: torch.dtype, sae):
     """The encoder the curate stage builds for `device` and `dtype` (bf16: autocast over fp32 weights)."""
-    from curation.encode import DocumentEncoder, EncoderSpec
+    from curation.encode import DocumentEncoder, EncoderSettings
 
     name = str(dtype).removeprefix("torch.")
-    spec = EncoderSpec(model=setup.model_dir, sae_dir=None, layer=setup.layer, device=device, dtype=name)
+    spec = EncoderSettings(model=setup.model_dir, sae_dir=None, layer=setup.layer, device=device, dtype=name)
     return DocumentEncoder(spec, sae=sae.to(device))
 
 

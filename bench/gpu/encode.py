@@ -70,7 +70,7 @@ def top_operators(encoder, docs: list[list[int]], count: int = 6) -> list[str]:
 
 
 BATCHES = [(8192, 64), (32768, 256), (65536, 1024), (131072, 2048)]
-"""(max_batch_tokens, max_batch_rows) settings; the first is EncoderSpec's default."""
+"""(max_batch_tokens, max_batch_rows) settings; the first is EncoderSettings's default."""
 
 
 def encode_rate(encoder, docs: list[list[int]], max_tokens: int, max_rows: int) -> tuple[float, float]:

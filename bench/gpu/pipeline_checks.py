@@ -314,11 +314,11 @@ def encode_sample(model: str, sae_dir: str, texts: list[str], config, device: st
     """(docs, latents) document vectors of `texts`, encoded as the curate stage encodes them, on `device`
     (weights cast to `dtype` when given)."""
     from core.batching import tokenize_texts
-    from curation.encode import DocumentEncoder, EncoderSpec
+    from curation.encode import DocumentEncoder, EncoderSettings
     from curation.sae.model import TopKSAE
 
     sae = TopKSAE.load(sae_dir)
-    spec = EncoderSpec(model=model, sae_dir=None, layer=sae.cfg.layer, skip_positions=sae.cfg.skip_positions,
+    spec = EncoderSettings(model=model, sae_dir=None, layer=sae.cfg.layer, skip_positions=sae.cfg.skip_positions,
                        pooling=config.pooling, max_batch_tokens=config.max_batch_tokens, device=device)  # fmt: skip
     encoder = DocumentEncoder(spec, sae=sae)
     if dtype is not None:

@@ -44,11 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 def prepared_rows(args: argparse.Namespace, tokenizer) -> list[dict]:
     """Distillation rows of `--prompts` demo-corpus summaries, prepared as the distill job prepares them."""
     from curation.demo_corpus import load_summaries
-    from training.distillation.distill import PrepareSpec, prepare_rows
+    from training.distillation.distill import PrepareSettings, prepare_rows
 
     rows = load_summaries()
     random.Random(0).shuffle(rows)
-    spec = PrepareSpec(
+    spec = PrepareSettings(
         args.model, "continuation", "instruction", "response", "text", 0.5, 512, 16, 2048, args.max_new_tokens, "none"
     )
     prepared = prepare_rows(

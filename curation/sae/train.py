@@ -32,7 +32,7 @@ from core.progress import Progress
 from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_threads
 from core.stage import Outcome, Stage, run_stage
-from curation.encode import DocumentEncoder, EncoderSpec, TokenActivations
+from curation.encode import DocumentEncoder, EncoderSettings, TokenActivations
 from curation.latent_weights import STATS_FILE, latent_stats
 from curation.sae.coords import CoordSelector, select_coords, unmeasured_coords
 from curation.sae.model import SAEConfig, TopKSAE, TrainingDiverged, train_sae
@@ -182,16 +182,16 @@ def corpus_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo], limit: 
     return texts
 
 
-def _encoder_spec(config: TrainSAEConfig) -> EncoderSpec:
+def _encoder_spec(config: TrainSAEConfig) -> EncoderSettings:
     """The activation encoder's spec, reading every coordinate until they are chosen."""
     threads = config.threads or default_threads(config.actors, config.cpus, config.ray_address)
     device = requested_device(config.gpus)
-    return EncoderSpec(
+    return EncoderSettings(
         model=config.model, sae_dir=None, layer=config.layer, device=device, dtype=config.dtype, threads=threads
     )
 
 
-def _choose_coords(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]) -> list[int]:
+def _choose_coords(config: TrainSAEConfig, spec: EncoderSettings, inputs: list[storage.FileInfo]) -> list[int]:
     """The SAE's input coordinates, measured over the seeds or a corpus sample (in a task holding an actor's
     resources: see run_train_sae)."""
     worker_logging()
@@ -202,7 +202,7 @@ def _choose_coords(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[stora
     return select_coords(encoder, token_lists, config.coords, config.num_coords, seed=config.seed)
 
 
-def activation_dataset(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]) -> Any:
+def activation_dataset(config: TrainSAEConfig, spec: EncoderSettings, inputs: list[storage.FileInfo]) -> Any:
     """read -> clean -> tokenize -> activation actors: a Ray Dataset of `act` rows, the first
     `max_train_tokens` counted tokens in corpus order, in blocks of at most `ACTIVATION_BLOCK_BYTES`.
 
@@ -239,7 +239,7 @@ def activation_dataset(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[s
 
 
 def _activation_stream(
-    config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]
+    config: TrainSAEConfig, spec: EncoderSettings, inputs: list[storage.FileInfo]
 ) -> Iterator[torch.Tensor]:
     """`activation_dataset` as locally shuffled batches of `batch_tokens` activations."""
     return (
@@ -254,7 +254,7 @@ def _activation_stream(
 
 
 def _train_and_save(
-    config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo], sae_config: SAEConfig, threads: int
+    config: TrainSAEConfig, spec: EncoderSettings, inputs: list[storage.FileInfo], sae_config: SAEConfig, threads: int
 ) -> dict[str, Any]:
     """Stream activations, train the SAE on this task's device and write it to `config.out`; its metrics."""
     from ray.data import DataContext
@@ -278,7 +278,7 @@ def _train_and_save(
     return metrics
 
 
-def _measure_latent_stats(config: TrainSAEConfig, spec: EncoderSpec, inputs: list[storage.FileInfo]) -> int:
+def _measure_latent_stats(config: TrainSAEConfig, spec: EncoderSettings, inputs: list[storage.FileInfo]) -> int:
     """Encode the corpus's first `stats_docs` documents with the trained SAE and store in how many each latent
     fires (curation/latent_weights.py), beside the SAE; the number of documents measured."""
     worker_logging()

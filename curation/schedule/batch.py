@@ -35,8 +35,8 @@ from curation.schedule.shards import shard_candidates, shard_failure, value_coun
 from curation.schedule.signals import BatchSignals
 from curation.schedule.snapshots import ROUND_FILE, current_snapshot, publish_snapshot, sweep
 from curation.schedule.spec import ScheduleSpec, bind_dtype, bind_output, spec_identity
-from curation.selection.curate import CurationPlan, plan, selection_spec
-from curation.selection.rules import SelectionSpec
+from curation.selection.curate import CurationPlan, plan, selection_settings
+from curation.selection.rules import SelectionSettings
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _Batch:
     spec: ScheduleSpec
     checked: CurationPlan
     catalog: Catalog
-    selection: SelectionSpec
+    selection: SelectionSettings
     options: StorageOptions
     encoder: PreparedEncoder | None = None
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -370,7 +370,7 @@ def run_batch(spec: ScheduleSpec, ray_address: str | None = None) -> dict[str, A
     spec_id = bind_output(spec, spec_identity(spec, checked.model), options)
     batch_id = new_batch_id()
     catalog = Catalog(spec.out, options, owner=batch_id, lease_seconds=spec.lease_seconds)
-    batch = _Batch(spec, checked, catalog, selection_spec(spec, checked.seeds), options)
+    batch = _Batch(spec, checked, catalog, selection_settings(spec, checked.seeds), options)
     with batch.signals:
         due = _due(batch, started)
         logger.info(

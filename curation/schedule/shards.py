@@ -17,7 +17,7 @@ from core.reader import (
     REJECT_UNREADABLE,
 )
 from core.storage import StorageOptions
-from curation.selection.rules import SelectionSpec, block_candidates
+from curation.selection.rules import SelectionSettings, block_candidates
 
 # Reasons that condemn a whole file: it cannot be opened, has no text column, or breaks partway.
 FILE_FAILURES = (REJECT_UNREADABLE, REJECT_MISSING_TEXT_COLUMN, REJECT_TRUNCATED_STREAM)
@@ -48,7 +48,7 @@ def shard_failure(rejects: pa.Table, documents: int, max_bad_line_fraction: floa
     return None
 
 
-def _keep_candidates(table: pa.Table, selection: SelectionSpec) -> pa.Table:
+def _keep_candidates(table: pa.Table, selection: SelectionSettings) -> pa.Table:
     """The rows of `table` (one shard's scored rows) that are candidates under the rule."""
     ids = table.column("id").to_numpy(zero_copy_only=False)
     sources = table.column("source").to_numpy(zero_copy_only=False)
@@ -62,7 +62,7 @@ def _keep_candidates(table: pa.Table, selection: SelectionSpec) -> pa.Table:
 
 
 def shard_candidates(
-    scored_dir: str, options: StorageOptions, selection: SelectionSpec
+    scored_dir: str, options: StorageOptions, selection: SelectionSettings
 ) -> tuple[dict[str, pa.Table], dict[str, int], dict[str, int]]:
     """Per shard: its candidate rows, documents scored, tokens; reduced file by file, never all at once."""
     candidates: dict[str, pa.Table] = {}

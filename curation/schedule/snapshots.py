@@ -20,7 +20,7 @@ from curation.schedule.catalog import DONE, Catalog, utc_now
 from curation.schedule.shards import shard_of, value_counts
 from curation.schedule.spec import ScheduleSpec
 from curation.selection.curate import label_rows
-from curation.selection.rules import SelectionSpec, block_candidates, merge_candidates
+from curation.selection.rules import SelectionSettings, block_candidates, merge_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _claim_version(out: str, options: StorageOptions) -> int:
     return version
 
 
-def publish_snapshot(spec: ScheduleSpec, selection: SelectionSpec, catalog: Catalog) -> dict[str, Any]:
+def publish_snapshot(spec: ScheduleSpec, selection: SelectionSettings, catalog: Catalog) -> dict[str, Any]:
     """Merge every done shard's candidates into a new snapshot, then point `CURRENT` at it.
 
     The version is claimed before the catalog is read, so a higher version always reflects at least

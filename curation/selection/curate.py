@@ -27,7 +27,13 @@ from curation.explain import DomainDrivers, domain_drivers, row_explanations
 from curation.latent_weights import STATS_FILE, LatentStats
 from curation.sae.model import TopKSAE
 from curation.seeds import Seeds, load_seeds
-from curation.selection.rules import SelectionRule, SelectionSpec, block_candidates, label_selected, merge_candidates
+from curation.selection.rules import (
+    SelectionRule,
+    SelectionSettings,
+    block_candidates,
+    label_selected,
+    merge_candidates,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -188,14 +194,14 @@ def _load_sae(sae: str, local_dir: str) -> tuple[TopKSAE, LatentStats | None]:
         raise ConfigError("sae", sae, f"{error}; train it again with `python -m jobs.train_sae`") from None
 
 
-def _candidates_udf(batch: pa.Table, spec: SelectionSpec) -> pa.Table:
+def _candidates_udf(batch: pa.Table, spec: SelectionSettings) -> pa.Table:
     sims = np.stack(batch.column("seed_sims").to_numpy(zero_copy_only=False))
     ids = batch.column("id").to_numpy(zero_copy_only=False)
     sources = batch.column("source").to_numpy(zero_copy_only=False)
     return block_candidates(ids, sources, sims, spec)
 
 
-def label_rows(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[str, list[int]]]) -> pa.Table:
+def label_rows(batch: pa.Table, spec: SelectionSettings, selected: dict[str, tuple[str, list[int]]]) -> pa.Table:
     """Scored rows -> the curated rows among them: one row per (selected document, domain), its kept source only.
 
     Each row carries `top_latents` and `latent_contributions`: the latents behind its score for that
@@ -239,14 +245,14 @@ def label_rows(batch: pa.Table, spec: SelectionSpec, selected: dict[str, tuple[s
     )
 
 
-def _seed_names(indices: list[int], spec: SelectionSpec) -> pa.Array:
+def _seed_names(indices: list[int], spec: SelectionSettings) -> pa.Array:
     """Seed indices -> the seeds' ids, which survive a reordered or edited seeds file."""
     ids = spec.seed_ids or [str(index) for index in range(len(spec.seed_domains))]
     return pa.array([ids[index] for index in indices], pa.string())
 
 
-def selection_spec(config: CurateConfig, seeds: Seeds) -> SelectionSpec:
-    return SelectionSpec(
+def selection_settings(config: CurateConfig, seeds: Seeds) -> SelectionSettings:
+    return SelectionSettings(
         rule=config.rule,  # type: ignore[arg-type]
         seed_domains=seeds.domains,
         top_n=config.top_n,
@@ -256,7 +262,7 @@ def selection_spec(config: CurateConfig, seeds: Seeds) -> SelectionSpec:
 
 
 def _select_and_write(
-    selection: SelectionSpec, scored_dir: str, curated_dir: str, options: storage.StorageOptions
+    selection: SelectionSettings, scored_dir: str, curated_dir: str, options: storage.StorageOptions
 ) -> None:
     """Scored rows -> the selected documents, labelled, written to `curated_dir`. Ray must be initialised.
 
@@ -290,7 +296,7 @@ def _select_and_write(
 def _curate(config: CurateConfig, checked: CurationPlan, timer: manifest.Timer) -> Outcome:
     """Stage 1's work: seeds, encode, select, report (core.stage.run_stage does the rest)."""
     options = config.storage_options()
-    selection = selection_spec(config, checked.seeds)
+    selection = selection_settings(config, checked.seeds)
     with timer("seeds"):
         spec, seeds_matrix, decision = prepare_encoder(config, checked)
     scored_dir = storage.join(config.out, "scored")

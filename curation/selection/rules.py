@@ -32,7 +32,7 @@ CANDIDATE_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class SelectionSpec:
+class SelectionSettings:
     """The rule, its size, and which seed belongs to which domain."""
 
     rule: SelectionRule
@@ -70,7 +70,7 @@ def nearest_seeds(seed_sims: np.ndarray, members: list[np.ndarray]) -> np.ndarra
     return nearest
 
 
-def domain_scores(seed_sims: np.ndarray, spec: SelectionSpec) -> tuple[np.ndarray, np.ndarray]:
+def domain_scores(seed_sims: np.ndarray, spec: SelectionSettings) -> tuple[np.ndarray, np.ndarray]:
     """(docs, seeds) similarities -> (docs, domains) best similarity and the seed index that gave it."""
     nearest = nearest_seeds(seed_sims, spec.domain_members())
     scores = np.take_along_axis(seed_sims, nearest.astype(np.int64), axis=1).astype(np.float32)
@@ -97,14 +97,14 @@ def _top_unique_rows(ids: np.ndarray, scores: np.ndarray, top_n: int) -> np.ndar
     return np.flatnonzero(np.isin(ids, best_ids))
 
 
-def rule_scores(seed_sims: np.ndarray, spec: SelectionSpec) -> np.ndarray:
+def rule_scores(seed_sims: np.ndarray, spec: SelectionSettings) -> np.ndarray:
     """(docs, keys) scores a rule ranks on: per seed for per_seed_topn, per domain otherwise."""
     if spec.rule == "per_seed_topn":
         return seed_sims
     return domain_scores(seed_sims, spec)[0]
 
 
-def block_candidates(ids: np.ndarray, sources: np.ndarray, seed_sims: np.ndarray, spec: SelectionSpec) -> pa.Table:
+def block_candidates(ids: np.ndarray, sources: np.ndarray, seed_sims: np.ndarray, spec: SelectionSettings) -> pa.Table:
     """One block's candidates: its own top-N per key (or all rows over the threshold)."""
     scores = rule_scores(np.asarray(seed_sims, dtype=np.float32), spec)
     keys, rows = [], []
@@ -128,7 +128,7 @@ def block_candidates(ids: np.ndarray, sources: np.ndarray, seed_sims: np.ndarray
     )
 
 
-def merge_candidates(candidates: pa.Table, spec: SelectionSpec) -> dict[str, tuple[str, list[int]]]:
+def merge_candidates(candidates: pa.Table, spec: SelectionSettings) -> dict[str, tuple[str, list[int]]]:
     """Merge per-block candidates into the selection: id -> (the one source kept for it, the keys it won).
 
     Keys are seeds under ``per_seed_topn`` and domains otherwise (indices into `spec.domains`).
@@ -157,7 +157,7 @@ def merge_candidates(candidates: pa.Table, spec: SelectionSpec) -> dict[str, tup
     return selected
 
 
-def label_selected(ids: np.ndarray, seed_sims: np.ndarray, spec: SelectionSpec, chosen: np.ndarray) -> pa.Table:
+def label_selected(ids: np.ndarray, seed_sims: np.ndarray, spec: SelectionSettings, chosen: np.ndarray) -> pa.Table:
     """For rows already selected, one (id, domain, score, nearest_seed) row per domain they were chosen for.
 
     `chosen` is (docs, keys) booleans from the rule; a row chosen for a seed counts for its domain.

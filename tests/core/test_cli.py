@@ -511,7 +511,7 @@ def test_train_sae_check_names_a_missing_seeds_file(job_inputs):
 
 
 def test_curate_plan_rejects_a_threshold_outside_cosine_range(job_inputs):
-    # run_curation builds its SelectionSpec only after init_ray: the range check must come first.
+    # run_curation builds its SelectionSettings only after init_ray: the range check must come first.
     with pytest.raises(ConfigError) as excinfo:
         plan(curate_config(job_inputs, threshold=1.5))
     assert excinfo.value.field == "threshold"

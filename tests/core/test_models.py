@@ -10,7 +10,7 @@ import torch
 from core.batching import pad_right, tokenize_texts
 from core.errors import ConfigError
 from core.models import EMBEDDED_MODELS, TruncatedForward, load_model, local_model_dir, model_info
-from curation.encode import DocumentEncoder, EncoderSpec
+from curation.encode import DocumentEncoder, EncoderSettings
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +128,7 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def length_correlation(skip_positions: int) -> tuple[float, list[int]]:
     """Spearman's rho between token length and cosine to the seeds' mean vector, and the lengths."""
-    spec = EncoderSpec(model="smollm2-135m", sae_dir=None, layer=15, skip_positions=skip_positions)
+    spec = EncoderSettings(model="smollm2-135m", sae_dir=None, layer=15, skip_positions=skip_positions)
     encoder = DocumentEncoder(spec)
     sentence_counts = [1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20]
     # Each document starts at a different sentence, so no two share a prefix.

@@ -11,7 +11,7 @@ import torch
 from core.errors import ConfigError
 from curation.encode import (
     DocumentEncoder,
-    EncoderSpec,
+    EncoderSettings,
     cosine_scores,
     l2_normalize,
     length_batches,
@@ -151,7 +151,7 @@ def test_l2_normalize_and_cosine_scores():
 
 
 def make_encoder(model_dir: str, sae: TopKSAE | None = None, **spec_fields) -> DocumentEncoder:
-    spec = EncoderSpec(model=model_dir, sae_dir=None, layer=spec_fields.pop("layer", 2), **spec_fields)
+    spec = EncoderSettings(model=model_dir, sae_dir=None, layer=spec_fields.pop("layer", 2), **spec_fields)
     return DocumentEncoder(spec, sae=sae)
 
 
@@ -271,10 +271,10 @@ def test_latent_weights_scale_the_pooled_vector_before_it_is_normalised(encoder,
 def test_a_passed_in_sae_moves_to_the_encoders_device(tiny_model_dir):
     """Curation builds the SAE once and hands it to every encoder actor: on a GPU actor it must follow the
     model to CUDA. "meta" stands in for a second device on a CPU-only machine."""
-    from curation.encode import DocumentEncoder, EncoderSpec
+    from curation.encode import DocumentEncoder, EncoderSettings
 
     sae = TopKSAE(SAEConfig(d_in=HIDDEN, k=8, layer=2))
-    encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, device="meta"), sae=sae)
+    encoder = DocumentEncoder(EncoderSettings(model=tiny_model_dir, sae_dir=None, layer=2, device="meta"), sae=sae)
     assert next(encoder.forward.parameters()).device.type == "meta"
     assert encoder.sae.device.type == "meta"
 
@@ -394,12 +394,12 @@ def test_jacobian_estimate_matches_autograd(full_width_encoder):
 def test_a_bfloat16_forward_gives_the_float32_vectors_within_rounding(tiny_model_dir):
     """`dtype=bfloat16` on a CPU runs the truncated forward's matmuls in bf16 (autocast) and keeps the weights,
     the residual stream and everything after the forward in float32."""
-    from curation.encode import DocumentEncoder, EncoderSpec
+    from curation.encode import DocumentEncoder, EncoderSettings
 
     docs = random_docs(12, 5, 40, seed=3)
     vectors, hidden = {}, {}
     for dtype in ("float32", "bfloat16"):
-        spec = EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype=dtype, bf16_min_tokens=0)
+        spec = EncoderSettings(model=tiny_model_dir, sae_dir=None, layer=2, dtype=dtype, bf16_min_tokens=0)
         encoder = DocumentEncoder(spec)
         assert next(encoder.forward.parameters()).dtype == torch.float32
         vectors[dtype] = encoder.encode(docs)
@@ -446,11 +446,11 @@ def test_auto_dtype_follows_the_device(tiny_model_dir, monkeypatch):
     """`auto` runs the forward under bf16 autocast where the CPU computes bf16 natively, in float32 where it
     does not; the weights stay in float32 either way."""
     from core import placement
-    from curation.encode import DocumentEncoder, EncoderSpec
+    from curation.encode import DocumentEncoder, EncoderSettings
 
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(placement, "native_bf16", lambda device, native=native: native)
-        encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype="auto"))
+        encoder = DocumentEncoder(EncoderSettings(model=tiny_model_dir, sae_dir=None, layer=2, dtype="auto"))
         assert next(encoder.forward.parameters()).dtype == torch.float32
         assert encoder.autocast == native
         assert encoder.dtype == str(dtype).removeprefix("torch.")
@@ -464,7 +464,7 @@ def test_seeds_are_encoded_in_float32_whatever_the_corpus_dtype(tiny_model_dir):
 
     seeds = Seeds(texts=["the cell divides and the gene is copied " * 4, "a bond yields interest " * 6],
                   domains=["bio", "finance"])  # fmt: skip
-    spec = EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, dtype="bfloat16", bf16_min_tokens=0)
+    spec = EncoderSettings(model=tiny_model_dir, sae_dir=None, layer=2, dtype="bfloat16", bf16_min_tokens=0)
     vectors, decision = _encode_seeds(spec, None, seeds, max_tokens=64)
     exact = seed_vectors(make_encoder(tiny_model_dir), seeds, max_tokens=64)
     rounded = seed_vectors(DocumentEncoder(spec), seeds, max_tokens=64)
@@ -482,4 +482,4 @@ def test_the_curate_stage_passes_its_micro_batch_size_to_the_encoder():
                           max_batch_rows=1024)  # fmt: skip
     spec = _encoder_spec(config, "model", TopKSAE(SAEConfig(d_in=8, expansion_factor=2, k=2, layer=1)), None)
     assert (spec.max_batch_tokens, spec.max_batch_rows) == (65536, 1024)
-    assert EncoderSpec(model="m", sae_dir=None, layer=1).max_batch_rows == 64  # the CPU-sized default
+    assert EncoderSettings(model="m", sae_dir=None, layer=1).max_batch_rows == 64  # the CPU-sized default

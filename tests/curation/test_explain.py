@@ -15,13 +15,13 @@ import torch
 from helpers import background
 
 from core.batching import cached_tokenizer, tokenize_texts
-from curation.encode import DocumentEncoder, EncoderSpec
+from curation.encode import DocumentEncoder, EncoderSettings
 from curation.explain import domain_drivers, row_explanations, top_contributions
 from curation.latent_weights import STATS_FILE, latent_stats
 from curation.sae.model import SAEConfig, TopKSAE
 from curation.selection.curate import CurateConfig, label_rows, run_curation
 from curation.selection.explain_report import token_in_context
-from curation.selection.rules import SelectionSpec, domain_scores, nearest_seeds
+from curation.selection.rules import SelectionSettings, domain_scores, nearest_seeds
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,7 @@ def sparse_unit_vectors(rows: int, width: int, active: int, seed: int) -> np.nda
 def test_contributions_are_the_largest_terms_and_sum_to_the_score_of_the_nearest_seed():
     docs = torch.tensor(sparse_unit_vectors(20, 64, 6, seed=1))
     seeds = torch.tensor(sparse_unit_vectors(3, 64, 30, seed=2))
-    spec = SelectionSpec("global_topn", ["b", "a", "b"])  # domains ["a", "b"]; b has seeds 0 and 2
+    spec = SelectionSettings("global_topn", ["b", "a", "b"])  # domains ["a", "b"]; b has seeds 0 and 2
     sims = (docs @ seeds.T).numpy()
     scores, nearest = domain_scores(sims, spec)
 
@@ -67,7 +67,7 @@ def test_contributions_are_the_largest_terms_and_sum_to_the_score_of_the_nearest
 
 def test_nearest_seed_ties_go_to_the_lower_index_in_selection_and_explanation():
     sims = np.array([[0.5, 0.2, 0.5], [0.1, 0.3, 0.3]], dtype=np.float32)
-    spec = SelectionSpec("per_seed_topn", ["x", "y", "x"])
+    spec = SelectionSettings("per_seed_topn", ["x", "y", "x"])
     assert nearest_seeds(sims, spec.domain_members()).tolist() == [[0, 1], [2, 1]]  # row 0 ties: seed 0
     assert domain_scores(sims, spec)[1].tolist() == [[0, 1], [2, 1]]
 
@@ -103,7 +103,7 @@ def test_row_explanations_take_the_chosen_domain_and_drop_unshared_latents():
 
 
 def test_label_rows_give_each_curated_row_the_terms_of_its_own_domain():
-    spec = SelectionSpec("global_topn", ["b", "a"], top_n=1)  # domains ["a", "b"]: a is seed 1, b seed 0
+    spec = SelectionSettings("global_topn", ["b", "a"], top_n=1)  # domains ["a", "b"]: a is seed 1, b seed 0
     scored = pa.table(
         {
             "id": ["d0", "d1"],
@@ -132,7 +132,7 @@ def test_label_rows_give_each_curated_row_the_terms_of_its_own_domain():
 
 
 def test_peaks_are_each_watched_latents_largest_code_after_position_zero(tiny_model_dir):
-    encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=2, max_batch_tokens=48))
+    encoder = DocumentEncoder(EncoderSettings(model=tiny_model_dir, sae_dir=None, layer=2, max_batch_tokens=48))
     sae = TopKSAE(SAEConfig(d_in=64, k=8, layer=2))
     docs = [[random.Random(seed).randrange(4, 230) for _ in range(length)] for seed, length in enumerate([9, 3, 14])]
     sae.fit_normalizer(encoder.activations(docs))
@@ -183,7 +183,7 @@ def planted_sae(model_dir: str, texts: list[str]) -> TopKSAE:
     its word's activations from every other counted token in `texts`, scaled so its pre-activation is at
     least +50 on the word (winning the top-1 over random latents, which stay below ~10) and at most -50 off it.
     """
-    encoder = DocumentEncoder(EncoderSpec(model=model_dir, sae_dir=None, layer=LAYER))
+    encoder = DocumentEncoder(EncoderSettings(model=model_dir, sae_dir=None, layer=LAYER))
     token_lists = tokenize_texts(encoder.tokenizer, texts, 256)
     hidden = [encoder.forward(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0] for ids in token_lists]
     acts = torch.cat([h[1:] for h in hidden])
@@ -223,7 +223,7 @@ def planted_run(ray_local, tiny_model_dir, tmp_path_factory):
     sae.save(root / "sae")
     # The rarity statistics `jobs.train_sae` would measure, on the whole corpus: the explanation is of the
     # weighted vectors curation scores by.
-    encoder = DocumentEncoder(EncoderSpec(model=tiny_model_dir, sae_dir=None, layer=LAYER), sae=sae)
+    encoder = DocumentEncoder(EncoderSettings(model=tiny_model_dir, sae_dir=None, layer=LAYER), sae=sae)
     stats = latent_stats(encoder.encode(tokenize_texts(encoder.tokenizer, corpus, 256)))
     (root / "sae" / STATS_FILE).write_bytes(stats.to_bytes())
     config = CurateConfig(

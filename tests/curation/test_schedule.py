@@ -194,13 +194,13 @@ def build_sae(model: str, corpus_glob: str, seeds: str, out: Path) -> None:
     from core.batching import tokenize_texts
     from core.models import model_info
     from core.reader import DOC, CleanConfig, iter_shard
-    from curation.encode import DocumentEncoder, EncoderSpec
+    from curation.encode import DocumentEncoder, EncoderSettings
     from curation.latent_weights import STATS_FILE, latent_stats
     from curation.sae.coords import select_coords
     from curation.sae.model import SAEConfig, train_sae
     from curation.seeds import load_seeds
 
-    encoder = DocumentEncoder(EncoderSpec(model=model, sae_dir=None, layer=2))
+    encoder = DocumentEncoder(EncoderSettings(model=model, sae_dir=None, layer=2))
     seed_tokens = tokenize_texts(encoder.tokenizer, load_seeds(seeds).texts, 64)
     coords = select_coords(encoder, seed_tokens, "jacobian", 32)
     rows = [row for info in storage.expand(corpus_glob) for row in iter_shard(info.uri, None, CleanConfig())]
@@ -215,7 +215,7 @@ def build_sae(model: str, corpus_glob: str, seeds: str, out: Path) -> None:
     sae, _ = train_sae(batches, config)
     sae.save(out)
     # The rarity statistics `jobs.train_sae` measures after training, here on the whole corpus.
-    encoder = DocumentEncoder(EncoderSpec(model=model, sae_dir=None, layer=2), sae=sae)
+    encoder = DocumentEncoder(EncoderSettings(model=model, sae_dir=None, layer=2), sae=sae)
     stats = latent_stats(encoder.encode(tokenize_texts(encoder.tokenizer, texts, 64)))
     (Path(out) / STATS_FILE).write_bytes(stats.to_bytes())
 

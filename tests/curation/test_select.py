@@ -9,7 +9,7 @@ import pytest
 from core.errors import ConfigError
 from curation.selection.rules import (
     CANDIDATE_SCHEMA,
-    SelectionSpec,
+    SelectionSettings,
     block_candidates,
     domain_scores,
     label_selected,
@@ -34,7 +34,7 @@ SOURCES = np.array([f"shard.jsonl#{i + 1}" for i in range(len(SIMS))], dtype=obj
 
 
 def run_selection(
-    spec: SelectionSpec, sims: np.ndarray, ids: np.ndarray, sources: np.ndarray, cuts: list[int] | None = None
+    spec: SelectionSettings, sims: np.ndarray, ids: np.ndarray, sources: np.ndarray, cuts: list[int] | None = None
 ) -> dict[str, tuple[str, list[int]]]:
     """Per-block candidates over the blocks that `cuts` marks off, then the driver's merge."""
     bounds = [0, *(cuts or []), len(sims)]
@@ -49,7 +49,9 @@ def keys_by_id(selected: dict[str, tuple[str, list[int]]]) -> dict[str, list[int
     return {doc_id: sorted(keys) for doc_id, (_, keys) in selected.items()}
 
 
-def label_rows(spec: SelectionSpec, selected: dict[str, tuple[str, list[int]]]) -> list[tuple[str, str, float, int]]:
+def label_rows(
+    spec: SelectionSettings, selected: dict[str, tuple[str, list[int]]]
+) -> list[tuple[str, str, float, int]]:
     """label_selected over the selected rows of SIMS, as sorted (id, domain, score, nearest_seed) tuples."""
     rows = [int(doc_id[1:]) for doc_id in selected]
     n_keys = len(spec.seed_domains) if spec.rule == "per_seed_topn" else len(spec.domains)
@@ -73,7 +75,7 @@ def label_rows(spec: SelectionSpec, selected: dict[str, tuple[str, list[int]]]) 
 
 
 def test_per_seed_topn_is_the_union_over_a_domains_seeds():
-    spec = SelectionSpec("per_seed_topn", SEED_DOMAINS, top_n=2)
+    spec = SelectionSettings("per_seed_topn", SEED_DOMAINS, top_n=2)
     selected = run_selection(spec, SIMS, IDS, SOURCES)
     # Keys are seeds: seed 0 -> d0, d1; seed 1 -> d2, d0; seed 2 -> d3, d2.
     assert keys_by_id(selected) == {"d0": [0, 1], "d1": [0], "d2": [1, 2], "d3": [2]}
@@ -99,7 +101,7 @@ TOP2_OR_OVER_075_ROWS = [
 
 
 def test_global_topn_ranks_on_the_domain_score():
-    spec = SelectionSpec("global_topn", SEED_DOMAINS, top_n=2)
+    spec = SelectionSettings("global_topn", SEED_DOMAINS, top_n=2)
     selected = run_selection(spec, SIMS, IDS, SOURCES)
     # Keys are domains: 0 = bio (d3 0.90, d2 0.75), 1 = math (d0 0.90, d2 0.85); d1 (math 0.70) misses.
     assert keys_by_id(selected) == {"d0": [1], "d2": [0, 1], "d3": [0]}
@@ -107,14 +109,14 @@ def test_global_topn_ranks_on_the_domain_score():
 
 
 def test_global_topn_takes_everything_when_the_corpus_is_smaller_than_top_n():
-    spec = SelectionSpec("global_topn", SEED_DOMAINS, top_n=50)
+    spec = SelectionSettings("global_topn", SEED_DOMAINS, top_n=50)
     selected = run_selection(spec, SIMS, IDS, SOURCES, cuts=[2])
     assert keys_by_id(selected) == {doc_id: [0, 1] for doc_id in IDS}
 
 
 def test_threshold_is_inclusive():
     # 0.75 is exact in float32, so d2's bio score sits exactly on the cut.
-    spec = SelectionSpec("threshold", SEED_DOMAINS, threshold=0.75)
+    spec = SelectionSettings("threshold", SEED_DOMAINS, threshold=0.75)
     selected = run_selection(spec, SIMS, IDS, SOURCES, cuts=[1, 3])
     assert keys_by_id(selected) == {"d0": [1], "d2": [0, 1], "d3": [0]}
     assert label_rows(spec, selected) == TOP2_OR_OVER_075_ROWS
@@ -122,13 +124,13 @@ def test_threshold_is_inclusive():
 
 def test_threshold_as_typed_by_a_user_keeps_a_score_that_equals_it_in_float32():
     sims = np.array([[0.8], [0.7999]], dtype=np.float32)
-    spec = SelectionSpec("threshold", ["a"], threshold=0.8)
+    spec = SelectionSettings("threshold", ["a"], threshold=0.8)
     selected = run_selection(spec, sims, np.array(["x", "y"], dtype=object), np.array(["s", "s"], dtype=object))
     assert list(selected) == ["x"]
 
 
 def test_threshold_above_every_score_selects_nothing():
-    spec = SelectionSpec("threshold", SEED_DOMAINS, threshold=0.95)
+    spec = SelectionSettings("threshold", SEED_DOMAINS, threshold=0.95)
     candidates = block_candidates(IDS, SOURCES, SIMS, spec)
     assert candidates.schema == CANDIDATE_SCHEMA
     assert candidates.num_rows == 0
@@ -138,7 +140,7 @@ def test_threshold_above_every_score_selects_nothing():
 # --- blocks and merge -------------------------------------------------------------------------------
 
 
-def reference_selection(spec: SelectionSpec, sims: np.ndarray, ids: np.ndarray) -> dict[str, list[int]]:
+def reference_selection(spec: SelectionSettings, sims: np.ndarray, ids: np.ndarray) -> dict[str, list[int]]:
     """The rule computed directly on the whole matrix, written independently of the library."""
     if spec.rule == "per_seed_topn":
         scores = sims
@@ -165,7 +167,7 @@ def test_blocks_then_merge_equals_the_whole_matrix(rule, seed):
     # Ids in a shuffled order, so neither block order nor row order matches id order.
     ids = np.array([f"doc-{i:04d}" for i in rng.permutation(n_docs)], dtype=object)
     sources = np.array([f"s{i}" for i in range(n_docs)], dtype=object)
-    spec = SelectionSpec(rule, ["a", "b", "a", "c", "b", "a"], top_n=int(rng.integers(1, 40)), threshold=0.6)
+    spec = SelectionSettings(rule, ["a", "b", "a", "c", "b", "a"], top_n=int(rng.integers(1, 40)), threshold=0.6)
     cuts = sorted(rng.choice(np.arange(1, n_docs), size=int(rng.integers(2, 8)), replace=False).tolist())
 
     whole = run_selection(spec, sims, ids, sources)
@@ -179,7 +181,7 @@ def test_blocks_then_merge_equals_the_whole_matrix(rule, seed):
 
 
 def test_duplicate_across_blocks_takes_one_slot_and_keeps_the_lexically_first_source():
-    spec = SelectionSpec("global_topn", ["a"], top_n=3)
+    spec = SelectionSettings("global_topn", ["a"], top_n=3)
     ids = np.array(["dup", "x1", "x2", "dup", "x3", "x4"], dtype=object)
     sources = np.array(["b.jsonl#4", "b.jsonl#5", "b.jsonl#6", "a.jsonl#9", "a.jsonl#1", "a.jsonl#2"], dtype=object)
     sims = np.array([[0.95], [0.90], [0.50], [0.95], [0.80], [0.40]], dtype=np.float32)
@@ -193,7 +195,7 @@ def test_duplicate_across_blocks_takes_one_slot_and_keeps_the_lexically_first_so
 def test_duplicate_within_one_block_takes_one_slot():
     # The same text twice in one block (two lines of one shard): one id, one slot, so the
     # next-best document still gets in.
-    spec = SelectionSpec("global_topn", ["a"], top_n=2)
+    spec = SelectionSettings("global_topn", ["a"], top_n=2)
     ids = np.array(["dup", "dup", "other", "worst"], dtype=object)
     sources = np.array(["f.jsonl#2", "f.jsonl#1", "f.jsonl#3", "f.jsonl#4"], dtype=object)
     sims = np.array([[0.9], [0.9], [0.8], [0.1]], dtype=np.float32)
@@ -205,7 +207,7 @@ def test_duplicate_within_one_block_takes_one_slot():
 
 
 def test_a_doc_selected_by_two_keys_is_one_entry_listing_both():
-    spec = SelectionSpec("per_seed_topn", ["a", "b"], top_n=1)
+    spec = SelectionSettings("per_seed_topn", ["a", "b"], top_n=1)
     sims = np.array([[0.9, 0.9], [0.1, 0.2]], dtype=np.float32)
     selected = run_selection(spec, sims, np.array(["p", "q"], dtype=object), np.array(["s1", "s2"], dtype=object))
     assert selected == {"p": ("s1", [0, 1])}
@@ -215,7 +217,7 @@ def test_a_doc_selected_by_two_keys_is_one_entry_listing_both():
 
 
 def test_domain_scores_are_the_best_seed_and_name_it():
-    spec = SelectionSpec("global_topn", SEED_DOMAINS)
+    spec = SelectionSettings("global_topn", SEED_DOMAINS)
     scores, nearest = domain_scores(SIMS, spec)
     assert spec.domains == ["bio", "math"]
     assert scores.shape == nearest.shape == (5, 2)
@@ -226,13 +228,13 @@ def test_domain_scores_are_the_best_seed_and_name_it():
 
 
 def test_domain_members_follow_sorted_domains():
-    spec = SelectionSpec("per_seed_topn", ["z", "a", "z", "m"])
+    spec = SelectionSettings("per_seed_topn", ["z", "a", "z", "m"])
     assert spec.domains == ["a", "m", "z"]
     assert [members.tolist() for members in spec.domain_members()] == [[1], [3], [0, 2]]
 
 
 def test_label_selected_for_per_seed_keys_collapses_seeds_to_domains():
-    spec = SelectionSpec("per_seed_topn", SEED_DOMAINS)
+    spec = SelectionSettings("per_seed_topn", SEED_DOMAINS)
     chosen = np.array([[True, True, False], [False, False, True], [False, False, False]])
     table = label_selected(IDS[:3], SIMS[:3], spec, chosen)
     assert table.column_names == ["id", "domain", "score", "nearest_seed"]
@@ -243,7 +245,7 @@ def test_label_selected_for_per_seed_keys_collapses_seeds_to_domains():
 
 
 def test_label_selected_with_nothing_chosen_is_empty():
-    spec = SelectionSpec("global_topn", SEED_DOMAINS)
+    spec = SelectionSettings("global_topn", SEED_DOMAINS)
     table = label_selected(IDS, SIMS, spec, np.zeros((5, 2), dtype=bool))
     assert table.num_rows == 0
 
@@ -255,7 +257,7 @@ def test_label_selected_with_nothing_chosen_is_empty():
 @pytest.mark.parametrize("top_n", [0, -3])
 def test_top_n_below_one_names_top_n(rule, top_n):
     with pytest.raises(ConfigError) as excinfo:
-        SelectionSpec(rule, ["a"], top_n=top_n)
+        SelectionSettings(rule, ["a"], top_n=top_n)
     assert excinfo.value.field == "top_n"
     assert str(excinfo.value).startswith(f"top_n={top_n}")
 
@@ -263,17 +265,17 @@ def test_top_n_below_one_names_top_n(rule, top_n):
 @pytest.mark.parametrize("threshold", [1.01, -1.5, 7.0])
 def test_threshold_outside_cosine_range_names_threshold(threshold):
     with pytest.raises(ConfigError) as excinfo:
-        SelectionSpec("threshold", ["a"], threshold=threshold)
+        SelectionSettings("threshold", ["a"], threshold=threshold)
     assert excinfo.value.field == "threshold"
     assert "[-1, 1]" in str(excinfo.value)
 
 
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 1.0])
 def test_threshold_bounds_are_accepted(threshold):
-    assert SelectionSpec("threshold", ["a"], threshold=threshold).threshold == threshold
+    assert SelectionSettings("threshold", ["a"], threshold=threshold).threshold == threshold
 
 
 def test_no_seeds_names_seeds():
     with pytest.raises(ConfigError) as excinfo:
-        SelectionSpec("per_seed_topn", [])
+        SelectionSettings("per_seed_topn", [])
     assert excinfo.value.field == "seeds"

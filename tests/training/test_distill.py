@@ -18,7 +18,14 @@ from conftest import REPO, TINY_TEXTS
 from core.errors import ConfigError
 from core.stage import MARKER
 from training.distillation import distill
-from training.distillation.distill import DistillConfig, PrepareSpec, judge, prepare_rows, run_distill, split_document
+from training.distillation.distill import (
+    DistillConfig,
+    PrepareSettings,
+    judge,
+    prepare_rows,
+    run_distill,
+    split_document,
+)
 from training.distillation.teacher import BatchedGenerator, TeacherConfig, finish_row, pad_left
 
 # --- a scripted tiny teacher -------------------------------------------------------------------------------
@@ -183,14 +190,16 @@ def test_prepare_rows_rejects_bad_rows_with_reasons(scripted_model):
     from core.models import load_tokenizer
 
     tokenizer = load_tokenizer(scripted_model)
-    spec = PrepareSpec(scripted_model, "rewrite", "instruction", "response", "text", 0.5, 64, 4, 128, 4, "auto")
+    spec = PrepareSettings(scripted_model, "rewrite", "instruction", "response", "text", 0.5, 64, 4, 128, 4, "auto")
     rows = {row["id"]: row for row in prepare_rows(INSTRUCTION_ROWS, spec, tokenizer)}
     assert {key: row["reason"] for key, row in rows.items() if row["reason"]} == EXPECTED_REJECTS
     assert rows["r05"]["check_number"] == "42" and rows["r01"]["check_number"] is None
     assert rows["r01"]["prompt"] == "what is the question" and rows["r01"]["original"] == "the answer is alpha"
     assert rows["r01"]["prompt_ids"][-1] == tokenizer.convert_tokens_to_ids("alpha")
     docs = [{"id": "d1", "text": "alpha beta " * 20}, {"id": "d2", "text": "alpha beta"}, {"id": "d3", "text": None}]
-    spec = PrepareSpec(scripted_model, "continuation", "instruction", "response", "text", 0.5, 16, 8, 128, 4, "auto")
+    spec = PrepareSettings(
+        scripted_model, "continuation", "instruction", "response", "text", 0.5, 16, 8, 128, 4, "auto"
+    )
     reasons = {row["id"]: row["reason"] for row in prepare_rows(docs, spec, tokenizer)}
     assert reasons == {"d1": "", "d2": "too_short", "d3": "empty_input"}
 
@@ -489,7 +498,7 @@ def test_smollm2_rewrite_recipe(one_torch_thread):
     from core.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
-    spec = PrepareSpec("smollm2-135m", "rewrite", "instruction", "response", "text", 0.5, 512, 16, 8192, 40, "auto")
+    spec = PrepareSettings("smollm2-135m", "rewrite", "instruction", "response", "text", 0.5, 512, 16, 8192, 40, "auto")
     rows = prepare_rows(SMOL_INSTRUCTIONS, spec, tokenizer)
     assert all(row["teacher_prompt"].startswith("<|im_start|>") for row in rows)
     assert all(row["teacher_prompt"].endswith("<|im_start|>assistant\n") for row in rows)

@@ -201,7 +201,7 @@ class DistillConfig(RunConfig, GenerationSettings):
 
 
 @dataclass(frozen=True)
-class PrepareSpec:
+class PrepareSettings:
     """What the prepare task needs; small and picklable."""
 
     teacher: str
@@ -287,7 +287,7 @@ def row_id(values: list[str]) -> str:
     return hashlib.sha1("\x1f".join(values).encode()).hexdigest()[:16]
 
 
-def prepare_rows(rows: list[dict[str, Any]], spec: PrepareSpec, tokenizer) -> list[dict[str, Any]]:
+def prepare_rows(rows: list[dict[str, Any]], spec: PrepareSettings, tokenizer) -> list[dict[str, Any]]:
     """Input rows -> teacher inputs (rendered prompt and its ids), or a reject reason. Never raises on bad data."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     out = []
@@ -340,7 +340,7 @@ def prepare_rows(rows: list[dict[str, Any]], spec: PrepareSpec, tokenizer) -> li
 # --- Ray Data tasks ----------------------------------------------------------------------------------------
 
 
-def prepare_batch(batch: pa.Table, spec: PrepareSpec, done_ids: frozenset[str]) -> pa.Table:
+def prepare_batch(batch: pa.Table, spec: PrepareSettings, done_ids: frozenset[str]) -> pa.Table:
     """Ray Data task: input rows -> PREPARED_SCHEMA rows, skipping ids that an earlier run already wrote."""
     rows = prepare_rows(batch.to_pylist(), spec, cached_tokenizer(spec.teacher))
     rows = [row for row in rows if row["id"] not in done_ids]
@@ -507,9 +507,9 @@ def run_distill(config: DistillConfig) -> dict[str, Any]:
     return run_stage(DISTILL, config)
 
 
-def _prepare_spec(config: DistillConfig, checked: DistillPlan) -> PrepareSpec:
+def _prepare_spec(config: DistillConfig, checked: DistillPlan) -> PrepareSettings:
     """The prepare task's settings: the config's, with the recipe and context that validation settled."""
-    return PrepareSpec(
+    return PrepareSettings(
         teacher=config.teacher,
         recipe=checked.recipe,
         instruction_column=config.instruction_column,
@@ -524,7 +524,7 @@ def _prepare_spec(config: DistillConfig, checked: DistillPlan) -> PrepareSpec:
     )
 
 
-def _read_prepared(source: dict[str, Any], spec: PrepareSpec, done_ids: set[str], config: DistillConfig):
+def _read_prepared(source: dict[str, Any], spec: PrepareSettings, done_ids: set[str], config: DistillConfig):
     """The input rows (at most `limit`) as teacher inputs or input rejects, less those an earlier run wrote.
 
     Materialized because both routes out of it (teacher, rejects) read it.
