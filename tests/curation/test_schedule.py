@@ -546,7 +546,7 @@ def test_worker_killing_and_hanging_shards_fail_within_bounds(world, tmp_path, m
     """A shard whose processing kills its worker shares a round with a good shard; one that hangs its
     worker runs past the round's time budget. Both are recorded failed with their reason, and the batches end
     (Ray Data alone would retry the killed task without end, and wait on the hung one)."""
-    from curation.selection import curate
+    from curation import encode_pipeline
 
     corpus, out = tmp_path / "corpus", str(tmp_path / "out")
     corpus.mkdir()
@@ -554,7 +554,7 @@ def test_worker_killing_and_hanging_shards_fail_within_bounds(world, tmp_path, m
     for name in ("crash", "hang"):
         text = f"{name.upper()}-THE-WORKER, then some ordinary words"
         (corpus / f"{name}.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    real_tokenize = curate.tokenize_batch
+    real_tokenize = encode_pipeline.tokenize_batch
 
     def tokenize_or_kill(batch, **kwargs):
         texts = [str(text) for text in batch["text"]]
@@ -564,7 +564,7 @@ def test_worker_killing_and_hanging_shards_fail_within_bounds(world, tmp_path, m
             time.sleep(120)
         return real_tokenize(batch, **kwargs)
 
-    monkeypatch.setattr(curate, "tokenize_batch", tokenize_or_kill)
+    monkeypatch.setattr(encode_pipeline, "tokenize_batch", tokenize_or_kill)
     crashing = make_spec(world, out, str(corpus / "[cg]*"), task_retries=0)
     record = run_batch(crashing)
     names = {Path(uri).name: shard for uri, shard in record["shards"].items()}
