@@ -486,7 +486,9 @@ def _s3_fix(error: BaseException, ref: ModelRef, options: storage.StorageOptions
             "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance "
             "role) in this process's environment and on every node"
         )
-    if isinstance(error, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text:
+    # A local PermissionError names its file; the store's (s3fs maps 403 to one) names none.
+    denied = isinstance(error, PermissionError) and error.filename is None
+    if denied or "AccessDenied" in text or "InvalidAccessKeyId" in text:
         return (
             f"access denied by {endpoint} (403): check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
             "AWS_SESSION_TOKEN, that they may read this prefix, and that --s3-endpoint (or AWS_ENDPOINT_URL) names "
