@@ -84,7 +84,8 @@ class FinetuneConfig(RunConfig):
     }
 
     model: str = ""
-    """The student: a Hugging Face directory (e.g. the pruned model from `jobs.prune`) or an embedded name."""
+    """The student (e.g. the pruned model from `jobs.prune`): an embedded name (smollm2-135m), a Hugging Face
+    directory, a .gguf file, a Hub id (org/name or org/name@revision) or an s3:// prefix."""
     data: str = ""
     """Distilled set from `jobs.distill`: a Parquet file or directory, local or s3://."""
     out: str = ""
@@ -94,7 +95,8 @@ class FinetuneConfig(RunConfig):
     step, 2 also shards the gradients but averages them after every micro-batch, 3 also shards the
     parameters. With grad_accum > 1 and a model whose gradients fit on every worker, 1 communicates least."""
     teacher: str | None = None
-    """Unpruned model for knowledge distillation (same tokenizer); needed when kd_weight > 0."""
+    """Unpruned model for knowledge distillation (same tokenizer; any form `model` takes); needed when
+    kd_weight > 0."""
     kd_weight: float = 0.0
     """Weight w of the KD term: loss = (1 - w) * cross-entropy + w * KL(teacher || student). 0: no KD."""
     kd_temperature: float = 1.0
@@ -191,10 +193,11 @@ class LoopConfig:
 
     config: FinetuneConfig
     """The job's config, with local paths absolute and `cpus_per_worker` resolved."""
-    model_dir: str
-    """The student's local Hugging Face directory."""
-    teacher_dir: str | None
-    """The KD teacher's local directory, when kd_weight > 0."""
+    model: str
+    """The student's model reference, as every worker resolves it (core.models: a local path made absolute);
+    each worker makes its own local copy (once per machine) and loads from that."""
+    teacher: str | None
+    """The KD teacher's model reference, when kd_weight > 0."""
     total_steps: int
     """Optimizer steps of the whole run (the learning-rate schedule's length)."""
     storage_options: storage.StorageOptions
@@ -204,11 +207,11 @@ class LoopConfig:
 
 @dataclass
 class FinetunePlan:
-    """What validation found: resolved model dirs, input files, row count, schedule length, hash."""
+    """What validation found: the model references, input files, row count, schedule length, hash."""
 
     config: FinetuneConfig
-    model_dir: str
-    teacher_dir: str | None
+    model: str
+    teacher: str | None
     inputs: list[storage.FileInfo]
     columns: list[str]
     rows: int
@@ -216,21 +219,21 @@ class FinetunePlan:
     digest: str
 
 
-def _read_model_config(name: str, field_name: str) -> tuple[str, dict[str, Any]]:
-    try:
-        directory = models.local_model_dir(name)
-    except ConfigError as error:
-        raise ConfigError(field_name, name, error.fix) from None
-    return directory, json.loads(open(os.path.join(directory, "config.json")).read())
+def _read_model_config(
+    name: str, field_name: str, options: storage.StorageOptions
+) -> tuple[models.ModelRef, dict[str, Any]]:
+    """The model's reference and its config.json, read without its weights."""
+    ref = models.model_ref(name, field_name)
+    return ref, models.model_config(ref, options, field_name)
 
 
 def plan(config: FinetuneConfig) -> FinetunePlan:
     """Check the models, the data and the schedule without Ray, in about a second."""
     options = config.storage_options()
-    model_dir, model_config = _read_model_config(config.model, "model")
-    teacher_dir = None
+    model, model_config = _read_model_config(config.model, "model", options)
+    teacher = None
     if config.kd_weight > 0 and config.teacher:
-        teacher_dir, teacher_config = _read_model_config(config.teacher, "teacher")
+        teacher, teacher_config = _read_model_config(config.teacher, "teacher", options)
         if teacher_config.get("vocab_size") != model_config.get("vocab_size"):
             raise ConfigError(
                 "teacher",
@@ -260,15 +263,20 @@ def plan(config: FinetuneConfig) -> FinetunePlan:
         )
     total = steps_per_epoch * config.epochs
     total = min(total, config.max_steps) if config.max_steps else total
-    digest = config.digest([*inputs, *_model_files(model_dir), *_model_files(teacher_dir)])
+    digest = config.digest(
+        [*inputs, *_model_files(model, "model", options), *_model_files(teacher, "teacher", options)]
+    )
     read_columns = [name for name in ("id", "prompt", "response", *DISTILLED_COLUMNS) if name in columns]
-    return FinetunePlan(config, model_dir, teacher_dir, inputs, sorted(set(read_columns)), rows, total, digest)
+    return FinetunePlan(
+        config, model.canonical, teacher and teacher.canonical, inputs, sorted(set(read_columns)), rows, total, digest
+    )
 
 
-def _model_files(directory: str | None) -> list[storage.FileInfo]:
-    if directory is None:
-        return []
-    return [info for info in storage.expand(directory, config_field="model") if info.uri.endswith(".json")]
+def _model_files(
+    ref: models.ModelRef | None, field_name: str, options: storage.StorageOptions
+) -> list[storage.FileInfo]:
+    """The model's identity in the digest (core.models.model_inputs): a changed model reruns the stage."""
+    return [] if ref is None else models.model_inputs(ref, options, field_name)
 
 
 # ---------------------------------------------------------------- worker side
@@ -316,12 +324,13 @@ def _worker_device(loop: LoopConfig) -> str:
 def _build_model(loop: LoopConfig) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(loop.model_dir, local_files_only=True)
+    model_dir = models.local_model_dir(loop.model, loop.storage_options)  # copied once per machine
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(loop.config.seed)
-    model = AutoModelForCausalLM.from_pretrained(loop.model_dir, dtype=torch.float32, local_files_only=True)
-    record_model_load(loop.model_dir, _worker_device(loop))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    record_model_load(loop.model, _worker_device(loop))
     shape_free_attention(_worker_device(loop))
     model.config.use_cache = False
     if loop.config.lora_r:
@@ -347,13 +356,14 @@ def _with_lora(model: torch.nn.Module, loop: LoopConfig) -> torch.nn.Module:
 
 
 def _load_teacher(loop: LoopConfig, device: torch.device) -> torch.nn.Module | None:
-    if not loop.teacher_dir:
+    if not loop.teacher:
         return None
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if _worker_device(loop) == "cuda" else torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(loop.teacher_dir, dtype=dtype, local_files_only=True)
-    record_model_load(loop.teacher_dir, device)
+    teacher_dir = models.local_model_dir(loop.teacher, loop.storage_options, field="teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype, local_files_only=True)
+    record_model_load(loop.teacher, device)
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 
@@ -599,7 +609,8 @@ def merged_model(loop: LoopConfig, state_dict: dict[str, torch.Tensor]) -> torch
     """A plain transformers model holding `state_dict`; LoRA adapters are merged into the base weights."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(loop.model_dir, dtype=torch.float32, local_files_only=True)
+    model_dir = models.local_model_dir(loop.model, loop.storage_options)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     if loop.config.lora_r:
         model = _with_lora(model, loop)
         model.load_state_dict(state_dict, strict=True)
@@ -763,8 +774,8 @@ def _loop_config(checked: FinetunePlan) -> LoopConfig:
     )
     return LoopConfig(
         config=resolved,
-        model_dir=checked.model_dir,
-        teacher_dir=checked.teacher_dir,
+        model=checked.model,
+        teacher=checked.teacher,
         total_steps=checked.total_steps,
         storage_options=config.storage_options(),
         torch_extensions_dir=os.environ.get("TORCH_EXTENSIONS_DIR", str(models.cache_root() / "torch_extensions")),
