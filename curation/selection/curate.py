@@ -54,7 +54,8 @@ class CurateConfig(RunConfig):
     out: str = ""
     """Output directory, local or s3://: curated/, scored/, rejects/, report.md, manifest.json."""
     model: str | None = None
-    """Base model; defaults to the one the SAE was trained on."""
+    """Base model (an embedded name, a Hugging Face directory, a .gguf file, a Hub id org/name[@revision] or an
+    s3:// prefix); defaults to the one the SAE was trained on."""
     rule: SelectionRule | None = None
     """Selection rule. Unset: `threshold` when --threshold is given, else `per_seed_topn` (the paper's)."""
     top_n: int = 100
@@ -159,7 +160,7 @@ def plan(config: CurateConfig) -> CurationPlan:
     model = config.model or sae.cfg.base_model.get("name")
     if not model:
         raise ConfigError("model", None, "the SAE does not name its base model; pass --model")
-    info = models.model_info(model)
+    info = models.model_info(model, options)
     if sae.cfg.layer >= info.num_layers:
         raise ConfigError("sae", config.sae, f"its layer {sae.cfg.layer} is beyond {model}'s {info.num_layers} layers")
     if sae.cfg.coords and max(sae.cfg.coords) >= info.hidden_size:
@@ -177,7 +178,7 @@ def plan(config: CurateConfig) -> CurationPlan:
         weights = stats.weights().tolist()
     seed_info = storage.expand(config.seeds, options, config_field="seeds")
     sae_info = storage.expand(config.sae, options, config_field="sae")
-    digest = config.digest([*inputs, *seed_info, *sae_info])
+    digest = config.digest([*inputs, *seed_info, *sae_info, *models.model_inputs(model, options)])
     return CurationPlan(config, inputs, seeds, sae, model, digest, weights)
 
 
@@ -211,6 +212,7 @@ def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE, weights: list[
         dtype=config.dtype,
         torch_threads=threads,
         latent_weights=weights,
+        storage_options=config.storage_options(),
     )
 
 
@@ -333,7 +335,7 @@ def encode_shards(
     actor_retries = {} if retries is None else {"max_restarts": retries, "max_task_retries": retries}
     tokens = docs.map_batches(
         tokenize_batch,
-        fn_kwargs={"model": checked.model, "max_tokens": config.max_tokens},
+        fn_kwargs={"model": checked.model, "max_tokens": config.max_tokens, "options": options},
         batch_size=config.batch_size,
         num_cpus=0.25,
         **task_retries,
