@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from core import models
+from core.storage import StorageOptions
 
 
 def length_batches(
@@ -54,14 +55,17 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[lis
 
 
 @functools.lru_cache(maxsize=4)
-def cached_tokenizer(model: str):
-    """One tokenizer per model per process: Ray Data tasks reuse their worker, and loading costs a second."""
-    return models.load_tokenizer(model)
+def cached_tokenizer(model: str, options: StorageOptions | None = None):
+    """One tokenizer per model per process: Ray Data tasks reuse their worker, and loading costs a second.
+    `options` reach a model on S3 (the job's endpoint and region)."""
+    return models.load_tokenizer(model, options)
 
 
-def tokenize_batch(batch: dict[str, np.ndarray], model: str, max_tokens: int) -> dict[str, np.ndarray]:
+def tokenize_batch(
+    batch: dict[str, np.ndarray], model: str, max_tokens: int, options: StorageOptions | None = None
+) -> dict[str, np.ndarray]:
     """Ray Data task: add `input_ids` (cut to max_tokens) and `n_tokens`."""
-    ids = tokenize_texts(cached_tokenizer(model), batch["text"].tolist(), max_tokens)
+    ids = tokenize_texts(cached_tokenizer(model, options), batch["text"].tolist(), max_tokens)
     column = np.empty(len(ids), dtype=object)
     column[:] = [np.asarray(row, dtype=np.int32) for row in ids]
     batch["input_ids"] = column

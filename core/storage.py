@@ -535,10 +535,11 @@ def _download_plan(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[str, 
     return [(remote, local) for local, remote in plan.items()]
 
 
-def local_copy(uri: str, options: StorageOptions | None = None) -> str:
+def local_copy(uri: str, options: StorageOptions | None = None, *, within: str | None = None) -> str:
     """A local path holding the file or directory at ``uri``: the path itself when local, else a download.
 
-    Downloads land in a fresh temporary directory, so a changed remote object is never served stale. Every
+    Downloads land in a fresh temporary directory (created in ``within`` when given, so that a caller can
+    rename it into place on the same filesystem), so a changed remote object is never served stale. Every
     key is checked before anything is written: a key that would resolve outside the download directory
     raises :class:`UnsafeKeyError` naming it, and no file (nor the directory) is left behind.
     """
@@ -550,7 +551,7 @@ def local_copy(uri: str, options: StorageOptions | None = None) -> str:
         plan = _download_plan(fs, path)
     else:
         plan = [(path, contained_name(posixpath.basename(path), path))]
-    target = tempfile.mkdtemp(prefix="finescope-")
+    target = tempfile.mkdtemp(prefix="finescope-", dir=within)
     try:
         for remote, local in plan:
             destination = os.path.join(target, *local.split("/"))

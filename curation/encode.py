@@ -23,6 +23,7 @@ from core.logs import worker_logging
 from core.models import TruncatedForward, load_model, load_tokenizer
 from core.placement import resolve_device, resolve_dtype
 from core.progress import bump
+from core.storage import StorageOptions
 from curation.explain import domain_drivers, explain_columns
 from curation.sae.model import TopKSAE
 
@@ -105,6 +106,8 @@ class EncoderSettings:
     latent_weights: list[float] | None = None
     """Per SAE latent, a weight applied to the pooled vector before it is normalised: the rarity weights of
     curation/latent_weights.py. None weighs every latent alike."""
+    storage_options: StorageOptions | None = None
+    """Reach a model on S3 (the job's endpoint and region; credentials stay in each process's environment)."""
 
 
 class DocumentEncoder:
@@ -115,7 +118,7 @@ class DocumentEncoder:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.device = resolve_device(spec.device)
-        self.tokenizer = load_tokenizer(spec.model)
+        self.tokenizer = load_tokenizer(spec.model, spec.storage_options)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.dtype = resolve_dtype(spec.dtype, self.device)
         # bf16 weights would also round the residual stream after every block. Autocast keeps the weights,
@@ -123,7 +126,7 @@ class DocumentEncoder:
         # either device, and no slower (docs/results.md, "bfloat16 encode"). The truncated forward's fp32
         # weights take twice bf16's memory: 340 MB for SmolLM2-135M at layer 15.
         self.autocast = self.dtype == "bfloat16"
-        model = load_model(spec.model, dtype=torch.float32, device=self.device)
+        model = load_model(spec.model, dtype=torch.float32, device=self.device, options=spec.storage_options)
         self.forward = TruncatedForward(model, spec.layer)
         if sae is None and spec.sae_dir is not None:
             sae = TopKSAE.load(spec.sae_dir, device=self.device)

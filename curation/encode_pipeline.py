@@ -46,6 +46,7 @@ def _encoder_spec(config: CurateConfig, model: str, sae: TopKSAE, weights: list[
         dtype=config.dtype,
         threads=threads,
         latent_weights=weights,
+        storage_options=config.storage_options(),
     )
 
 
@@ -110,7 +111,7 @@ def encode_shards(
     actor_retries = {} if retries is None else {"max_restarts": retries, "max_task_retries": retries}
     tokens = docs.map_batches(
         tokenize_batch,
-        fn_kwargs={"model": checked.model, "max_tokens": config.max_tokens},
+        fn_kwargs={"model": checked.model, "max_tokens": config.max_tokens, "options": options},
         batch_size=config.batch_size,
         num_cpus=0.25,
         **task_retries,

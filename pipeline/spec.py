@@ -30,7 +30,8 @@ class PipelineSpec(RunConfig):
     root: str = ""
     """Storage root, local or s3://: every stage writes under it, with `pipeline.json` and `report.md`."""
     model: str = models.DEFAULT_MODEL
-    """The base model: a name from the embedded registry, a Hugging Face directory, or an s3:// one."""
+    """The base model: an embedded name (smollm2-135m), a Hugging Face directory, a .gguf file, a Hub id
+    (org/name or org/name@revision) or an s3:// prefix."""
     corpus: list[str] = field(default_factory=list)
     """Corpus shards: paths, directories or globs, local or s3:// (RedPajama JSONL, plain/.gz/.zst)."""
     seeds: str = ""
@@ -40,7 +41,8 @@ class PipelineSpec(RunConfig):
     ratios: list[float] = field(default_factory=lambda: [0.30])
     """Pruning ratios (share of total parameters removed); one pruned and fine-tuned model per ratio."""
     teacher: str | None = None
-    """The distillation teacher (and KD teacher when finetune.kd_weight > 0); unset: the base model."""
+    """The distillation teacher (and KD teacher when finetune.kd_weight > 0), in any form `model` takes;
+    unset: the base model."""
     backend: Literal["transformers", "vllm"] = "transformers"
     """The teacher's backend: `transformers` (CPU or one GPU) or `vllm` (GPU, through ray.data.llm)."""
     sae_path: str | None = None
@@ -90,6 +92,8 @@ class PipelineSpec(RunConfig):
             self.sae_path = storage.absolute(self.sae_path)
         for name in ("model", "teacher"):
             value = getattr(self, name)
+            if value:
+                models.model_ref(value, name)  # a reference of no known form fails before any step runs
             if value and os.path.exists(value):  # a local path, not a registry name
                 setattr(self, name, storage.absolute(value))
 

@@ -59,7 +59,8 @@ class TrainSAEConfig(RunConfig):
     out: str = ""
     """Output SAE directory, local or s3://: cfg.json, sae.safetensors, manifest.json."""
     model: str = models.DEFAULT_MODEL
-    """Base model: an embedded name (smollm2-135m), a Hugging Face directory, or a .gguf file."""
+    """Base model: an embedded name (smollm2-135m), a Hugging Face directory, a .gguf file, a Hub id
+    (org/name or org/name@revision) or an s3:// prefix."""
     layer: int = 15
     """Decoder layer (0-based) whose output the SAE reads; only layers 0..layer are run."""
     seeds: str | None = None
@@ -143,7 +144,8 @@ class TrainSAEPlan:
 
 def plan(config: TrainSAEConfig) -> TrainSAEPlan:
     """Validate against the model and the storage before any Ray work; reads no weights."""
-    info = models.model_info(config.model)
+    options = config.storage_options()
+    info = models.model_info(config.model, options)
     if config.layer >= info.num_layers:
         raise ConfigError(
             "layer", config.layer, f"{config.model} has {info.num_layers} layers: use 0..{info.num_layers - 1}"
@@ -154,12 +156,11 @@ def plan(config: TrainSAEConfig) -> TrainSAEPlan:
         )
     d_in = info.hidden_size if config.coords == "all" else config.num_coords
     SAEConfig(d_in=d_in, expansion_factor=config.expansion_factor, k=config.k)  # fails fast, naming the field
-    options = config.storage_options()
     if config.seeds:
         load_seeds(config.seeds, options)
     inputs = manifest.corpus_files(config.corpus, options)
     extra = storage.expand(config.seeds, options, config_field="seeds") if config.seeds else []
-    return TrainSAEPlan(info, inputs, config.digest([*inputs, *extra]))
+    return TrainSAEPlan(info, inputs, config.digest([*inputs, *extra, *models.model_inputs(config.model, options)]))
 
 
 def calibration_texts(config: TrainSAEConfig, inputs: list[storage.FileInfo]) -> list[str]:
@@ -187,8 +188,9 @@ def _encoder_spec(config: TrainSAEConfig) -> EncoderSettings:
     threads = config.threads or default_threads(config.actors, config.cpus, config.ray_address)
     device = requested_device(config.gpus)
     return EncoderSettings(
-        model=config.model, sae_dir=None, layer=config.layer, device=device, dtype=config.dtype, threads=threads
-    )
+        model=config.model, sae_dir=None, layer=config.layer, device=device, dtype=config.dtype, threads=threads,
+        storage_options=config.storage_options(),
+    )  # fmt: skip
 
 
 def _choose_coords(config: TrainSAEConfig, spec: EncoderSettings, inputs: list[storage.FileInfo]) -> list[int]:
@@ -216,7 +218,9 @@ def activation_dataset(config: TrainSAEConfig, spec: EncoderSettings, inputs: li
     docs = read_corpus([i.uri for i in inputs], options, CleanConfig(), storage.join(config.out, "rejects"))
     activations = (
         docs.map_batches(
-            tokenize_batch, fn_kwargs={"model": config.model, "max_tokens": config.max_tokens}, num_cpus=0.25
+            tokenize_batch,
+            fn_kwargs={"model": config.model, "max_tokens": config.max_tokens, "options": options},
+            num_cpus=0.25,
         )
         .map_batches(
             TokenActivations,

@@ -57,7 +57,8 @@ class CurateConfig(RunConfig):
     out: str = ""
     """Output directory, local or s3://: curated/, scored/, rejects/, report.md, manifest.json."""
     model: str | None = None
-    """Base model; defaults to the one the SAE was trained on."""
+    """Base model (an embedded name, a Hugging Face directory, a .gguf file, a Hub id org/name[@revision] or an
+    s3:// prefix); defaults to the one the SAE was trained on."""
     rule: SelectionRule | None = None
     """Selection rule. Unset: `threshold` when --threshold is given, else `per_seed_topn` (the paper's)."""
     top_n: int = 100
@@ -163,7 +164,7 @@ def plan(config: CurateConfig) -> CurationPlan:
     model = config.model or sae.cfg.base_model.get("name")
     if not model:
         raise ConfigError("model", None, "the SAE does not name its base model; pass --model")
-    info = models.model_info(model)
+    info = models.model_info(model, options)
     if sae.cfg.layer >= info.num_layers:
         raise ConfigError("sae", config.sae, f"its layer {sae.cfg.layer} is beyond {model}'s {info.num_layers} layers")
     if sae.cfg.coords and max(sae.cfg.coords) >= info.hidden_size:
@@ -181,7 +182,7 @@ def plan(config: CurateConfig) -> CurationPlan:
         weights = stats.weights().tolist()
     seed_info = storage.expand(config.seeds, options, config_field="seeds")
     sae_info = storage.expand(config.sae, options, config_field="sae")
-    digest = config.digest([*inputs, *seed_info, *sae_info])
+    digest = config.digest([*inputs, *seed_info, *sae_info, *models.model_inputs(model, options)])
     return CurationPlan(config, inputs, seeds, sae, model, digest, weights)
 
 

@@ -173,7 +173,7 @@ def peak_contexts(
         for peak in kept:
             by_file[peak.file].add(peak.row)
     texts = {file: _read_texts(fs, file, sorted(rows)) for file, rows in by_file.items()}
-    tokenizer = cached_tokenizer(tokens.model)
+    tokenizer = cached_tokenizer(tokens.model, options)
     contexts: dict[tuple[int, int], list[str]] = {}
     for slot, kept in stats.peaks.items():
         contexts[slot] = []

@@ -25,7 +25,8 @@ class ReplicationSpec(RunConfig):
     root: str = ""
     """Storage root, local or s3://: every step writes under it, with pipeline.json and replication.md."""
     model: str = models.DEFAULT_MODEL
-    """The base model (registry name or Hugging Face directory)."""
+    """The base model: an embedded name (smollm2-135m), a Hugging Face directory, a .gguf file, a Hub id
+    (org/name or org/name@revision) or an s3:// prefix."""
     seeds: str = "jobs/seeds/wikipedia-topics.jsonl"
     """Seeds file (JSONL with `text` and `domain`); every domain below needs seeds there."""
     domains: dict[str, str] = field(default_factory=dict)
@@ -48,7 +49,7 @@ class ReplicationSpec(RunConfig):
     ratio: float = 0.30
     """Pruning ratio of every arm."""
     teacher: str | None = None
-    """The distillation teacher; unset: the base model."""
+    """The distillation teacher, in any form `model` takes; unset: the base model."""
     backend: Literal["transformers", "vllm"] = "transformers"
     split_seed: int = 0
     """Seed of the held-out draw, the pool and the oracle's draw."""
@@ -88,6 +89,9 @@ class ReplicationSpec(RunConfig):
             raise ConfigError("ablation_domain", self.ablation_domain, f"must be one of {sorted(self.domains)}")
         self.root = storage.absolute(self.root)
         self.seeds = storage.absolute(self.seeds)
+        for name in ("model", "teacher"):
+            if getattr(self, name):
+                models.model_ref(getattr(self, name), name)  # a reference of no known form fails before any step
         if os.path.exists(self.model):
             self.model = storage.absolute(self.model)
 

@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
@@ -135,7 +133,8 @@ class DistillConfig(RunConfig, GenerationSettings):
     """Rewrite this domain's rows only (unset: every row; a curate output of a multi-domain seeds file holds
     several domains)."""
     teacher: str = "smollm2-135m"
-    """Teacher model: an embedded name (smollm2-135m), a Hugging Face directory or a .gguf file."""
+    """Teacher model: an embedded name (smollm2-135m), a Hugging Face directory, a .gguf file, a Hub id
+    (org/name or org/name@revision) or an s3:// prefix."""
     backend: Backend = "transformers"
     """`transformers` (CPU or one GPU, batched generate on Ray actors) or `vllm` (GPU, ray.data.llm)."""
     out: str = ""
@@ -215,6 +214,8 @@ class PrepareSettings:
     context_length: int
     max_new_tokens: int
     answer_check: str
+    storage_options: storage.StorageOptions | None = None
+    """Reach a teacher on S3 (its tokenizer files)."""
 
 
 def render_prompt(tokenizer, user_text: str) -> str:
@@ -342,7 +343,7 @@ def prepare_rows(rows: list[dict[str, Any]], spec: PrepareSettings, tokenizer) -
 
 def prepare_batch(batch: pa.Table, spec: PrepareSettings, done_ids: frozenset[str]) -> pa.Table:
     """Ray Data task: input rows -> PREPARED_SCHEMA rows, skipping ids that an earlier run already wrote."""
-    rows = prepare_rows(batch.to_pylist(), spec, cached_tokenizer(spec.teacher))
+    rows = prepare_rows(batch.to_pylist(), spec, cached_tokenizer(spec.teacher, spec.storage_options))
     rows = [row for row in rows if row["id"] not in done_ids]
     return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
 
@@ -415,9 +416,9 @@ def input_files(data: str, options: storage.StorageOptions) -> list[storage.File
     return files
 
 
-def teacher_context(teacher: str) -> int:
-    """The teacher's context window, from its config.json (max_position_embeddings)."""
-    values = json.loads((Path(models.local_model_dir(teacher)) / "config.json").read_text())
+def teacher_context(teacher: str, options: storage.StorageOptions | None = None) -> int:
+    """The teacher's context window, from its config.json (max_position_embeddings); no weights are read."""
+    values = models.model_config(teacher, options, field="teacher")
     return int(values.get("max_position_embeddings") or 2048)
 
 
@@ -446,14 +447,16 @@ def plan(config: DistillConfig) -> DistillPlan:
         raise ConfigError("recipe", recipe, f"needs {config.instruction_column} and {config.response_column} columns")
     if recipe == "continuation" and config.text_column not in columns:
         raise ConfigError("recipe", recipe, f"needs a {config.text_column} column")
-    models.model_info(config.teacher)
-    model_context = teacher_context(config.teacher)
+    models.model_info(config.teacher, options, field="teacher")
+    model_context = teacher_context(config.teacher, options)
     context = config.context_length or model_context
     if context > model_context:
         raise ConfigError("context_length", context, f"exceeds the teacher's {model_context} positions")
     if config.max_new_tokens >= context:
         raise ConfigError("max_new_tokens", config.max_new_tokens, f"must be below the context of {context} tokens")
-    digest = config.digest(inputs, recipe=recipe, context=context)
+    # The teacher's identity (its files, objects or Hub commit): a changed teacher rewrites again.
+    digest = config.digest([*inputs, *models.model_inputs(config.teacher, options, "teacher")], recipe=recipe,
+                           context=context)  # fmt: skip
     return DistillPlan(config, inputs, recipe, context, digest)  # type: ignore[arg-type]
 
 
@@ -521,6 +524,7 @@ def _prepare_spec(config: DistillConfig, checked: DistillPlan) -> PrepareSetting
         context_length=checked.context_length,
         max_new_tokens=config.max_new_tokens,
         answer_check=config.answer_check,
+        storage_options=config.storage_options(),
     )
 
 
@@ -619,10 +623,15 @@ def _generate(rows, teacher: TeacherConfig, config: DistillConfig):
     """Rows with `prompt_ids` -> the same rows plus the teacher's generation, on the configured backend."""
     import ray
 
+    options = config.storage_options()
+    teacher = dataclasses.replace(teacher, storage_options=options)
     if teacher.backend == "vllm":
-        tokenizer = cached_tokenizer(teacher.model)
-        model_dir = models.local_model_dir(teacher.model)
-        processor = build_vllm_processor(teacher, model_dir, PREPARED_SCHEMA.names, eos_ids(tokenizer))
+        tokenizer = cached_tokenizer(teacher.model, options)
+        # An s3:// prefix or a Hub id goes to ray.data.llm as it is: each engine's node fetches it itself.
+        source, revision = models.engine_source(teacher.model, options)
+        if revision:
+            teacher = dataclasses.replace(teacher, engine_kwargs={**teacher.engine_kwargs, "revision": revision})
+        processor = build_vllm_processor(teacher, source, PREPARED_SCHEMA.names, eos_ids(tokenizer))
         return processor(rows)
     threads = teacher.threads or default_threads(teacher.actors, teacher.cpus, config.ray_address)
     return rows.map_batches(

@@ -34,6 +34,7 @@ from core.batching import length_batches
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.logs import worker_logging
 from core.placement import resolve_dtype, worker_device
+from core.storage import StorageOptions
 
 if TYPE_CHECKING:
     from transformers.cache_utils import Cache
@@ -87,11 +88,14 @@ class TeacherConfig(GenerationSettings):
     """A teacher: its model, its backend, how many of it run, and how it generates."""
 
     model: str = ""
-    """Teacher model: an embedded name (smollm2-135m), a Hugging Face directory or a .gguf file."""
+    """Teacher model: an embedded name (smollm2-135m), a Hugging Face directory, a .gguf file, a Hub id
+    (org/name or org/name@revision) or an s3:// prefix."""
     backend: Backend = "transformers"
     """`transformers` (CPU or one GPU, batched generate) or `vllm` (GPU, ray.data.llm)."""
     actors: int = 1
     """transformers: teacher actors. vllm: engine replicas (the processor's `concurrency`)."""
+    storage_options: StorageOptions | None = None
+    """Reach a teacher on S3 (the job's endpoint and region; credentials stay in each process's environment)."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -224,8 +228,10 @@ class BatchedGenerator:
         self.config = config
         self.device = device
         self.dtype = resolve_dtype(config.dtype, device)
-        self.tokenizer = load_tokenizer(config.model)
-        self.model = load_model(config.model, dtype=getattr(torch, self.dtype), device=device)
+        self.tokenizer = load_tokenizer(config.model, config.storage_options)
+        self.model = load_model(
+            config.model, dtype=getattr(torch, self.dtype), device=device, options=config.storage_options
+        )
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.stop_ids = eos_ids(self.tokenizer, self.model)
         self.generation_config = GenerationConfig(

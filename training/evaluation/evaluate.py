@@ -48,9 +48,10 @@ class EvaluateConfig(RunConfig):
     }
 
     models: list[str] = field(default_factory=list)
-    """Models to compare, each `LABEL=MODEL` or `MODEL` (smollm2-135m, a Hugging Face directory, a .gguf
-    file). The report's rows follow this order, and every model is tested against the first, e.g.
-    `base=smollm2-135m pruned=runs/pruned ft-finescope=runs/ft ft-random=runs/ft-random`."""
+    """Models to compare, each `LABEL=MODEL` or `MODEL`, a MODEL being an embedded name (smollm2-135m), a
+    Hugging Face directory, a .gguf file, a Hub id (org/name or org/name@revision) or an s3:// prefix. The
+    report's rows follow this order, and every model is tested against the first, e.g.
+    `base=smollm2-135m pruned=runs/pruned ft-finescope=runs/ft/model ft-random=s3://bucket/ft-random/model`."""
     out: str = ""
     """Output directory, local or s3://: results.json, questions.jsonl, report.md, *.png, manifest.json."""
     mmlu: list[str] = field(default_factory=list)
@@ -152,7 +153,7 @@ class ModelTask:
     device: str
     threads: int
     storage_options: storage.StorageOptions | None = None
-    """For a model on s3://, copied to a local directory in the task before loading."""
+    """For a model on s3://, copied once per machine into the FineScope cache before loading."""
 
 
 def evaluate_model(task: ModelTask) -> dict[str, Any]:
@@ -170,11 +171,12 @@ def evaluate_model(task: ModelTask) -> dict[str, Any]:
     if task.threads:
         torch.set_num_threads(task.threads)
     started = time.perf_counter()
-    path = storage.local_copy(task.model, task.storage_options) if storage.is_remote(task.model) else task.model
-    tokenizer = models.load_tokenizer(path)
+    tokenizer = models.load_tokenizer(task.model, task.storage_options)
     device = resolve_device(task.device)
     decision = dtype_decision(task.dtype, device)
-    model = models.load_model(path, dtype=getattr(torch, decision["dtype"]), device=device)
+    model = models.load_model(
+        task.model, dtype=getattr(torch, decision["dtype"]), device=device, options=task.storage_options
+    )
     limit = int(getattr(model.config, "max_position_embeddings", task.max_tokens) or task.max_tokens)
     max_length, window = min(task.max_tokens, limit), min(task.window, limit)
     stride = min(task.stride, window)
@@ -216,12 +218,10 @@ class EvaluationPlan:
     digest: str
 
 
-def _model_inputs(model: str, options) -> list[storage.FileInfo]:
-    if model in models.EMBEDDED_MODELS:
-        path = models._embedded_path(model)
-        stat = path.stat()
-        return [storage.FileInfo(str(path), stat.st_size, stat.st_mtime)]
-    return storage.expand(model, options, config_field="models")
+def _model_inputs(model: str, options: storage.StorageOptions) -> list[storage.FileInfo]:
+    """The model checked from its config (no weights) and its identity for the digest (core.models)."""
+    models.model_info(model, options, field="models")
+    return models.model_inputs(model, options, field="models")
 
 
 def plan(config: EvaluateConfig) -> EvaluationPlan:
@@ -230,11 +230,6 @@ def plan(config: EvaluateConfig) -> EvaluationPlan:
     pairs = config.labelled_models()
     inputs: list[storage.FileInfo] = []
     for _, model in pairs:
-        if storage.is_remote(model):
-            if not storage.exists(storage.join(model, "config.json"), options):
-                raise ConfigError("models", model, "no config.json there: give a Hugging Face model directory")
-        else:
-            models.model_info(model)
         inputs += _model_inputs(model, options)
     questions: list[Question] = []
     dev: list[Question] = []
@@ -278,7 +273,7 @@ def build_tasks(checked: EvaluationPlan) -> list[ModelTask]:
     return [
         ModelTask(
             label=label,
-            model=model,
+            model=models.model_ref(model, "models").canonical,
             contexts=contexts,
             choices=choices,
             documents=checked.documents,

@@ -30,7 +30,8 @@ class FinetuneConfig(RunConfig):
     }
 
     model: str = ""
-    """The student: a Hugging Face directory (e.g. the pruned model from `jobs.prune`) or an embedded name."""
+    """The student (e.g. the pruned model from `jobs.prune`): an embedded name (smollm2-135m), a Hugging Face
+    directory, a .gguf file, a Hub id (org/name or org/name@revision) or an s3:// prefix."""
     data: str = ""
     """Distilled set from `jobs.distill`: a Parquet file or directory, local or s3://."""
     out: str = ""
@@ -40,7 +41,8 @@ class FinetuneConfig(RunConfig):
     step, 2 also shards the gradients but averages them after every micro-batch, 3 also shards the
     parameters. With grad_accum > 1 and a model whose gradients fit on every worker, 1 communicates least."""
     teacher: str | None = None
-    """Unpruned model for knowledge distillation (same tokenizer); needed when kd_weight > 0."""
+    """Unpruned model for knowledge distillation (same tokenizer; any form `model` takes); needed when
+    kd_weight > 0."""
     kd_weight: float = 0.0
     """Weight w of the KD term: loss = (1 - w) * cross-entropy + w * KL(teacher || student). 0: no KD."""
     kd_temperature: float = 1.0
@@ -140,10 +142,11 @@ class LoopConfig:
 
     config: FinetuneConfig
     """The job's config, with local paths absolute and `cpus` resolved."""
-    model_dir: str
-    """The student's local Hugging Face directory."""
-    teacher_dir: str | None
-    """The KD teacher's local directory, when kd_weight > 0."""
+    model: str
+    """The student's model reference, as every worker resolves it (core.models: a local path made absolute);
+    each worker makes its own local copy (once per machine) and loads from that."""
+    teacher: str | None
+    """The KD teacher's model reference, when kd_weight > 0."""
     total_steps: int
     """Optimizer steps of the whole run (the learning-rate schedule's length)."""
     storage_options: storage.StorageOptions

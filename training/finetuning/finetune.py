@@ -29,7 +29,6 @@ checkpoints/ (Ray Train, unless `checkpoints` points elsewhere) and, last, manif
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -54,11 +53,11 @@ DATA_READS = {"distill": "distilled"}
 
 @dataclass
 class FinetunePlan:
-    """What validation found: resolved model dirs, input files, row count, schedule length, hash."""
+    """What validation found: the model references, input files, row count, schedule length, hash."""
 
     config: FinetuneConfig
-    model_dir: str
-    teacher_dir: str | None
+    model: str
+    teacher: str | None
     inputs: list[storage.FileInfo]
     columns: list[str]
     rows: int
@@ -66,21 +65,21 @@ class FinetunePlan:
     digest: str
 
 
-def _read_model_config(name: str, field_name: str) -> tuple[str, dict[str, Any]]:
-    try:
-        directory = models.local_model_dir(name)
-    except ConfigError as error:
-        raise ConfigError(field_name, name, error.fix) from None
-    return directory, json.loads(open(os.path.join(directory, "config.json")).read())
+def _read_model_config(
+    name: str, field_name: str, options: storage.StorageOptions
+) -> tuple[models.ModelRef, dict[str, Any]]:
+    """The model's reference and its config.json, read without its weights."""
+    ref = models.model_ref(name, field_name)
+    return ref, models.model_config(ref, options, field_name)
 
 
 def plan(config: FinetuneConfig) -> FinetunePlan:
     """Check the models, the data and the schedule without Ray, in about a second."""
     options = config.storage_options()
-    model_dir, model_config = _read_model_config(config.model, "model")
-    teacher_dir = None
+    model, model_config = _read_model_config(config.model, "model", options)
+    teacher = None
     if config.kd_weight > 0 and config.teacher:
-        teacher_dir, teacher_config = _read_model_config(config.teacher, "teacher")
+        teacher, teacher_config = _read_model_config(config.teacher, "teacher", options)
         if teacher_config.get("vocab_size") != model_config.get("vocab_size"):
             raise ConfigError(
                 "teacher",
@@ -110,15 +109,20 @@ def plan(config: FinetuneConfig) -> FinetunePlan:
         )
     total = steps_per_epoch * config.epochs
     total = min(total, config.max_steps) if config.max_steps else total
-    digest = config.digest([*inputs, *_model_files(model_dir), *_model_files(teacher_dir)])
+    digest = config.digest(
+        [*inputs, *_model_files(model, "model", options), *_model_files(teacher, "teacher", options)]
+    )
     read_columns = [name for name in ("id", "prompt", "response", *DISTILLED_COLUMNS) if name in columns]
-    return FinetunePlan(config, model_dir, teacher_dir, inputs, sorted(set(read_columns)), rows, total, digest)
+    return FinetunePlan(
+        config, model.canonical, teacher and teacher.canonical, inputs, sorted(set(read_columns)), rows, total, digest
+    )
 
 
-def _model_files(directory: str | None) -> list[storage.FileInfo]:
-    if directory is None:
-        return []
-    return [info for info in storage.expand(directory, config_field="model") if info.uri.endswith(".json")]
+def _model_files(
+    ref: models.ModelRef | None, field_name: str, options: storage.StorageOptions
+) -> list[storage.FileInfo]:
+    """The model's identity in the digest (core.models.model_inputs): a changed model reruns the stage."""
+    return [] if ref is None else models.model_inputs(ref, options, field_name)
 
 
 # ---------------------------------------------------------------- worker side
@@ -144,8 +148,8 @@ def _loop_config(checked: FinetunePlan) -> LoopConfig:
     )
     return LoopConfig(
         config=resolved,
-        model_dir=checked.model_dir,
-        teacher_dir=checked.teacher_dir,
+        model=checked.model,
+        teacher=checked.teacher,
         total_steps=checked.total_steps,
         storage_options=config.storage_options(),
         torch_extensions_dir=os.environ.get("TORCH_EXTENSIONS_DIR", str(models.cache_root() / "torch_extensions")),

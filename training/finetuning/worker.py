@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from core import storage
+from core import models, storage
 from core.placement import record_model_load, shape_free_attention, worker_device
 from core.progress import Progress
 from training.finetuning.checkpoints import TrainerState, restore, save_checkpoint
@@ -64,12 +64,13 @@ def _worker_device(loop: LoopConfig) -> str:
 def _build_model(loop: LoopConfig) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(loop.model_dir, local_files_only=True)
+    model_dir = models.local_model_dir(loop.model, loop.storage_options)  # copied once per machine
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(loop.config.seed)
-    model = AutoModelForCausalLM.from_pretrained(loop.model_dir, dtype=torch.float32, local_files_only=True)
-    record_model_load(loop.model_dir, _worker_device(loop))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    record_model_load(loop.model, _worker_device(loop))
     shape_free_attention(_worker_device(loop))
     model.config.use_cache = False
     if loop.config.lora_r:
@@ -95,13 +96,14 @@ def _with_lora(model: torch.nn.Module, loop: LoopConfig) -> torch.nn.Module:
 
 
 def _load_teacher(loop: LoopConfig, device: torch.device) -> torch.nn.Module | None:
-    if not loop.teacher_dir:
+    if not loop.teacher:
         return None
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if _worker_device(loop) == "cuda" else torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(loop.teacher_dir, dtype=dtype, local_files_only=True)
-    record_model_load(loop.teacher_dir, device)
+    teacher_dir = models.local_model_dir(loop.teacher, loop.storage_options, field="teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype, local_files_only=True)
+    record_model_load(loop.teacher, device)
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 
@@ -245,7 +247,8 @@ def merged_model(loop: LoopConfig, state_dict: dict[str, torch.Tensor]) -> torch
     """A plain transformers model holding `state_dict`; LoRA adapters are merged into the base weights."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(loop.model_dir, dtype=torch.float32, local_files_only=True)
+    model_dir = models.local_model_dir(loop.model, loop.storage_options)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     if loop.config.lora_r:
         model = _with_lora(model, loop)
         model.load_state_dict(state_dict, strict=True)

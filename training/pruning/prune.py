@@ -77,7 +77,8 @@ class PruneConfig(RunConfig):
     execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {"cpus", "threads"}
 
     model: str = models.DEFAULT_MODEL
-    """Base model: an embedded name (smollm2-135m), a Hugging Face directory, or a .gguf file."""
+    """Base model: an embedded name (smollm2-135m), a Hugging Face directory, a .gguf file, a Hub id
+    (org/name or org/name@revision) or an s3:// prefix."""
     data: str = ""
     """Curated set: Parquet file or directory with a `text` column, local or s3:// (e.g. <curate out>/curated)."""
     domain: str | None = None
@@ -430,7 +431,8 @@ def plan(config: PruneConfig) -> PrunePlan:
         keep_groups=config.keep_groups,
     )
     inputs, texts = _domain_data(config, config.storage_options())
-    return PrunePlan(layout, texts, inputs, config.digest(inputs))
+    model = models.model_inputs(config.model, config.storage_options())  # a changed base model prunes again
+    return PrunePlan(layout, texts, inputs, config.digest([*inputs, *model]))
 
 
 def _prune(config: PruneConfig, checked: PrunePlan, timer: manifest.Timer) -> Outcome:
@@ -468,8 +470,8 @@ def _prune_and_save(config: PruneConfig, layout: Layout, texts: list[str], threa
     device = worker_device(config.gpus)
     decision = dtype_decision(config.dtype, device)
     with timer("load"):
-        model = models.load_model(config.model, dtype=getattr(torch, decision["dtype"]), device=device)
-        tokenizer = models.load_tokenizer(config.model)
+        model = models.load_model(config.model, dtype=getattr(torch, decision["dtype"]), device=device, options=options)
+        tokenizer = models.load_tokenizer(config.model, options)
     _check_described(model, layout, config.model)
     with timer("importance"):
         importance = compute_importance(model, layout, config, texts, tokenizer)
@@ -517,11 +519,12 @@ def _checked_layout(config: PruneConfig) -> Layout:
         )
     # An unsupported model type fails here, from config.json or GGUF metadata, before any weights load; a config
     # of a supported type that still cannot be sliced (experts, a nested text model) fails in layout_of.
-    model_type = _model_type(config.model)
+    options = config.storage_options()
+    model_type = _model_type(config.model, options)
     if reason := refusal(model_type):
         raise ConfigError("model", config.model, f"a {model_type!r} model {reason}")
     try:
-        return layout_of(_read_config(config.model))
+        return layout_of(_read_config(config.model, options))
     except ConfigError as error:
         raise ConfigError("model", config.model, f"a {error.value!r} model {error.fix}") from None
 
@@ -540,18 +543,20 @@ def _log_pruned(model: str, allocation: Allocation, report: dict) -> None:
     )
 
 
-def _model_type(model: str) -> str:
-    config_file = os.path.join(model, "config.json")
-    if os.path.isfile(config_file):  # read directly: GPT-2 style configs lack the keys model_info expects
-        with open(config_file) as handle:
-            return str(json.load(handle).get("model_type", ""))
-    return models.model_info(model).model_type
+def _model_type(model: str, options: storage.StorageOptions | None = None) -> str:
+    """The base model's `model_type`, from its config.json (a GGUF file: its header); no weights are read."""
+    if models.model_ref(model).kind in ("embedded", "gguf"):
+        return models.model_info(model).model_type
+    return str(models.model_config(model, options).get("model_type", ""))
 
 
-def _read_config(model: str):
+def _read_config(model: str, options: storage.StorageOptions | None = None):
+    """The base model's transformers config, built from its config.json alone (a model on S3 or the Hub is
+    not downloaded, a GGUF file not converted, on the driver)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(models.local_model_dir(model), local_files_only=True)
+    values = dict(models.model_config(model, options))
+    return AutoConfig.for_model(values.pop("model_type", ""), **values)
 
 
 def save_pruned(model: nn.Module, tokenizer, out: str, options: storage.StorageOptions | None = None) -> None:
