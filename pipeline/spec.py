@@ -26,7 +26,27 @@ class DomainSpec:
 
 
 @dataclass
-class PipelineSpec(RunConfig):
+class StageSettings:
+    """Each stage's own settings in a spec, under its name, with the names of that stage's job flags. A graph
+    builds every stage's config from them before any step runs (pipeline.graph.stage_config), so a wrong
+    key or value fails at once and names `stage.field`."""
+
+    sae: dict[str, Any] = field(default_factory=dict)
+    """Settings for `jobs.train_sae` (its flag names, e.g. `layer`, `max_train_tokens`)."""
+    curate: dict[str, Any] = field(default_factory=dict)
+    """Settings for `jobs.curate` (e.g. `rule`, `top_n`, `threshold`)."""
+    prune: dict[str, Any] = field(default_factory=dict)
+    """Settings for `jobs.prune` (e.g. `method`, `ranking`, `max_docs`); the ratio comes from the spec."""
+    distill: dict[str, Any] = field(default_factory=dict)
+    """Settings for `jobs.distill` (e.g. `max_new_tokens`, `batch_size`, `engine_kwargs`)."""
+    finetune: dict[str, Any] = field(default_factory=dict)
+    """Settings for `jobs.finetune` (e.g. `max_steps`, `lr`, `zero_stage`, `kd_weight`, `lora_r`)."""
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    """Settings for `jobs.evaluate` (e.g. `limit`, `shots`)."""
+
+
+@dataclass
+class PipelineSpec(StageSettings, RunConfig):
     root: str = ""
     """Storage root, local or s3://: every stage writes under it, with `pipeline.json` and `report.md`."""
     model: str = models.DEFAULT_MODEL
@@ -54,18 +74,6 @@ class PipelineSpec(RunConfig):
     report's control row); `none`: skip it."""
     seed: int = 0
     """Seed of the random control's draw."""
-    sae: dict[str, Any] = field(default_factory=dict)
-    """Settings for `jobs.train_sae` (its flag names, e.g. `layer`, `max_train_tokens`)."""
-    curate: dict[str, Any] = field(default_factory=dict)
-    """Settings for `jobs.curate` (e.g. `rule`, `top_n`, `threshold`)."""
-    prune: dict[str, Any] = field(default_factory=dict)
-    """Settings for `jobs.prune` (e.g. `method`, `ranking`, `max_docs`); the ratio comes from `ratios`."""
-    distill: dict[str, Any] = field(default_factory=dict)
-    """Settings for `jobs.distill` (e.g. `max_new_tokens`, `batch_size`, `engine_kwargs`)."""
-    finetune: dict[str, Any] = field(default_factory=dict)
-    """Settings for `jobs.finetune` (e.g. `max_steps`, `lr`, `zero_stage`, `kd_weight`, `lora_r`)."""
-    evaluate: dict[str, Any] = field(default_factory=dict)
-    """Settings for `jobs.evaluate` (e.g. `limit`, `shots`); the MMLU subjects come from `domains`."""
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):

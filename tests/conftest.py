@@ -122,6 +122,12 @@ TINY_TEXTS = [
 ]
 
 
+TINY_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512
+)
+"""Every tiny test model's shape: hidden 64, MLP 128, 4 query heads over 2 KV groups."""
+
+
 def build_tiny_model(directory: Path, num_layers: int = 4, seed: int = 0) -> Path:
     """A tiny Llama (GQA) with a word-level tokenizer trained here, saved as a Hugging Face directory."""
     import torch
@@ -140,12 +146,8 @@ def build_tiny_model(directory: Path, num_layers: int = 4, seed: int = 0) -> Pat
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=fast.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **TINY_SHAPE,
         tie_word_embeddings=True,
         pad_token_id=fast.pad_token_id,
         bos_token_id=fast.bos_token_id,

@@ -10,6 +10,7 @@ from core import models, storage
 from core.errors import ConfigError, check_range, check_seed
 from core.runtime import RunConfig
 from curation.seeds import load_seeds
+from pipeline.spec import StageSettings
 
 # Settings each stage takes from the replication's own fields; a spec that sets them per stage is refused.
 OWNED = {
@@ -21,7 +22,7 @@ OWNED = {
 
 
 @dataclass
-class ReplicationSpec(RunConfig):
+class ReplicationSpec(StageSettings, RunConfig):
     root: str = ""
     """Storage root, local or s3://: every step writes under it, with pipeline.json and replication.md."""
     model: str = models.DEFAULT_MODEL
@@ -59,12 +60,6 @@ class ReplicationSpec(RunConfig):
     """Pruning ratios besides `ratio` (empty: no ratio ablation)."""
     ablation_coords: list[int] = field(default_factory=lambda: [48, 96, 192])
     """SAE input coordinates K, chosen by the Jacobian, against all of them (empty: no coordinates ablation)."""
-    sae: dict[str, Any] = field(default_factory=dict)
-    curate: dict[str, Any] = field(default_factory=dict)
-    prune: dict[str, Any] = field(default_factory=dict)
-    distill: dict[str, Any] = field(default_factory=dict)
-    finetune: dict[str, Any] = field(default_factory=dict)
-    evaluate: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.root:

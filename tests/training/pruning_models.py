@@ -18,6 +18,7 @@ def family_config(family: str, vocab_size: int, pad: int, bos: int, eos: int, nu
     """Hidden 64, 2 KV groups of 2 query heads, MLP 128. Qwen3 and Gemma have head_dim 24 (not 64 / 4 = 16);
     the sliding-window families have windows of 4 tokens, shorter than the test inputs; Gemma 2 keeps its
     attention softcapping on (at 5, so that it bites on these weights)."""
+    from conftest import TINY_SHAPE
     from transformers import (
         Gemma2Config,
         Gemma3TextConfig,
@@ -30,12 +31,8 @@ def family_config(family: str, vocab_size: int, pad: int, bos: int, eos: int, nu
 
     common = dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **TINY_SHAPE,
         pad_token_id=pad,
         bos_token_id=bos,
         eos_token_id=eos,
