@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,9 +122,41 @@ def pack_batch(items: Sequence[PackedItem], pad_id: int) -> dict[str, torch.Tens
     }
 
 
+def layer_masks(config: Any, mask: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype, device: Any) -> Any:
+    """A packed row's 4-D mask as each kind of attention layer must see it. A custom mask replaces the one the
+    model would build, so what it would have added is added here:
+
+    - a sliding-window layer sees only keys fewer than `sliding_window` positions back (by position id, which
+      every choice restarts at the context's end), as in a plain forward of context plus choice. Models that
+      mix layer kinds (`layer_types`: Qwen2/3, Gemma 2/3) take a mask per kind; Mistral and Phi-3 window
+      every layer;
+    - eager attention (Gemma 2's, for its logit softcapping) adds the mask to the scores: it gets 0 where a
+      key is seen and the dtype's minimum where it is not, not booleans.
+    """
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    masks = {"full_attention": mask}
+    if window and (not kinds or "sliding_attention" in kinds):
+        distance = position_ids[:, :, None] - position_ids[:, None, :]  # (batch, query, key)
+        masks["sliding_attention"] = mask & (distance < window)[:, None]
+    if getattr(config, "_attn_implementation", None) == "eager":
+        masks = {kind: torch.zeros(m.shape, dtype=dtype).masked_fill(~m, torch.finfo(dtype).min)
+                 for kind, m in masks.items()}  # fmt: skip
+    masks = {kind: m.to(device) for kind, m in masks.items()}
+    if not kinds:
+        return masks.get("sliding_attention", masks["full_attention"])
+    return {kind: masks.get(kind, masks["full_attention"]) for kind in kinds}
+
+
 def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(n, d_model) final hidden states and (n,) next-token ids -> (n,) log-probabilities, in float32."""
+    """(n, d_model) final hidden states and (n,) next-token ids -> (n,) log-probabilities, in float32.
+
+    The LM head runs here, not in the model's forward, so what that forward does after the head is done here
+    too: Gemma 2 and 3 cap their logits (`final_logit_softcapping`, tanh(x / cap) * cap)."""
     logits = model.get_output_embeddings()(hidden).float()  # (n, vocab)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
     return logits.log_softmax(dim=-1).gather(1, targets[:, None])[:, 0]
 
 
@@ -134,7 +167,9 @@ def score_packed_batch(model: nn.Module, items: Sequence[PackedItem], pad_id: in
     device = next(model.parameters()).device
     output = model.get_decoder()(
         input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
+        attention_mask=layer_masks(
+            model.config, batch["attention_mask"], batch["position_ids"], next(model.parameters()).dtype, device
+        ),
         position_ids=batch["position_ids"].to(device),
         use_cache=False,
     )

@@ -12,7 +12,9 @@ from core.runtime import RunConfig
 from training.finetuning.deepspeed_config import ZERO_STAGES, ZERO_STAGES_TEXT
 
 SUMMARY_FILE = "train_summary.json"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = "all-linear"
+"""peft's word for every linear layer of the decoder (the LM head aside): q/k/v/o and the MLP's in every family,
+fused ones included (Phi-3's qkv_proj and gate_up_proj)."""
 
 
 @dataclass
@@ -51,8 +53,9 @@ class FinetuneConfig(RunConfig):
     """LoRA rank; 0 trains all weights. Adapters are merged into the weights at export."""
     lora_alpha: float = 16.0
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    """Module names that get LoRA adapters."""
+    lora_targets: list[str] = field(default_factory=lambda: [ALL_LINEAR])
+    """Module names that get LoRA adapters; `all-linear` (the default) is every linear layer of the decoder,
+    whatever the family calls it."""
     epochs: int = 1
     """Passes over the data."""
     max_steps: int = 0

@@ -18,7 +18,7 @@ from core import models, storage
 from core.placement import record_model_load, shape_free_attention, worker_device
 from core.progress import Progress
 from training.finetuning.checkpoints import TrainerState, restore, save_checkpoint
-from training.finetuning.config import SUMMARY_FILE, LoopConfig
+from training.finetuning.config import ALL_LINEAR, SUMMARY_FILE, LoopConfig
 from training.finetuning.deepspeed_config import build_deepspeed_config
 from training.finetuning.losses import causal_lm_loss, combined_loss, kd_loss
 from training.finetuning.sft_data import (
@@ -85,7 +85,8 @@ def _lora_config(loop: LoopConfig):
         r=loop.config.lora_r,
         lora_alpha=loop.config.lora_alpha,
         lora_dropout=0.0,
-        target_modules=loop.config.lora_targets,
+        # peft takes every linear layer as the string itself, not in a list.
+        target_modules=ALL_LINEAR if loop.config.lora_targets == [ALL_LINEAR] else loop.config.lora_targets,
     )
 
 
