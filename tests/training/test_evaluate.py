@@ -297,6 +297,14 @@ def test_student_t_tail_and_the_t_test_over_seeds_known_values():
         assert stats.student_t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-9)
         assert 2 * stats.student_t_sf(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
     assert stats.student_t_sf(1.959964, 100_000) == pytest.approx(0.025, abs=1e-4)  # the normal limit
+    # Far in the tail, relative accuracy: df 1 and 2 in forms without cancellation, and a table value.
+    for t in (1e3, 5e3, 1e6):
+        assert stats.student_t_sf(t, 1) == pytest.approx(math.atan(1 / t) / math.pi, rel=1e-9)
+        root = math.sqrt(2 + t * t)
+        assert stats.student_t_sf(t, 2) == pytest.approx(1 / (root * (root + t)), rel=1e-9)
+    assert 2 * stats.student_t_sf(5000, 2) == pytest.approx(4.0e-8, rel=1e-3)  # two-sided; Simpson gave 0.044
+    assert stats.student_t_sf(2.776445, 4) == pytest.approx(0.025, rel=1e-6)  # t table, df 4, 97.5%
+    assert stats.student_t_sf(-1.5, 3) == pytest.approx(1 - stats.student_t_sf(1.5, 3))
     test = stats.seed_t_test([0.10, 0.06, 0.08])  # mean 0.08, sd 0.02: t = 0.08 / (0.02 / sqrt 3) = 6.93
     assert test["t"] == pytest.approx(6.928, abs=1e-3) and test["df"] == 2
     assert test["p_value"] == pytest.approx(1 - 6.928 / math.sqrt(2 + 6.928**2), abs=1e-4)
