@@ -103,6 +103,38 @@ def _versus(ours: Scores, theirs: Scores) -> dict[str, Any]:
     return {**test, "ppl_ratio": math.exp(test["log_ratio"]), "significant": test["p_value"] < stats.ALPHA}
 
 
+def two_level_bootstrap(ours: list[Scores], theirs: list[Scores], samples: int = SAMPLES, seed: int = SEED) -> dict:
+    """log(ppl_ours) - log(ppl_theirs), the arms' trials paired by training seed, with a 95% interval from a
+    two-level bootstrap: trials (seeds) resampled with replacement, then the held-out documents, so that
+    the interval holds training noise as well as the documents'. Negative = ours better."""
+    rng = np.random.default_rng(seed)
+    trials, documents = len(ours), len(ours[0][0])
+
+    def gap(picked: np.ndarray, docs: np.ndarray) -> float:
+        ours_nll = sum(ours[t][0][docs].sum() for t in picked) / sum(ours[t][1][docs].sum() for t in picked)
+        theirs_nll = sum(theirs[t][0][docs].sum() for t in picked) / sum(theirs[t][1][docs].sum() for t in picked)
+        return float(ours_nll - theirs_nll)
+
+    everything = np.arange(documents)
+    values = [gap(rng.integers(0, trials, trials), rng.integers(0, documents, documents)) for _ in range(samples)]
+    low, high = np.percentile(values, [2.5, 97.5])
+    p_value = min(1.0, 2 * min(np.mean(np.asarray(values) >= 0), np.mean(np.asarray(values) <= 0)))
+    return {"log_ratio": gap(np.arange(trials), everything), "ci_low": float(low), "ci_high": float(high),
+            "p_value": float(p_value), "trials": trials, "samples": samples}  # fmt: skip
+
+
+def holm(p_values: dict[str, float], alpha: float = stats.ALPHA) -> dict[str, dict[str, Any]]:
+    """Holm's step-down correction over a family of tests (here, one per domain): each adjusted p-value and
+    whether it stays significant."""
+    order = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for rank, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p_values[name]))
+        adjusted[name] = running
+    return {name: {"p_value": p_values[name], "p_holm": adjusted[name], "significant": adjusted[name] < alpha}
+            for name in p_values}  # fmt: skip
+
+
 def _spread(shares: list[float]) -> dict[str, Any]:
     std = float(np.std(shares, ddof=1)) if len(shares) > 1 else 0.0
     return {"mean": float(np.mean(shares)), "std": std, "values": shares}
@@ -138,6 +170,7 @@ def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[st
         "oracle_share": _share(pruned, resampled["finescope"], resampled["oracle"]) if "oracle" in scores else None,
         "spread": spread,
         "over_seeds": over_seeds and {**over_seeds, "significant": over_seeds["p_value"] < stats.ALPHA},
+        "two_level": two_level_bootstrap([scores[label] for label in finescope], [scores[label] for label in random]),
         "distillation": _versus(scores[first], scores["undistilled"]) if distilled else None,
     }
 
@@ -247,6 +280,12 @@ def _finding_lines(domain: str, figures: dict[str, Any], general: dict[str, Any]
         verdicts.append(
             f"over seeds (FineScope's recovered share minus random's, per trial): {seeds['mean']:+.3f} ±"
             f" {seeds['std']:.3f}, t-test with {seeds['df']} df {stats.significance_word(seeds['p_value'])}"
+        )
+    if figures.get("two_level"):
+        both = figures["two_level"]
+        verdicts.append(
+            f"over seeds and documents (two-level bootstrap, the headline): log-ppl {both['log_ratio']:+.3f}"
+            f" [{both['ci_low']:+.3f}, {both['ci_high']:+.3f}], {_significance(both['p_value'])}"
         )
     if figures["distillation"] is not None:
         subject = f"distillation (finescope-t{trials[0]} against undistilled)"
@@ -371,6 +410,10 @@ def write_report(root: str, layout: ReplicationLayout, options: StorageOptions |
         entry = {scope: domain_figures(storage.read_json(uri, options), layout.trials) for scope, uri in scopes.items()}
         figures["domains"][domain] = {**entry, "sources": scopes}
         lines += _domain_lines(domain, entry["domain"], entry["general"], layout.trials)
+    if figures["domains"]:
+        figures["holm"] = holm({d: entry["domain"]["two_level"]["p_value"] for d, entry in figures["domains"].items()})
+        lines += ["Across domains (Holm's correction of the two-level p-values): " + ", ".join(
+            f"{d} {_significance(h['p_holm'])}" for d, h in figures["holm"].items()) + ".", ""]  # fmt: skip
     lines += _budget_lines(layout.budget)
     images = {"recovery.png": _recovery_chart(figures["domains"])} if figures["domains"] else {}
     for kind, ablation in (("ratio", layout.ratio_ablation), ("coords", layout.coords_ablation)):

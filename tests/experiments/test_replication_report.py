@@ -183,3 +183,38 @@ def test_write_report_writes_figures_markdown_and_charts(tmp_path):
     assert saved["domains"]["mathematics"]["general"]["recovered"]["finescope"]["value"] is None
     assert saved["domains"]["mathematics"]["sources"]["domain"] == layout.domains["mathematics"][0]
     assert [row["value"] for row in saved["ablations"]["ratio"]["rows"]] == [0.25, 0.5]
+
+
+def test_the_two_level_bootstrap_holds_training_noise_and_holm_adjusts_across_domains():
+    """Seeds that agree give a tight interval that excludes zero; seeds that disagree, each tight over
+    documents, give one that holds zero: the interval sees the spread between trials."""
+    from experiments.replication.report import holm, two_level_bootstrap
+
+    def arm(mean: float, seed: int):
+        entry = results_json({"x": mean}, seed=seed)["perplexity"]["heldout"]["results"]["x"]
+        return np.asarray(entry["document_nll"]), np.asarray(entry["document_tokens"], float)
+
+    agree = two_level_bootstrap([arm(2.5, 0), arm(2.5, 0), arm(2.5, 0)], [arm(3.5, 0), arm(3.5, 0), arm(3.5, 0)])
+    assert agree["log_ratio"] == pytest.approx(-1.0, abs=0.05) and agree["ci_high"] < 0 and agree["p_value"] == 0
+    split = two_level_bootstrap([arm(2.5, 0), arm(3.5, 0), arm(2.0, 0)], [arm(3.5, 0), arm(2.5, 0), arm(3.0, 0)])
+    assert split["ci_low"] < 0 < split["ci_high"] and split["p_value"] > 0.05
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert {name: round(entry["p_holm"], 3) for name, entry in adjusted.items()} == {"a": 0.03, "b": 0.06, "c": 0.06}
+    assert [name for name, entry in adjusted.items() if entry["significant"]] == ["a"]
+
+
+def test_the_shipped_report_holds_the_figures_the_docs_quote():
+    """docs/replication/replication.json carries the seed-level tests the docs cite."""
+    from conftest import REPO
+
+    shipped = json.loads((REPO / "docs" / "replication" / "replication.json").read_text())
+    for domain in ("mathematics", "biology", "history"):
+        figures = shipped["domains"][domain]["domain"]
+        assert {"over_seeds", "two_level"} <= set(figures)
+    biology = shipped["domains"]["biology"]["domain"]["two_level"]
+    assert (round(biology["log_ratio"], 3), round(biology["ci_low"], 3), round(biology["ci_high"], 3)) == (
+        -0.065,
+        -0.404,
+        0.190,
+    )
+    assert shipped["holm"]["mathematics"]["significant"] and not shipped["holm"]["biology"]["significant"]
