@@ -337,9 +337,15 @@ def _flag_help(spec: dataclasses.Field, docs: dict[str, str], required: bool) ->
     return help_text.replace("%", "%%")
 
 
+TEST_ONLY = "test_only"
+"""Field metadata key: `field(default=..., metadata={TEST_ONLY: True})` marks a hook for the tests, which the
+command line takes but --help does not show."""
+
+
 def _add_flag(group: Any, spec: dataclasses.Field, annotation: Any, help_text: str) -> argparse.Action:
     inner, _ = _unwrap_optional(annotation)
-    kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
+    shown = argparse.SUPPRESS if spec.metadata.get(TEST_ONLY) else help_text
+    kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": shown}
     if inner is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif get_origin(inner) is Literal:

@@ -538,3 +538,12 @@ def test_curate_plan_accepts_a_valid_config(job_inputs):
     assert checked.model == job_inputs["model"]
     assert checked.seeds.domains == ["animals"]
     assert checked.sae.cfg.layer == 2
+
+
+def test_test_only_flags_work_but_help_does_not_show_them(capsys):
+    from training.finetuning.config import FinetuneConfig
+
+    parser = cli.build_parser(FinetuneConfig, prog="python -m jobs.finetune")
+    assert "fail-at-step" not in parser.format_help() and "--zero-stage" in parser.format_help()
+    config = cli.parse(FinetuneConfig, ["--model", "m", "--data", "d", "--out", "o", "--fail-at-step", "3"])
+    assert config.fail_at_step == 3

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from core import storage
+from core.cli import TEST_ONLY
 from core.errors import ConfigError, check_range, check_ranges, check_seed
 from core.runtime import RunConfig
 from training.finetuning.deepspeed_config import ZERO_STAGES, ZERO_STAGES_TEXT
@@ -99,7 +100,7 @@ class FinetuneConfig(RunConfig):
     """Checkpoints kept in storage."""
     max_failures: int = 2
     """Worker-group restarts Ray Train allows before the run fails."""
-    fail_at_step: int = 0
+    fail_at_step: int = field(default=0, metadata={TEST_ONLY: True})
     """Test hook: rank 0's process exits at this step, once per output directory."""
 
     def __post_init__(self) -> None:
