@@ -207,8 +207,9 @@ def gpu_settings() -> dict[str, dict]:
     return settings
 
 
-def write_spec(root: Path, tiny_model_dir: str, corpus: dict, glob: str, **changes) -> Path:
-    """A pipeline spec for the tiny model and corpus; `changes` set `stage__key` values."""
+def write_spec(root: Path, tiny_model_dir: str, corpus: dict, glob: str, top: dict | None = None, **changes) -> Path:
+    """A pipeline spec for the tiny model and corpus; `top` replaces top-level values (`root`, `seeds`: paths
+    on S3, say), `changes` set `stage__key` values."""
     import yaml
 
     from training.evaluation import mmlu
@@ -234,6 +235,7 @@ def write_spec(root: Path, tiny_model_dir: str, corpus: dict, glob: str, **chang
                      "log_every": 1, "cpus": 0.5, "threads": 1},
         "evaluate": {"mmlu_file": str(mmlu_file), "window": 16, "stride": 8, "threads": 1},
     }  # fmt: skip
+    spec.update(top or {})
     for dotted, value in changes.items():
         stage, key = dotted.split("__")
         spec[stage][key] = value

@@ -1,12 +1,15 @@
-"""The whole pipeline as one job (`jobs.pipeline`): every stage's outputs, where every model was loaded, the
-skip on rerun, and the rerun of exactly the steps downstream of a changed setting. A tiny Llama and a tiny
-corpus, with the GPU settings of jobs/configs/pipeline-s3.yaml on a two-node cluster whose head has no GPU
-and whose worker node advertises two: `FINESCOPE_FORCE_CPU=1` lets those GPU workers run on this machine's
-CPU (core.placement), and `FINESCOPE_LOAD_LOG` records where each model was loaded."""
+"""The whole pipeline as one job (`jobs.pipeline`), as jobs/configs/pipeline-s3.yaml runs it on a cluster:
+every path on S3 (moto's server: the corpus, the seeds, the base model, MMLU and the root every step writes
+under), submitted with `ray job submit` to a two-node cluster whose head has no GPU and whose worker node
+advertises two, with that spec's GPU settings. `FINESCOPE_FORCE_CPU=1` lets the GPU workers run on this
+machine's CPU (core.placement), and `FINESCOPE_LOAD_LOG` records where each model was loaded. The tests
+check every stage's outputs, where every model was loaded, the skip on rerun, the rerun of exactly the
+steps downstream of a changed setting, and the same domain run by hand. A tiny Llama and a tiny corpus."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,7 @@ import yaml
 from conftest import REPO
 from helpers import gpu_settings, job_env, ray_cluster, submit_job, write_corpus, write_spec
 
+from core import storage
 from core.errors import ConfigError
 from core.placement import FORCE_CPU, LOAD_LOG
 from curation.split import heldout_mask
@@ -30,11 +34,17 @@ ALL_STEPS = {
 }  # fmt: skip
 
 
-def finished_at(run: Path) -> dict[str, str]:
+def finished_at(run: str) -> dict[str, str]:
     """Each step's stage manifest timestamp: it changes exactly when the stage wrote its output again."""
-    state = json.loads((run / "pipeline.json").read_text())
-    return {name: json.loads((Path(r["out"]) / "manifest.json").read_text())["finished_at"]
+    state = storage.read_json(storage.join(run, "pipeline.json"))
+    return {name: storage.read_json(storage.join(r["out"], "manifest.json"))["finished_at"]
             for name, r in state["steps"].items()}  # fmt: skip
+
+
+def _upload(local: Path, uri: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.write_bytes_atomic(storage.join(uri, *path.relative_to(local).parts), path.read_bytes())
 
 
 def run_driver(spec: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -48,21 +58,31 @@ def run_driver(spec: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tiny_model_dir):
-    """The pipeline run once through `ray job submit` on the two-node cluster, which stays up for the module's
-    reruns (their drivers join it directly)."""
+def pipeline_run(tmp_path_factory, tiny_model_dir, s3_server):
+    """The pipeline run once through `ray job submit` on the two-node cluster, every path on S3; the cluster
+    stays up for the module's reruns (their drivers join it directly). `run` is a local copy of the S3 root
+    as the first run left it, for reading; `s3_run` the root itself."""
     root = tmp_path_factory.mktemp("pipeline")
     corpus = write_corpus(root / "corpus")
-    glob = str(root / "corpus" / "*.jsonl.gz")
-    spec = write_spec(root, tiny_model_dir, corpus, glob, **GPU_CHANGES)
+    bucket = f"s3://fs-pipeline-{os.getpid()}"
+    storage.filesystem(bucket)[0].mkdir(storage.strip_scheme(bucket))
+    _upload(root / "corpus", f"{bucket}/corpus")
+    _upload(Path(tiny_model_dir), f"{bucket}/models/tiny")
+    storage.write_bytes_atomic(f"{bucket}/seeds.jsonl", Path(corpus["seeds"]).read_bytes())
+    write_spec(root, tiny_model_dir, corpus, "unused")  # writes the MMLU file beside it
+    storage.write_bytes_atomic(f"{bucket}/mmlu.jsonl", (root / "mmlu.jsonl").read_bytes())
+    top = {"root": f"{bucket}/run", "model": f"{bucket}/models/tiny", "seeds": f"{bucket}/seeds.jsonl"}
+    spec = write_spec(root, f"{bucket}/models/tiny", corpus, f"{bucket}/corpus/*.jsonl.gz", top=top,
+                      evaluate__mmlu_file=f"{bucket}/mmlu.jsonl", **GPU_CHANGES)  # fmt: skip
     log = root / "loads.jsonl"
     env = {**job_env(), FORCE_CPU: "1", LOAD_LOG: str(log)}
     with ray_cluster(env, worker_gpus=2) as cluster:
         submit = submit_job(cluster["dashboard"], ["jobs.pipeline", "--spec", str(spec)], env, timeout=800)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
-        yield {"root": root, "run": root / "run", "corpus": corpus, "glob": glob, "spec": spec,
-               "stdout": submit.stdout, "loads": log, "gpu_node": cluster["gpu_node"],
-               "driver_env": {**env, "RAY_ADDRESS": cluster["gcs"]}}  # fmt: skip
+        run = Path(storage.local_copy(f"{bucket}/run"))
+        yield {"root": root, "run": run, "s3_run": f"{bucket}/run", "corpus": corpus, "spec": spec,
+               "glob": f"{bucket}/corpus/*.jsonl.gz", "stdout": submit.stdout, "loads": log, "bucket": bucket,
+               "gpu_node": cluster["gpu_node"], "driver_env": {**env, "RAY_ADDRESS": cluster["gcs"]}}  # fmt: skip
 
 
 # Every GPU setting of the shipped GPU pipeline; one fine-tuning worker shows where they go (several are
@@ -79,6 +99,9 @@ def test_pipeline_through_ray_job_submit_writes_every_stage(pipeline_run, tiny_m
     state = json.loads((run / "pipeline.json").read_text())
     assert set(state["steps"]) == ALL_STEPS
     assert {r["status"] for r in state["steps"].values()} == {"ran"}
+    for name, record in state["steps"].items():  # every step wrote its output, manifest last, on S3
+        assert record["out"].startswith(pipeline_run["s3_run"] + "/"), name
+        assert storage.read_json(storage.join(record["out"], "manifest.json"))["hash"] == record["stage_hash"]
 
     assert (run / "sae" / "sae.safetensors").is_file()
     curated = pq.read_table(run / "curate" / "curated").to_pylist()
@@ -174,23 +197,23 @@ def test_one_domain_by_hand_gives_the_pipelines_outputs(pipeline_run, tiny_model
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(losses[0]) > 1
 
 
-def test_gpu_pipeline_loads_every_model_on_the_gpu_node_and_none_in_the_driver(pipeline_run, tiny_model_dir):
+def test_gpu_pipeline_loads_every_model_on_the_gpu_node_and_none_in_the_driver(pipeline_run):
     loads = [json.loads(line) for line in pipeline_run["loads"].read_text().splitlines()]
     assert not [row for row in loads if row["driver"]]
     assert {row["node"] for row in loads} == {pipeline_run["gpu_node"]}
     assert {row["device"] for row in loads} == {"cpu"}
-    run = pipeline_run["run"]
+    run = pipeline_run["s3_run"]
     by_what: dict[str, int] = {}
     for row in loads:
         by_what[row["what"]] = by_what.get(row["what"], 0) + 1
     # SAE coordinates, SAE activations, the seeds, curation's encoder, pruning, the teachers (both arms) and
-    # the base model's evaluation each load the base model once (the teacher once per actor).
-    assert by_what[tiny_model_dir] >= 8
+    # the base model's evaluation each load the base model (on S3) once (the teacher once per actor).
+    assert by_what[f"{pipeline_run['bucket']}/models/tiny"] >= 8
     assert by_what["sae-trainer"] == 1
-    pruned = str(run / "maths" / "pruned-0.30")
+    pruned = f"{run}/maths/pruned-0.30"
     assert by_what[pruned] >= 3  # both arms' fine-tuning (and export), and the pruned model's evaluation
-    finetuned = {what for what in by_what if what.startswith(str(run)) and what != pruned}
-    assert {Path(what).relative_to(run / "maths").parts[0] for what in finetuned} == {
+    finetuned = {what for what in by_what if what.startswith(f"{run}/maths/") and what != pruned}
+    assert {what.removeprefix(f"{run}/maths/").split("/")[0] for what in finetuned} == {
         "finetuned-0.30", "finetuned-random-0.30"
     }  # fmt: skip
     tasks = {row["task"] or "" for row in loads}
@@ -198,26 +221,27 @@ def test_gpu_pipeline_loads_every_model_on_the_gpu_node_and_none_in_the_driver(p
         assert any(part in task for task in tasks), (part, tasks)
 
 
-def test_rerun_skips_and_a_changed_setting_reruns_exactly_its_dependents(pipeline_run, tiny_model_dir):
-    run, root = pipeline_run["run"], pipeline_run["root"]
+def test_rerun_skips_and_a_changed_setting_reruns_exactly_its_dependents(pipeline_run):
+    run = pipeline_run["s3_run"]
     before = finished_at(run)
 
     env = pipeline_run["driver_env"]
     run_driver(pipeline_run["spec"], env)  # nothing changed: every step is skipped without being called
-    state = json.loads((run / "pipeline.json").read_text())
+    state = storage.read_json(storage.join(run, "pipeline.json"))
     assert {r["status"] for r in state["steps"].values()} == {"skipped"}
     assert finished_at(run) == before
 
-    spec = write_spec(
-        root, tiny_model_dir, pipeline_run["corpus"], pipeline_run["glob"], **GPU_CHANGES, prune__method="magnitude"
-    )
-    run_driver(spec, env)
+    spec = yaml.safe_load(pipeline_run["spec"].read_text())
+    spec["prune"]["method"] = "magnitude"
+    changed_spec = pipeline_run["root"] / "magnitude.yaml"
+    changed_spec.write_text(yaml.safe_dump(spec))
+    run_driver(changed_spec, env)
     after = finished_at(run)
     changed = {name for name in ALL_STEPS if after[name] != before[name]}
     assert changed == {"prune/maths/0.30", "finetune/maths/0.30", "finetune-random/maths/0.30", "evaluate/maths"}
-    state = json.loads((run / "pipeline.json").read_text())
+    state = storage.read_json(storage.join(run, "pipeline.json"))
     assert {n for n, r in state["steps"].items() if r["status"] == "ran"} == changed
-    report = json.loads((run / "maths" / "pruned-0.30" / "prune_report.json").read_text())
+    report = storage.read_json(storage.join(run, "maths", "pruned-0.30", "prune_report.json"))
     assert report["method"] == "magnitude"
 
 
