@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -65,7 +66,7 @@ def pipeline_run(tmp_path_factory, tiny_model_dir, s3_server):
     root = tmp_path_factory.mktemp("pipeline")
     corpus = write_corpus(root / "corpus")
     bucket = f"s3://fs-pipeline-{os.getpid()}"
-    storage.filesystem(bucket)[0].mkdir(storage.strip_scheme(bucket))
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=storage.strip_scheme(bucket))
     _upload(root / "corpus", f"{bucket}/corpus")
     _upload(Path(tiny_model_dir), f"{bucket}/models/tiny")
     storage.write_bytes_atomic(f"{bucket}/seeds.jsonl", Path(corpus["seeds"]).read_bytes())
