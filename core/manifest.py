@@ -29,6 +29,7 @@ MANIFEST = "manifest.json"
 
 STAGE_DATASETS: dict[str, tuple[str, ...]] = {
     "curate": ("curated",),
+    "reselect": ("curated",),  # jobs.select: a curate output's layout, selected again from its stored codes
     "split": ("train", "heldout", "random"),
     "distill": ("distilled",),
     # The replication's data steps (experiments/replication/data.py).
@@ -41,7 +42,9 @@ STAGE_DATASETS: dict[str, tuple[str, ...]] = {
 NOT_DATASETS = ("parts", "rejects", "scored", "shards")
 """Subdirectories of stage outputs that no stage reads as data: distill's resume parts (the rows of
 `distilled/` again, before deduplication), rejected rows, every scored corpus document (curate), and
-a scheduled curation's per-shard candidates."""
+a scheduled curation's per-shard candidates. The one exception is a reader that names one of them in its
+`reads` (jobs.select reads a curate output's `scored/`, whose stored codes it selects from): that reader,
+and no other, may read it."""
 SCHEDULE_MARKERS = ("CURRENT", "spec.json")
 """Files at the root of a scheduled curation's output, whose dataset is the current snapshot."""
 
@@ -209,13 +212,16 @@ def _what_is(root: str, options: StorageOptions | None, cache: dict) -> tuple[se
     return cache[root]
 
 
-def _readable_in(root: str, rest: list[str], options: StorageOptions | None, cache: dict) -> str | None:
+def _readable_in(
+    root: str, rest: list[str], options: StorageOptions | None, cache: dict, reads: Mapping[str, str]
+) -> str | None:
     """Why a file at `root/<rest...>` may not be read as data, judged by what `root` is; None when `root`
-    says nothing against it (it is no stage output, or the file lies in one of its datasets)."""
+    says nothing against it (it is no stage output, or the file lies in one of its datasets, or in the
+    directory `reads` names for its stage)."""
     children, stage = _what_is(root, options, cache)
     head = rest[0]
     if stage is not None:
-        if head in STAGE_DATASETS.get(stage, ()):
+        if head in STAGE_DATASETS.get(stage, ()) or reads.get(stage) == head:
             return None
         return f"lies in {head} of a `{stage}` output ({root}), which holds no dataset to read"
     if IN_PROGRESS in children:
@@ -230,15 +236,18 @@ def _readable_in(root: str, rest: list[str], options: StorageOptions | None, cac
     return None
 
 
-def refusal_for_file(uri: str, options: StorageOptions | None, cache: dict) -> tuple[str, str] | None:
-    """(the stage output root, why) when the file `uri` lies somewhere no stage may read data from: outside
-    the datasets of a finished stage output, or anywhere in an unfinished one or a scheduled curation's root
-    (its snapshots aside). The nearest enclosing output decides."""
+def refusal_for_file(
+    uri: str, options: StorageOptions | None, cache: dict, reads: Mapping[str, str] | None = None
+) -> tuple[str, str] | None:
+    """(the stage output root, why) when the file `uri` lies somewhere this reader may not read data from:
+    outside the datasets of a finished stage output (and outside the directory `reads` names for its stage),
+    or anywhere in an unfinished one or a scheduled curation's root (its snapshots aside). The nearest
+    enclosing output decides."""
     parts = uri.split("/")
     floor = 3 if "://" in uri else 1  # never above the bucket (s3://bucket) or the filesystem's root
     for index in range(len(parts) - 1, floor - 1, -1):
         root = "/".join(parts[:index]) or "/"
-        why = _readable_in(root, parts[index:], options, cache)
+        why = _readable_in(root, parts[index:], options, cache, reads or {})
         if why is not None:
             return root, why
         if _what_is(root, options, cache)[1] is not None:
@@ -263,7 +272,7 @@ def input_files(
     files = storage.expand(resolved, options, config_field=field)
     cache: dict[str, tuple[set[str], str | None]] = {}
     for info in files:
-        if (found := refusal_for_file(info.uri, options, cache)) is not None:
+        if (found := refusal_for_file(info.uri, options, cache, reads)) is not None:
             root, why = found
             stage = cache[root][1] or "scheduled curation"
             raise ConfigError(field, data, f"names {info.uri}, which {why}; " + _choices(stage, root, reads))

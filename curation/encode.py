@@ -12,9 +12,10 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from core.batching import length_batches, pad_right
@@ -72,6 +73,60 @@ def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
 def cosine_scores(doc_vectors: torch.Tensor, seed_vectors: torch.Tensor) -> torch.Tensor:
     """(docs, dim) and (seeds, dim), both unit-norm -> (docs, seeds) cosine similarities."""
     return doc_vectors @ seed_vectors.T
+
+
+def weighted_unit(pooled: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """(docs, dim) pooled codes -> unit document vectors, each latent scaled by `weights` first (None: alike).
+
+    The encoder and the re-selection from stored codes (curation/selection/reselect.py) both make vectors
+    here, so the same pooled code gives the same vector in both."""
+    return l2_normalize(pooled * weights if weights is not None else pooled)
+
+
+CODE_COLUMNS = ("code_latents", "code_values")
+"""The scored columns that keep each document's pooled code, sparse: its nonzero latents (ascending) and their
+pooled values, before the rarity weighting. Dense vectors of every latent would cost 4 bytes a latent."""
+
+
+def sparse_codes(pooled: torch.Tensor) -> dict[str, pa.Array]:
+    """(docs, latents) pooled codes -> `code_latents` list<int32> and `code_values` list<float32>, exact."""
+    pooled = pooled.detach().to("cpu", torch.float32)
+    rows, latents = torch.nonzero(pooled, as_tuple=True)
+    offsets = np.zeros(pooled.shape[0] + 1, dtype=np.int32)
+    np.cumsum(torch.bincount(rows, minlength=pooled.shape[0]).numpy(), out=offsets[1:])
+    offsets_array = pa.array(offsets, pa.int32())
+    return {
+        "code_latents": pa.ListArray.from_arrays(offsets_array, pa.array(latents.numpy().astype(np.int32))),
+        "code_values": pa.ListArray.from_arrays(offsets_array, pa.array(pooled[rows, latents].numpy())),
+    }
+
+
+def dense_codes(latents: pa.Array | pa.ChunkedArray, values: pa.Array | pa.ChunkedArray, width: int) -> torch.Tensor:
+    """`sparse_codes`' two columns -> the (docs, width) float32 pooled codes they were made from."""
+    latents, values = (column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+                       for column in (latents, values))  # fmt: skip
+    counts = np.diff(latents.offsets.to_numpy()) if len(latents) else np.zeros(0, dtype=np.int64)
+    rows = np.repeat(np.arange(len(latents)), counts)
+    out = torch.zeros((len(latents), width), dtype=torch.float32)
+    flat_latents = latents.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(flat_latents) and (flat_latents.min() < 0 or flat_latents.max() >= width):
+        raise ValueError(f"stored codes name latents outside 0..{width - 1}: they belong to another SAE")
+    flat_values = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    out[torch.from_numpy(rows), torch.from_numpy(flat_latents)] = torch.from_numpy(flat_values)
+    return out
+
+
+class Encoded(NamedTuple):
+    """What `DocumentEncoder.encode_codes` returns for a list of documents, in input order."""
+
+    vectors: torch.Tensor
+    """(docs, dim) unit document vectors."""
+    pooled: torch.Tensor
+    """(docs, dim) the pooled codes the vectors were made from, before the latent weights."""
+    peaks: torch.Tensor
+    """(docs, watched) each watched latent's largest code over the document's counted tokens."""
+    positions: torch.Tensor
+    """(docs, watched) the token position of that peak (the first on ties)."""
 
 
 @dataclass
@@ -187,8 +242,16 @@ class DocumentEncoder:
         (indices into dim) its largest code over each document's counted tokens, (docs, watched), and the
         token position where it is (the first on ties), (docs, watched) long. Costs one gather per batch.
         """
+        encoded = self.encode_codes(token_lists, watch)
+        return encoded.vectors, encoded.peaks, encoded.positions
+
+    @torch.inference_mode()
+    def encode_codes(self, token_lists: Sequence[Sequence[int]], watch: torch.Tensor | None = None) -> Encoded:
+        """Token lists -> `Encoded`: the vectors, the pooled codes before the latent weights, and the peaks and
+        positions of the `watch` latents (see `encode_with_peaks`)."""
         watched = 0 if watch is None else len(watch)
-        out: torch.Tensor | None = None
+        vectors: torch.Tensor | None = None
+        pooled_all: torch.Tensor | None = None
         peaks = torch.zeros((len(token_lists), watched))
         positions = torch.zeros((len(token_lists), watched), dtype=torch.long)
         for rows, hidden, mask in self.hidden_batches(token_lists):
@@ -197,17 +260,18 @@ class DocumentEncoder:
                 pooled = firing_rate(codes, mask)
             else:
                 pooled = mean_pool(codes, mask)
-            if self.weights is not None:
-                pooled = pooled * self.weights
-            pooled = l2_normalize(pooled).cpu()
-            if out is None:
-                out = torch.zeros((len(token_lists), pooled.shape[-1]))
-            out[rows] = pooled
+            if vectors is None or pooled_all is None:
+                vectors = torch.zeros((len(token_lists), pooled.shape[-1]))
+                pooled_all = torch.zeros((len(token_lists), pooled.shape[-1]))
+            vectors[rows] = weighted_unit(pooled, self.weights).cpu()
+            pooled_all[rows] = pooled.cpu()
             if watched:
                 values = codes[..., watch.to(codes.device)].masked_fill(~mask.unsqueeze(-1), -torch.inf)
                 top, where = values.max(dim=1)
                 peaks[rows], positions[rows] = top.cpu(), where.cpu()
-        return (out if out is not None else torch.zeros((0, 0))), peaks, positions
+        empty = torch.zeros((0, 0))
+        return Encoded(vectors if vectors is not None else empty, pooled_all if pooled_all is not None else empty,
+                       peaks, positions)  # fmt: skip
 
     @torch.inference_mode()
     def activations(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -222,7 +286,9 @@ class DocumentEncoder:
 class EncodeDocuments:
     """Ray Data actor: token ids -> cosine similarity of each document to every seed.
 
-    The output drops `input_ids` and adds `seed_sims` (float32 per seed). Given the seeds' domains, it also
+    The output drops `input_ids` and adds `seed_sims` (float32 per seed) and the document's pooled code,
+    sparse (`CODE_COLUMNS`), so that another rule, size, weighting or set of seeds can be applied later
+    without encoding the corpus again (curation/selection/reselect.py). Given the seeds' domains, it also
     adds the small explanation columns of curation/explain.py (`domain_latents`, `domain_contributions`,
     `driver_peaks`, `driver_positions`): why each document scores as it does, computed here because only
     here do the document vectors and token-level codes exist.
@@ -245,13 +311,15 @@ class EncodeDocuments:
         self.seconds = 0.0
         logger.info("encoder ready on pid %d (layer %d)", os.getpid(), spec.layer)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         started = time.perf_counter()
         token_lists = [row.tolist() for row in batch.pop("input_ids")]
         watch = torch.as_tensor(self.drivers.latents.reshape(-1)) if self.drivers is not None else None
-        vectors, peaks, positions = self.encoder.encode_with_peaks(token_lists, watch)
+        vectors, pooled, peaks, positions = self.encoder.encode_codes(token_lists, watch)
         sims = cosine_scores(vectors, self.seed_vectors).numpy().astype(np.float32)
         batch["seed_sims"] = sims
+        if self.encoder.sae is not None:
+            batch.update(sparse_codes(pooled))
         if self.drivers is not None:
             batch.update(explain_columns(vectors, self.seed_vectors, sims, peaks, positions, self.drivers))
         self.tokens += int(batch["n_tokens"].sum())

@@ -30,6 +30,7 @@ def _factories() -> dict:
     from curation.schedule.service import ScheduleJobConfig
     from curation.schedule.spec import ScheduleSpec
     from curation.selection.curate import CurateConfig
+    from curation.selection.reselect import ReselectConfig
     from curation.selection.rules import SelectionSettings
     from curation.split import SplitConfig
     from experiments.replication import ReplicationSpec
@@ -47,6 +48,9 @@ def _factories() -> dict:
         "SAEConfig": lambda **kw: SAEConfig(**{"d_in": 8, **kw}),
         "TrainSAEConfig": lambda **kw: TrainSAEConfig(**{"corpus": ["c"], "out": "o", **kw}),
         "CurateConfig": lambda **kw: CurateConfig(**{**curate, **kw}),
+        "ReselectConfig": lambda **kw: ReselectConfig(
+            **{"scored": "curated", "seeds": "seeds.jsonl", "out": "o", **kw}
+        ),
         "SelectionSettings": lambda **kw: SelectionSettings(**{"rule": "per_seed_topn", "seed_domains": ["a"], **kw}),
         "SelectionSettings[threshold]": lambda **kw: SelectionSettings(
             **{"rule": "threshold", "seed_domains": ["a"], **kw}
@@ -128,6 +132,13 @@ BAD: dict[str, dict[str, tuple]] = {
         "threads": (-1,),
     },
     "CurateConfig": CURATE,
+    "ReselectConfig": {
+        "top_n": (0,),
+        "threshold": (1.5, -1.5, *FLOATS),
+        "cpus": (0.0, *FLOATS),
+        "gpus": (-1.0, *FLOATS),
+        "threads": (-1,),
+    },
     "SelectionSettings": {"top_n": (0,)},
     "SelectionSettings[threshold]": {"threshold": (1.5, *FLOATS)},
     "ScheduleSpec": {

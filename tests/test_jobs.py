@@ -159,6 +159,7 @@ def test_curate_through_ray_job_submit(tmp_path, trained):
 JOBS = {  # job -> (its config in test_config_validation's tables, the flags its --help marks required)
     "train_sae": ("TrainSAEConfig", ["corpus", "out"]),
     "curate": ("CurateConfig", ["corpus", "seeds", "sae", "out"]),
+    "select": ("ReselectConfig", ["scored", "seeds", "out"]),
     "prune": ("PruneConfig", ["out"]),
     "distill": ("DistillConfig", ["data", "out"]),
     "finetune": ("FinetuneConfig", ["model", "data", "out"]),

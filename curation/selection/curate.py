@@ -112,11 +112,7 @@ class CurateConfig(RunConfig):
                 raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
         if not self.corpus:
             raise ConfigError("corpus", self.corpus, "is required: pass --corpus PATH_OR_GLOB")
-        check_range("threshold", self.threshold, ge=-1.0, le=1.0, optional=True, hint="a cosine similarity")
-        if self.rule is None:
-            self.rule = "threshold" if self.threshold is not None else "per_seed_topn"
-        if self.rule == "threshold" and self.threshold is None:
-            raise ConfigError("threshold", None, "the threshold rule needs --threshold T (a cosine in [-1, 1])")
+        check_rule(self)
         sizes = ("top_n", "max_tokens", "actors", "batch_size", "max_batch_tokens", "max_batch_rows")
         check_ranges(self, sizes, ge=1)
         if self.max_batch_tokens < self.max_tokens:
@@ -138,6 +134,16 @@ class CurateConfig(RunConfig):
         )
 
 
+def check_rule(config: Any) -> None:
+    """Resolve an unset `rule` of a config with `rule`, `top_n` and `threshold` fields, and check them."""
+    check_range("threshold", config.threshold, ge=-1.0, le=1.0, optional=True, hint="a cosine similarity")
+    if config.rule is None:
+        config.rule = "threshold" if config.threshold is not None else "per_seed_topn"
+    if config.rule == "threshold" and config.threshold is None:
+        raise ConfigError("threshold", None, "the threshold rule needs --threshold T (a cosine in [-1, 1])")
+    check_range("top_n", config.top_n, ge=1)
+
+
 @dataclass
 class CurationPlan:
     """What validation found, so the run itself starts from checked facts."""
@@ -157,33 +163,40 @@ def plan(config: CurateConfig) -> CurationPlan:
     options = config.storage_options()
     seeds = load_seeds(config.seeds, options)
     inputs = manifest.corpus_files(config.corpus, options)
-    if not storage.exists(storage.join(config.sae, "cfg.json"), options):
-        raise ConfigError("sae", config.sae, "no cfg.json there; train one with `python -m jobs.train_sae`")
-    sae_dir = storage.local_copy(config.sae, options)
-    sae, stats = _load_sae(config.sae, sae_dir)
-    model = config.model or sae.cfg.base_model.get("name")
-    if not model:
-        raise ConfigError("model", None, "the SAE does not name its base model; pass --model")
-    info = models.model_info(model, options)
-    if sae.cfg.layer >= info.num_layers:
-        raise ConfigError("sae", config.sae, f"its layer {sae.cfg.layer} is beyond {model}'s {info.num_layers} layers")
-    if sae.cfg.coords and max(sae.cfg.coords) >= info.hidden_size:
-        raise ConfigError("sae", config.sae, f"reads coordinates beyond {model}'s hidden size {info.hidden_size}")
-    weights = None
-    if config.weighting == "idf":
-        if stats is None:
-            raise ConfigError(
-                "weighting", "idf", f"the SAE at {config.sae} has no {STATS_FILE}: train it again with "
-                "`python -m jobs.train_sae` (which measures it), or pass --weighting none",
-            )  # fmt: skip
-        if len(stats.fired_in) != sae.cfg.num_latents:
-            raise ConfigError("sae", config.sae, f"{STATS_FILE} has {len(stats.fired_in)} latents, the SAE "
-                              f"{sae.cfg.num_latents}: it belongs to another SAE; train this one again")  # fmt: skip
-        weights = stats.weights().tolist()
+    sae, model, weights = load_encoder_inputs(config.sae, config.model, config.weighting, options)
     seed_info = storage.expand(config.seeds, options, config_field="seeds")
     sae_info = storage.expand(config.sae, options, config_field="sae")
     digest = config.digest([*inputs, *seed_info, *sae_info, *models.model_inputs(model, options)])
     return CurationPlan(config, inputs, seeds, sae, model, digest, weights)
+
+
+def load_encoder_inputs(
+    sae_uri: str, model: str | None, weighting: str, options: storage.StorageOptions | None
+) -> tuple[TopKSAE, str, list[float] | None]:
+    """(the SAE, the base model it reads, the rarity weights or None for `weighting: none`), each checked
+    against the others: the SAE's layer and coordinates within the model, its statistics its own."""
+    if not storage.exists(storage.join(sae_uri, "cfg.json"), options):
+        raise ConfigError("sae", sae_uri, "no cfg.json there; train one with `python -m jobs.train_sae`")
+    sae, stats = _load_sae(sae_uri, storage.local_copy(sae_uri, options))
+    model = model or sae.cfg.base_model.get("name")
+    if not model:
+        raise ConfigError("model", None, "the SAE does not name its base model; pass --model")
+    info = models.model_info(model, options)
+    if sae.cfg.layer >= info.num_layers:
+        raise ConfigError("sae", sae_uri, f"its layer {sae.cfg.layer} is beyond {model}'s {info.num_layers} layers")
+    if sae.cfg.coords and max(sae.cfg.coords) >= info.hidden_size:
+        raise ConfigError("sae", sae_uri, f"reads coordinates beyond {model}'s hidden size {info.hidden_size}")
+    if weighting != "idf":
+        return sae, model, None
+    if stats is None:
+        raise ConfigError(
+            "weighting", "idf", f"the SAE at {sae_uri} has no {STATS_FILE}: train it again with "
+            "`python -m jobs.train_sae` (which measures it), or pass --weighting none",
+        )  # fmt: skip
+    if len(stats.fired_in) != sae.cfg.num_latents:
+        raise ConfigError("sae", sae_uri, f"{STATS_FILE} has {len(stats.fired_in)} latents, the SAE "
+                          f"{sae.cfg.num_latents}: it belongs to another SAE; train this one again")  # fmt: skip
+    return sae, model, stats.weights().tolist()
 
 
 def _load_sae(sae: str, local_dir: str) -> tuple[TopKSAE, LatentStats | None]:
@@ -252,7 +265,8 @@ def _seed_names(indices: list[int], spec: SelectionSettings) -> pa.Array:
     return pa.array([ids[index] for index in indices], pa.string())
 
 
-def selection_settings(config: CurateConfig, seeds: Seeds) -> SelectionSettings:
+def selection_settings(config: Any, seeds: Seeds) -> SelectionSettings:
+    """The selection a config with `rule`, `top_n` and `threshold` asks for, over these seeds."""
     return SelectionSettings(
         rule=config.rule,  # type: ignore[arg-type]
         seed_domains=seeds.domains,
@@ -262,7 +276,7 @@ def selection_settings(config: CurateConfig, seeds: Seeds) -> SelectionSettings:
     )
 
 
-def _select_and_write(
+def select_and_write(
     selection: SelectionSettings, scored_dir: str, curated_dir: str, options: storage.StorageOptions
 ) -> None:
     """Scored rows -> the selected documents, labelled, written to `curated_dir`. Ray must be initialised.
@@ -308,7 +322,7 @@ def _curate(config: CurateConfig, checked: CurationPlan, timer: manifest.Timer) 
         uris = [info.uri for info in checked.inputs]
         encode_shards(config, checked, uris, spec, seeds_matrix, scored_dir, rejects_dir, progress=progress)
     with timer("select"):
-        _select_and_write(selection, scored_dir, curated_dir, options)
+        select_and_write(selection, scored_dir, curated_dir, options)
     counts = _counts(config, options, scored_dir, curated_dir, rejects_dir)
     drivers = domain_drivers(seeds_matrix, checked.seeds.domains)
     with timer("report"):
@@ -347,13 +361,20 @@ def _write_report(
 
 
 def _counts(config, options, scored_dir, curated_dir, rejects_dir) -> dict[str, Any]:
+    rejects = count_rejects(rejects_dir, options)
+    return output_counts(options, scored_dir, curated_dir, rejects)
+
+
+def output_counts(
+    options: storage.StorageOptions | None, scored_dir: str, curated_dir: str, rejects: dict[str, int]
+) -> dict[str, Any]:
+    """A curate-shaped output's manifest counts: documents and tokens scored, rows curated, rejects by reason."""
     scored = storage.read_parquet(scored_dir, options, columns=["id", "n_tokens"])
     curated = (
         storage.read_parquet(curated_dir, options, columns=["domain"])
         if storage.exists(curated_dir, options)
         else pa.table({"domain": pa.array([], pa.string())})
     )
-    rejects = count_rejects(rejects_dir, options)
     by_domain: dict[str, int] = {}
     for domain in curated.column("domain").to_pylist():
         by_domain[domain] = by_domain.get(domain, 0) + 1

@@ -113,12 +113,13 @@ def write_report(
     drivers: DomainDrivers | None = None,
     tokens: TokenSource | None = None,
     precision: str | None = None,
+    notes: list[str] | None = None,
 ) -> None:
     """Write `report.md`, `scores.png` and, given the domains' driving latents, `latents.png`.
 
     `tokens` says how documents were tokenized, to show each driving latent's peak tokens in context;
     `precision`, what the encode ran in (core.placement.describe_dtype): `auto` selects differently on
-    machines that decide it differently.
+    machines that decide it differently; `notes`, more lines for the summary at the top.
     """
     curated_dir = storage.join(out, "curated")
     curated = (
@@ -129,15 +130,16 @@ def write_report(
     all_scores = _scored_sample(out, options, seeds)
     if all_scores:
         storage.write_bytes_atomic(storage.join(out, "scores.png"), _histogram_png(all_scores, curated), options)
-    tokens_per_s = counts["tokens"] / timings["encode"] if timings.get("encode") else 0.0
+    # A re-selection encodes no document: it has no encode rate to show.
+    rate = f", {counts['tokens'] / timings['encode']:,.0f} tokens/s end to end" if timings.get("encode") else ""
     lines = [
         "# Curation report",
         "",
-        f"- documents scored: {counts['documents']:,} ({counts['tokens']:,} tokens,"
-        f" {tokens_per_s:,.0f} tokens/s end to end)",
+        f"- documents scored: {counts['documents']:,} ({counts['tokens']:,} tokens{rate})",
         f"- documents rejected: {counts['rejected']:,}",
         f"- curated rows: {counts['curated_rows']:,}",
         *([f"- encode precision: {precision}"] if precision else []),
+        *[f"- {note}" for note in notes or []],
         "",
         "| domain | seeds | curated rows |",
         "|---|---:|---:|",

@@ -155,3 +155,34 @@ def test_curate_and_sae_training_check_their_corpus(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError) as error:
         plan_sae(TrainSAEConfig(corpus=corpus, model=tiny_model_dir, layer=1, out=str(tmp_path / "o")))
     assert error.value.field == "corpus"
+
+
+def _curate_output(root, stage: str = "curate"):
+    _parquet(root / "curated" / "part-0.parquet")
+    _parquet(root / "scored" / "part-0.parquet", rows=3)
+    _parquet(root / "rejects" / "rejects.parquet", rows=1)
+    (root / "manifest.json").write_text(json.dumps({"stage": stage}))
+    return root
+
+
+@pytest.mark.parametrize("stage", ["curate", "reselect"])
+def test_a_curate_outputs_scored_rows_are_read_by_the_reselection_alone(tmp_path, stage):
+    from curation.selection.reselect import SCORED_READS
+
+    out = _curate_output(tmp_path / "out", stage)
+    scored = [str(out / "scored" / "part-0.parquet")]
+    assert [info.uri for info in manifest.input_files(str(out), field="scored", reads=SCORED_READS)] == scored
+    named = manifest.input_files(str(out / "scored" / "part-0.parquet"), field="scored", reads=SCORED_READS)
+    assert [info.uri for info in named] == scored
+    # Every other reader still gets the curated rows, and is refused the scored ones however they are named.
+    curated = {"curate": "curated", "reselect": "curated"}
+    assert [info.uri for info in manifest.input_files(str(out), field="data", reads=curated)] == [
+        str(out / "curated" / "part-0.parquet")
+    ]
+    for path in (out / "scored", out / "scored" / "part-0.parquet"):
+        with pytest.raises(ConfigError) as error:
+            manifest.input_files(str(path), field="data", reads=curated)
+        assert error.value.field == "data" and "scored" in str(error.value)
+    # The reselection reads no other internals of the output either.
+    with pytest.raises(ConfigError):
+        manifest.input_files(str(out / "rejects"), field="scored", reads=SCORED_READS)

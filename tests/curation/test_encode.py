@@ -11,13 +11,16 @@ import torch
 from core.errors import ConfigError
 from curation.encode import (
     DocumentEncoder,
+    EncodeDocuments,
     EncoderSettings,
     cosine_scores,
+    dense_codes,
     l2_normalize,
     length_batches,
     mean_pool,
     pad_right,
     pooling_mask,
+    weighted_unit,
 )
 from curation.sae.coords import jacobian_row_norms, mean_magnitude, select_coords
 from curation.sae.model import SAEConfig, TopKSAE
@@ -266,6 +269,32 @@ def test_latent_weights_scale_the_pooled_vector_before_it_is_normalised(encoder,
     assert not torch.allclose(weighted, plain, atol=1e-3)
     with pytest.raises(ValueError, match="latent weights"):
         make_encoder(tiny_model_dir, sae=sae, latent_weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("pooling", ["rate", "mean"])
+def test_the_stored_sparse_code_gives_back_each_documents_vector(encoder, tiny_model_dir, pooling):
+    """scored/ keeps each document's pooled code before the weights, sparse: the vector curate scored comes back
+    from it exactly, under any weighting (curation/selection/reselect.py scores from it)."""
+    sae = TopKSAE(SAEConfig(d_in=HIDDEN, k=8, layer=2))
+    sae.fit_normalizer(encoder.activations(random_docs(20, 5, 30, seed=7)))
+    weights = torch.linspace(0.5, 3.0, sae.cfg.num_latents)
+    spec = EncoderSettings(model=tiny_model_dir, sae_dir=None, layer=2, pooling=pooling, max_batch_tokens=48,
+                           latent_weights=weights.tolist())  # fmt: skip
+    docs = random_docs(9, 1, 30, seed=11)
+    actor = EncodeDocuments(spec, np.eye(3, sae.cfg.num_latents, dtype=np.float32), sae=sae)
+    batch = actor({"input_ids": np.array([np.array(doc) for doc in docs], dtype=object),
+                   "n_tokens": np.array([len(doc) for doc in docs])})  # fmt: skip
+    latents, values = batch["code_latents"], batch["code_values"]
+    assert str(latents.type) == "list<item: int32>" and str(values.type) == "list<item: float>"
+    for row in latents.to_pylist():
+        assert row == sorted(set(row)) and 0 < len(row) < sae.cfg.num_latents  # sparse: only what fired
+    pooled = dense_codes(latents, values, sae.cfg.num_latents)
+    encoded = actor.encoder.encode_codes(docs)
+    assert torch.equal(pooled, encoded.pooled)
+    assert torch.equal(weighted_unit(pooled, weights), encoded.vectors)
+    np.testing.assert_array_equal(cosine_scores(encoded.vectors, actor.seed_vectors).numpy(), batch["seed_sims"])
+    with pytest.raises(ValueError, match="another SAE"):
+        dense_codes(latents, values, 4)
 
 
 def test_a_passed_in_sae_moves_to_the_encoders_device(tiny_model_dir):

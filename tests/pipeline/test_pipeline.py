@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_corpus
+from conftest import REPO
+from helpers import SEEDS, job_env, write_corpus
 
 from core import storage
 from core.errors import ConfigError
@@ -216,3 +220,149 @@ def test_s3_round_trip(ray_local, tiny_model_dir, s3_bucket, tmp_path):
     assert result["counts"]["documents"] == local["good_rows"]
     assert storage.exists(f"s3://{s3_bucket}/curated/manifest.json")
     assert storage.exists(f"s3://{s3_bucket}/curated/report.md")
+
+
+# --- selecting again from the stored codes (jobs.select) -------------------------------------------------
+
+
+def _reselect_config(curated_run, out, **changes) -> dict:
+    settings = {"scored": str(curated_run["root"] / "out"), "seeds": curated_run["config"].seeds, "out": str(out),
+                "top_n": 2, "cpus": 0.5}  # fmt: skip
+    return {**settings, **changes}
+
+
+def _curated_rows(out) -> dict[tuple[str, str], dict]:
+    return {(row["id"], row["domain"]): row for row in pq.read_table(out / "curated").to_pylist()}
+
+
+def _sims(out) -> dict[str, np.ndarray]:
+    table = pq.read_table(out / "scored", columns=["id", "seed_sims"])
+    return dict(zip(table.column("id").to_pylist(), np.stack(table.column("seed_sims").to_numpy(False)), strict=True))
+
+
+def test_selecting_again_with_the_curate_settings_gives_the_curated_rows(curated_run, tmp_path):
+    from curation.selection.reselect import ReselectConfig, run_reselect
+
+    out = tmp_path / "again"
+    result = run_reselect(ReselectConfig(**_reselect_config(curated_run, out)))
+    curated, again = _curated_rows(curated_run["root"] / "out"), _curated_rows(out)
+    assert again.keys() == curated.keys() and len(curated) == len(curated_run["corpus"]["planted"])
+    for key, row in curated.items():
+        other = again[key]
+        assert other["score"] == pytest.approx(row["score"], abs=1e-6)
+        for name in ("text", "source", "meta", "nearest_seed", "n_tokens", "top_latents"):
+            assert other[name] == row[name], name
+        np.testing.assert_allclose(other["latent_contributions"], row["latent_contributions"], atol=1e-6)
+    # Every document scored again from its stored code, against the seeds encoded again: the same cosines.
+    before, after = _sims(curated_run["root"] / "out"), _sims(out)
+    assert after.keys() == before.keys()
+    assert max(float(np.abs(after[doc] - before[doc]).max()) for doc in before) <= 1e-6
+    counts, source = result["counts"], curated_run["manifest"]["counts"]
+    assert result["stage"] == "reselect" and result["driving_latents"] == curated_run["manifest"]["driving_latents"]
+    assert {k: counts[k] for k in source} == source  # documents, tokens, rejects (counted where they were read)
+    assert "encode" not in result["timings_s"] and set(result["timings_s"]) >= {"seeds", "rescore", "select"}
+    report = (out / "report.md").read_text()
+    assert "selected from the stored codes of" in report and "## Why these documents" in report
+    assert "bad_json" in report and "tokens/s" not in report
+    assert run_reselect(ReselectConfig(**_reselect_config(curated_run, out)))["hash"] == result["hash"]  # skipped
+
+
+def _selected_from_sims(sims: dict[str, np.ndarray], seed_domains: list[str], top_n: int) -> set[str]:
+    """The per-seed top-N from the cosines curate stored: what any re-selection with those seeds must pick."""
+    ids = sorted(sims)
+    matrix = np.stack([sims[doc] for doc in ids])
+    return {ids[row] for column in range(len(seed_domains)) for row in np.argsort(-matrix[:, column])[:top_n]}
+
+
+def test_another_size_rule_or_seeds_select_again_loading_the_model_for_the_seeds_alone(
+    curated_run, tiny_model_dir, tmp_path
+):
+    """Changing top_n, the rule or the seeds (a new domain's included) encodes no corpus document: the only
+    model load of each run is the one Ray task that encodes the seeds (FINESCOPE_LOAD_LOG)."""
+    from core.placement import LOAD_LOG
+
+    background = next(row for row in pq.read_table(curated_run["root"] / "out" / "scored").to_pylist()
+                      if row["text"] not in curated_run["corpus"]["planted"])  # fmt: skip
+    seeds = tmp_path / "new-seeds.jsonl"
+    seeds.write_text(json.dumps({"domain": "maths", "text": SEEDS[0]["text"]}) + "\n"
+                     + json.dumps({"domain": "other", "id": "bg", "text": background["text"]}) + "\n")  # fmt: skip
+    runs = {
+        "top1": _reselect_config(curated_run, tmp_path / "top1", top_n=1),
+        "global": _reselect_config(curated_run, tmp_path / "global", rule="global_topn", top_n=3),
+        "new_seeds": _reselect_config(curated_run, tmp_path / "new", seeds=str(seeds), top_n=1),
+    }
+    code = (
+        "import json, sys\nfrom curation.selection.reselect import ReselectConfig, run_reselect\n"
+        "for settings in json.loads(sys.argv[1]).values():\n    run_reselect(ReselectConfig(**settings))\n"
+    )
+    log = tmp_path / "loads.jsonl"
+    env = {**job_env(), LOAD_LOG: str(log)}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    loads = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(loads) == len(runs), loads
+    assert all(not row["driver"] and "_encode_seed_vectors" in row["task"] for row in loads), loads
+    assert {row["what"] for row in loads} == {tiny_model_dir}
+    # What each selected is what its rule picks from the cosines curate stored for the same seeds.
+    stored = _sims(curated_run["root"] / "out")
+    domains = [seed["domain"] for seed in SEEDS]
+    assert {doc for doc, _ in _curated_rows(tmp_path / "top1")} == _selected_from_sims(stored, domains, 1)
+    assert len(_curated_rows(tmp_path / "top1")) == len(SEEDS)
+    by_domain = {}
+    for doc, domain in _curated_rows(tmp_path / "global"):
+        by_domain.setdefault(domain, set()).add(doc)
+    assert {domain: len(docs) for domain, docs in by_domain.items()} == {"body": 3, "maths": 3}
+    # A new domain: its seed is a corpus document, which is then that domain's best match, at cosine 1.
+    new = _curated_rows(tmp_path / "new")
+    assert {domain for _, domain in new} == {"maths", "other"}
+    (other,) = [row for (_, domain), row in new.items() if domain == "other"]
+    assert other["id"] == background["id"] and other["nearest_seed"] == "bg" and other["score"] == pytest.approx(1.0)
+    manifest = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    assert manifest["domains"] == ["maths", "other"] and manifest["counts"]["by_domain"] == {"maths": 1, "other": 1}
+    assert "peak tokens in context are not known here" in (tmp_path / "new" / "report.md").read_text()
+
+
+def test_a_selection_is_read_by_split_and_prune_like_a_curate_output(curated_run, tiny_model_dir, tmp_path):
+    from curation.selection.reselect import ReselectConfig, run_reselect
+    from training.pruning.prune import DATA_READS
+
+    out = tmp_path / "again"
+    run_reselect(ReselectConfig(**_reselect_config(curated_run, out, top_n=1)))
+    run_split(SplitConfig(curated=str(out), domain="maths", out=str(tmp_path / "split")))
+    split = json.loads((tmp_path / "split" / "manifest.json").read_text())
+    assert split["counts"]["train"] + split["counts"]["heldout"] == 2 and split["counts"]["random"] >= 1
+    files = manifest_inputs(str(out), DATA_READS)
+    assert files == _files(out / "curated")
+    with pytest.raises(ConfigError) as error:  # its scored/ stays internal to every reader but jobs.select
+        manifest_inputs(str(out / "scored"), DATA_READS)
+    assert error.value.field == "data"
+
+
+def manifest_inputs(data: str, reads: dict[str, str]) -> list[str]:
+    from core import manifest
+
+    return [info.uri for info in manifest.input_files(data, field="data", reads=reads)]
+
+
+def test_selecting_from_an_output_without_stored_codes_is_refused(curated_run, tmp_path):
+    """A curate output written before the codes were kept (or any other output) is refused at once, naming
+    --scored and what to do."""
+    import shutil
+
+    from curation.selection.reselect import ReselectConfig, run_reselect
+
+    old = tmp_path / "old"
+    shutil.copytree(curated_run["root"] / "out", old)
+    for path in (old / "scored").glob("*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["code_latents", "code_values"]), path)
+    with pytest.raises(ConfigError) as error:
+        run_reselect(ReselectConfig(**_reselect_config(curated_run, tmp_path / "x", scored=str(old))))
+    assert error.value.field == "scored" and "jobs.curate" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        run_reselect(
+            ReselectConfig(**_reselect_config(curated_run, tmp_path / "y", scored=str(curated_run["root"] / "sae")))
+        )
+    assert error.value.field == "scored" and "`train_sae`" in str(error.value)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

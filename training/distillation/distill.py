@@ -405,8 +405,8 @@ class DistillPlan:
     digest: str
 
 
-DATA_READS = {"curate": "curated"}
-"""--data may name a curate output root: its curated/ is read (never its scored/ or rejects/)."""
+DATA_READS = {"curate": "curated", "reselect": "curated"}
+"""--data may name a curate (or re-select) output root: its curated/ is read (never its scored/ or rejects/)."""
 
 
 def input_files(data: str, options: storage.StorageOptions) -> list[storage.FileInfo]:

@@ -64,8 +64,8 @@ logger = logging.getLogger(__name__)
 
 PruneMethod = Literal["taylor", "magnitude", "random"]
 Ranking = Literal["global", "per_layer"]
-DATA_READS = {"curate": "curated", "split": "train"}
-"""--data may name a curate or split output root: its curated/ or train/ is read (never scored/ or rejects/;
+DATA_READS = {"curate": "curated", "reselect": "curated", "split": "train"}
+"""--data may name a curate, re-select or split output root: its curated/ or train/ is read (never scored/ or rejects/;
 a split's held-out rows stay out of pruning)."""
 REPORT = "prune_report.json"
 # Not *.safetensors: vLLM loads every safetensors file of a model directory as weights.
