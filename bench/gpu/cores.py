@@ -80,20 +80,28 @@ class Setup:
     """Also run the CPU in `dtype`, to hold the device's rounding against it (False: throughput runs)."""
 
 
-def build_model_dir(root: Path, shape: str, seed: int = 0) -> str:
-    """A Llama from SHAPES[shape] with seeded random weights, and a word-level tokenizer over its vocabulary."""
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over `vocab_size` ids: <unk>, <pad>, <s>, </s> are ids 0 to 3 and the words w0,
+    w1, ... take the rest, so any id from 4 up is one word and a text of such words is one id per word."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    dims = SHAPES[shape]
-    words = [f"w{i}" for i in range(dims["vocab_size"] - 4)]
+    words = [f"w{i}" for i in range(vocab_size - 4)]
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<s>", "</s>"], vocab_size=len(words) + 4)
     tokenizer.train_from_iterator([" ".join(words)], trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
+
+
+def build_model_dir(root: Path, shape: str, seed: int = 0) -> str:
+    """A Llama from SHAPES[shape] with seeded random weights, and a word-level tokenizer over its vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = SHAPES[shape]
+    fast = word_tokenizer(dims["vocab_size"])
     config = LlamaConfig(
         **dims, max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.08,
         pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
