@@ -116,6 +116,15 @@ def write_json(
     target.write_text(json.dumps(payload, indent=2, default=_plain) + "\n")
 
 
+def publish(name: str, args: argparse.Namespace, lines: Sequence[str], results: Mapping[str, Any],
+            ratios: Mapping[str, Any]) -> int:  # fmt: skip
+    """A bench's ending: its table printed, and its JSON written where `--json` says. Returns exit status 0."""
+    print("\n".join(lines), flush=True)
+    if args.json:
+        write_json(args.json, name, settings_of(args), results, ratios)
+    return 0
+
+
 # Time ------------------------------------------------------------------------------------------------------
 
 

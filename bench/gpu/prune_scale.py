@@ -45,7 +45,7 @@ from bench.gpu.scale_models import (
     table,
     weight_gib,
 )
-from bench.measure import bench_parser, settings_of, timed, write_json
+from bench.measure import bench_parser, publish, timed
 from training.pruning.importance import Importance, taylor_importance
 from training.pruning.prune import Allocation, allocate
 from training.pruning.structures import Layout, count_params, layout_of, slice_structures
@@ -162,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
         return 2
     results = run(args)
-    print("\n".join(report(results)), flush=True)
-    if args.json:
-        write_json(args.json, NAME, settings_of(args), results, ratios(results))
-    return 0
+    return publish(NAME, args, report(results), results, ratios(results))
 
 
 if __name__ == "__main__":

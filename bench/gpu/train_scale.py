@@ -55,7 +55,7 @@ from bench.gpu.scale_models import (
     reset_peak,
     table,
 )
-from bench.measure import bench_parser, flops_per_token, mfu, peak_flops, settings_of, timed, write_json
+from bench.measure import bench_parser, flops_per_token, mfu, peak_flops, publish, timed
 from training.finetuning.losses import IGNORE_INDEX, causal_lm_loss
 from training.finetuning.sft_data import Example, collate
 
@@ -221,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_zero(args)
     else:
         results = run(args)
-    print("\n".join(report(results)), flush=True)
-    if args.json:
-        write_json(args.json, NAME, settings_of(args), results, ratios(results))
-    return 0
+    return publish(NAME, args, report(results), results, ratios(results))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from bench.gpu.scale_models import (
     reset_peak,
     table,
 )
-from bench.measure import bench_parser, best_of_rounds, flops_per_token, mfu, peak_flops, settings_of, write_json
+from bench.measure import bench_parser, best_of_rounds, flops_per_token, mfu, peak_flops, publish
 from core.batching import length_batches, pad_right
 from core.models import TruncatedForward
 from core.placement import resolve_device, resolve_dtype, shape_free_attention
@@ -275,10 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
         return 2
     results = run(args)
-    print("\n".join(report(results)), flush=True)
-    if args.json:
-        write_json(args.json, NAME, settings_of(args), results, ratios(results))
-    return 0
+    return publish(NAME, args, report(results), results, ratios(results))
 
 
 if __name__ == "__main__":
