@@ -1,19 +1,20 @@
 """A graph of stage steps: each step is one stage's config, wired from a spec, and the steps it reads.
 
 The pipeline (`pipeline/steps.py`) and every study built on it (`experiments/`) build their graphs with
-:class:`Graph` and run them with `pipeline.runner.run_steps`, which skips a step whose key is unchanged.
+:class:`Graph` and run them with `pipeline.runner.run_steps`, which skips a step whose key is unchanged and
+whose stage finds its inputs unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from core import cli, storage
 from core.errors import ConfigError
+from core.stage import Stage
 
 
 @dataclass
@@ -22,7 +23,8 @@ class Step:
     """`stage` or `stage/domain[/ratio]`; also its place in `pipeline.json`."""
     stage: str
     config: Any
-    run: Callable[[Any], dict[str, Any]]
+    contract: Stage
+    """The stage that runs it (core.stage): its plan says whether the step's inputs changed."""
     after: list[str]
     """The steps whose outputs this one reads."""
 
@@ -80,9 +82,9 @@ class Graph:
     def config(self, stage: str, cls: type, wired: dict[str, Any]) -> Any:
         return stage_config(self.spec, stage, cls, wired, self.owned.get(stage, frozenset()))
 
-    def add(self, name: str, stage: str, config: Any, run: Callable[[Any], dict[str, Any]], after: list[str]) -> str:
+    def add(self, name: str, stage: str, config: Any, contract: Stage, after: list[str]) -> str:
         """Add a step; returns its output directory."""
-        self.steps.append(Step(name, stage, config, run, after))
+        self.steps.append(Step(name, stage, config, contract, after))
         return config.out
 
     def names(self) -> set[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from core import manifest, storage
 from core.errors import ConfigError
+from core.stage import run_stage
 from core.storage import StorageOptions
 from pipeline.graph import Step, step_key
 from pipeline.report import pipeline_report
@@ -75,12 +76,7 @@ def _run_wanted(
         key = step_key(step, upstream)
         record = records.get(step.name, {})
         current = manifest.read_manifest(step.out, options)
-        if (
-            not force
-            and record.get("key") == key
-            and current is not None
-            and current.get("hash") == record.get("stage_hash")
-        ):
+        if not force and _up_to_date(step, key, record, current):
             logger.info("step %-32s skipped: up to date (key %s)", step.name, key)
             record["status"] = "skipped"
             continue
@@ -140,6 +136,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _up_to_date(step: Step, key: str, record: dict[str, Any], current: dict[str, Any] | None) -> bool:
+    """The step's config and upstream are those of its recorded run, its output is that run's, and its stage's
+    plan finds the same digest: the files it reads from outside the graph (corpus, seeds, model, MMLU) are
+    unchanged too. Planning validates and lists inputs; it loads no weights."""
+    if current is None or record.get("key") != key or current.get("hash") != record.get("stage_hash"):
+        return False
+    digest = step.contract.plan(step.config).digest
+    if digest != current["hash"]:
+        logger.info("step %-32s its inputs changed since its last run (hash %s, now %s)", step.name,
+                    current["hash"], digest)  # fmt: skip
+        return False
+    return True
+
+
 def _run_step(
     step: Step, key: str, current: dict[str, Any] | None, force: bool, options: StorageOptions
 ) -> dict[str, Any]:
@@ -149,7 +159,7 @@ def _run_step(
     if force:
         step.config.force = True
     began = time.perf_counter()
-    step.run(step.config)
+    run_stage(step.contract, step.config)
     finished = manifest.read_manifest(step.out, options)
     if finished is None:
         raise RuntimeError(f"step {step.name} finished without writing {step.out}/manifest.json")

@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from core import storage
-from curation.sae.train import TrainSAEConfig, run_train_sae
-from curation.selection.curate import CurateConfig, run_curation
-from curation.split import SplitConfig, run_split
+from curation.sae.train import TRAIN_SAE, TrainSAEConfig
+from curation.selection.curate import CURATE, CurateConfig
+from curation.split import SPLIT, SplitConfig
 from pipeline.graph import Graph, Step, ratio_tag
 from pipeline.spec import DomainSpec, PipelineSpec
-from training.distillation.distill import DistillConfig, run_distill
-from training.evaluation.evaluate import EvaluateConfig, run_evaluation
-from training.finetuning.finetune import FinetuneConfig, run_finetune
-from training.pruning.prune import PruneConfig, run_pruning
+from training.distillation.distill import DISTILL, DistillConfig
+from training.evaluation.evaluate import EVALUATE, EvaluateConfig
+from training.finetuning.finetune import FINETUNE, FinetuneConfig
+from training.pruning.prune import PRUNE, PruneConfig
 
 ARMS = {"finescope": ("train", "distilled"), "random": ("random", "distilled-random")}
 """Each arm's split part and the directory of its distilled rows: FineScope's training rows, and the random
@@ -26,11 +26,11 @@ def build_steps(spec: PipelineSpec) -> list[Step]:
     sae_dir = spec.sae_path
     if sae_dir is None:
         wired = {"corpus": spec.corpus, "out": graph.path("sae"), "model": spec.model, "seeds": spec.seeds}
-        sae_dir = graph.add("sae", "sae", graph.config("sae", TrainSAEConfig, wired), run_train_sae, [])
+        sae_dir = graph.add("sae", "sae", graph.config("sae", TrainSAEConfig, wired), TRAIN_SAE, [])
     wired = {"corpus": spec.corpus, "seeds": spec.seeds, "sae": sae_dir, "out": graph.path("curate"),
              "model": spec.model}  # fmt: skip
     after_sae = ["sae"] if spec.sae_path is None else []
-    graph.add("curate", "curate", graph.config("curate", CurateConfig, wired), run_curation, after_sae)
+    graph.add("curate", "curate", graph.config("curate", CurateConfig, wired), CURATE, after_sae)
     for domain, domain_spec in spec.domains.items():
         _domain_steps(graph, domain, domain_spec)
     return graph.steps
@@ -47,13 +47,13 @@ def _domain_steps(graph: Graph, domain: str, domain_spec: DomainSpec) -> None:
         curated=graph.path("curate"), domain=domain, out=graph.path(domain, "split"),
         heldout_fraction=spec.heldout_fraction, control=spec.control == "random", seed=spec.seed, **graph.shared(),
     )  # fmt: skip
-    graph.add(f"split/{domain}", "split", split, run_split, ["curate"])
+    graph.add(f"split/{domain}", "split", split, SPLIT, ["curate"])
     for arm in _arms(spec):
         part, directory = ARMS[arm]
         wired = {"data": storage.join(split.out, part), "teacher": spec.teacher or spec.model,
                  "backend": spec.backend, "out": graph.path(domain, directory)}  # fmt: skip
         name = "distill" if arm == "finescope" else "distill-random"
-        graph.add(f"{name}/{domain}", "distill", graph.config("distill", DistillConfig, wired), run_distill,
+        graph.add(f"{name}/{domain}", "distill", graph.config("distill", DistillConfig, wired), DISTILL,
                   [f"split/{domain}"])  # fmt: skip
     compared = [("base", spec.model)]
     for ratio in spec.ratios:
@@ -66,7 +66,7 @@ def _domain_steps(graph: Graph, domain: str, domain_spec: DomainSpec) -> None:
     }
     after = [s.name for s in graph.steps if s.stage in ("prune", "finetune") and f"/{domain}/" in s.name]
     evaluate = graph.config("evaluate", EvaluateConfig, wired)
-    graph.add(f"evaluate/{domain}", "evaluate", evaluate, run_evaluation, [f"split/{domain}", *after])
+    graph.add(f"evaluate/{domain}", "evaluate", evaluate, EVALUATE, [f"split/{domain}", *after])
 
 
 def _heldout(domain: str, domain_spec: DomainSpec, split_dir: str) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def _ratio_steps(graph: Graph, domain: str, ratio: float) -> list[tuple[str, str
     spec, tag = graph.spec, ratio_tag(ratio)
     wired = {"model": spec.model, "data": graph.path(domain, "split", "train"),
              "out": graph.path(domain, f"pruned-{tag}"), "ratio": ratio}  # fmt: skip
-    pruned = graph.add(f"prune/{domain}/{tag}", "prune", graph.config("prune", PruneConfig, wired), run_pruning,
+    pruned = graph.add(f"prune/{domain}/{tag}", "prune", graph.config("prune", PruneConfig, wired), PRUNE,
                        [f"split/{domain}"])  # fmt: skip
     models = [(f"pruned-{tag}", pruned)]
     for arm in _arms(spec):
@@ -97,6 +97,6 @@ def _ratio_steps(graph: Graph, domain: str, ratio: float) -> list[tuple[str, str
             wired["teacher"] = spec.teacher or spec.model
         after = [f"prune/{domain}/{tag}", f"distill{suffix}/{domain}"]
         out = graph.add(f"finetune{suffix}/{domain}/{tag}", "finetune", graph.config("finetune", FinetuneConfig, wired),
-                        run_finetune, after)  # fmt: skip
+                        FINETUNE, after)  # fmt: skip
         models.append((f"{arm}-{tag}", storage.join(out, "model")))
     return models

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from curation.sae.train import TrainSAEConfig, run_train_sae
-from curation.selection.curate import CurateConfig, run_curation
+from curation.sae.train import TRAIN_SAE, TrainSAEConfig
+from curation.selection.curate import CURATE, CurateConfig
 from experiments.replication import data
 from experiments.replication.spec import OWNED, ReplicationSpec
 from pipeline.graph import Graph, Step, ratio_tag
-from training.distillation.distill import DistillConfig, run_distill
-from training.evaluation.evaluate import EvaluateConfig, run_evaluation
-from training.finetuning.finetune import FinetuneConfig, run_finetune
-from training.pruning.prune import PruneConfig, run_pruning
+from training.distillation.distill import DISTILL, DistillConfig
+from training.evaluation.evaluate import EVALUATE, EvaluateConfig
+from training.finetuning.finetune import FINETUNE, FinetuneConfig
+from training.pruning.prune import PRUNE, PruneConfig
 
 
 class ReplicationGraph(Graph):
@@ -30,17 +30,17 @@ class ReplicationGraph(Graph):
             out=self.path("data"), topics=dict(spec.domains), pool=spec.pool, pool_topic_docs=spec.pool_topic_docs,
             heldout=spec.heldout, general=spec.general_heldout, seed=spec.split_seed, **self.shared(),
         )  # fmt: skip
-        self.add("holdout", "holdout", config, data.run_holdout, [])
+        self.add("holdout", "holdout", config, data.HOLDOUT, [])
 
     def curation(self, tag: str, sae_settings: dict[str, Any]) -> str:
         """Train an SAE on the pool and curate the pool with it; returns the curate step's name."""
         spec, pool = self.spec, [data.pool_glob(self.path("data"))]
         wired = {"corpus": pool, "out": self.path("sae", tag), "model": spec.model, "seeds": spec.seeds, **sae_settings}
-        sae_out = self.add(f"sae/{tag}", "sae", self.config("sae", TrainSAEConfig, wired), run_train_sae, ["holdout"])
+        sae_out = self.add(f"sae/{tag}", "sae", self.config("sae", TrainSAEConfig, wired), TRAIN_SAE, ["holdout"])
         wired = {"corpus": pool, "seeds": spec.seeds, "sae": sae_out, "out": self.path("curate", tag),
                  "model": spec.model, "rule": "global_topn", "top_n": spec.budget}  # fmt: skip
         config = self.config("curate", CurateConfig, wired)
-        self.add(f"curate/{tag}", "curate", config, run_curation, ["holdout", f"sae/{tag}"])
+        self.add(f"curate/{tag}", "curate", config, CURATE, ["holdout", f"sae/{tag}"])
         return f"curate/{tag}"
 
     def arm(self, name: str, kind: str, seed: int, domain: str | None = None, curate: str | None = None) -> str:
@@ -50,7 +50,7 @@ class ReplicationGraph(Graph):
             topic=spec.domains.get(domain) if domain else None, budget=spec.budget, seed=seed,
             curated=self.path(*curate.split("/")) if curate else None, **self.shared(),
         )  # fmt: skip
-        self.add(f"arm/{name}", "arm", config, data.run_arm, ["holdout", *([curate] if curate else [])])
+        self.add(f"arm/{name}", "arm", config, data.ARM, ["holdout", *([curate] if curate else [])])
         return name
 
     def teacher_data(self, group: str, arms: list[str], raw: dict[str, str]) -> dict[str, str]:
@@ -60,11 +60,11 @@ class ReplicationGraph(Graph):
         spec = self.spec
         union = data.UnionConfig(out=self.path("union", group), arms=[self.path("arms", a) for a in arms],
                                  **self.shared())  # fmt: skip
-        self.add(f"union/{group}", "union", union, data.run_union, [f"arm/{a}" for a in arms])
+        self.add(f"union/{group}", "union", union, data.UNION, [f"arm/{a}" for a in arms])
         wired = {"data": data.rows_dir(union.out), "teacher": spec.teacher or spec.model, "backend": spec.backend,
                  "out": self.path("distill", group)}  # fmt: skip
         config = self.config("distill", DistillConfig, wired)
-        self.add(f"distill/{group}", "distill", config, run_distill, [f"union/{group}"])
+        self.add(f"distill/{group}", "distill", config, DISTILL, [f"union/{group}"])
         chosen = {a: (a, "teacher") for a in arms} | {name: (a, "original") for name, a in raw.items()}
         rows = {}
         for name, (arm, target) in chosen.items():
@@ -72,7 +72,7 @@ class ReplicationGraph(Graph):
                 out=self.path("train", name), arm=self.path("arms", arm), distilled=self.path("distill", group),
                 target=target, **self.shared(),
             )  # fmt: skip
-            self.add(f"train/{name}", "select", config, data.run_select, [f"arm/{arm}", f"distill/{group}"])
+            self.add(f"train/{name}", "select", config, data.SELECT, [f"arm/{arm}", f"distill/{group}"])
             rows[name] = data.rows_dir(config.out)
         return rows
 
@@ -80,7 +80,7 @@ class ReplicationGraph(Graph):
         wired = {"model": self.spec.model, "data": data.rows_dir(self.path("arms", arm)),
                  "out": self.path("pruned", f"{domain}-{ratio_tag(ratio)}"), "ratio": ratio}  # fmt: skip
         name = f"prune/{domain}/{ratio_tag(ratio)}"
-        self.add(name, "prune", self.config("prune", PruneConfig, wired), run_pruning, [f"arm/{arm}"])
+        self.add(name, "prune", self.config("prune", PruneConfig, wired), PRUNE, [f"arm/{arm}"])
         return name
 
     def finetune(self, name: str, model_step: str | None, rows: tuple[str, str], seed: int) -> str:
@@ -92,7 +92,7 @@ class ReplicationGraph(Graph):
         if spec.finetune.get("kd_weight"):
             wired["teacher"] = spec.teacher or spec.model
         after = [*([model_step] if model_step else []), f"train/{rows[0]}"]
-        self.add(f"finetune/{name}", "finetune", self.config("finetune", FinetuneConfig, wired), run_finetune, after)
+        self.add(f"finetune/{name}", "finetune", self.config("finetune", FinetuneConfig, wired), FINETUNE, after)
         return f"finetune/{name}"
 
     def evaluate(self, name: str, labelled: dict[str, str], documents: str, limit: int, title: str) -> str:
@@ -101,7 +101,7 @@ class ReplicationGraph(Graph):
         wired = {"models": entries, "out": self.path("eval", name), "mmlu": [], "ppl": [documents],
                  "ppl_topic": None, "ppl_name": title, "ppl_max_docs": limit}  # fmt: skip
         after = [source for source in labelled.values() if source in self.names()]
-        self.add(f"evaluate/{name}", "evaluate", self.config("evaluate", EvaluateConfig, wired), run_evaluation, after)
+        self.add(f"evaluate/{name}", "evaluate", self.config("evaluate", EvaluateConfig, wired), EVALUATE, after)
         return f"evaluate/{name}"
 
 
