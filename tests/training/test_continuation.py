@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections import Counter
 
 import numpy as np
@@ -139,3 +141,21 @@ def test_mcnemar_on_two_models_hits_counts_only_the_questions_they_disagree_on()
     assert test["p_value"] == pytest.approx(2 * (1 + 10 + 45) / 1024)
     assert test["difference"] == pytest.approx(0.12)
     assert stats.accuracy(a).correct == 38 and stats.accuracy(a).ci_low < 38 / 50 < stats.accuracy(a).ci_high
+
+
+@pytest.mark.timeout(300)
+def test_the_bench_scores_every_domain_on_its_questions_quick(tmp_path, monkeypatch, one_torch_thread):
+    from bench import continuation_choice
+
+    out = tmp_path / "figures.json"
+    argv = ["continuation_choice", "--quick", "--questions", "12", "--threads", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    continuation_choice.main()
+    figures = json.loads(out.read_text())["results"]
+    assert sorted(figures["domains"]) == ["biology", "history", "mathematics"] and figures["chance"] == 0.25
+    for entry in figures["domains"].values():
+        assert entry["questions"] == 12 and entry["documents"] == entry["usable_questions"] + sum(
+            entry["skipped"].values()
+        )
+        assert set(entry["skipped"]) <= {TOO_SHORT}
+        assert sorted(entry["accuracy"]) == ["char", "sum", "token"] and entry["accuracy"]["char"]["total"] == 12
