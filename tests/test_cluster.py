@@ -188,6 +188,7 @@ def documented_commands() -> list[list[str]]:
 def test_documented_job_commands_parse():
     """The commands of the README and docs/ use flags the jobs accept, and the spec files they name load;
     together they run every stage's job."""
+    from curation.selection.reselect import ReselectConfig
     from curation.split import SplitConfig
     from experiments.replication import ReplicationJobConfig, build_replication, load_replication_spec
     from jobs.make_demo_corpus import DemoCorpusConfig
@@ -198,11 +199,12 @@ def test_documented_job_commands_parse():
 
     configs = {**JOB_CONFIGS, "jobs.split": SplitConfig, "jobs.prune": PruneConfig, "jobs.distill": DistillConfig,
                "jobs.finetune": FinetuneConfig, "jobs.evaluate": EvaluateConfig,
-               "jobs.make_demo_corpus": DemoCorpusConfig, "jobs.replicate": ReplicationJobConfig}  # fmt: skip
+               "jobs.make_demo_corpus": DemoCorpusConfig, "jobs.replicate": ReplicationJobConfig,
+               "jobs.select": ReselectConfig}  # fmt: skip
     commands = documented_commands()
     assert {command[0] for command in commands} >= {
         "jobs.train_sae", "jobs.curate", "jobs.split", "jobs.prune", "jobs.distill", "jobs.finetune",
-        "jobs.evaluate", "jobs.schedule", "jobs.pipeline", "jobs.replicate",
+        "jobs.evaluate", "jobs.schedule", "jobs.pipeline", "jobs.replicate", "jobs.select",
     }  # fmt: skip
     for command in commands:
         module, args = command[0], command[1:]
