@@ -217,7 +217,7 @@ def rescore_block(batch: pa.Table, rescoring: Rescoring) -> pa.Table:
     pooled = dense_codes(batch.column("code_latents"), batch.column("code_values"), rescoring.width)
     weights = None if rescoring.latent_weights is None else torch.tensor(rescoring.latent_weights, dtype=torch.float32)
     vectors = weighted_unit(pooled, weights)
-    seeds = torch.as_tensor(rescoring.seed_vectors, dtype=torch.float32)
+    seeds = torch.from_numpy(np.array(rescoring.seed_vectors, dtype=np.float32))  # a copy: Ray hands it read-only
     sims = (vectors @ seeds.T).numpy().astype(np.float32)
     latents, terms = top_contributions(vectors, seeds, nearest_seeds(sims, rescoring.drivers.members))
     flat = (batch.num_rows, latents.shape[1] * latents.shape[2])
