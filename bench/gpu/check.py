@@ -73,11 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--docs", type=int, default=None, help="documents (core: 256; pipeline: 2000)")
     parser.add_argument("--out", default="runs/gpu-check", help="the pipeline's root")
     parser.add_argument("--max-steps", type=int, default=40, help="fine-tuning steps")
+    parser.add_argument(
+        "--teacher",
+        choices=sorted(TEACHERS),
+        default="vllm",
+        help="pipeline: the teacher's backend (transformers where vLLM cannot be installed)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="teacher tokens per row at most")
     parser.add_argument("--ref-rows", type=int, default=64, help="pipeline: teacher rows generated on the CPU too")
     parser.add_argument("--ref-steps", type=int, default=10, help="pipeline: fine-tuning steps run on the CPU too")
     parser.add_argument("--sample-docs", type=int, default=64, help="pipeline: documents re-encoded on both devices")
     return parser
+
+
+TEACHERS = {
+    "vllm": {"engine_kwargs": {"dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.5}},
+    # In fp32, so that the agreement check compares one backend on two devices, as core mode does.
+    "transformers": {"dtype": "float32", "gpus": 1},
+}
+"""The pipeline's teacher settings per backend: vLLM where it is installed, else transformers on the GPU."""
 
 
 def spec_values(args: argparse.Namespace) -> dict:
@@ -90,18 +104,14 @@ def spec_values(args: argparse.Namespace) -> dict:
         "seeds": "jobs/seeds/demo.jsonl",
         "domains": {"mathematics": {"mmlu": ["elementary_mathematics", "high_school_mathematics"]}},
         "ratios": [0.3],
-        "backend": "vllm",
+        "backend": args.teacher,
         "control": "none",
         "sae": {"layer": 15, "coords": "all", "expansion_factor": 4, "k": 32, "max_train_tokens": 400_000,
                 "trainer_gpus": 0.5, **gpu},
         "curate": {"rule": "per_seed_topn", "top_n": 20, "batch_size": 2048, "max_batch_tokens": 65536,
                    "max_batch_rows": 1024, **gpu},
         "prune": {"dtype": "bfloat16", "gpus": 1},
-        "distill": {
-            "max_new_tokens": args.max_new_tokens,
-            "batch_size": 64,
-            "engine_kwargs": {"dtype": "bfloat16", "max_model_len": 2048, "gpu_memory_utilization": 0.5},
-        },
+        "distill": {"max_new_tokens": args.max_new_tokens, "batch_size": 64, **TEACHERS[args.teacher]},
         "finetune": {"zero_stage": 3, "gpus": 1, "actors": 1, "max_steps": args.max_steps,
                      "micro_batch": 8, "max_tokens": 512, "checkpoint_every": args.max_steps, "log_every": 10},
         "evaluate": {"limit": 300, "gpus": 1, "dtype": "bfloat16"},
@@ -165,7 +175,7 @@ def run_cpu_references(args: argparse.Namespace) -> int:
     env.pop("RAY_ADDRESS", None)
     flags = ["--out", args.out, "--docs", str(args.docs), "--max-steps", str(args.max_steps),
              "--max-new-tokens", str(args.max_new_tokens), "--ref-rows", str(args.ref_rows),
-             "--ref-steps", str(args.ref_steps)]  # fmt: skip
+             "--ref-steps", str(args.ref_steps), "--teacher", args.teacher]  # fmt: skip
     command = [sys.executable, "-m", f"bench.{NAME}", "--mode", "cpu-reference", *flags]
     return subprocess.run(command, env=env, cwd=REPO).returncode
 
@@ -185,8 +195,11 @@ def reference_main(args: argparse.Namespace) -> int:
 def pipeline_main(args: argparse.Namespace) -> int:
     import torch
 
-    if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
-        print("needs a CUDA GPU and vLLM (pip install -e '.[gpu]')")
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    if args.teacher == "vllm" and importlib.util.find_spec("vllm") is None:
+        print("--teacher vllm needs vLLM (pip install -e '.[gpu]'); --teacher transformers runs without it")
         return 2
     import ray
 
@@ -201,7 +214,7 @@ def pipeline_main(args: argparse.Namespace) -> int:
         return 1
     reference_s = time.perf_counter() - started
     references = checks.reference_configs(steps, spec.root, args.ref_rows, args.ref_steps)
-    agreements = checks.completion_checks(steps, args.max_steps)
+    agreements = checks.completion_checks(steps, args.max_steps, args.teacher)
     agreements += checks.pipeline_agreements(steps, references, args.sample_docs)
     peak = peak_flops("cuda", args.peak_tflops)
     rates = checks.stage_rates(steps, peak)

@@ -10,7 +10,7 @@ below. Each comparison returns an `Agreement`; the thresholds are in `THRESHOLDS
 | curation | `scored/` `seed_sims` per document (CUDA run against CPU run) | cosine >= 0.99 on every document |
 | | document vectors of a sample, `DocumentEncoder` on CUDA and on the CPU | cosine >= 0.99 on every document |
 | | `curated/` ids | overlap >= 95% |
-| teacher | vLLM's greedy text against the transformers backend (CPU, fp32), same prompts | identical on >= 90% |
+| teacher | greedy text, GPU teacher (vLLM, or fp32 transformers) against CPU fp32, same prompts | identical on >= 90% |
 | fine-tuning | per-step loss, ZeRO-3 bf16 on CUDA against ZeRO-2 fp32 on the CPU | mean rel. gap <= 3%, max <= 10% |
 | MMLU | predicted answer per question and model, bf16 on CUDA against fp32 on the CPU | identical on >= 98% |
 
@@ -124,7 +124,10 @@ def first_difference(reference: list[int], candidate: list[int]) -> int | None:
 
 
 def compare_generations(
-    reference: dict[str, list[int]], candidate: dict[str, list[int]], min_identical: float | None = None
+    reference: dict[str, list[int]],
+    candidate: dict[str, list[int]],
+    min_identical: float | None = None,
+    name: str = "teacher: vllm on the GPU vs transformers on the CPU",
 ) -> Agreement:
     """Greedy generations (token ids) per row id: the share identical; for the rest, where they part.
 
@@ -155,7 +158,7 @@ def compare_generations(
     }
     detail = ", ".join(f"{d['id']}@{d['first differing token']}" for d in differing[:10])
     detail = f"differing rows (id@first differing token): {detail}" if differing else ""
-    return Agreement("teacher: vLLM vs transformers", figures, bool(rows) and share >= min_identical, detail, differing)
+    return Agreement(name, figures, bool(rows) and share >= min_identical, detail, differing)
 
 
 def compare_loss_curves(
@@ -375,7 +378,8 @@ def teacher_agreement(gpu, ref) -> Agreement:
 
     tokenizer = load_tokenizer(gpu.teacher)
     reference = read_generations(f"{ref.out}/distilled", tokenizer)
-    return compare_generations(reference, read_generations(f"{gpu.out}/distilled", tokenizer))
+    name = f"teacher: {gpu.backend} on the GPU vs transformers on the CPU"
+    return compare_generations(reference, read_generations(f"{gpu.out}/distilled", tokenizer), name=name)
 
 
 def finetune_agreement(gpu, ref) -> Agreement:
@@ -393,7 +397,7 @@ def mmlu_agreements(gpu, ref) -> list[Agreement]:
             for column in sorted(reference)]  # fmt: skip
 
 
-def completion_checks(steps: list, max_steps: int) -> list[Agreement]:
+def completion_checks(steps: list, max_steps: int, backend: str = "vllm") -> list[Agreement]:
     """What pipeline mode checked before it compared anything: each GPU stage finished its work."""
     gpu = _step_configs(steps)
     curate, distill = _manifest(gpu["curate"].out), _manifest(gpu["distill"].out)
@@ -401,7 +405,7 @@ def completion_checks(steps: list, max_steps: int) -> list[Agreement]:
     results = json.loads(Path(gpu["evaluate"].out, "results.json").read_text())
     checks = {
         "curated rows > 0": curate["counts"]["curated_rows"] > 0,
-        "teacher ran on vLLM": distill.get("backend") == "vllm" and distill["counts"]["generated_rows"] > 0,
+        f"teacher ran on {backend}": distill.get("backend") == backend and distill["counts"]["generated_rows"] > 0,
         "fine-tuning finished its steps": bool(metrics) and metrics[-1].get("step", 0) >= max_steps,
         "fine-tuned model exported": Path(gpu["finetune"].out, "model", "config.json").is_file(),
         "every model evaluated": len(results["models"]) == len(gpu["evaluate"].models),
@@ -446,7 +450,8 @@ def stage_rates(steps: list, peak: float | None) -> list[dict[str, Any]]:
         sae_rate = _manifest(gpu["sae"].out)["counts"]["tokens_per_s"]
         rows.append(("SAE training", sae_rate, truncated + 6 * 2 * d_in * latents))
     teacher_rate = _teacher_tokens(gpu["distill"]) / distill["timings_s"]["distill"]
-    rows.append(("teacher (vLLM, prompt + generated)", teacher_rate, _model_flops(gpu["distill"].teacher)))
+    rows.append((f"teacher ({gpu['distill'].backend}, prompt + generated)", teacher_rate,
+                 _model_flops(gpu["distill"].teacher)))  # fmt: skip
     metrics = read_metrics(f"{gpu['finetune'].out}/metrics.jsonl")[1:]  # the first step includes warm-up
     rate = sum(m["tokens_per_s"] for m in metrics) / max(len(metrics), 1)
     rows.append(("fine-tuning (ZeRO-3, bf16)", rate, _model_flops(gpu["finetune"].model, training=True)))
