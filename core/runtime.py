@@ -26,6 +26,9 @@ class RunConfig:
     """
 
     execution_fields: ClassVar[frozenset[str]] = frozenset({"s3_endpoint", "s3_region", "ray_address", "force"})
+    added_fields: ClassVar[dict[str, Any]] = {}
+    """Fields added after outputs were first written, each with its value that produces what the stage produced
+    before: left out of `content()` at that value, so those outputs stay up to date (and their identity)."""
 
     s3_endpoint: str | None = None
     """S3-compatible endpoint URL; defaults to $AWS_ENDPOINT_URL. Credentials come from the standard AWS env."""
@@ -46,8 +49,10 @@ class RunConfig:
         return dataclasses.replace(self, s3_endpoint=options.endpoint_url, s3_region=options.region)
 
     def content(self) -> dict[str, Any]:
-        """The fields that decide what the stage produces: all but `execution_fields`."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.execution_fields}
+        """The fields that decide what the stage produces: all but `execution_fields`, and but an `added_fields`
+        field at the value that produces what the stage produced before the field existed."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in self.execution_fields and self.added_fields.get(k, ...) != v}  # fmt: skip
 
     def digest(self, inputs: Sequence[FileInfo] = (), **derived: Any) -> str:
         """The stage's manifest hash: its content, values derived from it (`derived`), and its inputs."""

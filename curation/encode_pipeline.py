@@ -20,6 +20,7 @@ from core.runtime import default_threads
 from curation.encode import DocumentEncoder, EncodeDocuments, EncoderSettings
 from curation.sae.model import TopKSAE
 from curation.seeds import Seeds
+from curation.selection.scorers import domain_queries, query_names
 
 if TYPE_CHECKING:
     from curation.selection.curate import CurateConfig, CurationPlan
@@ -63,8 +64,9 @@ def _encode_seeds(
 
 
 class PreparedEncoder(NamedTuple):
-    """What the encode actors are built from: their spec (its dtype decided), the seed vectors, and the
-    record of how the dtype was decided (for the manifest)."""
+    """What the encode actors are built from: their spec (its dtype decided), the query vectors documents are
+    scored against (the seeds' own under the `nearest` scorer: curation/selection/scorers.py), and the record
+    of how the dtype was decided (for the manifest)."""
 
     spec: EncoderSettings
     seeds_matrix: np.ndarray
@@ -81,7 +83,9 @@ def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> PreparedEnco
         num_cpus=config.cpus, num_gpus=config.gpus,
     )  # fmt: skip
     logger.info("encode dtype: %s", describe_dtype(decision))
-    return PreparedEncoder(dataclasses.replace(spec, dtype=decision["dtype"]), seeds_matrix, decision)
+    seeds = checked.seeds
+    queries = domain_queries(seeds_matrix, seeds.domains, seeds.ids, config.scorer, checked.background)
+    return PreparedEncoder(dataclasses.replace(spec, dtype=decision["dtype"]), queries.vectors, decision)
 
 
 def encode_shards(
@@ -106,6 +110,7 @@ def encode_shards(
     import ray
 
     options = config.storage_options()
+    query_domains = query_names(checked.seeds.domains, checked.seeds.ids, config.scorer)[0]
     docs = read_corpus(uris, options, config.clean_config(), rejects_dir)
     task_retries = {} if retries is None else {"max_retries": retries}
     actor_retries = {} if retries is None else {"max_restarts": retries, "max_task_retries": retries}
@@ -118,7 +123,7 @@ def encode_shards(
     )
     scored = tokens.map_batches(
         EncodeDocuments,
-        fn_constructor_args=(spec, seeds_matrix, checked.sae, progress, checked.seeds.domains),
+        fn_constructor_args=(spec, seeds_matrix, checked.sae, progress, query_domains),
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus,
         num_gpus=config.gpus or None,

@@ -72,3 +72,51 @@ def latent_stats(vectors: torch.Tensor | np.ndarray) -> LatentStats:
 def max_weight(docs: int) -> float:
     """The largest weight a sample of `docs` documents can give (a latent that never fired)."""
     return math.log(1 + docs) + 1
+
+
+SAMPLE_FILE = "latent_sample.parquet"
+"""The pooled codes of the documents the statistics were measured on: the corpus sample the learned scorers
+compare with (curation/selection/scorers.py)."""
+
+
+def sample_bytes(pooled: torch.Tensor, pooling: str) -> bytes:
+    """(docs, latents) pooled codes, before any weighting -> `SAMPLE_FILE`'s Parquet bytes (sparse, exact), with
+    the pooling they were made by and the SAE's width in the file's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation.encode import sparse_codes
+
+    metadata = {"pooling": pooling, "latents": str(pooled.shape[1])}
+    table = pa.table(sparse_codes(pooled)).replace_schema_metadata(metadata)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+@dataclass
+class LatentSample:
+    """The corpus sample's pooled codes (docs, latents), and the pooling that made them."""
+
+    pooled: torch.Tensor
+    pooling: str
+
+    @classmethod
+    def load(cls, directory: str | Path, width: int) -> LatentSample | None:
+        """A local SAE directory's sample, or None when it has none (an SAE trained before it was kept)."""
+        import pyarrow.parquet as pq
+
+        from curation.encode import dense_codes
+
+        path = Path(directory, SAMPLE_FILE)
+        if not path.is_file():
+            return None
+        table = pq.read_table(path)
+        metadata = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
+        if metadata.get("latents") != str(width):
+            raise ValueError(f"{path} holds codes of {metadata.get('latents')} latents, the SAE has {width}: it "
+                             "belongs to another SAE")  # fmt: skip
+        pooled = dense_codes(table.column("code_latents"), table.column("code_values"), width)
+        if not torch.isfinite(pooled).all():
+            raise ValueError(f"{path} holds codes that are not finite")
+        return cls(pooled, metadata.get("pooling", "rate"))

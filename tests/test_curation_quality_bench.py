@@ -125,3 +125,27 @@ def test_the_lexical_baselines_rank_each_topics_documents_first():
     assert families == {"random (the base rate)", "BM25", "BM25 + RM3", "TF-IDF (words and bigrams)"}
     plain = found["BM25: k1 1.2, b 0.75, seeds as one query"]
     assert plain["mathematics"]["ap"] == pytest.approx(1.0) and plain["biology"]["ap"] == pytest.approx(1.0)
+
+
+def test_learned_scorings_score_as_the_jobs_queries_and_feedback_takes_only_documents_no_other_topic_claims():
+    from curation.selection.scorers import domain_queries
+
+    rng = np.random.default_rng(0)
+    docs = np.abs(rng.normal(scale=0.3, size=(100, 6))).astype(np.float32)
+    docs[:5, 0] += 3.0  # topic a's latent: rare in the corpus sample, as a topic is
+    docs[5:10, 1] += 3.0  # topic b's
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    seeds = docs[[0, 1, 5, 6]] + 0.01
+    seeds /= np.linalg.norm(seeds, axis=1, keepdims=True)
+    topics, seed_topics = ["b", "a"], np.array(["a", "a", "b", "b"])
+    for scorer in ("background", "classifier"):
+        scores = quality.learned_scores(docs, seeds, seed_topics, topics, scorer)
+        queries = domain_queries(seeds, list(seed_topics), None, scorer, docs)
+        np.testing.assert_allclose(scores[:, 1], docs @ queries.vectors[queries.domains.index("a")], rtol=1e-5)
+        assert set(np.argsort(-scores[:, 1])[:5]) == set(range(5)), scorer
+        grown = quality.learned_scores(docs, seeds, seed_topics, topics, scorer, feedback=5)
+        assert grown.shape == scores.shape and not np.allclose(grown, scores)
+    # Feedback: each topic's best documents, but not one another topic scores higher.
+    table = np.array([[0.9, 0.95], [0.8, 0.1], [0.7, 0.2], [0.1, 0.6], [0.6, 0.5]])
+    kept = quality.guarded_feedback(table, 2)
+    assert [rows.tolist() for rows in kept] == [[1, 2], [0, 3]]

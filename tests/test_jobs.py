@@ -68,6 +68,28 @@ def test_train_sae_and_curate_as_subprocesses(tmp_path, trained):
     assert "skipping" in rerun.stderr + rerun.stdout
 
 
+def test_a_learned_scorer_curates_the_planted_documents_and_its_terms_add_up_to_each_score(tmp_path, trained):
+    """`--scorer classifier` scores each domain against one query, learned from its seeds against the corpus
+    sample `jobs.train_sae` kept beside the SAE (its statistics' documents, pooled codes); it finds the planted
+    documents, names its query as each row's `nearest_seed`, and each row's listed terms plus
+    `rest_contribution` are its score."""
+    from curation.latent_weights import SAMPLE_FILE
+
+    corpus, glob = trained["corpus"], trained["glob"]
+    assert pq.read_metadata(trained["sae"] / SAMPLE_FILE).num_rows == corpus["good_rows"]
+    out = tmp_path / "out"
+    run_job(["jobs.curate", "--corpus", glob, "--seeds", corpus["seeds"], "--sae", str(trained["sae"]),
+             "--out", str(out), "--scorer", "classifier", "--rule", "global_topn", "--top-n", "4",
+             "--cpus", "0.5", "--batch-size", "16"])  # fmt: skip
+    check_curated(out, corpus["planted"])
+    rows = pq.read_table(out / "curated").to_pylist()
+    assert {row["nearest_seed"] for row in rows} == {"maths:classifier", "body:classifier"}
+    for row in rows:
+        assert row["top_latents"] and len(row["top_latents"]) == len(row["latent_contributions"])
+        assert sum(row["latent_contributions"]) + row["rest_contribution"] == pytest.approx(row["score"], abs=1e-5)
+    assert json.loads((out / "manifest.json").read_text())["extra"]["scorer"] == "classifier"
+
+
 def test_make_demo_corpus_writes_topics_and_a_disjoint_labelled_heldout_set(tmp_path):
     run_job(["jobs.make_demo_corpus", "--out", str(tmp_path / "c"), "--shards", "2", "--limit", "50",
              "--heldout-out", str(tmp_path / "h")])  # fmt: skip

@@ -33,7 +33,7 @@ from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_threads
 from core.stage import Outcome, Stage, run_stage
 from curation.encode import DocumentEncoder, EncoderSettings, TokenActivations
-from curation.latent_weights import STATS_FILE, latent_stats
+from curation.latent_weights import SAMPLE_FILE, STATS_FILE, latent_stats, sample_bytes
 from curation.sae.coords import CoordSelector, select_coords, unmeasured_coords
 from curation.sae.model import SAEConfig, TopKSAE, TrainingDiverged, train_sae
 from curation.sae.replay import replay_batches
@@ -283,14 +283,18 @@ def _train_and_save(
 
 
 def _measure_latent_stats(config: TrainSAEConfig, spec: EncoderSettings, inputs: list[storage.FileInfo]) -> int:
-    """Encode the corpus's first `stats_docs` documents with the trained SAE and store in how many each latent
-    fires (curation/latent_weights.py), beside the SAE; the number of documents measured."""
+    """Encode the corpus's first `stats_docs` documents with the trained SAE and store, beside the SAE, in how
+    many each latent fires and their pooled codes, the corpus sample of the learned scorers
+    (curation/latent_weights.py); the number of documents measured."""
     worker_logging()
     options = config.storage_options()
     sae = TopKSAE.load(storage.local_copy(config.out, options))
     encoder = DocumentEncoder(spec, sae=sae)
     texts = corpus_texts(config, inputs, config.stats_docs)
-    stats = latent_stats(encoder.encode(tokenize_texts(encoder.tokenizer, texts, config.max_tokens)))
+    pooled = encoder.encode_codes(tokenize_texts(encoder.tokenizer, texts, config.max_tokens)).pooled
+    stats = latent_stats(pooled)
+    # The sample first: the statistics file is what marks the measurement done.
+    storage.write_bytes_atomic(storage.join(config.out, SAMPLE_FILE), sample_bytes(pooled, spec.pooling), options)
     storage.write_bytes_atomic(storage.join(config.out, STATS_FILE), stats.to_bytes(), options)
     return stats.docs
 

@@ -13,9 +13,10 @@ from typing import Any
 from core import cli, storage
 from core.errors import ConfigError, check_range, check_ranges
 from core.storage import StorageOptions
-from curation.latent_weights import STATS_FILE
+from curation.latent_weights import SAMPLE_FILE, STATS_FILE
 from curation.sae.model import CONFIG_FILE, WEIGHTS_FILE
 from curation.selection.curate import CurateConfig
+from curation.selection.scorers import LEARNED
 
 
 @dataclass
@@ -113,7 +114,8 @@ def spec_identity(spec: ScheduleSpec, model: str) -> dict[str, Any]:
     options = spec.storage_options()
     settings = {name: value for name, value in spec.content().items() if name not in NOT_SCORED}
     settings["model"] = model
-    sae_files = [CONFIG_FILE, WEIGHTS_FILE, *([STATS_FILE] if spec.weighting == "idf" else [])]
+    sae_files = [CONFIG_FILE, WEIGHTS_FILE, *([STATS_FILE] if spec.weighting == "idf" else []),
+                 *([SAMPLE_FILE] if spec.scorer in LEARNED else [])]  # fmt: skip
     return {
         "settings": json.loads(json.dumps(settings, default=str)),
         "seeds_sha256": _digest(spec.seeds, options),

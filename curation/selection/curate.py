@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from core import manifest, models, storage
 from core.errors import ConfigError, check_range, check_ranges
@@ -21,10 +22,10 @@ from core.progress import ray_counter
 from core.reader import CleanConfig, count_rejects
 from core.runtime import RunConfig
 from core.stage import Outcome, Stage, run_stage
-from curation.encode import Pooling
+from curation.encode import Pooling, weighted_unit
 from curation.encode_pipeline import encode_shards, prepare_encoder
 from curation.explain import DomainDrivers, domain_drivers, row_explanations
-from curation.latent_weights import STATS_FILE, LatentStats
+from curation.latent_weights import SAMPLE_FILE, STATS_FILE, LatentSample, LatentStats
 from curation.sae.model import TopKSAE
 from curation.seeds import Seeds, load_seeds
 from curation.selection.rules import (
@@ -34,6 +35,7 @@ from curation.selection.rules import (
     label_selected,
     merge_candidates,
 )
+from curation.selection.scorers import LEARNED, SCORERS, Scorer, query_names
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class CurateConfig(RunConfig):
         "read_attempts",
         "read_backoff_s",
     }
+    added_fields: ClassVar[dict[str, Any]] = {"scorer": "nearest"}
 
     corpus: list[str] = field(default_factory=list)
     """Corpus shards: paths, directories or globs (`**` allowed), local or s3://. JSONL(.gz/.zst) or Parquet."""
@@ -72,6 +75,11 @@ class CurateConfig(RunConfig):
     weighting: Literal["idf", "none"] = "idf"
     """How much each latent counts in the cosine: `idf`, by its rarity over the corpus's documents, measured
     when the SAE was trained (curation/latent_weights.py); `none`, all alike (the paper's)."""
+    scorer: Scorer = "nearest"
+    """What documents are compared with (curation/selection/scorers.py): `nearest`, each seed, a domain
+    scoring by its best (the paper's); `background`, per domain the mean of its seeds less the mean of a
+    corpus sample; `classifier`, per domain a logistic regression of its seeds against that sample. The
+    sample is the one `jobs.train_sae` measured the latent statistics on, kept beside the SAE."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """The truncated forward's precision: auto is bfloat16 where the encode device computes it natively and
     fast (a GPU with bf16; a CPU whose bf16 matmuls measure at least 1.25x float32's, as AMX does), float32
@@ -113,6 +121,7 @@ class CurateConfig(RunConfig):
         if not self.corpus:
             raise ConfigError("corpus", self.corpus, "is required: pass --corpus PATH_OR_GLOB")
         check_rule(self)
+        check_scorer(self)
         sizes = ("top_n", "max_tokens", "actors", "batch_size", "max_batch_tokens", "max_batch_rows")
         check_ranges(self, sizes, ge=1)
         if self.max_batch_tokens < self.max_tokens:
@@ -132,6 +141,12 @@ class CurateConfig(RunConfig):
             read_attempts=self.read_attempts,
             read_backoff_s=self.read_backoff_s,
         )
+
+
+def check_scorer(config: Any) -> None:
+    """A config's `scorer` is one FineScope has."""
+    if config.scorer not in SCORERS:
+        raise ConfigError("scorer", config.scorer, f"must be one of {', '.join(SCORERS)}")
 
 
 def check_rule(config: Any) -> None:
@@ -156,6 +171,9 @@ class CurationPlan:
     digest: str
     latent_weights: list[float] | None = None
     """The rarity weights of `weighting: idf`; None for `none`."""
+    background: np.ndarray | None = None
+    """The learned scorers' corpus sample, (docs, latents) vectors weighted and unit-normed as the documents'
+    are; None for `nearest`."""
 
 
 def plan(config: CurateConfig) -> CurationPlan:
@@ -164,10 +182,37 @@ def plan(config: CurateConfig) -> CurationPlan:
     seeds = load_seeds(config.seeds, options)
     inputs = manifest.corpus_files(config.corpus, options)
     sae, model, weights = load_encoder_inputs(config.sae, config.model, config.weighting, options)
+    background = load_background(config.sae, sae, config.scorer, config.pooling, weights, options)
     seed_info = storage.expand(config.seeds, options, config_field="seeds")
     sae_info = storage.expand(config.sae, options, config_field="sae")
     digest = config.digest([*inputs, *seed_info, *sae_info, *models.model_inputs(model, options)])
-    return CurationPlan(config, inputs, seeds, sae, model, digest, weights)
+    return CurationPlan(config, inputs, seeds, sae, model, digest, weights, background)
+
+
+def load_background(
+    sae_uri: str,
+    sae: TopKSAE,
+    scorer: str,
+    pooling: str,
+    weights: list[float] | None,
+    options: storage.StorageOptions | None,
+) -> np.ndarray | None:
+    """The learned scorers' corpus sample as document vectors (None for `nearest`), checked: present beside the
+    SAE, of its width, pooled as this run pools."""
+    if scorer not in LEARNED:
+        return None
+    try:
+        sample = LatentSample.load(storage.local_copy(sae_uri, options), sae.cfg.num_latents)
+    except ValueError as error:
+        raise ConfigError("sae", sae_uri, f"{error}; train it again with `python -m jobs.train_sae`") from None
+    if sample is None:
+        fix = "train it again with `python -m jobs.train_sae`, or pass --scorer nearest"
+        raise ConfigError("scorer", scorer, f"the SAE at {sae_uri} has no {SAMPLE_FILE} (its corpus sample): {fix}")
+    if sample.pooling != pooling:
+        raise ConfigError("pooling", pooling, f"the SAE's corpus sample was pooled by {sample.pooling!r}: pass "
+                          f"--pooling {sample.pooling}, or --scorer nearest")  # fmt: skip
+    scale = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+    return weighted_unit(sample.pooled, scale).numpy()
 
 
 def load_encoder_inputs(
@@ -219,7 +264,9 @@ def label_rows(batch: pa.Table, spec: SelectionSettings, selected: dict[str, tup
     """Scored rows -> the curated rows among them: one row per (selected document, domain), its kept source only.
 
     Each row carries `top_latents` and `latent_contributions`: the latents behind its score for that
-    domain, from the scored row's explanation columns (curation/explain.py).
+    domain, from the scored row's explanation columns (curation/explain.py), and `rest_contribution`, the
+    score less those terms: what every other latent adds (0 when the listed ones are all the document
+    shares with its query; below 0 where a learned scorer counts other latents against it).
     """
     ids = batch.column("id").to_pylist()
     sources = batch.column("source").to_pylist()
@@ -243,6 +290,8 @@ def label_rows(batch: pa.Table, spec: SelectionSettings, selected: dict[str, tup
     position = {domain: index for index, domain in enumerate(spec.domains)}
     domain_index = np.asarray([position[domain] for domain in labels.column("domain").to_pylist()], dtype=np.int64)
     top_latents, contributions = row_explanations(rows, domain_index, len(spec.domains))
+    listed = np.array([sum(terms) if terms is not None else np.nan for terms in contributions.to_pylist()])
+    rest = (labels.column("score").to_numpy() - listed).astype(np.float32)
     return pa.table(
         {
             "id": labels.column("id"),
@@ -255,6 +304,7 @@ def label_rows(batch: pa.Table, spec: SelectionSettings, selected: dict[str, tup
             "n_tokens": rows.column("n_tokens"),
             "top_latents": top_latents,
             "latent_contributions": contributions,
+            "rest_contribution": pa.array(rest, pa.float32(), mask=np.isnan(rest)),
         }
     )
 
@@ -265,14 +315,16 @@ def _seed_names(indices: list[int], spec: SelectionSettings) -> pa.Array:
     return pa.array([ids[index] for index in indices], pa.string())
 
 
-def selection_settings(config: Any, seeds: Seeds) -> SelectionSettings:
-    """The selection a config with `rule`, `top_n` and `threshold` asks for, over these seeds."""
+def selection_settings(config: Any, seeds: Seeds, scorer: str | None = None) -> SelectionSettings:
+    """The selection a config with `rule`, `top_n`, `threshold` and `scorer` asks for, over the queries its
+    scorer makes of these seeds (one per seed under `nearest`, one per domain otherwise)."""
+    domains, ids = query_names(seeds.domains, seeds.ids, scorer or getattr(config, "scorer", "nearest"))
     return SelectionSettings(
         rule=config.rule,  # type: ignore[arg-type]
-        seed_domains=seeds.domains,
+        seed_domains=domains,
         top_n=config.top_n,
         threshold=config.threshold if config.threshold is not None else 0.0,
-        seed_ids=seeds.ids,
+        seed_ids=ids,
     )
 
 
@@ -324,11 +376,11 @@ def _curate(config: CurateConfig, checked: CurationPlan, timer: manifest.Timer) 
     with timer("select"):
         select_and_write(selection, scored_dir, curated_dir, options)
     counts = _counts(config, options, scored_dir, curated_dir, rejects_dir)
-    drivers = domain_drivers(seeds_matrix, checked.seeds.domains)
+    drivers = domain_drivers(seeds_matrix, selection.seed_domains)
     with timer("report"):
         _write_report(config, checked, counts, timer.timings, drivers, decision)
     logger.info("curated %s rows into %s (%s)", counts["curated_rows"], curated_dir, counts["by_domain"])
-    extra = {"model": checked.model, "sae": config.sae, "domains": selection.domains,
+    extra = {"model": checked.model, "sae": config.sae, "domains": selection.domains, "scorer": config.scorer,
              "driving_latents": drivers.as_dict(), "dtype": decision}  # fmt: skip
     return Outcome(counts, extra)
 

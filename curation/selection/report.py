@@ -83,7 +83,7 @@ def _top_examples(curated: pa.Table, seeds: Seeds, per_domain: int = 5) -> list[
         lines += [f"### {domain}", "", "| score | text | nearest seed | driving latents |", "|---:|---|---|---|"]
         for row in best[:per_domain]:
             text = " ".join(row["text"].split())[:160].replace("|", "\\|")
-            seed = " ".join(text_of.get(row["nearest_seed"], "?").split())[:60].replace("|", "\\|")
+            seed = " ".join(text_of.get(row["nearest_seed"], row["nearest_seed"]).split())[:60].replace("|", "\\|")
             lines.append(f"| {row['score']:.3f} | {text} | {seed} | {_driving(row)} |")
         lines.append("")
     return lines

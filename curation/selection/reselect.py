@@ -36,12 +36,15 @@ from curation.sae.model import TopKSAE
 from curation.seeds import Seeds, load_seeds
 from curation.selection.curate import (
     check_rule,
+    check_scorer,
+    load_background,
     load_encoder_inputs,
     output_counts,
     select_and_write,
     selection_settings,
 )
 from curation.selection.rules import SelectionRule, nearest_seeds
+from curation.selection.scorers import domain_queries
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ RESCORE_ROWS = 256
 @dataclass
 class ReselectConfig(RunConfig):
     execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {"cpus", "threads"}
+    added_fields: ClassVar[dict[str, Any]] = {"scorer": "scored"}
 
     scored: str = ""
     """The output directory of `python -m jobs.curate` (or of this job) to select from; its scored/ is read."""
@@ -73,6 +77,9 @@ class ReselectConfig(RunConfig):
     weighting: Literal["scored", "idf", "none"] = "scored"
     """How much each latent counts in the cosine: `scored`, as in the output read; `idf`, by its rarity (the
     SAE's latent_stats.json); `none`, all alike."""
+    scorer: Literal["scored", "nearest", "background", "classifier"] = "scored"
+    """What documents are compared with (curation/selection/scorers.py): `scored`, as in the output read; or
+    any scorer of `jobs.curate`."""
     cpus: float = 1.0
     """CPUs of the task that encodes the seeds (and of nothing else: the corpus is not encoded again)."""
     gpus: float = 0.0
@@ -85,6 +92,8 @@ class ReselectConfig(RunConfig):
             if not getattr(self, name):
                 raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
         check_rule(self)
+        if self.scorer != "scored":
+            check_scorer(self)
         check_range("cpus", self.cpus, gt=0, hint="fractions are fine")
         check_range("gpus", self.gpus, ge=0)
         check_range("threads", self.threads, ge=0, hint="0 picks from the machine")
@@ -106,6 +115,15 @@ class ReselectPlan:
     model: str
     weighting: str
     latent_weights: list[float] | None
+    scorer: str
+    background: np.ndarray | None
+    """The learned scorers' corpus sample as vectors (curation/selection/curate.py, `load_background`)."""
+
+
+def scorer_of(source: dict[str, Any]) -> str:
+    """The scorer of the output whose manifest is `source` (`nearest` for one curated before there was a choice)."""
+    recorded = source.get("scorer") if source.get("stage") == STAGE else (source.get("config") or {}).get("scorer")
+    return recorded or "nearest"
 
 
 def _source_manifest(config: ReselectConfig, options: storage.StorageOptions) -> dict[str, Any]:
@@ -154,12 +172,16 @@ def plan(config: ReselectConfig) -> ReselectPlan:
     encoding = encoding_of(source)
     weighting = encoding["weighting"] if config.weighting == "scored" else config.weighting
     sae, model, weights = load_encoder_inputs(encoding["sae"], source.get("model"), weighting, options)
+    scorer = scorer_of(source) if config.scorer == "scored" else config.scorer
+    background = load_background(encoding["sae"], sae, scorer, encoding["pooling"], weights, options)
     seed_info = storage.expand(config.seeds, options, config_field="seeds")
     sae_info = storage.expand(encoding["sae"], options, config_field="sae")
     inputs = [*files, *seed_info, *sae_info]
-    digest = config.digest(inputs, weighting=weighting, model=model, scored_hash=source.get("hash"))
+    scoring = {"weighting": weighting, **({"scorer": scorer} if scorer != "nearest" else {})}
+    digest = config.digest(inputs, **scoring, model=model, scored_hash=source.get("hash"))
     uris = [info.uri for info in files]
-    return ReselectPlan(inputs, digest, source, encoding, uris, seeds, sae, model, weighting, weights)
+    return ReselectPlan(inputs, digest, source, encoding, uris, seeds, sae, model, weighting, weights, scorer,
+                        background)  # fmt: skip
 
 
 # The seeds: the one model load ---------------------------------------------------------------------------
@@ -267,14 +289,16 @@ def _reselect(config: ReselectConfig, checked: ReselectPlan, timer: manifest.Tim
     with timer("seeds"):
         seeds_matrix = run_remote(_encode_seed_vectors, _seed_spec(config, checked), checked.sae, checked.seeds,
                                   encoding["max_tokens"], num_cpus=config.cpus, num_gpus=config.gpus)  # fmt: skip
-    drivers = domain_drivers(seeds_matrix, checked.seeds.domains)
+    seeds = checked.seeds
+    queries = domain_queries(seeds_matrix, seeds.domains, seeds.ids, checked.scorer, checked.background)
+    drivers = domain_drivers(queries.vectors, queries.domains)
     keep = _same_drivers(drivers, checked.source)
-    rescoring = Rescoring(seeds_matrix, checked.latent_weights, checked.sae.cfg.num_latents, drivers, keep)
+    rescoring = Rescoring(queries.vectors, checked.latent_weights, checked.sae.cfg.num_latents, drivers, keep)
     scored_dir, curated_dir = storage.join(config.out, "scored"), storage.join(config.out, "curated")
     with timer("rescore"):
         _rescore(checked, rescoring, scored_dir, options)
     with timer("select"):
-        select_and_write(selection_settings(config, checked.seeds), scored_dir, curated_dir, options)
+        select_and_write(selection_settings(config, checked.seeds, checked.scorer), scored_dir, curated_dir, options)
     source_counts = checked.source.get("counts", {})
     counts = output_counts(options, scored_dir, curated_dir, dict(source_counts.get("rejects_by_reason", {})))
     with timer("report"):
@@ -283,7 +307,7 @@ def _reselect(config: ReselectConfig, checked: ReselectPlan, timer: manifest.Tim
     extra = {"model": checked.model, "sae": encoding["sae"], "domains": sorted(set(checked.seeds.domains)),
              "driving_latents": drivers.as_dict(), "dtype": checked.source.get("dtype"),
              # What a re-selection of this output needs: the encoding of the codes it carries on, unchanged.
-             "encoding": encoding, "weighting": checked.weighting,
+             "encoding": encoding, "weighting": checked.weighting, "scorer": checked.scorer,
              "scored_from": {"uri": config.scored, "hash": checked.source.get("hash")}}  # fmt: skip
     return Outcome(counts, extra)
 

@@ -914,7 +914,13 @@ def test_spec_identity_holds_every_setting_that_changes_a_score(tmp_path):
     base = ScheduleSpec(corpus=["c/*"], seeds=str(tmp_path / "seeds.jsonl"), sae=str(sae), out=str(tmp_path / "o"))
     identity = spec_identity(base, "tiny")
     fields = {field.name for field in dataclasses.fields(ScheduleSpec)}
-    assert set(identity["settings"]) == {*SCORED_EXAMPLES, "model"} and fields - set(identity["settings"]) == UNSCORED
+    # `scorer` at `nearest` is left out: roots bound before there was a choice keep their identity.
+    assert set(identity["settings"]) == {*SCORED_EXAMPLES, "model"}
+    assert fields - set(identity["settings"]) == UNSCORED | {"scorer"}
+    (sae / "latent_sample.parquet").write_text("codes")
+    learned = spec_identity(dataclasses.replace(base, scorer="classifier"), "tiny")
+    assert learned["settings"]["scorer"] == "classifier" and "latent_sample.parquet" in learned["sae_sha256"]
+    assert "latent_sample.parquet" not in identity["sae_sha256"]
     assert identity["settings"]["dtype"] == "auto"  # resolved by each encode worker, after the identity is bound
     hashed = identity_hash
     for name, value in SCORED_EXAMPLES.items():
