@@ -16,7 +16,8 @@ FineScope is tested against random data with `stats.paired_bootstrap_perplexity`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,15 @@ EPSILON = 1e-9
 """|L_pruned - L_reference| below this leaves a share undefined: pruning (or the oracle) changed nothing."""
 UNDEFINED = "undefined (pruning cost nothing on this set)"
 RECOVERY_ARMS = ("finescope", "random", "oracle", "unpruned", "undistilled")
+TRIAL_LABEL = re.compile(r"^(?P<kind>.+)-t(?P<trial>\d+)$")
+"""A trial arm's label, `<kind>-t<N>`: finescope-t0, bm25-t2, topic25-t1."""
+SINGLE_ARMS = ("base", "pruned", "oracle", "unpruned", "undistilled")
+"""Labels that are arms without trials (`oracle` in runs that had a single oracle)."""
+ALTERNATIVES = ("bm25", "minilm", "dense")
+"""The curators a user would pick instead of FineScope, in the report's order."""
+DOSE_ARMS = {"random": 0.0, "topic25": 0.25, "topic50": 0.5, "oracle": 1.0}
+"""The dose-response arms and their nominal on-topic share, used where selection.json does not measure it."""
+CURATORS = ("finescope", *ALTERNATIVES)
 
 Scores = tuple[np.ndarray, np.ndarray]
 """Per document: summed NLL in nats, scored tokens."""
@@ -51,6 +61,42 @@ class ReplicationLayout:
     """(domain, results.json URI, numbers of SAE coordinates K including "all"), or None."""
     budget: list[dict[str, Any]]
     """One row per fine-tuned arm, e.g. {"arm", "documents", "tokens", "steps"}; rendered as a table as-is."""
+    selections: list[str] = field(default_factory=list)
+    """selection.json URIs of the arms' data directories ({"arm", "domain", "trial", "docs", "on_topic",
+    "oracle_overlap"}); one that does not exist is left out."""
+    pilot: dict[float, dict[str, str]] = field(default_factory=dict)
+    """Pilot evaluations: prune ratio -> domain -> results.json URI (labels base, pruned, random, oracle)."""
+
+
+def arm_kinds(labels: Any) -> dict[str, list[int]]:
+    """The arm kinds an evaluation holds, from its labels: `<kind>-t<N>` gives kind -> its trials (sorted);
+    a single arm (base, pruned, an old run's `oracle`, ...) gives kind -> []."""
+    kinds: dict[str, list[int]] = {}
+    for label in labels:
+        match = TRIAL_LABEL.match(label)
+        if match:
+            kinds.setdefault(match["kind"], []).append(int(match["trial"]))
+        elif label in SINGLE_ARMS:
+            kinds.setdefault(label, [])
+    return {kind: sorted(trials) for kind, trials in kinds.items()}
+
+
+def _trial_labels(kind: str, trials: list[int]) -> list[str]:
+    return [f"{kind}-t{n}" for n in trials] if trials else [kind]
+
+
+def paired_trials(kinds: dict[str, list[int]], ours: str, theirs: str) -> list[tuple[str, str]]:
+    """The label pairs that compare two kinds: trials paired by training seed (the trials both have); a
+    kind without trials pairs with every trial of the other."""
+    a, b = kinds[ours], kinds[theirs]
+    if a and b:
+        return [(f"{ours}-t{n}", f"{theirs}-t{n}") for n in a if n in b]
+    mine, other = _trial_labels(ours, a), _trial_labels(theirs, b)
+    if len(mine) == 1:
+        mine = mine * len(other)
+    if len(other) == 1:
+        other = other * len(mine)
+    return list(zip(mine, other, strict=True))
 
 
 def _scores(results: dict[str, Any]) -> tuple[str, dict[str, Scores]]:
@@ -107,20 +153,46 @@ def two_level_bootstrap(ours: list[Scores], theirs: list[Scores], samples: int =
     """log(ppl_ours) - log(ppl_theirs), the arms' trials paired by training seed, with a 95% interval from a
     two-level bootstrap: trials (seeds) resampled with replacement, then the held-out documents, so that
     the interval holds training noise as well as the documents'. Negative = ours better."""
-    rng = np.random.default_rng(seed)
     trials, documents = len(ours), len(ours[0][0])
 
     def gap(picked: np.ndarray, docs: np.ndarray) -> float:
-        ours_nll = sum(ours[t][0][docs].sum() for t in picked) / sum(ours[t][1][docs].sum() for t in picked)
-        theirs_nll = sum(theirs[t][0][docs].sum() for t in picked) / sum(theirs[t][1][docs].sum() for t in picked)
-        return float(ours_nll - theirs_nll)
+        return _pooled_l(ours, picked, docs) - _pooled_l(theirs, picked, docs)
 
     everything = np.arange(documents)
-    values = [gap(rng.integers(0, trials, trials), rng.integers(0, documents, documents)) for _ in range(samples)]
+    values = [gap(picked, docs) for picked, docs in _two_level_draws(trials, documents, samples, seed)]
     low, high = np.percentile(values, [2.5, 97.5])
     p_value = min(1.0, 2 * min(np.mean(np.asarray(values) >= 0), np.mean(np.asarray(values) <= 0)))
     return {"log_ratio": gap(np.arange(trials), everything), "ci_low": float(low), "ci_high": float(high),
             "p_value": float(p_value), "trials": trials, "samples": samples}  # fmt: skip
+
+
+def _two_level_draws(trials: int, documents: int, samples: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per bootstrap sample: trials drawn with replacement, then documents drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, trials, trials), rng.integers(0, documents, documents)) for _ in range(samples)]
+
+
+def _pooled_l(arm: list[Scores], picked: np.ndarray, docs: np.ndarray) -> float:
+    """L of an arm's picked trials on the picked documents, token-weighted over both."""
+    return float(sum(arm[t][0][docs].sum() for t in picked) / sum(arm[t][1][docs].sum() for t in picked))
+
+
+def two_level_share(pruned: Scores, ours: list[Scores], reference: list[Scores], samples: int = SAMPLES,
+                    seed: int = SEED) -> dict[str, float]:  # fmt: skip
+    """(L_pruned - L_ours) / (L_pruned - L_reference), trials paired by seed, with a 95% interval from the
+    two-level bootstrap (trials, then documents): the share of the reference's gain that ours reaches."""
+    trials, documents = len(ours), len(ours[0][0])
+
+    def share(picked: np.ndarray, docs: np.ndarray) -> float:
+        base = pruned[0][docs].sum() / pruned[1][docs].sum()
+        cost = base - _pooled_l(reference, picked, docs)
+        return (base - _pooled_l(ours, picked, docs)) / cost if abs(cost) >= EPSILON else math.nan
+
+    values = np.array([share(picked, docs) for picked, docs in _two_level_draws(trials, documents, samples, seed)])
+    values = values[np.isfinite(values)]
+    low, high = np.percentile(values, [2.5, 97.5]) if len(values) else (math.nan, math.nan)
+    value = share(np.arange(trials), np.arange(documents))
+    return {"value": value, "ci_low": float(low), "ci_high": float(high), "trials": trials, "samples": samples}
 
 
 def holm(p_values: dict[str, float], alpha: float = stats.ALPHA) -> dict[str, dict[str, Any]]:
@@ -142,19 +214,22 @@ def _spread(shares: list[float]) -> dict[str, Any]:
 
 def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[str, Any]:
     """Every statistic of one held-out set (a loaded results.json): perplexities, recovered shares with
-    intervals (per model and for the trial-mean finescope and random arms), FineScope against random per
-    trial and pooled, the share of the oracle's gain, the spread over trials and distillation's effect."""
+    intervals (per model and per arm kind, the mean over its trials), FineScope against random per trial
+    and pooled, the share of the oracle's gain, the spread over trials, distillation's effect, the
+    headline comparisons over seeds and documents, and the continuation task where it was scored."""
     name, scores = _scores(domain_results)
     finescope, random = [f"finescope-t{n}" for n in trials], [f"random-t{n}" for n in trials]
     _require(name, scores, ["base", "pruned", *finescope, *random])
-    scores = {**scores, "finescope": _trial_mean(scores, finescope), "random": _trial_mean(scores, random)}
+    kinds = arm_kinds(scores)
+    pooled = {kind: _trial_mean(scores, _trial_labels(kind, runs)) for kind, runs in kinds.items() if runs}
+    scores = {**scores, **pooled}
     resampled = _resample(scores)
     pruned, base = resampled["pruned"], resampled["base"]
     recovered = {label: _share(pruned, value, base) for label, value in resampled.items()}
     versus = {f"t{n}": _versus(scores[f"finescope-t{n}"], scores[f"random-t{n}"]) for n in trials}
     versus["pooled"] = _versus(scores["finescope"], scores["random"])
-    spread = {arm: _spread([recovered[label]["value"] for label in labels]) for arm, labels in
-              (("finescope", finescope), ("random", random))}  # fmt: skip
+    spread = {kind: _spread([recovered[label]["value"] for label in _trial_labels(kind, runs)])
+              for kind, runs in kinds.items() if runs}  # fmt: skip
     gaps = [a - b for a, b in zip(spread["finescope"]["values"], spread["random"]["values"], strict=True)]
     over_seeds = stats.seed_t_test(gaps) if len(gaps) > 1 else None
     first = f"finescope-t{trials[0]}"  # the undistilled arm trains on the first trial's documents
@@ -162,6 +237,7 @@ def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[st
     return {
         "dataset": name,
         "documents": len(scores["base"][0]),
+        "kinds": kinds,
         "perplexity": {label: math.exp(value[0]) for label, value in resampled.items()},
         "pruning_cost": pruned[0] - base[0],
         "recovery_defined": abs(pruned[0] - base[0]) >= EPSILON,
@@ -171,8 +247,166 @@ def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[st
         "spread": spread,
         "over_seeds": over_seeds and {**over_seeds, "significant": over_seeds["p_value"] < stats.ALPHA},
         "two_level": two_level_bootstrap([scores[label] for label in finescope], [scores[label] for label in random]),
+        "headline": headline_figures(scores, kinds),
         "distillation": _versus(scores[first], scores["undistilled"]) if distilled else None,
+        "continuation": continuation_figures(domain_results),
     }
+
+
+def headline_figures(scores: dict[str, Scores], kinds: dict[str, list[int]]) -> dict[str, Any]:
+    """Over seeds and documents (two-level bootstrap): FineScope against random and against each
+    alternative curator present (negative log-ppl = FineScope better), and the share of the oracle's gain
+    FineScope reaches, with FineScope against the oracle as its test."""
+    figures: dict[str, Any] = {}
+    for other in ("random", *ALTERNATIVES, "oracle"):
+        if other not in kinds:
+            continue
+        pairs = paired_trials(kinds, "finescope", other)
+        ours, theirs = [scores[a] for a, _ in pairs], [scores[b] for _, b in pairs]
+        figures[other] = two_level_bootstrap(ours, theirs)
+        figures[other]["pairs"] = [list(pair) for pair in pairs]
+        if other == "oracle":
+            figures[other]["share"] = two_level_share(scores["pruned"], ours, theirs)
+    return figures
+
+
+def continuation_figures(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The continuation task on this held-out set, where the evaluation scored it: questions, each model's
+    and each arm kind's accuracy (pooled over its trials) with a Wilson interval, and McNemar's exact test
+    of every arm against random and against FineScope. Trials are paired by seed and their questions
+    stacked (a question answered in 3 trials is 3 pairs); an arm without trials pairs with every trial."""
+    section = next(iter((results.get("continuation") or {}).values()), None)
+    if section is None:
+        return None
+    hits = {label: np.asarray(row["correct"], bool) for label, row in section["results"].items()}
+    kinds = arm_kinds(hits)
+    accuracy = {label: stats.accuracy(hit).to_dict() for label, hit in hits.items()}
+    for kind, runs in kinds.items():
+        if runs:
+            accuracy[kind] = stats.accuracy(np.concatenate([hits[label] for label in _trial_labels(kind, runs)]))
+            accuracy[kind] = accuracy[kind].to_dict()
+    tests: dict[str, dict[str, Any]] = {}
+    for reference in ("random", "finescope"):
+        if reference not in kinds:
+            continue
+        for kind in (kind for kind in kinds if kind != reference):
+            pairs = paired_trials(kinds, kind, reference)
+            test = stats.mcnemar_exact(np.concatenate([hits[a] for a, _ in pairs]),
+                                       np.concatenate([hits[b] for _, b in pairs]))  # fmt: skip
+            tests.setdefault(reference, {})[kind] = {**test, "pairs": len(pairs) * len(section["doc_ids"]),
+                                                     "significant": test["p_value"] < stats.ALPHA}  # fmt: skip
+    return {"questions": section["questions"], "documents": section["documents"], "skipped": section["skipped"],
+            "settings": section["settings"], "accuracy": accuracy, "mcnemar": tests}  # fmt: skip
+
+
+def _fraction(value: Any, docs: Any) -> float | None:
+    """A share from selection.json: a whole number counts documents (of `docs`), a float is the share."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value / docs if docs else None
+    return float(value)
+
+
+def selection_figures(rows: list[dict[str, Any]], domain: str) -> dict[str, dict[str, Any]]:
+    """Per arm kind, from the arms' selection.json rows for `domain` (a row without a domain, like the
+    random arms' shared draw, counts for every domain): the mean over trials of the on-topic share and of
+    the overlap with the oracle's documents."""
+    found: dict[str, list[tuple[float | None, float | None]]] = {}
+    for row in rows:
+        if row.get("domain") not in (None, domain):
+            continue
+        arm = str(row.get("arm", "")).rsplit("/", 1)[-1]
+        match = TRIAL_LABEL.match(arm)
+        on_topic, overlap = row.get("on_topic"), row.get("oracle_overlap")
+        on_topic, overlap = (v.get(domain) if isinstance(v, dict) else v for v in (on_topic, overlap))
+        pair = (_fraction(on_topic, row.get("docs")), _fraction(overlap, row.get("docs")))
+        found.setdefault(match["kind"] if match else arm, []).append(pair)
+    figures = {}
+    for kind, pairs in found.items():
+        means = [[v for v in column if v is not None] for column in zip(*pairs, strict=True)]
+        figures[kind] = {
+            "on_topic": float(np.mean(means[0])) if means[0] else None,
+            "oracle_overlap": float(np.mean(means[1])) if means[1] else None,
+            "trials": len(pairs),
+        }
+    return figures  # fmt: skip
+
+
+def monotone(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (mean_a, n_a), (mean_b, n_b) = blocks.pop(-2), blocks.pop()
+            blocks.append([(mean_a * n_a + mean_b * n_b) / (n_a + n_b), n_a + n_b])
+    return [mean for mean, count in blocks for _ in range(int(count))]
+
+
+def place_on_curve(level: float, xs: list[float], ys: list[float]) -> dict[str, Any]:
+    """The x at which the non-decreasing curve (xs ascending, ys) reaches `level`, by linear interpolation;
+    the first x on a flat stretch. Outside the curve: "below 0%" (under its lowest point) or "above 100%"."""
+    if not math.isfinite(level):
+        return {"on_topic": None, "where": "n/a"}
+    if level < ys[0]:
+        return {"on_topic": None, "where": "below 0%"}
+    if level > ys[-1]:
+        return {"on_topic": None, "where": "above 100%"}
+    for i in range(len(xs) - 1):
+        if ys[i] <= level <= ys[i + 1]:
+            if ys[i + 1] == ys[i] or level == ys[i]:
+                return {"on_topic": xs[i], "where": "on the curve"}
+            return {"on_topic": xs[i] + (level - ys[i]) / (ys[i + 1] - ys[i]) * (xs[i + 1] - xs[i]),
+                    "where": "on the curve"}  # fmt: skip
+    return {"on_topic": xs[-1], "where": "on the curve"}
+
+
+def dose_response(figures: dict[str, Any], selections: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Recovery and continuation accuracy of random, topic25, topic50 and oracle against their measured
+    on-topic share (the nominal 0/25/50/100% where selection.json does not measure it), the monotone
+    curve through them, and where each curator's recovery and accuracy fall on it."""
+    accuracy = (figures.get("continuation") or {}).get("accuracy", {})
+    points = [{"arm": arm, "on_topic": selections.get(arm, {}).get("on_topic", nominal), "nominal": nominal,
+               "measured": selections.get(arm, {}).get("on_topic") is not None,
+               "recovery": figures["recovered"][arm]["value"], "accuracy": accuracy.get(arm, {}).get("accuracy")}
+              for arm, nominal in DOSE_ARMS.items() if arm in figures["recovered"]]  # fmt: skip
+    for point in points:
+        point["on_topic"] = point["nominal"] if point["on_topic"] is None else point["on_topic"]
+    if len(points) < 2:
+        return None
+    points.sort(key=lambda point: (point["on_topic"], point["nominal"]))
+    xs, curves, placements = [point["on_topic"] for point in points], {}, {}
+    for metric in ("recovery", "accuracy"):
+        ys = [point[metric] for point in points]
+        if all(y is not None and math.isfinite(y) for y in ys):
+            curves[metric] = monotone(ys)
+    for curator in (c for c in CURATORS if c in figures["recovered"]):
+        levels = {"recovery": figures["recovered"][curator]["value"], "accuracy": accuracy.get(curator, {}).get(
+            "accuracy")}  # fmt: skip
+        placements[curator] = {metric: {"level": levels[metric], **place_on_curve(levels[metric], xs, curve)}
+                               for metric, curve in curves.items() if levels[metric] is not None}  # fmt: skip
+    return {"points": points, "curves": curves, "placements": placements}
+
+
+def pilot_figures(evaluations: dict[float, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Per pilot prune ratio (ratio -> domain -> a loaded results.json with base, pruned, random and
+    oracle): the oracle's recovered share minus random's per domain, and the ratio whose smallest gap over
+    domains is largest (the first such ratio on a tie; None where no ratio has every gap defined)."""
+    rows = []
+    for ratio in sorted(evaluations):
+        gaps = {}
+        for domain, results in evaluations[ratio].items():
+            name, scores = _scores(results)
+            _require(name, scores, ["base", "pruned", "random", "oracle"])
+            level = {label: float(nll.sum() / tokens.sum()) for label, (nll, tokens) in scores.items()}
+            cost = level["pruned"] - level["base"]
+            gaps[domain] = (level["random"] - level["oracle"]) / cost if abs(cost) >= EPSILON else math.nan
+        smallest = min(gaps.values()) if gaps else math.nan
+        rows.append({"ratio": ratio, "gaps": gaps, "smallest": smallest})
+    defined = [row for row in rows if math.isfinite(row["smallest"])]
+    best = max(defined, key=lambda row: row["smallest"]) if defined else None
+    return {"rows": rows, "choice": best["ratio"] if best else None}
 
 
 def _ablation_order(value: Any) -> tuple[int, float]:
@@ -228,6 +462,11 @@ def _verdict(subject: str, test: dict[str, Any], outcomes: tuple[str, str, str])
     )
 
 
+def _p(p_value: float) -> str:
+    """A bootstrap p of 0 reads as below the smallest p that SAMPLES resamples can give (two-sided)."""
+    return f"p<{2 / SAMPLES:g}" if p_value == 0 else f"p={p_value:.3g}"
+
+
 def _significance(p_value: float) -> str:
     """stats.significance_word, except that a bootstrap p of 0 reads as below the smallest p that 1000 resamples
     can give (two-sided: 2 / SAMPLES)."""
@@ -245,8 +484,10 @@ REFERENCE_ARMS = ("oracle", "unpruned", "undistilled")
 
 def _arm_table(figures: dict[str, Any], general: dict[str, Any], trials: list[int]) -> list[str]:
     """Per arm: perplexity and recovered share [95% CI] on the domain's and on the general held-out set."""
-    per_trial = [f"{arm}-t{n}" for arm in ("finescope", "random") for n in trials]
-    arms = ["base", "pruned", "finescope", "random", *per_trial, *REFERENCE_ARMS]
+    kinds = figures["kinds"]
+    pooled = [kind for kind, runs in kinds.items() if runs]
+    per_trial = [label for kind in pooled for label in _trial_labels(kind, kinds[kind])]
+    arms = list(dict.fromkeys(["base", "pruned", *pooled, *per_trial, *REFERENCE_ARMS]))
     lines = [
         "| arm | perplexity (domain) | recovered (domain) | perplexity (general) | recovered (general) |",
         "|---|---:|---:|---:|---:|",
@@ -297,8 +538,103 @@ def _finding_lines(domain: str, figures: dict[str, Any], general: dict[str, Any]
 def _domain_lines(domain: str, figures: dict[str, Any], general: dict[str, Any], trials: list[int]) -> list[str]:
     sets = f"`{figures['dataset']}` ({figures['documents']} documents)"
     sets += f" and `{general['dataset']}` ({general['documents']} documents)"
-    lines = [f"## {domain}", "", f"Held-out sets: {sets}; `finescope` and `random` are the means over trials.", ""]
+    lines = [f"## {domain}", "", f"Held-out sets: {sets}; an arm without `-tN` is the mean over its trials.", ""]
     return lines + _arm_table(figures, general, trials) + _finding_lines(domain, figures, general, trials)
+
+
+HEADLINE = {"random": "FineScope against random", "bm25": "FineScope against BM25",
+            "minilm": "FineScope against MiniLM", "dense": "FineScope against dense embeddings",
+            "oracle": "FineScope against the oracle"}  # fmt: skip
+
+
+def _headline_lines(domain: str, figures: dict[str, Any], holm_by: dict[str, dict[str, Any]]) -> list[str]:
+    """The headline per comparison: two-level bootstrap (seeds, then documents), Holm-adjusted across domains."""
+    lines = [f"### {domain}: the headline, over seeds and documents", "",
+             "Two-level bootstrap (trials, then documents), log-ppl difference (negative = FineScope better) with"
+             " its 95% interval; p Holm-adjusted across domains.", ""]  # fmt: skip
+    for other, test in figures["headline"].items():
+        adjusted = holm_by.get(other, {}).get(domain)
+        verdict = (
+            (
+                f"{_p(test['p_value'])}, Holm {_p(adjusted['p_holm'])}, "
+                f"{'significant' if adjusted['significant'] else 'not significant'}"
+            )
+            if adjusted
+            else ""
+        )
+        line = (
+            f"- {HEADLINE.get(other, other)}: {test['log_ratio']:+.3f} [{test['ci_low']:+.3f}, {test['ci_high']:+.3f}]"
+        )
+        lines.append(f"{line}, {verdict}")  # fmt: skip
+        if "share" in test:
+            lines.append(f"- share of the oracle's gain FineScope recovers: {_interval(test['share'])}")
+    return [*lines, ""]
+
+
+def _selection_lines(selections: dict[str, dict[str, Any]]) -> list[str]:
+    if not selections:
+        return []
+    lines = ["| arm | selection.json files | on-topic share | overlap with the oracle |", "|---|---:|---:|---:|"]
+    for kind, row in selections.items():
+        lines.append(f"| {kind} | {row['trials']} | {_number(row['on_topic'], '.3f')} |"
+                     f" {_number(row['oracle_overlap'], '.3f')} |")  # fmt: skip
+    return ["Selections (mean over trials):", "", *lines, ""]
+
+
+def _pct(entry: dict[str, float]) -> str:
+    return f"{100 * entry['accuracy']:.1f}% [{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}]"
+
+
+def _continuation_lines(domain: str, section: dict[str, Any] | None, holm_by: dict[str, Any]) -> list[str]:
+    """Each arm's continuation accuracy with its Wilson interval, and McNemar against random and FineScope."""
+    if section is None:
+        return []
+    references = list(section["mcnemar"])
+    header = "| arm | accuracy [95% Wilson] | " + " | ".join(f"vs {r} (McNemar; Holm p)" for r in references) + " |"
+    lines = [f"### {domain}: continuation task, {section['questions']} questions from {section['documents']}"
+             " documents", "", header, "|---|---:|" + "---|" * len(references)]  # fmt: skip
+    for label, accuracy in section["accuracy"].items():
+        cells = []
+        for reference in references:
+            test = section["mcnemar"][reference].get(label)
+            adjusted = holm_by.get(reference, {}).get(label, {}).get(domain)
+            cells.append(f"{100 * test['difference']:+.1f} pts, p={test['p_value']:.3g}; {adjusted['p_holm']:.3g}"
+                         if test and adjusted else "")  # fmt: skip
+        lines.append(f"| {label} | {_pct(accuracy)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _dose_lines(domain: str, dose: dict[str, Any] | None) -> list[str]:
+    if dose is None:
+        return []
+    lines = [f"### {domain}: dose-response", "", "| arm | on-topic share | recovery | continuation accuracy |",
+             "|---|---:|---:|---:|"]  # fmt: skip
+    for point in dose["points"]:
+        source = "" if point["measured"] else " (nominal)"
+        accuracy = "n/a" if point["accuracy"] is None else f"{100 * point['accuracy']:.1f}%"
+        lines.append(f"| {point['arm']} | {100 * point['on_topic']:.1f}%{source} | {_number(point['recovery'], '.3f')}"
+                     f" | {accuracy} |")  # fmt: skip
+    lines += ["", "Each curator on the monotone curve: the on-topic share that would give its figure.", ""]
+    for curator, metrics in dose["placements"].items():
+        where = [f"{metric} {_number(place['level'], '.3f')} -> " + (
+            f"{100 * place['on_topic']:.1f}%" if place["on_topic"] is not None else place["where"])
+            for metric, place in metrics.items()]  # fmt: skip
+        lines.append(f"- {curator}: " + "; ".join(where))
+    return [*lines, "", f"![dose-response {domain}](dose-{domain}.png)", ""]
+
+
+def _pilot_lines(pilot: dict[str, Any] | None) -> list[str]:
+    if not pilot or not pilot["rows"]:
+        return []
+    domains = list(dict.fromkeys(d for row in pilot["rows"] for d in row["gaps"]))
+    lines = ["## Pilot: prune ratio", "", "Oracle's recovered share minus random's, per domain; the ratio whose"
+             " smallest gap is largest is chosen.", "", "| ratio | " + " | ".join(domains) + " | smallest |",
+             "|---:|" + "---:|" * (len(domains) + 1)]  # fmt: skip
+    for row in pilot["rows"]:
+        cells = [_number(row["gaps"].get(d), ".3f") for d in domains]
+        lines.append(f"| {row['ratio']:.2f} | " + " | ".join(cells) + f" | {_number(row['smallest'], '.3f')} |")
+    choice = "none (no ratio has every gap defined)" if pilot["choice"] is None else f"{pilot['choice']:.2f}"
+    return [*lines, "", f"Chosen ratio: {choice}.", ""]
 
 
 def _budget_lines(budget: list[dict[str, Any]]) -> list[str]:
@@ -397,25 +733,92 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write_report(root: str, layout: ReplicationLayout, options: StorageOptions | None = None,
-                 header: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Read every evaluation the layout names and write replication.json, replication.md and the PNG
-    charts under `root`; returns {"markdown", "figures", "files"}."""
-    figures: dict[str, Any] = {"trials": layout.trials, "domains": {}, "budget": layout.budget, "ablations": {}}
-    lines = [*(header or ["# FineScope replication"]), "", "Recovered share R = (L_pruned - L_arm) / (L_pruned -"
-             " L_base), with L the token-weighted mean NLL: 1 = back to the base model, 0 = no better than pruned."
-             " Intervals: 95% bootstrap over documents.", "", "![recovery](recovery.png)", ""]  # fmt: skip
+def _dose_chart(domain: str, dose: dict[str, Any]) -> bytes:
+    """Recovery (and continuation accuracy, right axis) against the on-topic share, with the curators placed."""
+    fig, axis = _pyplot().subplots(figsize=(5.5, 3.6))
+    xs = [100 * point["on_topic"] for point in dose["points"]]
+    axis.plot(xs, [point["recovery"] for point in dose["points"]], "o", color="C0", label="recovery")
+    axis.plot(xs, dose["curves"].get("recovery", [math.nan] * len(xs)), "-", color="C0")
+    for point, x in zip(dose["points"], xs, strict=True):
+        axis.annotate(point["arm"], (x, point["recovery"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    for number, (curator, metrics) in enumerate(dose["placements"].items()):
+        if "recovery" in metrics:
+            axis.axhline(metrics["recovery"]["level"], color=f"C{number + 2}", linestyle=":", label=curator)
+    if "accuracy" in dose["curves"]:
+        right = axis.twinx()
+        right.plot(xs, dose["curves"]["accuracy"], "s--", color="C1", label="continuation accuracy")
+        right.set_ylabel("continuation accuracy", fontsize=9)
+    axis.set_xlabel("measured on-topic share of the arm's documents (%)")
+    axis.set_ylabel("recovered share", fontsize=9)
+    axis.set_title(f"{domain}: dose-response", fontsize=10)
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def _domain_entries(layout: ReplicationLayout, options: StorageOptions | None) -> dict[str, Any]:
+    """Per domain: the figures of its two held-out sets, its selections and its dose-response."""
+    rows = [storage.read_json(uri, options) for uri in layout.selections if storage.exists(uri, options)]
+    entries = {}
     for domain, (domain_uri, general_uri) in layout.domains.items():
         scopes = {"domain": domain_uri, "general": general_uri}
         entry = {scope: domain_figures(storage.read_json(uri, options), layout.trials) for scope, uri in scopes.items()}
-        figures["domains"][domain] = {**entry, "sources": scopes}
-        lines += _domain_lines(domain, entry["domain"], entry["general"], layout.trials)
+        selections = selection_figures(rows, domain)
+        dose = dose_response(entry["domain"], selections)
+        entries[domain] = {**entry, "sources": scopes, "selections": selections, "dose_response": dose}
+    return entries
+
+
+def _holm_families(domains: dict[str, Any]) -> dict[str, Any]:
+    """Holm's correction across domains: the two-level p of FineScope against random (`holm`), of each
+    headline comparison (`holm_headline`), and of each continuation McNemar test (`holm_continuation`)."""
+    figures: dict[str, Any] = {"holm": holm({d: e["domain"]["two_level"]["p_value"] for d, e in domains.items()})}
+    headline: dict[str, dict[str, float]] = {}
+    continuation: dict[str, dict[str, dict[str, float]]] = {}
+    for domain, entry in domains.items():
+        for other, test in entry["domain"]["headline"].items():
+            headline.setdefault(other, {})[domain] = test["p_value"]
+        for reference, tests in ((entry["domain"]["continuation"] or {}).get("mcnemar") or {}).items():
+            for kind, test in tests.items():
+                continuation.setdefault(reference, {}).setdefault(kind, {})[domain] = test["p_value"]
+    figures["holm_headline"] = {other: holm(p_values) for other, p_values in headline.items()}
+    figures["holm_continuation"] = {reference: {kind: holm(p_values) for kind, p_values in kinds.items()}
+                                    for reference, kinds in continuation.items()}  # fmt: skip
+    return figures
+
+
+def write_report(root: str, layout: ReplicationLayout, options: StorageOptions | None = None,
+                 header: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Read every evaluation (and selection.json) the layout names and write replication.json,
+    replication.md and the PNG charts under `root`; returns {"markdown", "figures", "files"}. Every number
+    the markdown prints is in replication.json (percentages as fractions)."""
+    figures: dict[str, Any] = {"trials": layout.trials, "domains": _domain_entries(layout, options),
+                               "budget": layout.budget, "ablations": {}, "confidence": 0.95, "samples": SAMPLES,
+                               "p_floor": 2 / SAMPLES}  # fmt: skip
+    lines = [*(header or ["# FineScope replication"]), "", "Recovered share R = (L_pruned - L_arm) / (L_pruned -"
+             " L_base), with L the token-weighted mean NLL: 1 = back to the base model, 0 = no better than pruned."
+             " Intervals: 95% bootstrap over documents.", "", "![recovery](recovery.png)", ""]  # fmt: skip
+    images = {"recovery.png": _recovery_chart(figures["domains"])} if figures["domains"] else {}
     if figures["domains"]:
-        figures["holm"] = holm({d: entry["domain"]["two_level"]["p_value"] for d, entry in figures["domains"].items()})
+        figures.update(_holm_families(figures["domains"]))
+    for domain, entry in figures["domains"].items():
+        lines += _domain_lines(domain, entry["domain"], entry["general"], layout.trials)
+        lines += _selection_lines(entry["selections"])
+        lines += _headline_lines(domain, entry["domain"], figures["holm_headline"])
+        lines += _continuation_lines(domain, entry["domain"]["continuation"], figures["holm_continuation"])
+        lines += _dose_lines(domain, entry["dose_response"])
+        if entry["dose_response"]:
+            images[f"dose-{domain}.png"] = _dose_chart(domain, entry["dose_response"])
+    if figures["domains"]:
         lines += ["Across domains (Holm's correction of the two-level p-values): " + ", ".join(
             f"{d} {_significance(h['p_holm'])}" for d, h in figures["holm"].items()) + ".", ""]  # fmt: skip
     lines += _budget_lines(layout.budget)
-    images = {"recovery.png": _recovery_chart(figures["domains"])} if figures["domains"] else {}
+    if layout.pilot:
+        evaluations = {
+            r: {d: storage.read_json(uri, options) for d, uri in by.items()} for r, by in layout.pilot.items()
+        }
+        figures["pilot"] = pilot_figures(evaluations)
+        lines += _pilot_lines(figures["pilot"])
     for kind, ablation in (("ratio", layout.ratio_ablation), ("coords", layout.coords_ablation)):
         if ablation is None:
             continue
@@ -424,7 +827,11 @@ def write_report(root: str, layout: ReplicationLayout, options: StorageOptions |
         figures["ablations"][kind] = {"domain": domain, "source": uri, "rows": rows}
         lines += _ablation_lines(kind, domain, rows)
         images[f"ablation-{kind}.png"] = _ablation_chart(kind, rows)
-    markdown = "\n".join(lines) + "\n"
+    return _write_files(root, "\n".join(lines) + "\n", figures, images, options)
+
+
+def _write_files(root: str, markdown: str, figures: dict[str, Any], images: dict[str, bytes],
+                 options: StorageOptions | None) -> dict[str, Any]:  # fmt: skip
     files = [storage.join(root, "replication.json"), storage.join(root, "replication.md")]
     storage.write_json_atomic(files[0], _plain(figures), options)
     storage.write_bytes_atomic(files[1], markdown.encode(), options)

@@ -160,7 +160,9 @@ def test_write_report_writes_figures_markdown_and_charts(tmp_path):
     out = tmp_path / "report"
     report = write_report(str(out), layout, header=["# Replication", "", "SmolLM2-135M pruned to 50%."])
     names = sorted(path.name for path in out.iterdir())
-    assert names == ["ablation-ratio.png", "recovery.png", "replication.json", "replication.md"]
+    # An old run's random and single oracle arm make a two-point dose-response at their nominal 0% and 100%.
+    assert names == ["ablation-ratio.png", "dose-law.png", "dose-mathematics.png", "recovery.png", "replication.json",
+                     "replication.md"]  # fmt: skip
     assert sorted(report["files"]) == sorted(str(out / name) for name in names)
     assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names if n.endswith(".png"))
     markdown = (out / "replication.md").read_text()
@@ -218,3 +220,171 @@ def test_the_shipped_report_holds_the_figures_the_docs_quote():
         0.190,
     )
     assert shipped["holm"]["mathematics"]["significant"] and not shipped["holm"]["biology"]["significant"]
+
+
+# --- the arms the rebuilt replication evaluates: kinds from labels, continuation, headline, dose, pilot -----------
+
+TWO = [0, 1]
+KINDS_MEANS = {"base": 2.0, "pruned": 4.0, "unpruned": 1.9, "undistilled": 2.8}
+for _n in TWO:
+    KINDS_MEANS |= {f"finescope-t{_n}": 2.5, f"bm25-t{_n}": 2.9, f"minilm-t{_n}": 3.0, f"dense-t{_n}": 3.1}
+    KINDS_MEANS |= {f"random-t{_n}": 3.5, f"oracle-t{_n}": 2.2, f"topic25-t{_n}": 3.2, f"topic50-t{_n}": 2.9}
+QUESTIONS = 20
+# Questions answered right: FineScope the first 15, random the first 5, every other arm the first 10.
+CORRECT = {"finescope": 15, "random": 5, "oracle": 18, "topic25": 8, "topic50": 12}
+
+
+def with_continuation(data: dict, correct: dict[str, int] = CORRECT) -> dict:
+    """Add evaluate's continuation section: each label answers its kind's first N of QUESTIONS questions."""
+    labels = list(next(iter(data["perplexity"].values()))["results"])
+    results = {}
+    for label in labels:
+        right = correct.get(label.rsplit("-t", 1)[0], 10)
+        results[label] = {"correct": [1] * right + [0] * (QUESTIONS - right)}
+    data["continuation"] = {"held": {"documents": 25, "questions": QUESTIONS, "skipped": {"too_short": 5},
+                                     "settings": {"context_words": 32, "choice_words": 16, "distractors": 3,
+                                                  "seed": 0, "norm": "char"},
+                                     "doc_ids": [f"d{i}" for i in range(QUESTIONS)], "results": results}}  # fmt: skip
+    return data
+
+
+def test_arm_kinds_come_from_the_labels_and_pair_by_trial():
+    from experiments.replication.report import arm_kinds, paired_trials
+
+    kinds = arm_kinds(["base", "pruned", "finescope-t0", "finescope-t1", "bm25-t1", "oracle", "topic25-t0", "x"])
+    assert kinds == {"base": [], "pruned": [], "finescope": [0, 1], "bm25": [1], "oracle": [], "topic25": [0]}
+    assert paired_trials(kinds, "finescope", "bm25") == [("finescope-t1", "bm25-t1")]
+    assert paired_trials(kinds, "finescope", "oracle") == [("finescope-t0", "oracle"), ("finescope-t1", "oracle")]
+    assert paired_trials(kinds, "base", "finescope") == [("base", "finescope-t0"), ("base", "finescope-t1")]
+
+
+def test_continuation_accuracy_with_wilson_intervals_and_mcnemar_on_hand_made_tables():
+    from training.evaluation import stats
+
+    figures = domain_figures(with_continuation(results_json(KINDS_MEANS, documents=60)), TWO)["continuation"]
+    accuracy = figures["accuracy"]
+    assert accuracy["finescope-t0"]["accuracy"] == 0.75 and accuracy["random"]["accuracy"] == 0.25
+    assert (accuracy["finescope"]["correct"], accuracy["finescope"]["total"]) == (30, 40)  # pooled over 2 trials
+    assert (accuracy["finescope"]["ci_low"], accuracy["finescope"]["ci_high"]) == pytest.approx(
+        stats.wilson_interval(30, 40)
+    )
+    # FineScope against random: 2 trials x 10 questions only FineScope answers, none the other way round.
+    test = figures["mcnemar"]["random"]["finescope"]
+    assert (test["only_a"], test["only_b"], test["pairs"]) == (20, 0, 40)
+    assert test["p_value"] == pytest.approx(2 / 2**20) and test["difference"] == pytest.approx(0.5)
+    # The oracle (18 right) against FineScope (15): 3 discordant per trial, 6 in all, p = 2 / 2^6.
+    oracle = figures["mcnemar"]["finescope"]["oracle"]
+    assert (oracle["only_a"], oracle["only_b"]) == (6, 0) and oracle["p_value"] == pytest.approx(2 / 64)
+    # base has no trials: it pairs with each of random's, so its 10 right against random's 5 count twice.
+    assert figures["mcnemar"]["random"]["base"]["only_a"] == 10 and figures["questions"] == QUESTIONS
+
+
+def test_headline_compares_finescope_with_every_alternative_present_and_the_oracle():
+    figures = domain_figures(results_json(KINDS_MEANS), TWO)
+    headline = figures["headline"]
+    assert list(headline) == ["random", "bm25", "minilm", "dense", "oracle"]
+    for other, gap in (("random", -1.0), ("bm25", -0.4), ("minilm", -0.5), ("dense", -0.6), ("oracle", 0.3)):
+        assert headline[other]["log_ratio"] == pytest.approx(gap, abs=0.05)
+        assert headline[other]["ci_low"] <= headline[other]["log_ratio"] <= headline[other]["ci_high"]
+    assert headline["bm25"]["pairs"] == [["finescope-t0", "bm25-t0"], ["finescope-t1", "bm25-t1"]]
+    share = headline["oracle"]["share"]
+    assert share["value"] == pytest.approx(1.5 / 1.8, abs=0.03) and share["ci_low"] < share["value"] < share["ci_high"]
+    assert figures["recovered"]["topic50"]["value"] == pytest.approx(0.55, abs=0.03)  # kinds pooled from labels
+    # An old run (finescope, random, one oracle) has no alternatives; its oracle pairs with every trial.
+    old = domain_figures(results_json(MAIN), TRIALS)["headline"]
+    assert list(old) == ["random", "oracle"] and len(old["oracle"]["pairs"]) == 3
+
+
+def test_dose_places_a_curator_on_a_hand_made_monotone_curve():
+    from experiments.replication.report import dose_response, monotone, place_on_curve
+
+    assert monotone([0.1, 0.4, 0.3, 0.9]) == pytest.approx([0.1, 0.35, 0.35, 0.9])
+    xs, ys = [0.05, 0.3, 0.55, 1.0], [0.2, 0.4, 0.6, 0.8]
+    assert place_on_curve(0.5, xs, ys)["on_topic"] == pytest.approx(0.425)
+    assert place_on_curve(0.1, xs, ys) == {"on_topic": None, "where": "below 0%"}
+    assert place_on_curve(0.9, xs, ys) == {"on_topic": None, "where": "above 100%"}
+    assert place_on_curve(0.35, xs, [0.2, 0.35, 0.35, 0.8])["on_topic"] == 0.3  # a flat stretch: its first x
+    figures = {"recovered": {arm: {"value": value} for arm, value in
+                             {"random": 0.2, "topic25": 0.4, "topic50": 0.6, "oracle": 0.8, "finescope": 0.5,
+                              "bm25": 0.9, "dense": 0.1}.items()}}  # fmt: skip
+    selections = {"random": {"on_topic": 0.05}, "topic25": {"on_topic": 0.3}, "oracle": {"on_topic": 1.0}}
+    dose = dose_response(figures, selections)  # topic50 has no selection.json: its nominal 50%
+    assert [(p["arm"], p["on_topic"], p["measured"]) for p in dose["points"]] == [
+        ("random", 0.05, True), ("topic25", 0.3, True), ("topic50", 0.5, False), ("oracle", 1.0, True)]  # fmt: skip
+    assert dose["placements"]["finescope"]["recovery"]["on_topic"] == pytest.approx(0.4)
+    assert dose["placements"]["bm25"]["recovery"]["where"] == "above 100%"
+    assert dose["placements"]["dense"]["recovery"]["where"] == "below 0%"
+    assert "accuracy" not in dose["curves"]  # no continuation task scored
+
+
+def test_pilot_picks_the_ratio_whose_smallest_gap_is_largest():
+    from experiments.replication.report import pilot_figures
+
+    def pilot(random: float, oracle: float, seed: int) -> dict:
+        return results_json({"base": 2.0, "pruned": 4.0, "random": random, "oracle": oracle}, seed=seed)
+
+    evaluations = {
+        0.2: {"a": pilot(3.0, 2.8, 0), "b": pilot(3.0, 2.2, 1)},  # gaps 0.1, 0.4: smallest 0.1
+        0.3: {"a": pilot(3.4, 2.8, 2), "b": pilot(3.0, 2.6, 3)},
+    }  # gaps 0.3, 0.2: smallest 0.2
+    figures = pilot_figures(evaluations)
+    gaps = {row["ratio"]: row["gaps"] for row in figures["rows"]}
+    assert gaps[0.2] == pytest.approx({"a": 0.1, "b": 0.4}, abs=0.03)
+    assert gaps[0.3] == pytest.approx({"a": 0.3, "b": 0.2}, abs=0.03)
+    assert figures["choice"] == 0.3
+
+
+def _numbers(value) -> list[float]:
+    if isinstance(value, dict):
+        return [n for item in value.values() for n in _numbers(item)]
+    if isinstance(value, list):
+        return [n for item in value for n in _numbers(item)]
+    return [float(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
+
+
+def test_every_number_the_markdown_prints_is_in_the_json(tmp_path):
+    """Each number of replication.md is a value of replication.json at the printed precision, or 100 times
+    one (percentages); the header and the fixed prose are left out."""
+    import re
+
+    domains, selections = {}, []
+    for index, domain in enumerate(("math", "law")):
+        made = [with_continuation(results_json(KINDS_MEANS, documents=60, seed=2 * index + k)) for k in (0, 1)]
+        domains[domain] = tuple(_save(tmp_path / domain / scope / "results.json", data)
+                                for scope, data in zip(("d", "g"), made, strict=True))  # fmt: skip
+        for kind, share in (("finescope", 0.6), ("random", 0.05), ("topic25", 0.27), ("topic50", 0.52)):
+            for n in TWO:
+                row = {"arm": f"{domain}/{kind}-t{n}", "domain": domain, "trial": n, "docs": 100,
+                       "on_topic": round(share * 100) + n, "oracle_overlap": 0.1 * (n + 1)}  # fmt: skip
+                selections.append(_save(tmp_path / "arms" / domain / f"{kind}-t{n}" / "selection.json", row))
+    pilot = {0.2: {"math": _save(tmp_path / "p" / "results.json", results_json(
+        {"base": 2.0, "pruned": 4.0, "random": 3.0, "oracle": 2.5}))}}  # fmt: skip
+    layout = ReplicationLayout(domains=domains, trials=TWO, ratio_ablation=None, coords_ablation=None,
+                               budget=[{"arm": "math/finescope-t0", "documents": 150, "tokens": 17000, "steps": 37}],
+                               selections=[*selections, str(tmp_path / "missing" / "selection.json")],
+                               pilot=pilot)  # fmt: skip
+    report = write_report(str(tmp_path / "out"), layout, header=["# Replication"])
+    saved = json.loads((tmp_path / "out" / "replication.json").read_text())
+    chosen = saved["domains"]["math"]["selections"]["finescope"]  # counts of 100 documents: 60 and 61 on topic
+    assert chosen["on_topic"] == pytest.approx(0.605) and chosen["oracle_overlap"] == pytest.approx(0.15)
+    assert chosen["trials"] == 2
+    assert saved["pilot"]["choice"] == 0.2 and "Chosen ratio: 0.20." in report["markdown"]
+    assert "### math: continuation task, 20 questions from 25 documents" in report["markdown"]
+    assert "- FineScope against BM25: " in report["markdown"] and "### law: dose-response" in report["markdown"]
+    assert (tmp_path / "out" / "dose-law.png").read_bytes()[:4] == b"\x89PNG"
+    values = _numbers(saved)
+    body = report["markdown"].split("![recovery](recovery.png)", 1)[1]
+    body = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", body)  # image links
+    missing = []
+    for token in re.findall(r"(?<![\w.\-+])[-+]?\d[\d,]*(?:\.\d+)?(?:e[-+]\d+)?", body):
+        plain = token.replace(",", "").lstrip("+")
+        target = float(plain)
+        if "e" in plain:  # %.3g: three significant digits
+            found = any(math.isclose(v, target, rel_tol=5e-3) for v in values)
+        else:
+            decimals = len(plain.split(".")[1]) if "." in plain else 0
+            found = any(math.isclose(round(scale * v, decimals), target, abs_tol=10**-decimals / 2)
+                        for v in values for scale in (1, 100, -1))  # fmt: skip
+        if not found:
+            missing.append(token)
+    assert not missing, missing

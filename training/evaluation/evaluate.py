@@ -92,6 +92,21 @@ class EvaluateConfig(RunConfig):
     """GPUs each model's Ray task reserves; > 0 runs the model on CUDA."""
     threads: int = 0
     """Torch threads per model task; 0 picks from the CPUs it reserves."""
+    continuation: bool = False
+    """Also score the continuation task (`continuation.py`) built from the perplexity documents: per document,
+    its opening, then its next span among same-topic documents' spans; needs `ppl`."""
+    continuation_context_words: int = 32
+    """Words of a document that make its question's context."""
+    continuation_choice_words: int = 16
+    """Words of every choice of the continuation task."""
+    continuation_seed: int = 0
+    """Seed of the distractors' draw and of the answers' positions."""
+
+    CONTINUATION_FIELDS: ClassVar[tuple[str, ...]] = (
+        "continuation_context_words",
+        "continuation_choice_words",
+        "continuation_seed",
+    )
 
     def __post_init__(self) -> None:
         for name in ("models", "mmlu", "shots", "ppl"):
@@ -103,6 +118,10 @@ class EvaluateConfig(RunConfig):
             raise ConfigError("out", self.out, "is required: pass --out DIR")
         if not self.mmlu and not self.ppl:
             raise ConfigError("mmlu", self.mmlu, "nothing to evaluate: pass --mmlu SUBJECTS_OR_GROUPS and/or --ppl")
+        if self.continuation and not self.ppl:
+            raise ConfigError(
+                "continuation", self.continuation, "builds its questions from --ppl documents: pass --ppl"
+            )
         labels = [label for label, _ in self.labelled_models()]
         duplicate = next((label for label in labels if labels.count(label) > 1), None)
         if duplicate:
@@ -121,6 +140,20 @@ class EvaluateConfig(RunConfig):
         check_range("cpus", self.cpus, ge=0, hint="0 shares this machine's CPUs")
         check_range("gpus", self.gpus, ge=0)
         check_range("threads", self.threads, ge=0, hint="0 picks from the CPUs reserved")
+        for name in ("continuation_context_words", "continuation_choice_words"):
+            check_range(name, getattr(self, name), ge=1)
+            if not isinstance(getattr(self, name), numbers.Integral):
+                raise ConfigError(name, getattr(self, name), "must be a whole number of words")
+        check_seed("continuation_seed", self.continuation_seed)
+
+    def content(self) -> dict[str, Any]:
+        """The hashed fields; without the continuation task its settings are left out, so that a run without
+        it keeps the key it had before the task existed."""
+        content = super().content()
+        if not self.continuation:
+            for name in ("continuation", *self.CONTINUATION_FIELDS):
+                content.pop(name)
+        return content
 
     def labelled_models(self) -> list[tuple[str, str]]:
         pairs = []
@@ -154,6 +187,8 @@ class ModelTask:
     threads: int
     storage_options: storage.StorageOptions | None = None
     """For a model on s3://, copied once per machine into the FineScope cache before loading."""
+    continuation: dict[str, tuple[list[str], list[list[str]]]] = field(default_factory=dict)
+    """Per perplexity dataset, the continuation task's contexts and choices (with their leading space)."""
 
 
 def evaluate_model(task: ModelTask) -> dict[str, Any]:
@@ -180,7 +215,8 @@ def evaluate_model(task: ModelTask) -> dict[str, Any]:
     limit = int(getattr(model.config, "max_position_embeddings", task.max_tokens) or task.max_tokens)
     max_length, window = min(task.max_tokens, limit), min(task.window, limit)
     stride = min(task.stride, window)
-    result: dict[str, Any] = {"label": task.label, "mmlu": {}, "ppl": {}, "timings_s": {}, "dtype": decision}
+    result: dict[str, Any] = {"label": task.label, "mmlu": {}, "ppl": {}, "continuation": {}, "timings_s": {},
+                              "dtype": decision}  # fmt: skip
     n_chars = np.array([[len(text) for text in row] for row in task.choices])
     for shots, contexts in task.contexts.items():
         tick = time.perf_counter()
@@ -199,9 +235,27 @@ def evaluate_model(task: ModelTask) -> dict[str, Any]:
                                    label=f"evaluate {task.label} ppl {name}")  # fmt: skip
         result["ppl"][name] = {"nll": nll, "tokens": counts}
         result["timings_s"][f"ppl_{name}"] = time.perf_counter() - tick
+    for name, (contexts, choices) in task.continuation.items():
+        tick = time.perf_counter()
+        result["continuation"][name] = _choice_scores(model, tokenizer, contexts, choices, max_length, task,
+                                                      f"evaluate {task.label} continuation {name}")  # fmt: skip
+        result["timings_s"][f"continuation_{name}"] = time.perf_counter() - tick
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["timings_s"]["total"] = time.perf_counter() - started
     return result
+
+
+def _choice_scores(
+    model, tokenizer, contexts: list[str], choices: list[list[str]], max_length: int, task: ModelTask, label: str
+) -> dict[str, np.ndarray]:
+    """Summed log-likelihood, tokens and characters of every choice of every question (as for MMLU)."""
+    from training.evaluation.likelihood import encode_item, score_items
+
+    items = [encode_item(tokenizer, c, row, max_length) for c, row in zip(contexts, choices, strict=True)]
+    logprob = score_items(model, items, tokenizer.pad_token_id, task.max_batch_tokens, label=label)
+    n_tokens = np.array([[len(ids) for ids in item.choices] for item in items]).reshape(len(items), -1)
+    n_chars = np.array([[len(text) for text in row] for row in choices]).reshape(len(items), -1)
+    return {"logprob": logprob, "n_tokens": n_tokens, "n_chars": n_chars}
 
 
 @dataclass
@@ -216,6 +270,8 @@ class EvaluationPlan:
     ppl_skipped: dict[str, dict[str, int]]
     inputs: list[storage.FileInfo]
     digest: str
+    continuation: dict[str, Any] = field(default_factory=dict)
+    """Per perplexity dataset, the continuation task's QuestionSet (empty without the task)."""
 
 
 def _model_inputs(model: str, options: storage.StorageOptions) -> list[storage.FileInfo]:
@@ -248,18 +304,38 @@ def plan(config: EvaluateConfig) -> EvaluationPlan:
         )
     documents: dict[str, list[str]] = {}
     skipped: dict[str, dict[str, int]] = {}
+    built: dict[str, Any] = {}
     if config.ppl:
-        from training.evaluation.perplexity import load_documents
+        from training.evaluation.perplexity import load_labelled_documents
 
         name = config.ppl_name or config.ppl_topic or "documents"
         # A split output root gives its heldout/; never its train/ or random/, which pruning and fine-tuning saw.
         files = manifest.input_files(config.ppl, field="ppl", reads=PPL_READS, options=options)
-        documents[name], skipped[name] = load_documents(
+        documents[name], topics, skipped[name] = load_labelled_documents(
             [info.uri for info in files], config.ppl_topic, config.ppl_max_docs, options
         )
         inputs += files
+        if config.continuation:
+            built[name] = continuation_questions(config, documents[name], topics, name)
     digest = config.digest(inputs, prompt=mmlu.PROMPT_FORM)  # a new prompt makes new results
-    return EvaluationPlan(config, pairs, questions, dev, rejects, in_file, documents, skipped, inputs, digest)
+    return EvaluationPlan(config, pairs, questions, dev, rejects, in_file, documents, skipped, inputs, digest, built)
+
+
+def continuation_questions(config: EvaluateConfig, texts: list[str], topics: list[str | None], name: str):
+    """The continuation task's questions from the documents perplexity reads, one per usable document.
+    A document without `meta.topic` takes the dataset's name as its topic (a held-out set of one domain)."""
+    from core.reader import doc_id
+    from training.evaluation import continuation
+
+    documents = [
+        continuation.Document(doc_id(text), text, topic or name) for text, topic in zip(texts, topics, strict=True)
+    ]
+    built = continuation.build_questions(documents, config.continuation_context_words,
+                                         config.continuation_choice_words, continuation.DISTRACTORS,
+                                         config.continuation_seed)  # fmt: skip
+    logger.info("%s: %d continuation questions from %d documents, skipped %s", name, len(built.questions),
+                built.documents, built.skipped or "none")  # fmt: skip
+    return built
 
 
 def build_tasks(checked: EvaluationPlan) -> list[ModelTask]:
@@ -285,6 +361,10 @@ def build_tasks(checked: EvaluationPlan) -> list[ModelTask]:
             device=requested_device(config.gpus),
             threads=threads,
             storage_options=config.storage_options(),
+            continuation={
+                name: ([q.context for q in built.questions], [list(q.choices) for q in built.questions])
+                for name, built in checked.continuation.items()
+            },
         )
         for label, model in checked.models
     ]
@@ -336,7 +416,59 @@ def summarise(checked: EvaluationPlan, outputs: list[dict[str, Any]]) -> dict[st
         results["mmlu"] = _mmlu_results(checked, outputs)
     for name, texts in checked.documents.items():
         results["perplexity"][name] = _perplexity_results(name, len(texts), checked.ppl_skipped[name], outputs)
+    if checked.continuation:
+        results["continuation"] = {name: _continuation_results(checked, name, outputs) for name in checked.continuation}
     return results
+
+
+def _continuation_hits(questions: list[Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per scoring rule, which questions the model answers correctly."""
+    from training.evaluation.likelihood import ChoiceScores
+
+    answers = np.array([q.answer for q in questions], dtype=int)
+    scores = ChoiceScores(arrays["logprob"], arrays["n_tokens"], arrays["n_chars"])
+    return {norm: scores.predictions(norm) == answers for norm in NORMS}
+
+
+def _continuation_results(checked: EvaluationPlan, name: str, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """results.json's `continuation[name]`: how many documents gave a question (and why the others did not),
+    the questions' document ids, each model's accuracies with Wilson intervals and its per-question
+    correctness under the headline rule (in `doc_ids` order, so that analyses can pair models), and
+    McNemar's exact test of every model against the first."""
+    from training.evaluation import continuation
+
+    config, built = checked.config, checked.continuation[name]
+    entry: dict[str, Any] = {
+        "documents": built.documents, "questions": len(built.questions), "skipped": built.skipped,
+        "settings": {"context_words": config.continuation_context_words, "distractors": continuation.DISTRACTORS,
+                     "choice_words": config.continuation_choice_words, "seed": config.continuation_seed,
+                     "norm": continuation.NORM},
+        "doc_ids": [q.doc_id for q in built.questions], "results": {}, "comparisons": [],
+    }  # fmt: skip
+    hits = {output["label"]: _continuation_hits(built.questions, output["continuation"][name]) for output in outputs}
+    for label, by_norm in hits.items():
+        entry["results"][label] = {"accuracy": {norm: stats.accuracy(hit).to_dict() for norm, hit in by_norm.items()},
+                                   "correct": [int(v) for v in by_norm[continuation.NORM]]}  # fmt: skip
+    reference = outputs[0]["label"]
+    for label in list(hits)[1:]:
+        test = stats.mcnemar_exact(hits[label][continuation.NORM], hits[reference][continuation.NORM])
+        entry["comparisons"].append({"model": label, "reference": reference, "norm": continuation.NORM, **test,
+                                     "significant": test["p_value"] < stats.ALPHA})  # fmt: skip
+    return entry
+
+
+def continuation_rows(checked: EvaluationPlan, outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per continuation question: its document, topic, answer, the documents its choices came from,
+    and per model the four summed log-likelihoods."""
+    rows = []
+    for name, built in checked.continuation.items():
+        for index, q in enumerate(built.questions):
+            row: dict[str, Any] = {"dataset": name, "doc_id": q.doc_id, "topic": q.topic, "answer": q.answer,
+                                   "choice_ids": list(q.choice_ids)}  # fmt: skip
+            for output in outputs:
+                row[output["label"]] = [round(float(v), 4) for v in output["continuation"][name]["logprob"][index]]
+            rows.append(row)
+    return rows
 
 
 def _model_entries(checked: EvaluationPlan, outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -473,10 +605,12 @@ def _evaluate(config: EvaluateConfig, checked: EvaluationPlan, timer: manifest.T
 
     with timer("report"):
         results = summarise(checked, outputs)
-        write_outputs(config.out, results, question_rows(checked, outputs), options)
+        write_outputs(config.out, results, question_rows(checked, outputs), options,
+                      continuation_rows(checked, outputs) if checked.continuation else None)  # fmt: skip
     return Outcome({
         "models": len(checked.models),
         "questions": len(checked.questions),
+        "continuation_questions": {name: len(built.questions) for name, built in checked.continuation.items()},
         "mmlu_rejects": len(checked.parsed_rejects),
         "ppl_documents": {name: len(texts) for name, texts in checked.documents.items()},
     })  # fmt: skip

@@ -130,18 +130,34 @@ def load_documents(
     """Texts of held-out documents (Parquet with `text`, or RedPajama JSONL, plain/.gz/.zst; paths,
     directories or globs), optionally only those whose `meta.topic` is `topic`. Returns the texts and
     counts of what was skipped, by reason."""
+    texts, _, skipped = load_labelled_documents(paths, topic, max_docs, options)
+    return texts, skipped
+
+
+def load_labelled_documents(
+    paths: Sequence[str],
+    topic: str | None = None,
+    max_docs: int | None = None,
+    options: StorageOptions | None = None,
+) -> tuple[list[str], list[str | None], dict[str, int]]:
+    """`load_documents`, with each kept document's `meta.topic` (None where it has none) beside its text:
+    the continuation task draws a question's distractors from documents of its topic."""
     skipped: dict[str, int] = {}
     texts: list[str] = []
+    topics: list[str | None] = []
     for info in storage.expand(list(paths), options, config_field="ppl"):
         for kind, row in iter_shard(info.uri, options, CleanConfig(max_chars=10**9)):
             if kind != "doc":
                 skipped[row["reason"]] = skipped.get(row["reason"], 0) + 1
-            elif topic is not None and _topic(row["meta"]) != topic:
+                continue
+            found = _topic(row["meta"])
+            if topic is not None and found != topic:
                 skipped["other_topic"] = skipped.get("other_topic", 0) + 1
             elif max_docs is None or len(texts) < max_docs:
                 texts.append(row["text"])
+                topics.append(found)
             else:
                 skipped["over_max_docs"] = skipped.get("over_max_docs", 0) + 1
     if not texts:
         raise ConfigError("ppl", list(paths), f"no usable documents there (topic={topic!r}); skipped: {skipped}")
-    return texts, skipped
+    return texts, topics, skipped

@@ -1,4 +1,4 @@
-"""The evaluation's files: results.json, questions.jsonl, report.md and its PNG bar charts."""
+"""The evaluation's files: results.json, questions.jsonl, continuation.jsonl, report.md and its PNG bar charts."""
 
 from __future__ import annotations
 
@@ -228,14 +228,45 @@ def report_markdown(results: dict[str, Any]) -> str:
         lines += _mmlu_lines(results)
     if results["perplexity"]:
         lines += _ppl_lines(results)
+    if results.get("continuation"):
+        lines += _continuation_lines(results)
     return "\n".join(lines) + "\n"
 
 
+def _continuation_lines(results: dict[str, Any]) -> list[str]:
+    """Per dataset: how many documents gave a question, and each model's accuracy against the first's."""
+    lines = ["## Continuation task", ""]
+    for name, entry in results["continuation"].items():
+        settings, labels = entry["settings"], list(entry["results"])
+        by_model = {row["model"]: row for row in entry["comparisons"]}
+        lines += [
+            f"### {name}: {entry['questions']} questions from {entry['documents']} documents",
+            "",
+            f"Documents that gave no question, by reason: {entry['skipped'] or 'none'}. Context: the first"
+            f" {settings['context_words']} words; choices: the next {settings['choice_words']} words and"
+            f" {settings['distractors']} same-topic spans; accuracy in % ({NORM_TITLES[settings['norm']]}) with its"
+            f" 95% Wilson interval; the last column is McNemar's exact test against `{labels[0]}`.",
+            "",
+            f"| model | accuracy | vs {labels[0]} |",
+            "|---|---:|---|",
+        ]
+        for label in labels:
+            test = by_model.get(label)
+            verdict = f"{100 * test['difference']:+.1f} pts, {stats.significance_word(test['p_value'])}" if test else ""
+            lines.append(f"| {label} | {_pct(entry['results'][label]['accuracy'][settings['norm']])} | {verdict} |")
+        lines.append("")
+    return lines
+
+
 def write_outputs(out: str, results: dict[str, Any], questions: list[dict[str, Any]],
-                  options: StorageOptions | None = None) -> None:  # fmt: skip
+                  options: StorageOptions | None = None,
+                  continuation: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
     storage.write_json_atomic(storage.join(out, "results.json"), results, options)
     payload = "".join(json.dumps(row) + "\n" for row in questions).encode()
     storage.write_bytes_atomic(storage.join(out, "questions.jsonl"), payload, options)
+    if continuation is not None:
+        payload = "".join(json.dumps(row) + "\n" for row in continuation).encode()
+        storage.write_bytes_atomic(storage.join(out, "continuation.jsonl"), payload, options)
     for name, png in charts(results).items():
         storage.write_bytes_atomic(storage.join(out, name), png, options)
     storage.write_bytes_atomic(storage.join(out, "report.md"), report_markdown(results).encode(), options)
