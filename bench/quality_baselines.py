@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+# Shared with the replication's curator arms (experiments/replication), so both rank the same way.
+from curation.baselines import Lexicon, bm25_weights, centred, lexicon, query_counts
+
+__all__ = ["Lexicon", "bm25_variants", "bm25_weights", "centred", "lexicon", "query_counts", "rm3_query"]
 
 BM25_K1 = (0.6, 0.9, 1.2, 1.5, 2.0)
 BM25_B = (0.3, 0.5, 0.75, 0.9)
@@ -30,57 +33,6 @@ RM3_TERMS = (10, 30, 100)
 """Expansion terms: the relevance model's heaviest, which join the query."""
 RM3_QUERY_WEIGHT = (0.3, 0.5, 0.7)
 """The original query's share of the expanded one (Anserini's default: 0.5)."""
-
-
-@dataclass
-class Lexicon:
-    """The corpus tokenized once for BM25: its tokenizer, each document's term ids and a (docs, terms) count
-    matrix (the relevance model's P(term | document))."""
-
-    tokenizer: Any
-    doc_ids: list[list[int]]
-    counts: Any  # scipy.sparse.csr_matrix
-    vocab_size: int
-
-
-def lexicon(texts: list[str]) -> Lexicon:
-    """Tokenize the corpus with bm25s's tokenizer (lowercased words of 2+ characters, English stop words out)."""
-    import bm25s
-    from scipy.sparse import csr_matrix
-
-    tokenizer = bm25s.tokenization.Tokenizer(stopwords="en")
-    ids = tokenizer.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False)
-    size = len(tokenizer.get_vocab_dict())
-    rows = np.repeat(np.arange(len(ids)), [len(doc) for doc in ids])
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=len(rows))
-    counts = csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, flat)), shape=(len(ids), size))
-    counts.sum_duplicates()
-    return Lexicon(tokenizer, ids, counts, size)
-
-
-def bm25_weights(words: Lexicon, k1: float, b: float):
-    """(docs, terms) BM25 weight of each term in each document, as bm25s computes it, as a scipy matrix: a
-    query's scores are this matrix times the query's term counts (what `BM25.get_scores` sums)."""
-    import bm25s
-    from scipy.sparse import csc_matrix
-
-    retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
-    vocab = dict(words.tokenizer.get_vocab_dict())  # bm25s adds its empty token to the dict it is given
-    retriever.index(bm25s.tokenization.Tokenized(ids=words.doc_ids, vocab=vocab),
-                    show_progress=False)  # fmt: skip
-    scores = retriever.scores
-    terms = len(scores["indptr"]) - 1
-    matrix = csc_matrix((scores["data"], scores["indices"], scores["indptr"]), shape=(scores["num_docs"], terms))
-    return matrix, retriever
-
-
-def query_counts(words: Lexicon, texts: list[str]) -> np.ndarray:
-    """(queries, terms) term counts of each text, over the corpus's vocabulary (unknown words dropped)."""
-    ids = words.tokenizer.tokenize(texts, update_vocab=False, return_as="ids", show_progress=False)
-    out = np.zeros((len(texts), words.vocab_size), dtype=np.float32)
-    for row, terms in enumerate(ids):
-        np.add.at(out[row], np.asarray(terms, dtype=np.int64), 1.0)
-    return out
 
 
 def rm3_query(
@@ -128,9 +80,3 @@ def bm25_variants(
                                  for t in range(len(topics))])  # fmt: skip
             name = f"k1 {k1}, b {b}, RM3 {docs} docs, {terms} terms, query weight {weight}"
             yield "BM25 + RM3", name, np.asarray(matrix @ expanded.T)
-
-
-def centred(docs: np.ndarray, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Documents and seeds less the corpus's mean vector."""
-    mean = docs.mean(axis=0, keepdims=True)
-    return docs - mean, seeds - mean

@@ -2,15 +2,17 @@ r"""The replication: does a pruned model recover more on FineScope-curated data 
 
     python -m jobs.replicate --spec jobs/configs/replication.yaml
     python -m jobs.replicate --spec jobs/configs/replication.yaml --only curate     # in parts: a stage first
+    python -m jobs.replicate --spec jobs/configs/replication.yaml --only evaluate/pilot    # the pilot first
     python -m jobs.replicate --spec jobs/configs/replication.yaml --only finetune/mathematics
     ray job submit --working-dir . -- python -m jobs.replicate --spec jobs/configs/replication.yaml
 
-Held-out documents (per domain, labelled with its topic, and general ones) are set aside from the packaged
-corpus before anything is curated. Arms of equal budget (FineScope-curated, random, the topic-labelled
-oracle) fine-tune the same pruned model for the same steps, over several trials; references and the two
-ablations (pruning ratio, SAE input coordinates) come with them. Every step is cached and resumable, so
-the job may be run in parts; each run rewrites ROOT/replication.md (tables, paired tests, plots) from the
-evaluations that exist. See docs/replication.md.
+Held-out documents (general ones of every topic, then per domain, labelled with its topic) are set aside from
+the packaged corpus before anything is curated. One model pruned on random pool documents is fine-tuned, for
+the same steps and over several trials, on arms of equal budget: FineScope-curated, BM25, MiniLM and dense
+rankings from the same seeds, random, the topic-labelled oracle and doses between them; references, a pilot
+over pruning ratios and optional ablations come with them. Every step is cached and resumable, so the job may
+be run in parts; each run rewrites ROOT/replication.md (tables, paired tests, plots) from the evaluations that
+exist. See docs/replication.md.
 """
 
 from __future__ import annotations

@@ -237,6 +237,10 @@ BAD: dict[str, dict[str, tuple]] = {
         "ablation_ratios": ([1.5], [NAN], [0.3]),
         "ablation_coords": ([0],),
         "ablation_domain": ("physics",),
+        "calibration": (1,),
+        "dose": ([0.0], [1.0], [0.25, 0.25]),
+        "pilot_ratios": ([1.0], [0.3, 0.3]),
+        "alternatives": (["tfidf"],),
     },
 }
 CASES = [(config, name, value) for config, fields in BAD.items() for name, values in fields.items() for value in values]
@@ -298,6 +302,7 @@ BUILT_FROM_CHECKED = {
     "LoopConfig": "what each fine-tuning worker runs from, built from a checked FinetuneConfig and its plan",
     "HoldoutConfig": "a replication step's config, built from a checked ReplicationSpec",
     "ArmConfig": "a replication step's config, built from a checked ReplicationSpec",
+    "RankConfig": "a replication step's config, built from a checked ReplicationSpec and its sae and curate settings",
 }
 
 

@@ -1,36 +1,58 @@
-"""The replication: does a pruned model recover more on FineScope-curated data than on random data?
+"""The replication: does a pruned model recover more on FineScope-curated data than on other curators' data,
+on random data, and how far is it from the oracle's?
 
 One spec (:class:`ReplicationSpec`, YAML) names the domains of the packaged labelled corpus (each with its
-`meta.topic`), the documents per arm, the trials and the two ablations. The graph, every step cached and
-resumable like the pipeline's (`ROOT/pipeline.json`), so it may be run in parts:
+`meta.topic`), the documents per arm, the trials, the doses, the pilot ratios and the ablations. The graph,
+every step cached and resumable like the pipeline's (`ROOT/pipeline.json`), so it may be run in parts:
 
-    holdout -> sae/tN -> curate/tN -> arm/D/finescope-tN --.
-            -> arm/D/oracle -------------------------------+-> union/D -> distill/D -> train/<arm> --.
-            -> arm/random-tN -----------------------------> union/random -> distill/random -> ...    |
-    arm/D/finescope-t0 -> prune/D ------------------------------------------------------------+-> finetune/D/<arm>
-    finetune/D/* -> evaluate/D/domain, evaluate/D/general -> ROOT/replication.md
+    holdout -> arm/calibration -> prune/<ratio> -----------------------------------.
+            -> sae/tN -> curate/tN ---> arm/D/finescope-tN --.                      |
+            -> rank/{bm25,minilm,dense} -> arm/D/<m>-tN -----+-> union/D -> distill/D -+-> train/D/<arm>
+            -> arm/D/{oracle,topic25,topic50}-tN ------------'                    |    |   -> finetune/D/<arm>
+            -> arm/D/random-tN -> union/random -> distill/random ------------------+-> train/random-tN
+                                                                                       -> finetune/random-tN
+    finetune/* -> evaluate/D/domain, evaluate/D/general, evaluate/pilot/r<ratio>/D -> ROOT/replication.md
 
-- **Held-out sets** are drawn from the labelled corpus before anything else: per domain `heldout`
-  documents of its topic, and `general_heldout` of any topic. The pool every arm draws from is the rest
-  (`pool` documents), so no curator chose a held-out document and no arm trained on one.
-- **Arms** get `budget` documents each, the same pruned model (pruned on FineScope's trial-0 documents),
-  the same hyper-parameters and the same number of optimizer steps: `finescope` (the curator's best for
-  the domain), `random` (a seeded draw from the pool, shared by the domains), `oracle` (a seeded draw of
-  the pool's documents labelled with the domain's topic: what a perfect curator would pick). Trials
-  re-seed the SAE, the random draw and fine-tuning. References: the base and pruned models, the
-  unpruned model fine-tuned on FineScope data (`unpruned`), and the pruned model fine-tuned on
-  FineScope's raw text instead of the teacher's rewrites (`undistilled`).
-- **The teacher** rewrites each document once per group of arms (the random arms; each domain's; the
-  coordinates ablation's), since greedy decoding rewrites a document the same way whichever arm holds
-  it, and each arm trains on its own rows of its group's rewrites. Groups keep the domains apart, so the
-  job runs one domain at a time (`--only evaluate/mathematics`).
-- **Ablations** on one domain: the pruning ratio (`ablation_ratios` with `ratio`) and the SAE's input
-  coordinates (`ablation_coords`: K chosen by the Jacobian on the seeds, against all of them), each
-  fine-tuned the same way.
+- **Held-out sets** are drawn from the labelled corpus before anything else: `general_heldout` documents of
+  every topic in proportion (the domains' topics included, at least one each), then per domain `heldout`
+  documents of its topic. The pool every arm draws from is the rest (`pool` documents), so no curator
+  chose a held-out document and no arm trained on one.
+- **One pruned model** (`prune/<ratio>`) for every domain and arm, pruned at `ratio` on `calibration`
+  documents drawn at random from the pool (`arm/calibration`, seed `split_seed`): documents no arm favours.
+- **Arms**, per domain and trial N, `budget` documents each, fine-tuned once per trial with seed N, the same
+  hyper-parameters and the same number of optimizer steps: `finescope-tN` (the curator's best for the
+  domain, SAE trained with seed N), `bm25-tN`, `minilm-tN`, `dense-tN` (the alternatives of
+  curation/baselines.py, ranked once from the same seeds, so the same documents every trial), `random-tN`
+  (a seeded draw from the pool: the same for every domain, so fine-tuned once, `finetune/random-tN`),
+  `oracle-tN` (a seeded draw of the pool's documents labelled with the domain's topic) and the doses
+  `topic25-tN`, `topic50-tN` (that share of the trial's oracle draw, the rest off-topic documents of its
+  random draw). References: the base and pruned models, the unpruned model fine-tuned on FineScope's
+  trial-0 data (`unpruned`), and the pruned model fine-tuned on its raw text instead of the teacher's
+  rewrites (`undistilled`). `spec.arm_labels` lists the domain evaluations' labels in the report's order.
+- **selection.json**: beside its rows (`ROOT/arms/D/<label>/`), each arm writes `{"arm", "domain", "trial",
+  "docs", "on_topic", "oracle_overlap"}`: the share of its documents labelled with the domain's topic, and
+  the share in that trial's oracle draw.
+- **The teacher** rewrites each document once per group: the random draws (`distill/random`), each domain's
+  other arms (`distill/D`, less the random draws' documents), the coordinates ablation's; an arm's rows
+  take each rewrite from its group's pass or the random one. Greedy decoding rewrites a document the same
+  way whichever arm holds it, and the groups let one domain run without the others
+  (`--only evaluate/mathematics`).
+- **Pilot** (`pilot_ratios`): per ratio, `prune/<ratio>` on the same calibration documents, the first
+  trial's random arm (`finetune/pilot/r<ratio>/random`) and each domain's oracle
+  (`finetune/pilot/r<ratio>/D/oracle`), evaluated as `evaluate/pilot/r<ratio>/D` with labels base, pruned,
+  random, oracle; `<ratio>` is written with two decimals (`r0.50`). At `ratio` itself the main
+  `random-t<first>` and `oracle-t<first>` fine-tunes serve. The layout's `pilot` maps ratio -> domain ->
+  results.json, for the report to pick the ratio where data matters most.
+- **Ablations** on one domain, against the same calibration pruning: the pruning ratio (`ablation_ratios`
+  with `ratio`) and the SAE's input coordinates (`ablation_coords`: K chosen by the Jacobian on the seeds,
+  against all of them), each fine-tuned on FineScope's first-trial documents.
+
+Cost on 2 CPU cores (docs/replication.md, "How to run it", for the parts): the shipped spec's 124
+fine-tunes at about 3.6 min each are most of its about 10 hours.
 
 `experiments/replication/report.py` turns the evaluations into the tables, tests and plots; `data.py` holds
-the data steps (held-out sets, arms, their union, each arm's rewrites), `spec.py` the spec, `graph.py`
-the graph (built with `pipeline.graph.Graph`, run by `pipeline.runner.run_steps`), `run.py` the job.
+the data steps (held-out sets, rankings, arms, their union, each arm's rewrites), `spec.py` the spec,
+`graph.py` the graph (built with `pipeline.graph.Graph`, run by `pipeline.runner.run_steps`), `run.py` the job.
 """
 
 from experiments.replication.graph import build_replication

@@ -7,12 +7,14 @@ from typing import Any
 from curation.sae.train import TRAIN_SAE, TrainSAEConfig
 from curation.selection.curate import CURATE, CurateConfig
 from experiments.replication import data
-from experiments.replication.spec import OWNED, ReplicationSpec
+from experiments.replication.spec import ALTERNATIVES, OWNED, ReplicationSpec, arm_kinds, dose_label
 from pipeline.graph import Graph, Step, ratio_tag
 from training.distillation.distill import DISTILL, DistillConfig
 from training.evaluation.evaluate import EVALUATE, EvaluateConfig
 from training.finetuning.finetune import FINETUNE, FinetuneConfig
 from training.pruning.prune import PRUNE, PruneConfig
+
+CALIBRATION = "calibration"
 
 
 class ReplicationGraph(Graph):
@@ -43,44 +45,72 @@ class ReplicationGraph(Graph):
         self.add(f"curate/{tag}", "curate", config, CURATE, ["holdout", f"sae/{tag}"])
         return f"curate/{tag}"
 
-    def arm(self, name: str, kind: str, seed: int, domain: str | None = None, curate: str | None = None) -> str:
+    def rank(self, method: str) -> str:
+        """Score the pool for every domain by an alternative curator; the dense ranking reads the base model at
+        the SAE's layer, with curation's token limit, precision and resources."""
         spec = self.spec
+        sae = self.config("sae", TrainSAEConfig, {"corpus": ["-"], "out": "-", "model": spec.model, "seeds": "-"})
+        curate = self.config("curate", CurateConfig, {"corpus": ["-"], "seeds": "-", "sae": "-", "out": "-",
+                                                      "model": spec.model})  # fmt: skip
+        config = data.RankConfig(
+            out=self.path("rank", method), method=method, holdout=self.path("data"), seeds=spec.seeds,
+            domains=list(spec.domains), model=spec.model, layer=sae.layer, max_tokens=curate.max_tokens,
+            dtype=curate.dtype, cpus=curate.cpus, threads=curate.threads, **self.shared(),
+        )  # fmt: skip
+        self.add(f"rank/{method}", "rank", config, data.RANK, ["holdout"])
+        return f"rank/{method}"
+
+    def arm(self, name: str, kind: str, trial: int, domain: str | None = None, source: str | None = None,
+            dose: float | None = None, budget: int | None = None) -> str:  # fmt: skip
+        """One arm's documents; `source` is the curate or rank step a curator's arm reads."""
+        spec = self.spec
+        source_dir = self.path(*source.split("/")) if source else None
         config = data.ArmConfig(
             out=self.path("arms", name), kind=kind, holdout=self.path("data"), domain=domain,
-            topic=spec.domains.get(domain) if domain else None, budget=spec.budget, seed=seed,
-            curated=self.path(*curate.split("/")) if curate else None, **self.shared(),
+            topic=spec.domains.get(domain) if domain else None, label=name.split("/")[-1],
+            budget=budget or spec.budget, trial=trial, dose=dose,
+            curated=source_dir if kind == "finescope" else None, ranking=source_dir if kind in ALTERNATIVES else None,
+            **self.shared(),
         )  # fmt: skip
-        self.add(f"arm/{name}", "arm", config, data.ARM, ["holdout", *([curate] if curate else [])])
+        self.add(f"arm/{name}", "arm", config, data.ARM, ["holdout", *([source] if source else [])])
         return name
 
-    def teacher_data(self, group: str, arms: list[str], raw: dict[str, str]) -> dict[str, str]:
-        """The union of a group's arms' documents, rewritten once, and each arm's selection of it (and, in
-        `raw`, training names that read an arm's original text). Returns training name -> rows directory.
-        Groups (the random arms, and each domain's) let a part of the replication run without the others."""
+    def teacher_data(
+        self, group: str, chosen: dict[str, tuple[str, str]], covered: list[str], also: list[str]
+    ) -> dict[str, str]:
+        """The union of a group's arms' documents, rewritten once, and each training set's selection of it:
+        `chosen` maps a training name to (arm, `teacher` or `original`). Documents of the `covered` arms are
+        rewritten by the groups in `also`, whose rewrites the selections read too. Returns training name ->
+        rows directory. Groups (the random arms, and each domain's) let a part of the replication run
+        without the others."""
         spec = self.spec
+        arms = list(dict.fromkeys(arm for arm, _ in chosen.values()))
         union = data.UnionConfig(out=self.path("union", group), arms=[self.path("arms", a) for a in arms],
-                                 **self.shared())  # fmt: skip
-        self.add(f"union/{group}", "union", union, data.UNION, [f"arm/{a}" for a in arms])
+                                 covered=[self.path("arms", a) for a in covered], **self.shared())  # fmt: skip
+        self.add(f"union/{group}", "union", union, data.UNION, [f"arm/{a}" for a in [*arms, *covered]])
         wired = {"data": data.rows_dir(union.out), "teacher": spec.teacher or spec.model, "backend": spec.backend,
                  "out": self.path("distill", group)}  # fmt: skip
         config = self.config("distill", DistillConfig, wired)
         self.add(f"distill/{group}", "distill", config, DISTILL, [f"union/{group}"])
-        chosen = {a: (a, "teacher") for a in arms} | {name: (a, "original") for name, a in raw.items()}
+        groups = [group, *also]
         rows = {}
         for name, (arm, target) in chosen.items():
             config = data.SelectConfig(
-                out=self.path("train", name), arm=self.path("arms", arm), distilled=self.path("distill", group),
-                target=target, **self.shared(),
+                out=self.path("train", name), arm=self.path("arms", arm), target=target,
+                distilled=[self.path("distill", g) for g in groups], **self.shared(),
             )  # fmt: skip
-            self.add(f"train/{name}", "select", config, data.SELECT, [f"arm/{arm}", f"distill/{group}"])
+            self.add(f"train/{name}", "select", config, data.SELECT, [f"arm/{arm}", *(f"distill/{g}" for g in groups)])
             rows[name] = data.rows_dir(config.out)
         return rows
 
-    def prune(self, domain: str, ratio: float, arm: str) -> str:
-        wired = {"model": self.spec.model, "data": data.rows_dir(self.path("arms", arm)),
-                 "out": self.path("pruned", f"{domain}-{ratio_tag(ratio)}"), "ratio": ratio}  # fmt: skip
-        name = f"prune/{domain}/{ratio_tag(ratio)}"
-        self.add(name, "prune", self.config("prune", PruneConfig, wired), PRUNE, [f"arm/{arm}"])
+    def prune(self, ratio: float) -> str:
+        """The base model pruned at `ratio` on the calibration documents: one step per ratio, shared by the
+        arms, the pilot and the ratio ablation."""
+        name = f"prune/{ratio_tag(ratio)}"
+        if name not in self.names():
+            wired = {"model": self.spec.model, "data": data.rows_dir(self.path("arms", CALIBRATION)),
+                     "out": self.path("pruned", ratio_tag(ratio)), "ratio": ratio}  # fmt: skip
+            self.add(name, "prune", self.config("prune", PruneConfig, wired), PRUNE, [f"arm/{CALIBRATION}"])
         return name
 
     def finetune(self, name: str, model_step: str | None, rows: tuple[str, str], seed: int) -> str:
@@ -109,44 +139,72 @@ def build_replication(spec: ReplicationSpec) -> tuple[list[Step], dict[str, Any]
     """Every step of the replication, and where the report finds each evaluation."""
     graph = ReplicationGraph(spec)
     graph.holdout()
+    graph.arm(CALIBRATION, CALIBRATION, spec.split_seed, budget=spec.calibration)
     trials, domains, focus = spec.trials, list(spec.domains), spec.ablation_domain
     for t in trials:
         graph.curation(f"t{t}", {"seed": t, "coords": "all"})
     for k in spec.ablation_coords:
         graph.curation(f"k{k}", {"seed": trials[0], "coords": "jacobian", "num_coords": k})
-    rows = graph.teacher_data("random", [graph.arm(f"random-t{t}", "random", t) for t in trials], {})
+    for method in spec.alternatives:  # each ranked once for every domain: the same documents every trial
+        graph.rank(method)
+    rows = _teacher_groups(graph)
+    pruned = graph.prune(spec.ratio)
+    for t in trials:  # one pruned model: a random arm's fine-tune is the same model for every domain
+        graph.finetune(f"random-t{t}", pruned, _rows(rows, f"random-t{t}"), t)
+    layout: dict[str, Any] = {"domains": {}, "ratio": None, "coords": None, "pilot": {}}
     for d in domains:
-        arms = [graph.arm(f"{d}/finescope-t{t}", "finescope", t, d, f"curate/t{t}") for t in trials]
-        arms.append(graph.arm(f"{d}/oracle", "oracle", spec.split_seed, d))
-        rows |= graph.teacher_data(d, arms, {f"{d}/undistilled": f"{d}/finescope-t{trials[0]}"})
+        layout["domains"][d] = _domain_arms(graph, d, pruned, rows)
+    layout["pilot"] = _pilot(graph, pruned, rows)
+    if spec.ablation_ratios:
+        layout["ratio"] = _ratio_ablation(graph, focus, pruned, rows)
     if spec.ablation_coords:
+        layout["coords"] = _coords_ablation(graph, focus, pruned, rows)
+    return graph.steps, layout
+
+
+def _teacher_groups(graph: ReplicationGraph) -> dict[str, str]:
+    """Every arm's documents and the teacher's groups: the random draws (shared by the domains), each domain's
+    arms, the coordinates ablation's. Returns training name -> rows directory."""
+    spec, trials, domains = graph.spec, graph.spec.trials, list(graph.spec.domains)
+    randoms = {d: [graph.arm(f"{d}/random-t{t}", "random", t, d) for t in trials] for d in domains}
+    shared = {f"random-t{t}": (a, "teacher") for t, a in zip(trials, randoms[domains[0]], strict=True)}
+    rows = graph.teacher_data("random", shared, [], [])
+    arms_of = {}
+    for d in domains:
+        arms_of[d] = _domain_arm_steps(graph, d)
+        chosen = {a: (a, "teacher") for a in arms_of[d]} | {f"{d}/undistilled": (f"{d}/finescope-t{trials[0]}",
+                                                                                   "original")}  # fmt: skip
+        rows |= graph.teacher_data(d, chosen, randoms[d], ["random"])
+    if spec.ablation_coords:
+        focus = spec.ablation_domain
         arms = [graph.arm(f"{focus}/finescope-k{k}", "finescope", trials[0], focus, f"curate/k{k}")
                 for k in spec.ablation_coords]  # fmt: skip
-        rows |= graph.teacher_data("coords", arms, {})
-    layout: dict[str, Any] = {"domains": {}, "ratio": None, "coords": None}
-    pruned = {}
-    for d in domains:
-        pruned[d] = graph.prune(d, spec.ratio, f"{d}/finescope-t{trials[0]}")
-        layout["domains"][d] = _domain_arms(graph, d, pruned[d], rows)
-    if spec.ablation_ratios:
-        layout["ratio"] = _ratio_ablation(graph, focus, pruned[focus], rows)
-    if spec.ablation_coords:
-        layout["coords"] = _coords_ablation(graph, focus, pruned[focus], rows)
-    return graph.steps, layout
+        rows |= graph.teacher_data("coords", {a: (a, "teacher") for a in arms}, [*arms_of[focus], *randoms[focus]],
+                                   [focus, "random"])  # fmt: skip
+    return rows
+
+
+def _domain_arm_steps(graph: ReplicationGraph, d: str) -> list[str]:
+    """A domain's arms besides the random draws: every curator, the oracle and the doses, per trial."""
+    spec, names = graph.spec, []
+    for t in spec.trials:
+        names.append(graph.arm(f"{d}/finescope-t{t}", "finescope", t, d, f"curate/t{t}"))
+        names += [graph.arm(f"{d}/{m}-t{t}", m, t, d, f"rank/{m}") for m in spec.alternatives]
+        names.append(graph.arm(f"{d}/oracle-t{t}", "oracle", t, d))
+        names += [graph.arm(f"{d}/{dose_label(x)}-t{t}", "dose", t, d, dose=x) for x in spec.dose]
+    return names
 
 
 def _domain_arms(graph: ReplicationGraph, d: str, pruned: str, rows: dict[str, str]) -> tuple[str, str]:
     """One domain's fine-tunes and its two evaluations; returns their results.json URIs."""
     spec, trials = graph.spec, graph.spec.trials
     sources: dict[str, str] = {"base": spec.model, "pruned": pruned}
-    for t in trials:
-        sources[f"finescope-t{t}"] = graph.finetune(
-            f"{d}/finescope-t{t}", pruned, _rows(rows, f"{d}/finescope-t{t}"), t
-        )
-    for t in trials:
-        sources[f"random-t{t}"] = graph.finetune(f"{d}/random-t{t}", pruned, _rows(rows, f"random-t{t}"), t)
+    for kind in arm_kinds(spec.dose, spec.alternatives):
+        for t in trials:
+            label = f"{kind}-t{t}"
+            sources[label] = (f"finetune/{label}" if kind == "random"
+                              else graph.finetune(f"{d}/{label}", pruned, _rows(rows, f"{d}/{label}"), t))  # fmt: skip
     first = _rows(rows, f"{d}/finescope-t{trials[0]}")
-    sources["oracle"] = graph.finetune(f"{d}/oracle", pruned, _rows(rows, f"{d}/oracle"), trials[0])
     sources["unpruned"] = graph.finetune(f"{d}/unpruned", None, first, trials[0])
     sources["undistilled"] = graph.finetune(f"{d}/undistilled", pruned, _rows(rows, f"{d}/undistilled"), trials[0])
     topic = spec.domains[d]
@@ -162,6 +220,32 @@ def _rows(rows: dict[str, str], name: str) -> tuple[str, str]:
     return name, rows[name]
 
 
+def _pilot(graph: ReplicationGraph, main_pruned: str, rows: dict[str, str]) -> dict[float, dict[str, str]]:
+    """Per pilot ratio, the first trial's random and oracle arms on a model pruned at that ratio, evaluated on
+    each domain's held-out set (`evaluate/pilot/r<ratio>/<domain>`, labels base, pruned, random, oracle); at
+    `ratio` itself the main arms' fine-tunes serve. Returns ratio -> domain -> results.json URI."""
+    spec, first = graph.spec, graph.spec.trials[0]
+    found: dict[float, dict[str, str]] = {}
+    for r in spec.pilot_ratios:
+        tag, main = ratio_tag(r), r == spec.ratio
+        pruned = main_pruned if main else graph.prune(r)
+        random = f"finetune/random-t{first}"
+        if not main:
+            random = graph.finetune(
+                f"pilot/r{tag}/random", pruned, _rows(rows, random.removeprefix("finetune/")), first
+            )
+        found[r] = {}
+        for d in spec.domains:
+            oracle = f"finetune/{d}/oracle-t{first}"
+            if not main:
+                oracle = graph.finetune(f"pilot/r{tag}/{d}/oracle", pruned, _rows(rows, f"{d}/oracle-t{first}"), first)
+            sources = {"base": spec.model, "pruned": pruned, "random": random, "oracle": oracle}
+            title = f"{d}: {spec.domains[d]} documents, pruned at {tag}"
+            graph.evaluate(f"pilot/r{tag}/{d}", sources, data.heldout_glob(graph.path("data"), d), spec.heldout, title)
+            found[r][d] = graph.path("eval", "pilot", f"r{tag}", d, "results.json")
+    return found
+
+
 def _ratio_ablation(
     graph: ReplicationGraph, d: str, main_pruned: str, rows: dict[str, str]
 ) -> tuple[str, str, list[float]]:
@@ -169,7 +253,7 @@ def _ratio_ablation(
     sources: dict[str, str] = {"base": spec.model}
     ratios = sorted([*spec.ablation_ratios, spec.ratio])
     for r in ratios:
-        pruned = main_pruned if r == spec.ratio else graph.prune(d, r, first[0])
+        pruned = main_pruned if r == spec.ratio else graph.prune(r)
         sources[f"pruned-{ratio_tag(r)}"] = pruned
         name = f"{d}/finescope-t{spec.trials[0]}" if r == spec.ratio else f"{d}/ratio-{ratio_tag(r)}"
         sources[f"finescope-{ratio_tag(r)}"] = (

