@@ -125,11 +125,14 @@ class ReplicationGraph(Graph):
         self.add(f"finetune/{name}", "finetune", self.config("finetune", FinetuneConfig, wired), FINETUNE, after)
         return f"finetune/{name}"
 
-    def evaluate(self, name: str, labelled: dict[str, str], documents: str, limit: int, title: str) -> str:
-        """Perplexity of `labelled` (label -> step name, or a model for the base) on one held-out set."""
+    def evaluate(
+        self, name: str, labelled: dict[str, str], documents: str, limit: int, title: str, continuation: bool = False
+    ) -> str:
+        """Perplexity of `labelled` (label -> step name, or a model for the base) on one held-out set, and with
+        `continuation` the continuation task built from the same documents."""
         entries = [f"{label}={self.model_of(source)}" for label, source in labelled.items()]
         wired = {"models": entries, "out": self.path("eval", name), "mmlu": [], "ppl": [documents],
-                 "ppl_topic": None, "ppl_name": title, "ppl_max_docs": limit}  # fmt: skip
+                 "ppl_topic": None, "ppl_name": title, "ppl_max_docs": limit, "continuation": continuation}  # fmt: skip
         after = [source for source in labelled.values() if source in self.names()]
         self.add(f"evaluate/{name}", "evaluate", self.config("evaluate", EvaluateConfig, wired), EVALUATE, after)
         return f"evaluate/{name}"
@@ -209,7 +212,8 @@ def _domain_arms(graph: ReplicationGraph, d: str, pruned: str, rows: dict[str, s
     sources["undistilled"] = graph.finetune(f"{d}/undistilled", pruned, _rows(rows, f"{d}/undistilled"), trials[0])
     topic = spec.domains[d]
     held, general = data.heldout_glob(graph.path("data"), d), data.heldout_glob(graph.path("data"), data.GENERAL)
-    graph.evaluate(f"{d}/domain", sources, held, spec.heldout, f"{d}: {topic} documents held out before curation")
+    graph.evaluate(f"{d}/domain", sources, held, spec.heldout, f"{d}: {topic} documents held out before curation",
+                   continuation=True)  # fmt: skip
     graph.evaluate(
         f"{d}/general", sources, general, spec.general_heldout, "general: documents of every topic, held out"
     )

@@ -87,7 +87,8 @@ def run_replication(spec: ReplicationSpec, only: list[str] | None = None, comman
         f"({', '.join(map(str, spec.trials))}), held-out {spec.heldout} per domain and {spec.general_heldout} general.",
         "",
     ]
-    storage.write_json_atomic(storage.join(spec.root, LAYOUT), layout_record(spec, layout), options)
+    record = layout_record(spec, layout)
+    storage.write_json_atomic(storage.join(spec.root, LAYOUT), record, options)
     ready = {d: uris for d, uris in layout["domains"].items() if all(storage.exists(u, options) for u in uris)}
     report_layout = ReplicationLayout(
         domains=ready,
@@ -95,6 +96,9 @@ def run_replication(spec: ReplicationSpec, only: list[str] | None = None, comman
         ratio_ablation=_if_done(layout["ratio"], options),
         coords_ablation=_if_done(layout["coords"], options),
         budget=budget_rows(steps, options),
+        selections=[uri for per_arm in record["selections"].values() for uri in per_arm.values()],
+        pilot={float(ratio): {d: uri for d, uri in uris.items() if storage.exists(uri, options)}
+               for ratio, uris in layout["pilot"].items()},  # fmt: skip
     )
     report = write_report(spec.root, report_layout, options, header=header)
     from pipeline.report import steps_table
