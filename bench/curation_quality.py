@@ -383,42 +383,26 @@ SCORINGS = {
     f"idf, centroid, prf{FEEDBACK}": ("centroid", True, FEEDBACK),
     "likelihood ratio": ("ratio", False, 0),
     "idf, background": ("background", True, 0),
+    "idf, background, feedback 40": ("background", True, 40),
     "idf, classifier": ("classifier", True, 0),
-    f"idf, background, guarded prf{FEEDBACK}": ("background", True, FEEDBACK),
-    f"idf, classifier, guarded prf{FEEDBACK}": ("classifier", True, FEEDBACK),
+    "idf, classifier, feedback 20": ("classifier", True, 20),
+    "idf, classifier, feedback 40": ("classifier", True, 40),
+    "idf, classifier, feedback 80": ("classifier", True, 80),
 }
 """Each scoring: (rule, rarity weighting, feedback documents). `background` and `classifier` are the jobs'
-learned scorers (`--scorer`, curation/selection/scorers.py), their corpus sample the first `stats_docs`
-documents as `jobs.train_sae` keeps it; with feedback, a topic's best documents that no other topic ranks
-higher join its seeds and the queries are learned again (the guard against drift)."""
+learned scorers (`--scorer`, `--feedback`: curation/selection/scorers.py), their corpus sample the first
+`stats_docs` documents as `jobs.train_sae` keeps it; their feedback is the jobs' own, on that sample."""
 
 
 def learned_scores(docs: np.ndarray, seeds: np.ndarray, seed_topics: np.ndarray, topics: list[str], scorer: str,
                    feedback: int = 0) -> np.ndarray:  # fmt: skip
-    """(docs, topics) cosines to the queries of a learned scorer, exactly as the jobs make them, from unit
-    document and seed vectors; `feedback` > 0 adds one guarded round of pseudo-relevance feedback."""
+    """(docs, topics) cosines to the queries of a learned scorer, exactly as the jobs make them from unit
+    document and seed vectors, the corpus sample being the first `stats_docs` documents."""
     from curation.selection.scorers import domain_queries
 
     sample = docs[: TrainSAEConfig.stats_docs]
-    queries = domain_queries(seeds, list(seed_topics), None, scorer, sample)
-    scores = docs @ queries.vectors[[queries.domains.index(t) for t in topics]].T
-    if not feedback:
-        return scores
-    kept = guarded_feedback(scores, feedback)
-    grown = np.concatenate([seeds, *(docs[rows] for rows in kept)])
-    grown_topics = np.concatenate([seed_topics, *(np.full(len(rows), t) for rows, t in zip(kept, topics, strict=True))])
-    return learned_scores(docs, grown, grown_topics, topics, scorer)
-
-
-def guarded_feedback(scores: np.ndarray, feedback: int) -> list[np.ndarray]:
-    """Per topic (column), its `feedback` best documents among those no other topic scores higher: a document
-    that would drift a topic towards its neighbour stays out."""
-    owner = scores.argmax(axis=1)
-    out = []
-    for column in range(scores.shape[1]):
-        ranked = np.argsort(-scores[:, column], kind="stable")
-        out.append(ranked[owner[ranked] == column][:feedback])
-    return out
+    queries = domain_queries(seeds, list(seed_topics), None, scorer, sample, feedback)
+    return docs @ queries.vectors[[queries.domains.index(t) for t in topics]].T
 
 
 def half_figures(runs: list[dict[str, dict[str, float]]], topics: list[str]) -> dict:

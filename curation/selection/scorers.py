@@ -63,11 +63,15 @@ def domain_queries(
     seed_ids: list[str] | None,
     scorer: str,
     background: np.ndarray | None = None,
+    feedback: int = 0,
 ) -> Queries:
     """(seeds, latents) unit seed vectors -> the queries of `scorer` (see `query_names`).
 
     `background` is the (docs, latents) corpus sample, weighted and unit-normed as the documents are; only
-    the learned scorers read it.
+    the learned scorers read it. `feedback` > 0 (learned scorers only) adds one round of pseudo-relevance
+    feedback on the sample: each domain's `feedback` best sample documents that no other domain scores
+    higher join its seeds, and the queries are learned again. The guard keeps a document that sits between
+    two domains from pulling either towards the other; the sample stays the unlabelled class as it was.
     """
     seeds = np.asarray(seed_vectors, dtype=np.float32)
     domains, ids = query_names(seed_domains, seed_ids, scorer)
@@ -77,6 +81,17 @@ def domain_queries(
         raise ValueError(f"the {scorer} scorer needs a corpus sample")
     sample = np.asarray(background, dtype=np.float32)
     labels = np.asarray(seed_domains)
+    vectors = _learned(seeds, labels, domains, scorer, sample)
+    if feedback:
+        kept = guarded_feedback(sample @ vectors.T, feedback)
+        grown = np.concatenate([seeds, *(sample[rows] for rows in kept)])
+        grown_labels = np.concatenate([labels, *(np.full(len(rows), d) for rows, d in zip(kept, domains, strict=True))])
+        vectors = _learned(grown, grown_labels, domains, scorer, sample)
+    return Queries(vectors, domains, ids)
+
+
+def _learned(seeds: np.ndarray, labels: np.ndarray, domains: list[str], scorer: str, sample: np.ndarray) -> np.ndarray:
+    """(domains, latents) unit query vectors of a learned scorer from labelled seed vectors and the sample."""
     rows = []
     for domain in domains:
         members = labels == domain
@@ -86,7 +101,18 @@ def domain_queries(
             rows.append(logistic_weights(seeds[members], np.concatenate([sample, seeds[~members]])))
     vectors = np.stack(rows)
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return Queries(vectors.astype(np.float32), domains, ids)
+    return vectors.astype(np.float32)
+
+
+def guarded_feedback(scores: np.ndarray, feedback: int) -> list[np.ndarray]:
+    """(docs, domains) scores -> per domain, its `feedback` best documents among those no other domain scores
+    higher (ties go to the lower domain), best first."""
+    owner = scores.argmax(axis=1)
+    out = []
+    for column in range(scores.shape[1]):
+        ranked = np.argsort(-scores[:, column], kind="stable")
+        out.append(ranked[owner[ranked] == column][:feedback])
+    return out
 
 
 def logistic_weights(positives: np.ndarray, negatives: np.ndarray, l2: float = CLASSIFIER_L2) -> np.ndarray:

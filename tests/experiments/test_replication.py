@@ -41,7 +41,7 @@ def tiny_spec(root: Path, model: str, **changes) -> Path:
         "root": str(root / "run"), "model": model, "seeds": str(REPO / "jobs" / "seeds" / "wikipedia-topics.jsonl"),
         "domains": {"mathematics": TOPIC}, "pool": 80, "pool_topic_docs": 20, "heldout": 5, "general_heldout": 12,
         "budget": 8, "epochs": 1, "trials": [0], "ratio": 0.3, "teacher": model, "ablation_ratios": [0.5],
-        "ablation_coords": [], "alternatives": ALTERNATIVES, "dose": [0.25, 0.5],
+        "ablation_coords": [], "alternatives": ALTERNATIVES, "dose": [0.5],
         "sae": {"layer": 2, "expansion_factor": 4, "k": 8, "max_train_tokens": 1500, "epochs": 2, "max_tokens": 48,
                 "batch_tokens": 256, "cpus": 0.5, "calibration_docs": 8},
         "curate": {"max_tokens": 48, "cpus": 0.5, "batch_size": 32},
@@ -90,7 +90,7 @@ def test_heldout_sets_are_labelled_and_no_arm_can_train_on_them(replication):
         assert not held_texts & set(pq.read_table(arm).column("text").to_pylist()), arm
 
 
-KINDS = ["finescope", *ALTERNATIVES, "random", "oracle", "topic25", "topic50"]
+KINDS = ["finescope", *ALTERNATIVES, "random", "oracle", "topic50"]  # one dose: each costs a fine-tune
 
 
 def test_arms_have_the_same_budget_and_steps_from_one_pruned_model(replication):
@@ -154,7 +154,7 @@ def test_evaluations_report_every_arm_on_both_heldout_sets(replication):
     run = replication["root"]
     for name, documents in (("domain", 5), ("general", 12)):
         results = json.loads((run / "eval" / "mathematics" / name / "results.json").read_text())
-        assert [m["label"] for m in results["models"]] == arm_labels([0], alternatives=ALTERNATIVES)
+        assert [m["label"] for m in results["models"]] == arm_labels([0], dose=[0.5], alternatives=ALTERNATIVES)
         (entry,) = results["perplexity"].values()
         assert entry["documents"] == documents
         assert all(len(r["document_nll"]) == documents for r in entry["results"].values())
@@ -225,8 +225,8 @@ def test_shipped_spec_graph_has_equal_arms_from_one_pruned_model():
 
 
 def test_pilot_and_ablations_use_the_calibration_pruning(tmp_path):
-    spec = load_replication_spec(str(tiny_spec(tmp_path, "smollm2-135m", pilot_ratios=[0.3, 0.5],
-                                               ablation_ratios=[0.5], ablation_coords=[16])))  # fmt: skip
+    changes = {"pilot_ratios": [0.3, 0.5], "ablation_ratios": [0.5], "ablation_coords": [16], "dose": [0.25, 0.5]}
+    spec = load_replication_spec(str(tiny_spec(tmp_path, "smollm2-135m", **changes)))
     steps, layout = build_replication(spec)
     by_name = {s.name: s for s in steps}
     assert [s.name for s in steps if s.stage == "prune"] == ["prune/0.30", "prune/0.50"]  # shared by pilot and ablation
