@@ -84,7 +84,8 @@ def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> PreparedEnco
     )  # fmt: skip
     logger.info("encode dtype: %s", describe_dtype(decision))
     seeds = checked.seeds
-    queries = domain_queries(seeds_matrix, seeds.domains, seeds.ids, config.scorer, checked.background)
+    queries = domain_queries(seeds_matrix, seeds.domains, seeds.ids, config.scorer, checked.background,
+                             config.feedback)  # fmt: skip
     return PreparedEncoder(dataclasses.replace(spec, dtype=decision["dtype"]), queries.vectors, decision)
 
 

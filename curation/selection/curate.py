@@ -49,7 +49,7 @@ class CurateConfig(RunConfig):
         "read_attempts",
         "read_backoff_s",
     }
-    added_fields: ClassVar[dict[str, Any]] = {"scorer": "nearest"}
+    added_fields: ClassVar[dict[str, Any]] = {"scorer": "nearest", "feedback": 0}
 
     corpus: list[str] = field(default_factory=list)
     """Corpus shards: paths, directories or globs (`**` allowed), local or s3://. JSONL(.gz/.zst) or Parquet."""
@@ -80,6 +80,9 @@ class CurateConfig(RunConfig):
     scoring by its best (the paper's); `background`, per domain the mean of its seeds less the mean of a
     corpus sample; `classifier`, per domain a logistic regression of its seeds against that sample. The
     sample is the one `jobs.train_sae` measured the latent statistics on, kept beside the SAE."""
+    feedback: int = 0
+    """Learned scorers only: each domain's this many best sample documents that no other domain scores higher
+    join its seeds, and its query is learned again (pseudo-relevance feedback on the corpus sample)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """The truncated forward's precision: auto is bfloat16 where the encode device computes it natively and
     fast (a GPU with bf16; a CPU whose bf16 matmuls measure at least 1.25x float32's, as AMX does), float32
@@ -144,9 +147,13 @@ class CurateConfig(RunConfig):
 
 
 def check_scorer(config: Any) -> None:
-    """A config's `scorer` is one FineScope has."""
+    """A config's `scorer` is one FineScope has, and its `feedback` one the scorer takes."""
     if config.scorer not in SCORERS:
         raise ConfigError("scorer", config.scorer, f"must be one of {', '.join(SCORERS)}")
+    check_range("feedback", config.feedback, ge=0, hint="sample documents per domain; 0 turns it off")
+    if config.feedback and config.scorer not in LEARNED:
+        raise ConfigError("feedback", config.feedback, f"needs a learned scorer: pass --scorer classifier or "
+                          f"--scorer background, or --feedback 0 with --scorer {config.scorer}")  # fmt: skip
 
 
 def check_rule(config: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -60,7 +61,7 @@ RESCORE_ROWS = 256
 @dataclass
 class ReselectConfig(RunConfig):
     execution_fields: ClassVar[frozenset[str]] = RunConfig.execution_fields | {"cpus", "threads"}
-    added_fields: ClassVar[dict[str, Any]] = {"scorer": "scored"}
+    added_fields: ClassVar[dict[str, Any]] = {"scorer": "scored", "feedback": None}
 
     scored: str = ""
     """The output directory of `python -m jobs.curate` (or of this job) to select from; its scored/ is read."""
@@ -80,6 +81,9 @@ class ReselectConfig(RunConfig):
     scorer: Literal["scored", "nearest", "background", "classifier"] = "scored"
     """What documents are compared with (curation/selection/scorers.py): `scored`, as in the output read; or
     any scorer of `jobs.curate`."""
+    feedback: int | None = None
+    """A learned scorer's feedback documents per domain (`jobs.curate --feedback`); unset: as in the output
+    read when the scorer is too, else 0."""
     cpus: float = 1.0
     """CPUs of the task that encodes the seeds (and of nothing else: the corpus is not encoded again)."""
     gpus: float = 0.0
@@ -92,8 +96,7 @@ class ReselectConfig(RunConfig):
             if not getattr(self, name):
                 raise ConfigError(name, getattr(self, name), f"is required: pass --{name}")
         check_rule(self)
-        if self.scorer != "scored":
-            check_scorer(self)
+        check_range("feedback", self.feedback, ge=0, optional=True, hint="sample documents per domain")
         check_range("cpus", self.cpus, gt=0, hint="fractions are fine")
         check_range("gpus", self.gpus, ge=0)
         check_range("threads", self.threads, ge=0, hint="0 picks from the machine")
@@ -116,14 +119,28 @@ class ReselectPlan:
     weighting: str
     latent_weights: list[float] | None
     scorer: str
+    feedback: int
     background: np.ndarray | None
     """The learned scorers' corpus sample as vectors (curation/selection/curate.py, `load_background`)."""
 
 
-def scorer_of(source: dict[str, Any]) -> str:
-    """The scorer of the output whose manifest is `source` (`nearest` for one curated before there was a choice)."""
-    recorded = source.get("scorer") if source.get("stage") == STAGE else (source.get("config") or {}).get("scorer")
-    return recorded or "nearest"
+def scoring_of(source: dict[str, Any]) -> tuple[str, int]:
+    """The scorer and feedback of the output whose manifest is `source` (`nearest`, 0 for one curated before
+    there was a choice)."""
+    recorded = source if source.get("stage") == STAGE else (source.get("config") or {})
+    return recorded.get("scorer") or "nearest", int(recorded.get("feedback") or 0)
+
+
+def _scoring(config: ReselectConfig, source: dict[str, Any]) -> tuple[str, int]:
+    """The scorer and feedback this re-selection scores with, checked as curate checks them."""
+    scored_scorer, scored_feedback = scoring_of(source)
+    scorer = scored_scorer if config.scorer == "scored" else config.scorer
+    if config.feedback is not None:
+        feedback = config.feedback
+    else:
+        feedback = scored_feedback if scorer == scored_scorer else 0
+    check_scorer(SimpleNamespace(scorer=scorer, feedback=feedback))
+    return scorer, feedback
 
 
 def _source_manifest(config: ReselectConfig, options: storage.StorageOptions) -> dict[str, Any]:
@@ -172,16 +189,16 @@ def plan(config: ReselectConfig) -> ReselectPlan:
     encoding = encoding_of(source)
     weighting = encoding["weighting"] if config.weighting == "scored" else config.weighting
     sae, model, weights = load_encoder_inputs(encoding["sae"], source.get("model"), weighting, options)
-    scorer = scorer_of(source) if config.scorer == "scored" else config.scorer
+    scorer, feedback = _scoring(config, source)
     background = load_background(encoding["sae"], sae, scorer, encoding["pooling"], weights, options)
     seed_info = storage.expand(config.seeds, options, config_field="seeds")
     sae_info = storage.expand(encoding["sae"], options, config_field="sae")
     inputs = [*files, *seed_info, *sae_info]
-    scoring = {"weighting": weighting, **({"scorer": scorer} if scorer != "nearest" else {})}
+    scoring = {"weighting": weighting, **({"scorer": scorer, "feedback": feedback} if scorer != "nearest" else {})}
     digest = config.digest(inputs, **scoring, model=model, scored_hash=source.get("hash"))
     uris = [info.uri for info in files]
     return ReselectPlan(inputs, digest, source, encoding, uris, seeds, sae, model, weighting, weights, scorer,
-                        background)  # fmt: skip
+                        feedback, background)  # fmt: skip
 
 
 # The seeds: the one model load ---------------------------------------------------------------------------
@@ -290,7 +307,8 @@ def _reselect(config: ReselectConfig, checked: ReselectPlan, timer: manifest.Tim
         seeds_matrix = run_remote(_encode_seed_vectors, _seed_spec(config, checked), checked.sae, checked.seeds,
                                   encoding["max_tokens"], num_cpus=config.cpus, num_gpus=config.gpus)  # fmt: skip
     seeds = checked.seeds
-    queries = domain_queries(seeds_matrix, seeds.domains, seeds.ids, checked.scorer, checked.background)
+    queries = domain_queries(seeds_matrix, seeds.domains, seeds.ids, checked.scorer, checked.background,
+                             checked.feedback)  # fmt: skip
     drivers = domain_drivers(queries.vectors, queries.domains)
     keep = _same_drivers(drivers, checked.source)
     rescoring = Rescoring(queries.vectors, checked.latent_weights, checked.sae.cfg.num_latents, drivers, keep)
@@ -308,6 +326,7 @@ def _reselect(config: ReselectConfig, checked: ReselectPlan, timer: manifest.Tim
              "driving_latents": drivers.as_dict(), "dtype": checked.source.get("dtype"),
              # What a re-selection of this output needs: the encoding of the codes it carries on, unchanged.
              "encoding": encoding, "weighting": checked.weighting, "scorer": checked.scorer,
+             "feedback": checked.feedback,
              "scored_from": {"uri": config.scored, "hash": checked.source.get("hash")}}  # fmt: skip
     return Outcome(counts, extra)
 

@@ -914,12 +914,14 @@ def test_spec_identity_holds_every_setting_that_changes_a_score(tmp_path):
     base = ScheduleSpec(corpus=["c/*"], seeds=str(tmp_path / "seeds.jsonl"), sae=str(sae), out=str(tmp_path / "o"))
     identity = spec_identity(base, "tiny")
     fields = {field.name for field in dataclasses.fields(ScheduleSpec)}
-    # `scorer` at `nearest` is left out: roots bound before there was a choice keep their identity.
+    # `scorer` at `nearest` (and no feedback) is left out: roots bound before there was a choice keep their identity.
     assert set(identity["settings"]) == {*SCORED_EXAMPLES, "model"}
-    assert fields - set(identity["settings"]) == UNSCORED | {"scorer"}
+    assert fields - set(identity["settings"]) == UNSCORED | {"scorer", "feedback"}
     (sae / "latent_sample.parquet").write_text("codes")
     learned = spec_identity(dataclasses.replace(base, scorer="classifier"), "tiny")
     assert learned["settings"]["scorer"] == "classifier" and "latent_sample.parquet" in learned["sae_sha256"]
+    fed = spec_identity(dataclasses.replace(base, scorer="classifier", feedback=40), "tiny")
+    assert fed["settings"]["feedback"] == 40 and identity_hash(fed) != identity_hash(learned)
     assert "latent_sample.parquet" not in identity["sae_sha256"]
     assert identity["settings"]["dtype"] == "auto"  # resolved by each encode worker, after the identity is bound
     hashed = identity_hash

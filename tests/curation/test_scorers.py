@@ -148,3 +148,33 @@ def test_the_scorer_is_in_the_identity_and_nearest_keeps_the_identity_it_had(sae
     learned = dataclasses.replace(config, scorer="background")
     assert learned.content()["scorer"] == "background"
     assert learned.digest() != config.digest()
+
+
+def test_feedback_adds_the_domains_best_unclaimed_sample_documents_and_learns_again():
+    from curation.selection.scorers import guarded_feedback
+
+    table = np.array([[0.9, 0.95], [0.8, 0.1], [0.7, 0.2], [0.1, 0.6], [0.6, 0.5]])
+    assert [rows.tolist() for rows in guarded_feedback(table, 2)] == [[1, 2], [0, 3]]  # doc 0 is domain 1's
+    # A sample document with a second maths latent (4) that no seed has: feedback brings that latent in.
+    seeds = unit([[1.0, 1.0, 0.0, 0.0, 0.0], [1.0, 1.2, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0, 0.0]])
+    sample = unit([[0.0, 1.0, 0.0, 0.0, 0.0]] * 10 + [[1.0, 1.0, 0.0, 0.0, 1.0]] * 2 + [[0.0, 1.0, 0.0, 1.0, 0.0]] * 3)
+    for scorer in ("background", "classifier"):
+        plain = domain_queries(seeds, SEED_DOMAINS, None, scorer, sample)
+        grown = domain_queries(seeds, SEED_DOMAINS, None, scorer, sample, feedback=2)
+        assert grown.ids == plain.ids and grown.vectors[1][4] > plain.vectors[1][4] + 0.05, scorer
+
+
+def test_feedback_needs_a_learned_scorer(sae_world):
+    import dataclasses
+
+    from core.errors import ConfigError
+
+    config, _ = sae_world
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(config, feedback=20)
+    assert error.value.field == "feedback" and "--scorer classifier" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(config, scorer="classifier", feedback=-1)
+    assert error.value.field == "feedback"
+    learned = dataclasses.replace(config, scorer="classifier", feedback=20)
+    assert learned.content()["feedback"] == 20 and "feedback" not in config.content()
