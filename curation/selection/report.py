@@ -22,8 +22,9 @@ SCORE_SAMPLE_ROWS = 200_000
 """Rows of scored/ read for the all-documents histogram; enough for its shape at any corpus size."""
 
 
-def _scored_sample(out: str, options: StorageOptions | None, seeds: Seeds) -> dict[str, np.ndarray]:
-    """Per domain, the domain scores (best seed) of a sample of all scored documents."""
+def _scored_sample(out: str, options: StorageOptions | None, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per domain, the domain scores (best query) of a sample of all scored documents; `labels`, the domain of
+    each `seed_sims` column."""
     fs, path = storage.filesystem(storage.join(out, "scored"), options)
     import pyarrow.parquet as pq
 
@@ -40,8 +41,18 @@ def _scored_sample(out: str, options: StorageOptions | None, seeds: Seeds) -> di
     if not sims:
         return {}
     matrix = np.concatenate(sims)
-    labels = np.asarray(seeds.domains)
-    return {domain: matrix[:, labels == domain].max(axis=1) for domain in sorted(set(seeds.domains))}
+    return {domain: matrix[:, labels == domain].max(axis=1) for domain in sorted(set(labels))}
+
+
+def _column_domains(seeds: Seeds, drivers: DomainDrivers | None) -> np.ndarray:
+    """The domain of each `seed_sims` column: a seed's, or, under a learned scorer, its query's (the drivers
+    are made from the queries)."""
+    if drivers is None:
+        return np.asarray(seeds.domains)
+    labels = np.empty(sum(len(members) for members in drivers.members), dtype=object)
+    for domain, members in zip(drivers.domains, drivers.members, strict=True):
+        labels[members] = domain
+    return labels
 
 
 def _histogram_png(all_scores: dict[str, np.ndarray], curated: pa.Table) -> bytes:
@@ -127,7 +138,7 @@ def write_report(
         if storage.exists(curated_dir, options)
         else pa.table({name: [] for name in ("id", "domain", "score", "text", "nearest_seed", "source")})
     )
-    all_scores = _scored_sample(out, options, seeds)
+    all_scores = _scored_sample(out, options, _column_domains(seeds, drivers))
     if all_scores:
         storage.write_bytes_atomic(storage.join(out, "scores.png"), _histogram_png(all_scores, curated), options)
     # A re-selection encodes no document: it has no encode rate to show.
