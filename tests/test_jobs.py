@@ -87,7 +87,16 @@ def test_a_learned_scorer_curates_the_planted_documents_and_its_terms_add_up_to_
     for row in rows:
         assert row["top_latents"] and len(row["top_latents"]) == len(row["latent_contributions"])
         assert sum(row["latent_contributions"]) + row["rest_contribution"] == pytest.approx(row["score"], abs=1e-5)
-    assert json.loads((out / "manifest.json").read_text())["extra"]["scorer"] == "classifier"
+    assert json.loads((out / "manifest.json").read_text())["scorer"] == "classifier"
+    # A re-selection from the stored codes scores as the output it reads: the same queries, the same rows.
+    again = tmp_path / "again"
+    run_job(["jobs.select", "--scored", str(out), "--seeds", corpus["seeds"], "--out", str(again),
+             "--rule", "global_topn", "--top-n", "4"])  # fmt: skip
+    chosen = {(row["id"], row["domain"]): row["score"] for row in rows}
+    reselected = {(row["id"], row["domain"]): row["score"] for row in pq.read_table(again / "curated").to_pylist()}
+    assert set(reselected) == set(chosen)
+    assert all(reselected[key] == pytest.approx(score, abs=1e-5) for key, score in chosen.items())
+    assert json.loads((again / "manifest.json").read_text())["scorer"] == "classifier"
 
 
 def test_make_demo_corpus_writes_topics_and_a_disjoint_labelled_heldout_set(tmp_path):
