@@ -97,8 +97,10 @@ def run_replication(spec: ReplicationSpec, only: list[str] | None = None, comman
         coords_ablation=_if_done(layout["coords"], options),
         budget=budget_rows(steps, options),
         selections=[uri for per_arm in record["selections"].values() for uri in per_arm.values()],
-        pilot={float(ratio): {d: uri for d, uri in uris.items() if storage.exists(uri, options)}
-               for ratio, uris in layout["pilot"].items()},  # fmt: skip
+        pilot={
+            float(ratio): {d: uri for d, uri in uris.items() if storage.exists(uri, options)}
+            for ratio, uris in layout["pilot"].items()
+        },
     )
     report = write_report(spec.root, report_layout, options, header=header)
     from pipeline.report import steps_table
