@@ -17,6 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,16 +103,19 @@ class LatentSample:
     pooling: str
 
     @classmethod
-    def load(cls, directory: str | Path, width: int) -> LatentSample | None:
-        """A local SAE directory's sample, or None when it has none (an SAE trained before it was kept)."""
+    def load(cls, directory: str | Path, width: int, options: Any = None) -> LatentSample | None:
+        """An SAE directory's sample, local or s3:// (only this file is read), or None when it has none (an SAE
+        trained before it was kept)."""
         import pyarrow.parquet as pq
 
+        from core import storage
         from curation.encode import dense_codes
 
-        path = Path(directory, SAMPLE_FILE)
-        if not path.is_file():
+        path = storage.join(str(directory), SAMPLE_FILE)
+        if not storage.exists(path, options):
             return None
-        table = pq.read_table(path)
+        with storage.open_read(path, options) as handle:
+            table = pq.read_table(handle)
         metadata = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
         if metadata.get("latents") != str(width):
             raise ValueError(f"{path} holds codes of {metadata.get('latents')} latents, the SAE has {width}: it "

@@ -209,7 +209,7 @@ def load_background(
     if scorer not in LEARNED:
         return None
     try:
-        sample = LatentSample.load(storage.local_copy(sae_uri, options), sae.cfg.num_latents)
+        sample = LatentSample.load(sae_uri, sae.cfg.num_latents, options)  # the one file, not the SAE again
     except ValueError as error:
         raise ConfigError("sae", sae_uri, f"{error}; train it again with `python -m jobs.train_sae`") from None
     if sample is None:

@@ -178,3 +178,18 @@ def test_feedback_needs_a_learned_scorer(sae_world):
     assert error.value.field == "feedback"
     learned = dataclasses.replace(config, scorer="classifier", feedback=20)
     assert learned.content()["feedback"] == 20 and "feedback" not in config.content()
+
+
+def test_the_sample_is_read_from_s3_as_one_file(s3_bucket):
+    import torch
+
+    from core import storage
+    from curation.latent_weights import SAMPLE_FILE, LatentSample, sample_bytes
+
+    options = storage.StorageOptions().resolved()
+    pooled = torch.tensor([[0.0, 0.5, 0.25], [0.125, 0.0, 0.0]])
+    sae = f"s3://{s3_bucket}/sae"
+    assert LatentSample.load(sae, 3, options) is None
+    storage.write_bytes_atomic(f"{sae}/{SAMPLE_FILE}", sample_bytes(pooled, "rate"), options)
+    sample = LatentSample.load(sae, 3, options)
+    assert sample is not None and torch.equal(sample.pooled, pooled)
