@@ -22,7 +22,8 @@ Methods, all with the same seeds and the same ranking rules:
 
 - **FineScope** (SAE, `rate` pooling) trained as the jobs train it (their defaults: layer 15, every
   coordinate, 4 latents per coordinate, k 32, 400k tokens x 4 epochs), once per SAE seed; scored as the
-  jobs score (rarity weighting, the best seed) and, as a family, each variant of `SCORINGS`: the best
+  jobs score (rarity weighting, the classifier with feedback: `shipped_scoring`) and, as a family, each
+  variant of `SCORINGS`: the best
   seed or the seed centroid, with or without the rarity weighting, with or without one round of
   pseudo-relevance feedback, or a likelihood ratio over latents;
 - the paper's setting: the same with `--coords jacobian --num-coords 96`, scored by plain cosine;
@@ -74,6 +75,7 @@ from curation.sae.model import WEIGHTS_FILE, SAEConfig, TopKSAE, train_sae
 from curation.sae.replay import replay_batches
 from curation.sae.train import TrainSAEConfig
 from curation.seeds import load_seeds
+from curation.selection.curate import CurateConfig
 
 NAME = "curation_quality"
 REPO = Path(__file__).resolve().parents[1]
@@ -348,7 +350,7 @@ def sae_settings(args) -> list[tuple[str, SAESetting, int, str]]:
     """(label, setting, SAE seeds, its scoring in SCORINGS) to measure: the shipped defaults and the paper's,
     then the `--also-widths`."""
     shipped = SAESetting(expansion_factor=args.expansion_factor)
-    out = [(SHIPPED, shipped, args.sae_seeds, "idf, max"),
+    out = [(SHIPPED, shipped, args.sae_seeds, shipped_scoring()),
            (PAPER, SAESetting(coords="jacobian", num_coords=96), args.sae_seeds, "max")]  # fmt: skip
     for width in args.also_widths:
         label = f"FineScope, {width} latents per coordinate"
@@ -392,6 +394,18 @@ SCORINGS = {
 """Each scoring: (rule, rarity weighting, feedback documents). `background` and `classifier` are the jobs'
 learned scorers (`--scorer`, `--feedback`: curation/selection/scorers.py), their corpus sample the first
 `stats_docs` documents as `jobs.train_sae` keeps it; their feedback is the jobs' own, on that sample."""
+
+
+def shipped_scoring() -> str:
+    """The name in SCORINGS of how the jobs score unless told otherwise: their default scorer, its feedback
+    resolved for a sample of `stats_docs` documents, rarity weighting."""
+    from curation.selection.scorers import DEFAULT_SCORER, default_feedback
+
+    feedback = default_feedback(DEFAULT_SCORER, TrainSAEConfig.stats_docs)
+    name = f"{CurateConfig.weighting}, {DEFAULT_SCORER}" + (f", feedback {feedback}" if feedback else "")
+    if name not in SCORINGS:
+        raise ValueError(f"the jobs' default scoring {name!r} is not one the bench measures: add it to SCORINGS")
+    return name
 
 
 def learned_scores(docs: np.ndarray, seeds: np.ndarray, seed_topics: np.ndarray, topics: list[str], scorer: str,

@@ -85,7 +85,7 @@ def prepare_encoder(config: CurateConfig, checked: CurationPlan) -> PreparedEnco
     logger.info("encode dtype: %s", describe_dtype(decision))
     seeds = checked.seeds
     queries = domain_queries(seeds_matrix, seeds.domains, seeds.ids, config.scorer, checked.background,
-                             config.feedback)  # fmt: skip
+                             checked.feedback)  # fmt: skip
     return PreparedEncoder(dataclasses.replace(spec, dtype=decision["dtype"]), queries.vectors, decision)
 
 

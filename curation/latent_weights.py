@@ -95,6 +95,17 @@ def sample_bytes(pooled: torch.Tensor, pooling: str) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def save_corpus_sample(directory: str | Path, pooled: torch.Tensor, pooling: str, options: Any = None) -> LatentStats:
+    """Store beside an SAE, local or s3://, what is measured on its corpus sample: the sample's pooled codes
+    (`SAMPLE_FILE`) and then their statistics (`STATS_FILE`, which marks the measurement done)."""
+    from core import storage
+
+    stats = latent_stats(pooled)
+    storage.write_bytes_atomic(storage.join(str(directory), SAMPLE_FILE), sample_bytes(pooled, pooling), options)
+    storage.write_bytes_atomic(storage.join(str(directory), STATS_FILE), stats.to_bytes(), options)
+    return stats
+
+
 @dataclass
 class LatentSample:
     """The corpus sample's pooled codes (docs, latents), and the pooling that made them."""

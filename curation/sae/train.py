@@ -33,7 +33,7 @@ from core.reader import DOC, CleanConfig, iter_shard, read_corpus
 from core.runtime import RunConfig, default_threads
 from core.stage import Outcome, Stage, run_stage
 from curation.encode import DocumentEncoder, EncoderSettings, TokenActivations
-from curation.latent_weights import SAMPLE_FILE, STATS_FILE, latent_stats, sample_bytes
+from curation.latent_weights import save_corpus_sample
 from curation.sae.coords import CoordSelector, select_coords, unmeasured_coords
 from curation.sae.model import SAEConfig, TopKSAE, TrainingDiverged, train_sae
 from curation.sae.replay import replay_batches
@@ -292,11 +292,7 @@ def _measure_latent_stats(config: TrainSAEConfig, spec: EncoderSettings, inputs:
     encoder = DocumentEncoder(spec, sae=sae)
     texts = corpus_texts(config, inputs, config.stats_docs)
     pooled = encoder.encode_codes(tokenize_texts(encoder.tokenizer, texts, config.max_tokens)).pooled
-    stats = latent_stats(pooled)
-    # The sample first: the statistics file is what marks the measurement done.
-    storage.write_bytes_atomic(storage.join(config.out, SAMPLE_FILE), sample_bytes(pooled, spec.pooling), options)
-    storage.write_bytes_atomic(storage.join(config.out, STATS_FILE), stats.to_bytes(), options)
-    return stats.docs
+    return save_corpus_sample(config.out, pooled, spec.pooling, options).docs
 
 
 def _sae_config(config: TrainSAEConfig, info: models.ModelInfo, coords: list[int]) -> SAEConfig:

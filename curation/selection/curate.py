@@ -35,7 +35,7 @@ from curation.selection.rules import (
     label_selected,
     merge_candidates,
 )
-from curation.selection.scorers import LEARNED, SCORERS, Scorer, query_names
+from curation.selection.scorers import DEFAULT_SCORER, LEARNED, SCORERS, Scorer, query_names, resolve_feedback
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +75,16 @@ class CurateConfig(RunConfig):
     weighting: Literal["idf", "none"] = "idf"
     """How much each latent counts in the cosine: `idf`, by its rarity over the corpus's documents, measured
     when the SAE was trained (curation/latent_weights.py); `none`, all alike (the paper's)."""
-    scorer: Scorer = "nearest"
-    """What documents are compared with (curation/selection/scorers.py): `nearest`, each seed, a domain
-    scoring by its best (the paper's); `background`, per domain the mean of its seeds less the mean of a
-    corpus sample; `classifier`, per domain a logistic regression of its seeds against that sample. The
-    sample is the one `jobs.train_sae` measured the latent statistics on, kept beside the SAE."""
-    feedback: int = 0
+    scorer: Scorer = DEFAULT_SCORER
+    """What documents are compared with (curation/selection/scorers.py): `classifier`, per domain a logistic
+    regression of its seeds against a corpus sample (the default: it ranks best on the curation-quality
+    bench's development topics, docs/results.md); `background`, per domain the mean of its seeds less the
+    mean of that sample; `nearest`, each seed, a domain scoring by its best (the paper's). The sample is the
+    one `jobs.train_sae` measured the latent statistics on, kept beside the SAE."""
+    feedback: int | None = None
     """Learned scorers only: each domain's this many best sample documents that no other domain scores higher
-    join its seeds, and its query is learned again (pseudo-relevance feedback on the corpus sample)."""
+    join its seeds, and its query is learned again (pseudo-relevance feedback on the corpus sample); 0 turns
+    it off. Unset: 80, or one in 25 of the sample's documents where that is fewer (0 under `nearest`)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """The truncated forward's precision: auto is bfloat16 where the encode device computes it natively and
     fast (a GPU with bf16; a CPU whose bf16 matmuls measure at least 1.25x float32's, as AMX does), float32
@@ -147,10 +149,13 @@ class CurateConfig(RunConfig):
 
 
 def check_scorer(config: Any) -> None:
-    """A config's `scorer` is one FineScope has, and its `feedback` one the scorer takes."""
+    """A config's `scorer` is one FineScope has, and its `feedback` one the scorer takes (unset under
+    `nearest` becomes 0, so that the paper's scoring hashes as it did before there was a choice)."""
     if config.scorer not in SCORERS:
         raise ConfigError("scorer", config.scorer, f"must be one of {', '.join(SCORERS)}")
-    check_range("feedback", config.feedback, ge=0, hint="sample documents per domain; 0 turns it off")
+    check_range("feedback", config.feedback, ge=0, optional=True, hint="sample documents per domain; 0 turns it off")
+    if config.feedback is None and config.scorer not in LEARNED:
+        config.feedback = 0
     if config.feedback and config.scorer not in LEARNED:
         raise ConfigError("feedback", config.feedback, f"needs a learned scorer: pass --scorer classifier or "
                           f"--scorer background, or --feedback 0 with --scorer {config.scorer}")  # fmt: skip
@@ -181,6 +186,8 @@ class CurationPlan:
     background: np.ndarray | None = None
     """The learned scorers' corpus sample, (docs, latents) vectors weighted and unit-normed as the documents'
     are; None for `nearest`."""
+    feedback: int = 0
+    """The config's `feedback`, resolved for this sample (curation/selection/scorers.py, `resolve_feedback`)."""
 
 
 def plan(config: CurateConfig) -> CurationPlan:
@@ -193,7 +200,8 @@ def plan(config: CurateConfig) -> CurationPlan:
     seed_info = storage.expand(config.seeds, options, config_field="seeds")
     sae_info = storage.expand(config.sae, options, config_field="sae")
     digest = config.digest([*inputs, *seed_info, *sae_info, *models.model_inputs(model, options)])
-    return CurationPlan(config, inputs, seeds, sae, model, digest, weights, background)
+    feedback = resolve_feedback(config.scorer, config.feedback, 0 if background is None else len(background))
+    return CurationPlan(config, inputs, seeds, sae, model, digest, weights, background, feedback)
 
 
 def load_background(
@@ -324,14 +332,17 @@ def _seed_names(indices: list[int], spec: SelectionSettings) -> pa.Array:
 
 def selection_settings(config: Any, seeds: Seeds, scorer: str | None = None) -> SelectionSettings:
     """The selection a config with `rule`, `top_n`, `threshold` and `scorer` asks for, over the queries its
-    scorer makes of these seeds (one per seed under `nearest`, one per domain otherwise)."""
-    domains, ids = query_names(seeds.domains, seeds.ids, scorer or getattr(config, "scorer", "nearest"))
+    scorer makes of these seeds (one per seed under `nearest`, one per domain otherwise, which stands for
+    the domain's seeds in `per_seed_topn`'s size)."""
+    scorer = scorer or getattr(config, "scorer", "nearest")
+    domains, ids = query_names(seeds.domains, seeds.ids, scorer)
     return SelectionSettings(
         rule=config.rule,  # type: ignore[arg-type]
         seed_domains=domains,
         top_n=config.top_n,
         threshold=config.threshold if config.threshold is not None else 0.0,
         seed_ids=ids,
+        query_seeds=None if scorer == "nearest" else [seeds.domains.count(domain) for domain in domains],
     )
 
 
@@ -388,7 +399,7 @@ def _curate(config: CurateConfig, checked: CurationPlan, timer: manifest.Timer) 
         _write_report(config, checked, counts, timer.timings, drivers, decision)
     logger.info("curated %s rows into %s (%s)", counts["curated_rows"], curated_dir, counts["by_domain"])
     extra = {"model": checked.model, "sae": config.sae, "domains": selection.domains, "scorer": config.scorer,
-             "driving_latents": drivers.as_dict(), "dtype": decision}  # fmt: skip
+             "feedback": checked.feedback, "driving_latents": drivers.as_dict(), "dtype": decision}  # fmt: skip
     return Outcome(counts, extra)
 
 

@@ -45,7 +45,7 @@ from curation.selection.curate import (
     selection_settings,
 )
 from curation.selection.rules import SelectionRule, nearest_seeds
-from curation.selection.scorers import domain_queries
+from curation.selection.scorers import domain_queries, resolve_feedback
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ReselectConfig(RunConfig):
     any scorer of `jobs.curate`."""
     feedback: int | None = None
     """A learned scorer's feedback documents per domain (`jobs.curate --feedback`); unset: as in the output
-    read when the scorer is too, else 0."""
+    read when the scorer is too, else the scorer's default."""
     cpus: float = 1.0
     """CPUs of the task that encodes the seeds (and of nothing else: the corpus is not encoded again)."""
     gpus: float = 0.0
@@ -126,21 +126,25 @@ class ReselectPlan:
 
 def scoring_of(source: dict[str, Any]) -> tuple[str, int]:
     """The scorer and feedback of the output whose manifest is `source` (`nearest`, 0 for one curated before
-    there was a choice)."""
-    recorded = source if source.get("stage") == STAGE else (source.get("config") or {})
-    return recorded.get("scorer") or "nearest", int(recorded.get("feedback") or 0)
+    there was a choice). The feedback is the one the run resolved for its SAE's sample, which its manifest
+    records beside the config (a config's unset feedback means the scorer's default)."""
+    config = source.get("config") or {}
+    scorer = source.get("scorer") or config.get("scorer") or "nearest"
+    return scorer, int(source.get("feedback", config.get("feedback")) or 0)
 
 
-def _scoring(config: ReselectConfig, source: dict[str, Any]) -> tuple[str, int]:
-    """The scorer and feedback this re-selection scores with, checked as curate checks them."""
+def _scoring(config: ReselectConfig, source: dict[str, Any]) -> tuple[str, int | None]:
+    """The scorer and feedback this re-selection scores with, checked as curate checks them; a feedback of
+    None is the scorer's default, resolved once the SAE's sample is read."""
     scored_scorer, scored_feedback = scoring_of(source)
     scorer = scored_scorer if config.scorer == "scored" else config.scorer
     if config.feedback is not None:
-        feedback = config.feedback
+        feedback: int | None = config.feedback
     else:
-        feedback = scored_feedback if scorer == scored_scorer else 0
-    check_scorer(SimpleNamespace(scorer=scorer, feedback=feedback))
-    return scorer, feedback
+        feedback = scored_feedback if scorer == scored_scorer else None
+    checked = SimpleNamespace(scorer=scorer, feedback=feedback)
+    check_scorer(checked)
+    return scorer, checked.feedback
 
 
 def _source_manifest(config: ReselectConfig, options: storage.StorageOptions) -> dict[str, Any]:
@@ -191,6 +195,7 @@ def plan(config: ReselectConfig) -> ReselectPlan:
     sae, model, weights = load_encoder_inputs(encoding["sae"], source.get("model"), weighting, options)
     scorer, feedback = _scoring(config, source)
     background = load_background(encoding["sae"], sae, scorer, encoding["pooling"], weights, options)
+    feedback = resolve_feedback(scorer, feedback, 0 if background is None else len(background))
     seed_info = storage.expand(config.seeds, options, config_field="seeds")
     sae_info = storage.expand(encoding["sae"], options, config_field="sae")
     inputs = [*files, *seed_info, *sae_info]

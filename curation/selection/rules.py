@@ -4,7 +4,9 @@ Every document carries its cosine similarity to every seed (`seed_sims`, one col
 Three rules, all computed for several domains in one pass:
 
 - ``per_seed_topn``: for each seed, its `top_n` nearest documents; a domain is the union over its
-  seeds (the rule of arXiv 2505.00624).
+  seeds (the rule of arXiv 2505.00624). Under a scorer with one query per domain (a learned one,
+  curation/selection/scorers.py), the domain's query takes `top_n` documents for each of its seeds, the
+  most the paper's union could hold, so a size means the same whichever the scorer.
 - ``global_topn``: per domain, the `top_n` documents with the highest domain score.
 - ``threshold``: per domain, every document whose domain score is at least `threshold`.
 
@@ -41,12 +43,27 @@ class SelectionSettings:
     threshold: float = 0.5
     seed_ids: list[str] | None = None
     """Each seed's id (curation.seeds), which a curated row's `nearest_seed` names; None: its index."""
+    query_seeds: list[int] | None = None
+    """How many seeds each query (each entry of `seed_domains`) stands for: 1 for a seed's own, a domain's
+    seed count for a learned scorer's; None: 1 each. `per_seed_topn` takes `top_n` documents per seed."""
 
     def __post_init__(self) -> None:
         check_range("top_n", self.top_n, ge=1)
         check_range("threshold", self.threshold, ge=-1.0, le=1.0, hint="a cosine similarity")
         if not self.seed_domains:
             raise ConfigError("seeds", 0, "need at least one seed")
+        if self.query_seeds is not None:
+            if len(self.query_seeds) != len(self.seed_domains):
+                raise ConfigError("query_seeds", self.query_seeds, f"needs one count per query "
+                                  f"({len(self.seed_domains)})")  # fmt: skip
+            for count in self.query_seeds:
+                check_range("query_seeds", count, ge=1, hint="seeds behind a query")
+
+    def quota(self, key: int) -> int:
+        """Documents a top-N rule keeps for a key: a query under per_seed_topn, a domain otherwise."""
+        if self.rule == "per_seed_topn" and self.query_seeds is not None:
+            return self.top_n * self.query_seeds[key]
+        return self.top_n
 
     @property
     def domains(self) -> list[str]:
@@ -112,7 +129,7 @@ def block_candidates(ids: np.ndarray, sources: np.ndarray, seed_sims: np.ndarray
         if spec.rule == "threshold":
             chosen = np.flatnonzero(scores[:, key] >= spec.threshold)
         else:
-            chosen = _top_unique_rows(np.asarray(ids), scores[:, key], spec.top_n)
+            chosen = _top_unique_rows(np.asarray(ids), scores[:, key], spec.quota(key))
         keys.append(np.full(len(chosen), key, dtype=np.int32))
         rows.append(chosen)
     row_index = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
@@ -150,7 +167,7 @@ def merge_candidates(candidates: pa.Table, spec: SelectionSettings) -> dict[str,
         _, first = np.unique(ids[order], return_index=True)
         unique_rows = order[np.sort(first)]
         if spec.rule != "threshold":
-            unique_rows = unique_rows[: spec.top_n]
+            unique_rows = unique_rows[: spec.quota(int(key))]
         for row in unique_rows:
             doc_id = str(ids[row])
             selected.setdefault(doc_id, (first_source[doc_id], []))[1].append(int(key))

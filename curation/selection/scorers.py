@@ -16,6 +16,9 @@ sum_j d_j * q_j over SAE latents, so the latents with the largest terms explain 
 The corpus sample is the one the SAE's latent statistics were measured on (`jobs.train_sae`), kept beside
 the SAE as pooled codes (curation/latent_weights.py, `SAMPLE_FILE`), so every curation with that SAE, each
 scheduled batch included, compares with the same queries.
+
+The default, `classifier` with feedback (`default_feedback`), is the scoring that ranked best on the
+development topics of the curation-quality bench (docs/results.md); `nearest` is the paper's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,16 @@ Scorer = Literal["nearest", "background", "classifier"]
 SCORERS: tuple[str, ...] = ("nearest", "background", "classifier")
 LEARNED = frozenset({"background", "classifier"})
 """Scorers that compare with the corpus sample: one query per domain."""
+
+DEFAULT_SCORER: Scorer = "classifier"
+"""The jobs' scorer unless one is named: the best on the curation-quality bench's development topics."""
+
+FEEDBACK_DOCS = 80
+FEEDBACK_SHARE = 25
+"""A learned scorer's feedback unless one is named: `FEEDBACK_DOCS` sample documents per domain, or one in
+`FEEDBACK_SHARE` of the sample's documents where that is fewer. The bench chose 80 on its development
+topics, with a sample of 2,048 documents (`stats_docs`' default); a smaller sample gets proportionally fewer,
+so that a domain's feedback stays within the domain's share of it."""
 
 CLASSIFIER_L2 = 1e-3
 """The classifier's L2 penalty, 0.5 * l2 * |w|^2 against a loss that is the mean over each class (the two
@@ -57,13 +70,24 @@ def query_names(seed_domains: list[str], seed_ids: list[str] | None, scorer: str
     return domains, [f"{domain}:{scorer}" for domain in domains]
 
 
+def default_feedback(scorer: str, sample_docs: int) -> int:
+    """The feedback a scorer takes unless one is named: 0 under `nearest`, else `FEEDBACK_DOCS` per domain or
+    one in `FEEDBACK_SHARE` of a `sample_docs`-document sample, whichever is fewer."""
+    return min(FEEDBACK_DOCS, sample_docs // FEEDBACK_SHARE) if scorer in LEARNED else 0
+
+
+def resolve_feedback(scorer: str, feedback: int | None, sample_docs: int) -> int:
+    """A config's `feedback`, with None (unset) as `default_feedback`."""
+    return default_feedback(scorer, sample_docs) if feedback is None else feedback
+
+
 def domain_queries(
     seed_vectors: np.ndarray,
     seed_domains: list[str],
     seed_ids: list[str] | None,
     scorer: str,
     background: np.ndarray | None = None,
-    feedback: int = 0,
+    feedback: int | None = 0,
 ) -> Queries:
     """(seeds, latents) unit seed vectors -> the queries of `scorer` (see `query_names`).
 
@@ -72,6 +96,7 @@ def domain_queries(
     feedback on the sample: each domain's `feedback` best sample documents that no other domain scores
     higher join its seeds, and the queries are learned again. The guard keeps a document that sits between
     two domains from pulling either towards the other; the sample stays the unlabelled class as it was.
+    None: `default_feedback` for this sample.
     """
     seeds = np.asarray(seed_vectors, dtype=np.float32)
     domains, ids = query_names(seed_domains, seed_ids, scorer)
@@ -82,6 +107,7 @@ def domain_queries(
     sample = np.asarray(background, dtype=np.float32)
     labels = np.asarray(seed_domains)
     vectors = _learned(seeds, labels, domains, scorer, sample)
+    feedback = resolve_feedback(scorer, feedback, len(sample))
     if feedback:
         kept = guarded_feedback(sample @ vectors.T, feedback)
         grown = np.concatenate([seeds, *(sample[rows] for rows in kept)])

@@ -15,7 +15,7 @@ import torch
 
 from core import cli
 from core.errors import ConfigError
-from curation.latent_weights import STATS_FILE, LatentStats
+from curation.latent_weights import save_corpus_sample
 from curation.sae.model import SAEConfig, TopKSAE
 from curation.sae.train import TrainSAEConfig
 from curation.sae.train import plan as plan_sae
@@ -382,7 +382,10 @@ def job_inputs(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     sae = TopKSAE(SAEConfig(d_in=64, k=8, layer=2, base_model={"name": tiny_model_dir}))
     sae.fit_normalizer(torch.randn(32, 64))
     sae.save(root / "sae")
-    (root / "sae" / STATS_FILE).write_bytes(LatentStats(docs=4, fired_in=[1] * sae.cfg.num_latents).to_bytes())
+    # A corpus sample of 4 documents in which each latent fires once, as `jobs.train_sae` would store it.
+    latents = torch.arange(sae.cfg.num_latents)
+    pooled = (latents[None, :] % 4 == torch.arange(4)[:, None]).float() * 0.5
+    save_corpus_sample(root / "sae", pooled, "rate")
     (root / "empty").mkdir()
     return {
         "model": tiny_model_dir,

@@ -17,7 +17,7 @@ from helpers import background
 from core.batching import cached_tokenizer, tokenize_texts
 from curation.encode import DocumentEncoder, EncoderSettings
 from curation.explain import domain_drivers, row_explanations, top_contributions
-from curation.latent_weights import STATS_FILE, latent_stats
+from curation.latent_weights import save_corpus_sample
 from curation.sae.model import SAEConfig, TopKSAE
 from curation.selection.curate import CurateConfig, label_rows, run_curation
 from curation.selection.explain_report import token_in_context
@@ -221,14 +221,14 @@ def planted_run(ray_local, tiny_model_dir, tmp_path_factory):
     (root / "seeds.jsonl").write_text("".join(json.dumps(seed) + "\n" for seed in SEEDS))
     sae = planted_sae(tiny_model_dir, corpus + [seed["text"] for seed in SEEDS])
     sae.save(root / "sae")
-    # The rarity statistics `jobs.train_sae` would measure, on the whole corpus: the explanation is of the
-    # weighted vectors curation scores by.
+    # The corpus sample and rarity statistics `jobs.train_sae` would measure, on the whole corpus: the
+    # explanation is of the weighted vectors curation scores by.
     encoder = DocumentEncoder(EncoderSettings(model=tiny_model_dir, sae_dir=None, layer=LAYER), sae=sae)
-    stats = latent_stats(encoder.encode(tokenize_texts(encoder.tokenizer, corpus, 256)))
-    (root / "sae" / STATS_FILE).write_bytes(stats.to_bytes())
+    save_corpus_sample(root / "sae", encoder.encode(tokenize_texts(encoder.tokenizer, corpus, 256)), "rate")
     config = CurateConfig(
         corpus=[str(root / "corpus.jsonl")], seeds=str(root / "seeds.jsonl"), sae=str(root / "sae"),
         out=str(root / "out"), rule="global_topn", top_n=3, cpus=0.5, batch_size=16,
+        scorer="nearest",  # each seed a query: a document's listed terms are all it shares with one
     )  # fmt: skip
     manifest = run_curation(config)
     return {"out": root / "out", "documents": len(corpus), "manifest": manifest}

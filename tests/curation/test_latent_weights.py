@@ -62,7 +62,7 @@ def test_curation_without_statistics_says_how_to_get_them(tmp_path, tiny_model_d
                     base_model={"name": tiny_model_dir})  # fmt: skip
     TopKSAE(cfg).save(str(tmp_path / "sae"))
     config = CurateConfig(corpus=[str(tmp_path / "corpus" / "*.jsonl.gz")], seeds=corpus["seeds"],
-                          sae=str(tmp_path / "sae"), out=str(tmp_path / "out"))  # fmt: skip
+                          sae=str(tmp_path / "sae"), out=str(tmp_path / "out"), scorer="nearest")  # fmt: skip
     with pytest.raises(ConfigError) as error:
         plan(config)
     assert (

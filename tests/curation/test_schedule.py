@@ -33,7 +33,7 @@ from curation.schedule.service import ScheduleJobConfig
 from curation.schedule.shards import shard_failure
 from curation.schedule.signals import BatchInterrupted, BatchSignals
 from curation.schedule.snapshots import current_snapshot, read_current
-from curation.schedule.spec import ScheduleSpec, identity_hash, load_schedule_spec, spec_identity
+from curation.schedule.spec import ScheduleSpec, bind_output, identity_hash, load_schedule_spec, spec_identity
 from curation.schedule.status import format_status, retry_failed, spec_status
 
 pytestmark = pytest.mark.timeout(600)
@@ -195,7 +195,7 @@ def build_sae(model: str, corpus_glob: str, seeds: str, out: Path) -> None:
     from core.models import model_info
     from core.reader import DOC, CleanConfig, iter_shard
     from curation.encode import DocumentEncoder, EncoderSettings
-    from curation.latent_weights import STATS_FILE, latent_stats
+    from curation.latent_weights import save_corpus_sample
     from curation.sae.coords import select_coords
     from curation.sae.model import SAEConfig, train_sae
     from curation.seeds import load_seeds
@@ -214,10 +214,9 @@ def build_sae(model: str, corpus_glob: str, seeds: str, out: Path) -> None:
     batches = [activations[torch.randperm(len(activations))[:256]] for _ in range(30)]
     sae, _ = train_sae(batches, config)
     sae.save(out)
-    # The rarity statistics `jobs.train_sae` measures after training, here on the whole corpus.
+    # The corpus sample and rarity statistics `jobs.train_sae` measures after training, here the whole corpus.
     encoder = DocumentEncoder(EncoderSettings(model=model, sae_dir=None, layer=2), sae=sae)
-    stats = latent_stats(encoder.encode(tokenize_texts(encoder.tokenizer, texts, 64)))
-    (Path(out) / STATS_FILE).write_bytes(stats.to_bytes())
+    save_corpus_sample(out, encoder.encode(tokenize_texts(encoder.tokenizer, texts, 64)), "rate")
 
 
 @pytest.fixture(scope="module")
@@ -911,16 +910,24 @@ def test_spec_identity_holds_every_setting_that_changes_a_score(tmp_path):
     for name, body in {"cfg.json": "{}", "sae.safetensors": "weights", "latent_stats.json": '{"docs": 3}'}.items():
         (sae / name).write_text(body)
     (tmp_path / "seeds.jsonl").write_text('{"text": "a seed"}\n')
-    base = ScheduleSpec(corpus=["c/*"], seeds=str(tmp_path / "seeds.jsonl"), sae=str(sae), out=str(tmp_path / "o"))
+    base = ScheduleSpec(corpus=["c/*"], seeds=str(tmp_path / "seeds.jsonl"), sae=str(sae), out=str(tmp_path / "o"),
+                        scorer="nearest")  # fmt: skip
     identity = spec_identity(base, "tiny")
     fields = {field.name for field in dataclasses.fields(ScheduleSpec)}
     # `scorer` at `nearest` (and no feedback) is left out: roots bound before there was a choice keep their identity.
     assert set(identity["settings"]) == {*SCORED_EXAMPLES, "model"}
     assert fields - set(identity["settings"]) == UNSCORED | {"scorer", "feedback"}
     (sae / "latent_sample.parquet").write_text("codes")
-    learned = spec_identity(dataclasses.replace(base, scorer="classifier"), "tiny")
-    assert learned["settings"]["scorer"] == "classifier" and "latent_sample.parquet" in learned["sae_sha256"]
-    fed = spec_identity(dataclasses.replace(base, scorer="classifier", feedback=40), "tiny")
+    default = dataclasses.replace(base, scorer=ScheduleSpec.scorer, feedback=None)  # classifier, feedback unset
+    learned = spec_identity(default, "tiny")
+    assert learned["settings"]["scorer"] == "classifier" and learned["settings"]["feedback"] is None
+    assert "latent_sample.parquet" in learned["sae_sha256"]  # unset feedback resolves from the sample
+    # A root bound by a spec that named no scorer before the classifier became the default stays nearest's.
+    bind_output(base, identity, StorageOptions())
+    with pytest.raises(ConfigError) as caught:
+        bind_output(default, learned, StorageOptions())
+    assert "changed: scorer, sae latent_sample.parquet" in str(caught.value)
+    fed = spec_identity(dataclasses.replace(default, feedback=40), "tiny")
     assert fed["settings"]["feedback"] == 40 and identity_hash(fed) != identity_hash(learned)
     assert "latent_sample.parquet" not in identity["sae_sha256"]
     assert identity["settings"]["dtype"] == "auto"  # resolved by each encode worker, after the identity is bound
@@ -943,13 +950,21 @@ def test_spec_identity_holds_every_setting_that_changes_a_score(tmp_path):
 
 
 def test_a_changed_scoring_setting_needs_a_new_output_root(world, tmp_path):
-    """Batch 1 scored with `weighting: idf`; a spec with `weighting: none` and `pooling: mean`, or an SAE
-    whose latent_stats.json changed, is refused on its output root instead of mixing score scales."""
+    """Batch 1 scored with `weighting: idf` and the default classifier; a spec with `weighting: none`, or
+    `pooling: mean` and the nearest seed, or an SAE whose latent_stats.json changed, is refused on its output
+    root instead of mixing score scales."""
     out = str(tmp_path / "out")
     shutil.copytree(world["root"] / "clean", out)
     with pytest.raises(ConfigError) as caught:
-        run_batch(make_spec(world, out, weighting="none", pooling="mean"))
-    assert caught.value.field == "out" and "changed: pooling, weighting, sae latent_stats.json" in str(caught.value)
+        run_batch(make_spec(world, out, weighting="none"))
+    assert caught.value.field == "out" and "changed: weighting, sae latent_stats.json" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:  # the classifier's corpus sample was pooled by rate
+        run_batch(make_spec(world, out, pooling="mean"))
+    assert caught.value.field == "pooling" and "--pooling rate" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        run_batch(make_spec(world, out, pooling="mean", scorer="nearest"))
+    message = str(caught.value)
+    assert caught.value.field == "out" and "changed: pooling, scorer, sae latent_sample.parquet" in message
     sae = tmp_path / "sae"
     shutil.copytree(world["sae"], sae)
     stats = json.loads((sae / "latent_stats.json").read_text())

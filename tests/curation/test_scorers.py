@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def sae_world(tmp_path, tiny_model_dir):
     TopKSAE(cfg).save(str(tmp_path / "sae"))
     (tmp_path / "sae" / STATS_FILE).write_bytes(LatentStats(docs=4, fired_in=[1] * cfg.num_latents).to_bytes())
     config = CurateConfig(corpus=[str(tmp_path / "corpus" / "*.jsonl.gz")], seeds=corpus["seeds"],
-                          sae=str(tmp_path / "sae"), out=str(tmp_path / "out"))  # fmt: skip
+                          sae=str(tmp_path / "sae"), out=str(tmp_path / "out"), scorer="nearest")  # fmt: skip
     return config, cfg.num_latents
 
 
@@ -121,19 +122,24 @@ def test_a_learned_scorer_needs_the_saes_sample_pooled_as_the_run_pools(sae_worl
 
     from core.errors import ConfigError
     from curation.latent_weights import SAMPLE_FILE, sample_bytes
-    from curation.selection.curate import plan
+    from curation.selection.curate import CurateConfig, plan
 
     config, width = sae_world
     assert plan(config).background is None  # nearest reads no sample
     learned = dataclasses.replace(config, scorer="classifier")
-    with pytest.raises(ConfigError) as error:
-        plan(learned)
-    assert error.value.field == "scorer" and SAMPLE_FILE in str(error.value) and "jobs.train_sae" in str(error.value)
+    for unnamed in (learned, dataclasses.replace(config, scorer=CurateConfig.scorer, feedback=None)):  # the default
+        with pytest.raises(ConfigError) as error:
+            plan(unnamed)
+        message = str(error.value)
+        assert error.value.field == "scorer" and SAMPLE_FILE in message and "jobs.train_sae" in message
+        assert "--scorer nearest" in message
     pooled = torch.zeros((5, width))
     pooled[:, 0], pooled[0, 1] = 0.5, 0.25
     (Path(config.sae) / SAMPLE_FILE).write_bytes(sample_bytes(pooled, "rate"))
-    background = plan(learned).background
+    checked = plan(learned)
+    background = checked.background
     assert background.shape == (5, width)
+    assert checked.feedback == 0  # unset: one in 25 of a 5-document sample
     np.testing.assert_allclose(np.linalg.norm(background, axis=1), 1.0, rtol=1e-6)
     with pytest.raises(ConfigError) as error:
         plan(dataclasses.replace(learned, pooling="mean"))
@@ -144,7 +150,8 @@ def test_the_scorer_is_in_the_identity_and_nearest_keeps_the_identity_it_had(sae
     import dataclasses
 
     config, _ = sae_world
-    assert "scorer" not in config.content()  # outputs curated before scorers existed stay up to date
+    assert config.feedback == 0  # unset under nearest is none at all
+    assert "scorer" not in config.content() and "feedback" not in config.content()  # as curated before scorers
     learned = dataclasses.replace(config, scorer="background")
     assert learned.content()["scorer"] == "background"
     assert learned.digest() != config.digest()
@@ -162,6 +169,54 @@ def test_feedback_adds_the_domains_best_unclaimed_sample_documents_and_learns_ag
         plain = domain_queries(seeds, SEED_DOMAINS, None, scorer, sample)
         grown = domain_queries(seeds, SEED_DOMAINS, None, scorer, sample, feedback=2)
         assert grown.ids == plain.ids and grown.vectors[1][4] > plain.vectors[1][4] + 0.05, scorer
+
+
+def test_the_default_is_the_classifier_with_feedback_scaled_to_the_sample():
+    from curation.selection.curate import CurateConfig
+    from curation.selection.reselect import scoring_of
+    from curation.selection.scorers import default_feedback, resolve_feedback
+
+    assert CurateConfig.scorer == "classifier" and CurateConfig.feedback is None
+    # 80 at the bench's 2,048-document sample (where 80 was chosen), proportionally fewer below it.
+    assert [default_feedback("classifier", docs) for docs in (10_000, 2048, 1000, 100, 10)] == [80, 80, 40, 4, 0]
+    assert default_feedback("background", 1000) == 40 and default_feedback("nearest", 2048) == 0
+    assert resolve_feedback("classifier", None, 1000) == 40 and resolve_feedback("classifier", 7, 1000) == 7
+    # Unset feedback on a 25-document sample: one feedback document per domain, the same queries as feedback=1.
+    sample = unit(np.random.default_rng(0).random((25, 4)))
+    unset = domain_queries(SEEDS, SEED_DOMAINS, None, "classifier", sample, feedback=None)
+    np.testing.assert_array_equal(
+        unset.vectors, domain_queries(SEEDS, SEED_DOMAINS, None, "classifier", sample, 1).vectors
+    )
+    assert not np.array_equal(unset.vectors, domain_queries(SEEDS, SEED_DOMAINS, None, "classifier", sample, 0).vectors)
+    # A run's resolved feedback is what a re-selection reads back, not its config's unset one.
+    manifest = {"stage": "curate", "scorer": "classifier", "feedback": 40, "config": {"scorer": "classifier",
+                                                                                   "feedback": None}}  # fmt: skip
+    assert scoring_of(manifest) == ("classifier", 40)
+    assert scoring_of({"stage": "curate", "config": {}}) == ("nearest", 0)  # curated before scorers
+
+
+def test_per_seed_topn_keeps_top_n_per_seed_behind_a_domain_query():
+    from curation.seeds import Seeds
+    from curation.selection.curate import selection_settings
+    from curation.selection.rules import block_candidates, merge_candidates
+
+    seeds = Seeds(texts=["a", "b", "c"], domains=SEED_DOMAINS)  # maths has two seeds, history one
+    config = SimpleNamespace(rule="per_seed_topn", top_n=3, threshold=None)
+    ids = np.array([f"d{index:02d}" for index in range(20)])
+
+    def sizes(scorer: str) -> dict[str, int]:
+        settings = selection_settings(config, seeds, scorer)
+        sims = np.random.default_rng(1).random((20, len(settings.seed_domains))).astype(np.float32)
+        chosen = merge_candidates(block_candidates(ids, ids, sims, settings), settings)
+        labels = np.asarray(settings.seed_domains)
+        return {domain: sum(any(labels[key] == domain for key in keys) for _, keys in chosen.values())
+                for domain in settings.domains}  # fmt: skip
+
+    assert selection_settings(config, seeds, "nearest").query_seeds is None
+    assert selection_settings(config, seeds, "classifier").query_seeds == [1, 2]  # history, maths
+    nearest = sizes("nearest")  # the union of each seed's 3: between 3 and 6 for maths
+    assert nearest["history"] == 3 and 3 <= nearest["maths"] <= 6
+    assert sizes("classifier") == {"history": 3, "maths": 6}  # the most the union could hold
 
 
 def test_feedback_needs_a_learned_scorer(sae_world):
