@@ -43,6 +43,7 @@ def curated_run(ray_local, tiny_model_dir, tmp_path_factory):
     config = CurateConfig(
         corpus=[str(root / "corpus" / "*.jsonl.gz")], seeds=corpus["seeds"], sae=str(root / "sae"),
         out=str(root / "out"), top_n=2, cpus=0.5, batch_size=16,
+        scorer="nearest",  # each seed a query, its planted documents its nearest (tests/test_jobs.py: the classifier)
     )  # fmt: skip
     result = run_curation(config)
     return {"root": root, "corpus": corpus, "config": config, "manifest": result, "sae_manifest": sae_manifest}
@@ -128,7 +129,7 @@ def test_threshold_rule_reruns_and_selects_by_cosine_reporting_progress(curated_
     monkeypatch.setenv("FINESCOPE_PROGRESS_S", "0.2")
     config = CurateConfig(
         corpus=curated_run["config"].corpus, seeds=curated_run["config"].seeds, sae=curated_run["config"].sae,
-        out=str(tmp_path / "thr"), threshold=0.99, cpus=0.5,
+        out=str(tmp_path / "thr"), threshold=0.99, cpus=0.5, scorer="nearest",
     )  # fmt: skip
     assert config.rule == "threshold"
     with caplog.at_level(logging.INFO, logger="core.progress"):
