@@ -5,13 +5,22 @@ One spec (:class:`ReplicationSpec`, YAML) names the domains of the packaged labe
 `meta.topic`), the documents per arm, the trials, the doses, the pilot ratios and the ablations. The graph,
 every step cached and resumable like the pipeline's (`ROOT/pipeline.json`), so it may be run in parts:
 
-    holdout -> arm/calibration -> prune/<ratio> -----------------------------------.
-            -> sae/tN -> curate/tN ---> arm/D/finescope-tN --.                      |
-            -> rank/{bm25,minilm,dense} -> arm/D/<m>-tN -----+-> union/D -> distill/D -+-> train/D/<arm>
-            -> arm/D/{oracle,topic25,topic50}-tN ------------'                    |    |   -> finetune/D/<arm>
-            -> arm/D/random-tN -> union/random -> distill/random ------------------+-> train/random-tN
-                                                                                       -> finetune/random-tN
-    finetune/* -> evaluate/D/domain, evaluate/D/general, evaluate/pilot/r<ratio>/D -> ROOT/replication.md
+    holdout -> arm/calibration -> prune/<ratio> ---------------------------------------------.
+            -> sae/tN -> curate/tN ---> arm/D/finescope-tN --.                                |
+            -> rank/{bm25,minilm,dense} -> arm/D/<m>-tN -----+-> union/D/tN -> distill/D/tN -+-> train/D/<arm>
+            -> arm/D/{oracle,topic25,topic50}-tN ------------'                          |    |   -> finetune/D/<arm>
+            -> arm/D/oracle-t<first> -> union/pilot/D -> distill/pilot/D ---------------+    |
+            -> arm/D/random-tN -> union/random/tN -> distill/random/tN ------------------+-> train/random-tN
+                                                                                             -> finetune/random-tN
+    finetune/* -> evaluate/D/tN/{domain,general}, evaluate/D/reference/{domain,general},
+                  evaluate/pilot/r<ratio>/D -> ROOT/replication.md
+
+A part is one trial of one domain (`--only evaluate/D/tN`; the first trial with `evaluate/D/reference`) or
+the pilot (`--only evaluate/pilot`): each needs nothing of another trial, so it runs alone on a fresh
+machine in about an hour. A step's cache does not outlast its machine (its key holds its input files'
+times); with `ship` set, each run copies what the report reads of every finished step (evaluations'
+results.json, arms' selection.json, fine-tunes' manifest.json) to the same path under `ship`, in the
+repository, and the report reads each file from ROOT, else from `ship`: it holds every part shipped so far.
 
 - **Held-out sets** are drawn from the labelled corpus before anything else: `general_heldout` documents of
   every topic in proportion (the domains' topics included, at least one each), then per domain `heldout`
@@ -29,14 +38,20 @@ every step cached and resumable like the pipeline's (`ROOT/pipeline.json`), so i
   random draw). References: the base and pruned models, the unpruned model fine-tuned on FineScope's
   trial-0 data (`unpruned`), and the pruned model fine-tuned on its raw text instead of the teacher's
   rewrites (`undistilled`). `spec.arm_labels` lists the domain evaluations' labels in the report's order.
+- **Evaluations**, per domain and held-out set: each trial's (`pruned` and the trial's arms) and the
+  references' (`base`, `pruned`, `unpruned`, `undistilled`), merged by the report into one evaluation of
+  every model; the domain-set ones score the continuation task too. Every part prunes the base model again,
+  so the report checks that the parts' pruned models agree (`pruned_agreement`) and says so where they don't.
 - **selection.json**: beside its rows (`ROOT/arms/D/<label>/`), each arm writes `{"arm", "domain", "trial",
   "docs", "on_topic", "oracle_overlap"}`: the share of its documents labelled with the domain's topic, and
   the share in that trial's oracle draw.
-- **The teacher** rewrites each document once per group: the random draws (`distill/random`), each domain's
-  other arms (`distill/D`, less the random draws' documents), the coordinates ablation's; an arm's rows
-  take each rewrite from its group's pass or the random one. Greedy decoding rewrites a document the same
-  way whichever arm holds it, and the groups let one domain run without the others
-  (`--only evaluate/mathematics`).
+- **The teacher** rewrites each document once per group, each group within one trial: the trial's random
+  draw (`distill/random/tN`), each domain's other arms of the trial (`distill/D/tN`, less the random draw's
+  documents), with a pilot each domain's first-trial oracle (`distill/pilot/D`, which the domain's first
+  group leaves out), the coordinates ablation's (`distill/coords`, less the first trial's); an arm's rows
+  take each rewrite from its group's pass or the one that covers it. Greedy decoding rewrites a document
+  the same way whichever arm holds it, and the groups let one trial of one domain run without the others
+  (`--only evaluate/mathematics/t1`).
 - **Pilot** (`pilot_ratios`): per ratio, `prune/<ratio>` on the same calibration documents, the first
   trial's random arm (`finetune/pilot/r<ratio>/random`) and each domain's oracle
   (`finetune/pilot/r<ratio>/D/oracle`), evaluated as `evaluate/pilot/r<ratio>/D` with labels base, pruned,
@@ -47,8 +62,10 @@ every step cached and resumable like the pipeline's (`ROOT/pipeline.json`), so i
   with `ratio`) and the SAE's input coordinates (`ablation_coords`: K chosen by the Jacobian on the seeds,
   against all of them), each fine-tuned on FineScope's first-trial documents.
 
-Cost on 2 CPU cores (docs/replication.md, "How to run it", for the parts): the shipped spec's 124
-fine-tunes at about 3.6 min each are most of its about 10 hours.
+Cost on 2 CPU cores (estimates; docs/replication.md, "How to run it", for each part): the pilot about 1.0 h,
+a domain's first trial with its references about 1.1 h, each other trial about 0.93 h; 16 parts, about
+15.5 hours when each runs on a fresh machine, about 11.6 on one machine, most of it the 124 fine-tunes at
+about 3.6 min each.
 
 `experiments/replication/report.py` turns the evaluations into the tables, tests and plots; `data.py` holds
 the data steps (held-out sets, rankings, arms, their union, each arm's rewrites), `spec.py` the spec,

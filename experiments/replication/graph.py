@@ -62,8 +62,11 @@ class ReplicationGraph(Graph):
 
     def arm(self, name: str, kind: str, trial: int, domain: str | None = None, source: str | None = None,
             dose: float | None = None, budget: int | None = None) -> str:  # fmt: skip
-        """One arm's documents; `source` is the curate or rank step a curator's arm reads."""
+        """One arm's documents; `source` is the curate or rank step a curator's arm reads. Added once: the
+        pilot's teacher group adds the first trial's oracle arms before their domain's groups do."""
         spec = self.spec
+        if f"arm/{name}" in self.names():
+            return name
         source_dir = self.path(*source.split("/")) if source else None
         config = data.ArmConfig(
             out=self.path("arms", name), kind=kind, holdout=self.path("data"), domain=domain,
@@ -81,8 +84,8 @@ class ReplicationGraph(Graph):
         """The union of a group's arms' documents, rewritten once, and each training set's selection of it:
         `chosen` maps a training name to (arm, `teacher` or `original`). Documents of the `covered` arms are
         rewritten by the groups in `also`, whose rewrites the selections read too. Returns training name ->
-        rows directory. Groups (the random arms, and each domain's) let a part of the replication run
-        without the others."""
+        rows directory. Groups (each trial's random draw, each domain's arms of one trial, the pilot's) let
+        a part of the replication run without the others."""
         spec = self.spec
         arms = list(dict.fromkeys(arm for arm, _ in chosen.values()))
         union = data.UnionConfig(out=self.path("union", group), arms=[self.path("arms", a) for a in arms],
@@ -166,58 +169,87 @@ def build_replication(spec: ReplicationSpec) -> tuple[list[Step], dict[str, Any]
 
 
 def _teacher_groups(graph: ReplicationGraph) -> dict[str, str]:
-    """Every arm's documents and the teacher's groups: the random draws (shared by the domains), each domain's
-    arms, the coordinates ablation's. Returns training name -> rows directory."""
+    """Every arm's documents and the teacher's groups, each over one trial so that a trial runs alone: the
+    trial's random draw (`random/tN`, shared by the domains), each domain's other arms of the trial
+    (`D/tN`, less the random draw's documents), and the coordinates ablation's (`coords`, less the first
+    trial's). With a pilot, each domain's first-trial oracle is a group of its own (`pilot/D`), so the
+    pilot needs no curation and no teacher pass over the curators' arms. Returns training name -> rows
+    directory."""
     spec, trials, domains = graph.spec, graph.spec.trials, list(graph.spec.domains)
-    randoms = {d: [graph.arm(f"{d}/random-t{t}", "random", t, d) for t in trials] for d in domains}
-    shared = {f"random-t{t}": (a, "teacher") for t, a in zip(trials, randoms[domains[0]], strict=True)}
-    rows = graph.teacher_data("random", shared, [], [])
-    arms_of = {}
+    first, rows = trials[0], {}
+    randoms = {t: {d: graph.arm(f"{d}/random-t{t}", "random", t, d) for d in domains} for t in trials}
+    for t in trials:
+        rows |= graph.teacher_data(f"random/t{t}", {f"random-t{t}": (randoms[t][domains[0]], "teacher")}, [], [])
+    pilot = {}  # domain -> its first-trial oracle, rewritten by the pilot's group
+    if spec.pilot_ratios:
+        for d in domains:
+            pilot[d] = graph.arm(f"{d}/oracle-t{first}", "oracle", first, d)
+            rows |= graph.teacher_data(f"pilot/{d}", {pilot[d]: (pilot[d], "teacher")}, [randoms[first][d]],
+                                       [f"random/t{first}"])  # fmt: skip
     for d in domains:
-        arms_of[d] = _domain_arm_steps(graph, d)
-        chosen = {a: (a, "teacher") for a in arms_of[d]} | {f"{d}/undistilled": (f"{d}/finescope-t{trials[0]}",
-                                                                                   "original")}  # fmt: skip
-        rows |= graph.teacher_data(d, chosen, randoms[d], ["random"])
+        for t in trials:
+            arms = _domain_arm_steps(graph, d, t)
+            covered, also = [randoms[t][d]], [f"random/t{t}"]
+            if t == first and d in pilot:
+                arms.remove(pilot[d])
+                covered, also = [*covered, pilot[d]], [*also, f"pilot/{d}"]
+            chosen = {a: (a, "teacher") for a in arms}
+            if t == first:  # the undistilled reference reads FineScope's first-trial documents as they are
+                chosen[f"{d}/undistilled"] = (f"{d}/finescope-t{first}", "original")
+            rows |= graph.teacher_data(f"{d}/t{t}", chosen, covered, also)
     if spec.ablation_coords:
         focus = spec.ablation_domain
-        arms = [graph.arm(f"{focus}/finescope-k{k}", "finescope", trials[0], focus, f"curate/k{k}")
+        arms = [graph.arm(f"{focus}/finescope-k{k}", "finescope", first, focus, f"curate/k{k}")
                 for k in spec.ablation_coords]  # fmt: skip
-        rows |= graph.teacher_data("coords", {a: (a, "teacher") for a in arms}, [*arms_of[focus], *randoms[focus]],
-                                   [focus, "random"])  # fmt: skip
+        covered = [*_domain_arm_steps(graph, focus, first), randoms[first][focus]]
+        also = [f"{focus}/t{first}", f"random/t{first}", *([f"pilot/{focus}"] if focus in pilot else [])]
+        rows |= graph.teacher_data("coords", {a: (a, "teacher") for a in arms}, covered, also)
     return rows
 
 
-def _domain_arm_steps(graph: ReplicationGraph, d: str) -> list[str]:
-    """A domain's arms besides the random draws: every curator, the oracle and the doses, per trial."""
-    spec, names = graph.spec, []
-    for t in spec.trials:
-        names.append(graph.arm(f"{d}/finescope-t{t}", "finescope", t, d, f"curate/t{t}"))
-        names += [graph.arm(f"{d}/{m}-t{t}", m, t, d, f"rank/{m}") for m in spec.alternatives]
-        names.append(graph.arm(f"{d}/oracle-t{t}", "oracle", t, d))
-        names += [graph.arm(f"{d}/{dose_label(x)}-t{t}", "dose", t, d, dose=x) for x in spec.dose]
+def _domain_arm_steps(graph: ReplicationGraph, d: str, t: int) -> list[str]:
+    """A domain's arms of trial `t` besides the random draw: every curator, the oracle and the doses."""
+    spec = graph.spec
+    names = [graph.arm(f"{d}/finescope-t{t}", "finescope", t, d, f"curate/t{t}")]
+    names += [graph.arm(f"{d}/{m}-t{t}", m, t, d, f"rank/{m}") for m in spec.alternatives]
+    names.append(graph.arm(f"{d}/oracle-t{t}", "oracle", t, d))
+    names += [graph.arm(f"{d}/{dose_label(x)}-t{t}", "dose", t, d, dose=x) for x in spec.dose]
     return names
 
 
-def _domain_arms(graph: ReplicationGraph, d: str, pruned: str, rows: dict[str, str]) -> tuple[str, str]:
-    """One domain's fine-tunes and its two evaluations; returns their results.json URIs."""
+def _domain_arms(graph: ReplicationGraph, d: str, pruned: str, rows: dict[str, str]) -> dict[str, Any]:
+    """One domain's fine-tunes and evaluations: per trial N the pruned model and every arm of the trial
+    (`evaluate/D/tN/domain`, `.../general`), and the references base, pruned, unpruned and undistilled
+    (`evaluate/D/reference/...`). Returns {"reference": (domain, general), "trials": {N: (domain, general)}},
+    results.json URIs."""
     spec, trials = graph.spec, graph.spec.trials
-    sources: dict[str, str] = {"base": spec.model, "pruned": pruned}
-    for kind in arm_kinds(spec.dose, spec.alternatives):
-        for t in trials:
+    found: dict[str, Any] = {"trials": {}}
+    for t in trials:
+        sources: dict[str, str] = {"pruned": pruned}
+        for kind in arm_kinds(spec.dose, spec.alternatives):
             label = f"{kind}-t{t}"
             sources[label] = (f"finetune/{label}" if kind == "random"
                               else graph.finetune(f"{d}/{label}", pruned, _rows(rows, f"{d}/{label}"), t))  # fmt: skip
+        found["trials"][t] = _evaluations(graph, f"{d}/t{t}", d, sources)
     first = _rows(rows, f"{d}/finescope-t{trials[0]}")
+    sources = {"base": spec.model, "pruned": pruned}
     sources["unpruned"] = graph.finetune(f"{d}/unpruned", None, first, trials[0])
     sources["undistilled"] = graph.finetune(f"{d}/undistilled", pruned, _rows(rows, f"{d}/undistilled"), trials[0])
-    topic = spec.domains[d]
+    found["reference"] = _evaluations(graph, f"{d}/reference", d, sources)
+    return found
+
+
+def _evaluations(graph: ReplicationGraph, name: str, d: str, sources: dict[str, str]) -> tuple[str, str]:
+    """`sources` on the domain's held-out set (with the continuation task) and on the general one; returns
+    their results.json URIs."""
+    spec, topic = graph.spec, graph.spec.domains[d]
     held, general = data.heldout_glob(graph.path("data"), d), data.heldout_glob(graph.path("data"), data.GENERAL)
-    graph.evaluate(f"{d}/domain", sources, held, spec.heldout, f"{d}: {topic} documents held out before curation",
+    graph.evaluate(f"{name}/domain", sources, held, spec.heldout, f"{d}: {topic} documents held out before curation",
                    continuation=True)  # fmt: skip
     graph.evaluate(
-        f"{d}/general", sources, general, spec.general_heldout, "general: documents of every topic, held out"
+        f"{name}/general", sources, general, spec.general_heldout, "general: documents of every topic, held out"
     )
-    return graph.path("eval", d, "domain", "results.json"), graph.path("eval", d, "general", "results.json")
+    return graph.path("eval", name, "domain", "results.json"), graph.path("eval", name, "general", "results.json")
 
 
 def _rows(rows: dict[str, str], name: str) -> tuple[str, str]:
@@ -227,7 +259,10 @@ def _rows(rows: dict[str, str], name: str) -> tuple[str, str]:
 def _pilot(graph: ReplicationGraph, main_pruned: str, rows: dict[str, str]) -> dict[float, dict[str, str]]:
     """Per pilot ratio, the first trial's random and oracle arms on a model pruned at that ratio, evaluated on
     each domain's held-out set (`evaluate/pilot/r<ratio>/<domain>`, labels base, pruned, random, oracle); at
-    `ratio` itself the main arms' fine-tunes serve. Returns ratio -> domain -> results.json URI."""
+    `ratio` itself the main arms' fine-tunes serve. Their rows come from the teacher groups `random/t<first>`
+    and `pilot/<domain>` (each domain's first-trial oracle, nothing else), not from the domains' groups of
+    the first trial, which would pull in every curator: `--only evaluate/pilot` runs no SAE, no curation, no
+    ranking and no teacher pass over another arm. Returns ratio -> domain -> results.json URI."""
     spec, first = graph.spec, graph.spec.trials[0]
     found: dict[float, dict[str, str]] = {}
     for r in spec.pilot_ratios:

@@ -32,6 +32,9 @@ SEED = 0
 EPSILON = 1e-9
 """|L_pruned - L_reference| below this leaves a share undefined: pruning (or the oracle) changed nothing."""
 UNDEFINED = "undefined (pruning cost nothing on this set)"
+PRUNED_TOLERANCE = 1e-4
+"""Largest difference of the pruned model's mean NLL per token on one document between two parts' evaluations
+for the parts to compare: each part prunes the base model again on its own machine."""
 RECOVERY_ARMS = ("finescope", "random", "oracle", "unpruned", "undistilled")
 TRIAL_LABEL = re.compile(r"^(?P<kind>.+)-t(?P<trial>\d+)$")
 """A trial arm's label, `<kind>-t<N>`: finescope-t0, bm25-t2, topic25-t1."""
@@ -50,9 +53,21 @@ Resampled = tuple[float, np.ndarray]
 
 
 @dataclass
+class DomainParts:
+    """One domain's evaluations as the replication runs them, in parts: the references (base, pruned,
+    unpruned, undistilled) and each trial's arms with the pruned model, each a (domain set, general set)
+    pair of results.json URIs. The report merges them per held-out set into one evaluation."""
+
+    reference: tuple[str, str]
+    trials: dict[int, tuple[str, str]]
+    """Trial -> its evaluations; only the trials that were run."""
+
+
+@dataclass
 class ReplicationLayout:
-    domains: dict[str, tuple[str, str]]
-    """Domain -> (results.json URI on the domain's held-out set, results.json URI on the general held-out set)."""
+    domains: dict[str, tuple[str, str] | DomainParts]
+    """Domain -> (results.json URI on the domain's held-out set, results.json URI on the general held-out set)
+    of one evaluation of every model, or its evaluations in parts."""
     trials: list[int]
     """Trial numbers n of the `finescope-t{n}` and `random-t{n}` arms."""
     ratio_ablation: tuple[str, str, list[float]] | None
@@ -212,11 +227,14 @@ def _spread(shares: list[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(shares)), "std": std, "values": shares}
 
 
-def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[str, Any]:
+def domain_figures(domain_results: dict[str, Any], trials: list[int], undistilled_trial: int | None = None
+                   ) -> dict[str, Any]:  # fmt: skip
     """Every statistic of one held-out set (a loaded results.json): perplexities, recovered shares with
     intervals (per model and per arm kind, the mean over its trials), FineScope against random per trial
     and pooled, the share of the oracle's gain, the spread over trials, distillation's effect, the
-    headline comparisons over seeds and documents, and the continuation task where it was scored."""
+    headline comparisons over seeds and documents, and the continuation task where it was scored.
+    Distillation compares `undistilled` with FineScope of the trial whose documents it trains on
+    (`undistilled_trial`, unset: the first of `trials`), where that trial was evaluated."""
     name, scores = _scores(domain_results)
     finescope, random = [f"finescope-t{n}" for n in trials], [f"random-t{n}" for n in trials]
     _require(name, scores, ["base", "pruned", *finescope, *random])
@@ -232,7 +250,7 @@ def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[st
               for kind, runs in kinds.items() if runs}  # fmt: skip
     gaps = [a - b for a, b in zip(spread["finescope"]["values"], spread["random"]["values"], strict=True)]
     over_seeds = stats.seed_t_test(gaps) if len(gaps) > 1 else None
-    first = f"finescope-t{trials[0]}"  # the undistilled arm trains on the first trial's documents
+    first = f"finescope-t{trials[0] if undistilled_trial is None else undistilled_trial}"
     distilled = {first, "undistilled"} <= scores.keys()
     return {
         "dataset": name,
@@ -249,6 +267,7 @@ def domain_figures(domain_results: dict[str, Any], trials: list[int]) -> dict[st
         "two_level": two_level_bootstrap([scores[label] for label in finescope], [scores[label] for label in random]),
         "headline": headline_figures(scores, kinds),
         "distillation": _versus(scores[first], scores["undistilled"]) if distilled else None,
+        "distillation_arm": first,
         "continuation": continuation_figures(domain_results),
     }
 
@@ -529,7 +548,7 @@ def _finding_lines(domain: str, figures: dict[str, Any], general: dict[str, Any]
             f" [{both['ci_low']:+.3f}, {both['ci_high']:+.3f}], {_significance(both['p_value'])}"
         )
     if figures["distillation"] is not None:
-        subject = f"distillation (finescope-t{trials[0]} against undistilled)"
+        subject = f"distillation ({figures['distillation_arm']} against undistilled)"
         verdicts.append(_verdict(subject, figures["distillation"], DISTILLATION))
     intro = "FineScope against random data of the same size: paired bootstrap over documents, negative log-ppl ="
     return [f"{intro} FineScope better.", "", *(f"- {v}" for v in verdicts), ""]
@@ -538,7 +557,8 @@ def _finding_lines(domain: str, figures: dict[str, Any], general: dict[str, Any]
 def _domain_lines(domain: str, figures: dict[str, Any], general: dict[str, Any], trials: list[int]) -> list[str]:
     sets = f"`{figures['dataset']}` ({figures['documents']} documents)"
     sets += f" and `{general['dataset']}` ({general['documents']} documents)"
-    lines = [f"## {domain}", "", f"Held-out sets: {sets}; an arm without `-tN` is the mean over its trials.", ""]
+    lines = [f"## {domain}", "", f"Held-out sets: {sets}; trials {', '.join(map(str, trials))}; an arm without `-tN`"
+             " is the mean over its trials.", ""]  # fmt: skip
     return lines + _arm_table(figures, general, trials) + _finding_lines(domain, figures, general, trials)
 
 
@@ -756,17 +776,116 @@ def _dose_chart(domain: str, dose: dict[str, Any]) -> bytes:
     return png_bytes(fig)
 
 
+def merge_results(parts: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], float | None]:
+    """One held-out set's evaluations in parts (URI -> loaded results.json, the reference first) as one
+    results.json, with the pruned model's agreement between the parts.
+
+    Every part must have scored the same documents: the same dataset, the same number of documents and the
+    same tokens per document, and for the continuation task the same questions; else ValueError naming the
+    files. Each part evaluated the pruned model again; the merged one keeps the first part's, and the
+    agreement is the largest difference between two parts of its NLL per token on one document (None with
+    fewer than two parts that have it). Labels come in the order of one evaluation of every model: base and
+    pruned, each kind's trials (kinds in the order the parts name them), then the other references."""
+    (first_uri, first), *_ = parts.items()
+    name, entry = next(iter(first["perplexity"].items()))
+    tokens = _document_tokens(entry)
+    continuation = next(iter((first.get("continuation") or {}).items()), None)
+    ppl_rows: dict[str, Any] = {}
+    hits: dict[str, Any] = {}
+    for uri, results in parts.items():
+        other_name, other = next(iter(results["perplexity"].items()))
+        if other_name != name or other["documents"] != entry["documents"] or _document_tokens(other) != tokens:
+            raise ValueError(f"{uri} and {first_uri} did not score the same documents ({other_name!r}, "
+                             f"{other['documents']} documents; {name!r}, {entry['documents']} documents)")  # fmt: skip
+        if continuation is not None:
+            section = (results.get("continuation") or {}).get(continuation[0])
+            if section is None or section["doc_ids"] != continuation[1]["doc_ids"]:
+                raise ValueError(f"{uri} and {first_uri} did not ask the same continuation questions")
+            hits.update((label, row) for label, row in section["results"].items() if label not in hits)
+        for label, row in other["results"].items():
+            if label in ppl_rows and label != "pruned":
+                raise ValueError(f"{uri}: model {label!r} is evaluated in another part too; give each part its own")
+            ppl_rows.setdefault(label, row)
+    order = _merged_order(list(ppl_rows))
+    merged = {**first, "perplexity": {name: {**entry, "results": {label: ppl_rows[label] for label in order},
+                                             "comparisons": []}}}  # fmt: skip
+    if continuation is not None:
+        answered = {label: hits[label] for label in order if label in hits}
+        merged["continuation"] = {continuation[0]: {**continuation[1], "comparisons": [], "results": answered}}
+    return merged, _pruned_agreement([next(iter(r["perplexity"].values())) for r in parts.values()])
+
+
+def _document_tokens(entry: dict[str, Any]) -> list[int]:
+    return list(next(iter(entry["results"].values()))["document_tokens"])
+
+
+def _merged_order(labels: list[str]) -> list[str]:
+    """base, pruned, the trial labels kind by kind (trials ascending), then the rest in their order."""
+    kinds = list(dict.fromkeys(match["kind"] for match in map(TRIAL_LABEL.match, labels) if match))
+    per_trial = sorted((label for label in labels if TRIAL_LABEL.match(label)),
+                       key=lambda label: (kinds.index(TRIAL_LABEL.match(label)["kind"]),
+                                          int(TRIAL_LABEL.match(label)["trial"])))  # fmt: skip
+    head = [label for label in ("base", "pruned") if label in labels]
+    return [*head, *per_trial, *(label for label in labels if label not in {*head, *per_trial})]
+
+
+def _pruned_agreement(entries: list[dict[str, Any]]) -> float | None:
+    """The largest difference of the pruned model's NLL per token on one document between two evaluations."""
+    rows = [entry["results"]["pruned"] for entry in entries if "pruned" in entry["results"]]
+    if len(rows) < 2:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_token = np.array([np.asarray(r["document_nll"], float) / np.asarray(r["document_tokens"], float)
+                              for r in rows])  # fmt: skip
+    return float(np.nanmax(per_token.max(axis=0) - per_token.min(axis=0))) if per_token.size else 0.0
+
+
+def _domain_sources(sources: tuple[str, str] | DomainParts, options: StorageOptions | None, trials: list[int]
+                    ) -> tuple[dict[str, Any], dict[str, Any], list[int], dict[str, float | None]]:  # fmt: skip
+    """A domain's results per held-out set, where they came from, the trials they hold and the pruned model's
+    agreement between parts (None for one evaluation)."""
+    if not isinstance(sources, DomainParts):
+        scopes = dict(zip(SCOPES, sources, strict=True))
+        return ({scope: storage.read_json(uri, options) for scope, uri in scopes.items()}, scopes, trials,
+                {scope: None for scope in SCOPES})  # fmt: skip
+    present = [t for t in trials if t in sources.trials] + sorted(set(sources.trials) - set(trials))
+    uris = {scope: [sources.reference[i], *(sources.trials[t][i] for t in present)] for i, scope in enumerate(SCOPES)}
+    merged, agreement = {}, {}
+    for scope, listed in uris.items():
+        merged[scope], agreement[scope] = merge_results({uri: storage.read_json(uri, options) for uri in listed})
+    return merged, uris, present, agreement
+
+
+SCOPES = ("domain", "general")
+
+
 def _domain_entries(layout: ReplicationLayout, options: StorageOptions | None) -> dict[str, Any]:
     """Per domain: the figures of its two held-out sets, its selections and its dose-response."""
     rows = [storage.read_json(uri, options) for uri in layout.selections if storage.exists(uri, options)]
     entries = {}
-    for domain, (domain_uri, general_uri) in layout.domains.items():
-        scopes = {"domain": domain_uri, "general": general_uri}
-        entry = {scope: domain_figures(storage.read_json(uri, options), layout.trials) for scope, uri in scopes.items()}
+    for domain, sources in layout.domains.items():
+        results, scopes, trials, agreement = _domain_sources(sources, options, layout.trials)
+        entry = {scope: domain_figures(results[scope], trials, layout.trials[0]) for scope in SCOPES}
         selections = selection_figures(rows, domain)
         dose = dose_response(entry["domain"], selections)
-        entries[domain] = {**entry, "sources": scopes, "selections": selections, "dose_response": dose}
+        entries[domain] = {**entry, "sources": scopes, "trials": trials, "pruned_agreement": agreement,
+                           "selections": selections, "dose_response": dose}  # fmt: skip
     return entries
+
+
+def _disagreement_lines(domains: dict[str, Any]) -> list[str]:
+    """A warning where the parts' pruned models differ: their figures do not compare."""
+    found = [
+        f"{domain} {scope} set {value:.3g}"
+        for domain, entry in domains.items()
+        for scope, value in entry["pruned_agreement"].items()
+        if value is not None and value > PRUNED_TOLERANCE
+    ]
+    if not found:
+        return []
+    return [f"**Warning: the pruned model differs between parts: {', '.join(found)} (largest difference of its NLL"
+            f" per token on one document, above {PRUNED_TOLERANCE:g}). Each part pruned the base model again and"
+            " the pruning was not the same, so arms of different parts do not compare.**", ""]  # fmt: skip
 
 
 def _holm_families(domains: dict[str, Any]) -> dict[str, Any]:
@@ -792,17 +911,20 @@ def write_report(root: str, layout: ReplicationLayout, options: StorageOptions |
     """Read every evaluation (and selection.json) the layout names and write replication.json,
     replication.md and the PNG charts under `root`; returns {"markdown", "figures", "files"}. Every number
     the markdown prints is in replication.json (percentages as fractions)."""
-    figures: dict[str, Any] = {"trials": layout.trials, "domains": _domain_entries(layout, options),
-                               "budget": layout.budget, "ablations": {}, "confidence": 0.95, "samples": SAMPLES,
-                               "p_floor": 2 / SAMPLES}  # fmt: skip
-    lines = [*(header or ["# FineScope replication"]), "", "Recovered share R = (L_pruned - L_arm) / (L_pruned -"
-             " L_base), with L the token-weighted mean NLL: 1 = back to the base model, 0 = no better than pruned."
-             " Intervals: 95% bootstrap over documents.", "", "![recovery](recovery.png)", ""]  # fmt: skip
+    domains = _domain_entries(layout, options)
+    figures: dict[str, Any] = {"trials": layout.trials, "domains": domains, "budget": layout.budget, "ablations": {},
+                               "confidence": 0.95, "samples": SAMPLES, "p_floor": 2 / SAMPLES,
+                               "pruned_agreement": {d: e["pruned_agreement"] for d, e in domains.items()},
+                               "pruned_tolerance": PRUNED_TOLERANCE}  # fmt: skip
+    lines = [*(header or ["# FineScope replication"]), "", *_disagreement_lines(domains), "Recovered share R ="
+             " (L_pruned - L_arm) / (L_pruned - L_base), with L the token-weighted mean NLL: 1 = back to the base"
+             " model, 0 = no better than pruned. Intervals: 95% bootstrap over documents.", "",
+             "![recovery](recovery.png)", ""]  # fmt: skip
     images = {"recovery.png": _recovery_chart(figures["domains"])} if figures["domains"] else {}
     if figures["domains"]:
         figures.update(_holm_families(figures["domains"]))
     for domain, entry in figures["domains"].items():
-        lines += _domain_lines(domain, entry["domain"], entry["general"], layout.trials)
+        lines += _domain_lines(domain, entry["domain"], entry["general"], entry["trials"])
         lines += _selection_lines(entry["selections"])
         lines += _headline_lines(domain, entry["domain"], figures["holm_headline"])
         lines += _continuation_lines(domain, entry["domain"]["continuation"], figures["holm_continuation"])

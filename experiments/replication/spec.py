@@ -77,6 +77,12 @@ class ReplicationSpec(StageSettings, RunConfig):
     """Pruning ratios besides `ratio` (empty: no ratio ablation)."""
     ablation_coords: list[int] = field(default_factory=lambda: [48, 96, 192])
     """SAE input coordinates K, chosen by the Jacobian, against all of them (empty: no coordinates ablation)."""
+    ship: str | None = None
+    """Where each part's results go to outlast the machine (local or s3://, e.g. docs/replication/parts in the
+    repository): after the steps run, every finished evaluation's results.json, every arm's selection.json and
+    every fine-tune's manifest.json (the report's training budget) are copied to the same path under it as
+    under `root`. The report reads each from `root` where it is there, else from `ship`, so it holds every
+    part shipped before. Unset: nothing is copied."""
 
     def __post_init__(self) -> None:
         if not self.root:
@@ -109,6 +115,7 @@ class ReplicationSpec(StageSettings, RunConfig):
             raise ConfigError("ablation_domain", self.ablation_domain, f"must be one of {sorted(self.domains)}")
         self.root = storage.absolute(self.root)
         self.seeds = storage.absolute(self.seeds)
+        self.ship = storage.absolute(self.ship) if self.ship else None
         for name in ("model", "teacher"):
             if getattr(self, name):
                 models.model_ref(getattr(self, name), name)  # a reference of no known form fails before any step

@@ -6,6 +6,7 @@ labelled pool; and the shipped spec's graph, and bad specs, without running anyt
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from core.errors import ConfigError
 from curation import demo_corpus
 from experiments.replication import arm_labels, build_replication, load_replication_spec, run_replication
 from experiments.replication.data import ArmConfig, HoldoutConfig, RankConfig, rank_pool, run_arm, split_labelled
-from experiments.replication.run import layout_record
+from experiments.replication.run import layout_record, ship_parts, write_replication_report
+from experiments.replication.spec import arm_kinds
+from pipeline.runner import _needed
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -41,7 +44,8 @@ def tiny_spec(root: Path, model: str, **changes) -> Path:
         "root": str(root / "run"), "model": model, "seeds": str(REPO / "jobs" / "seeds" / "wikipedia-topics.jsonl"),
         "domains": {"mathematics": TOPIC}, "pool": 80, "pool_topic_docs": 20, "heldout": 5, "general_heldout": 12,
         "budget": 8, "epochs": 1, "trials": [0], "ratio": 0.3, "teacher": model, "ablation_ratios": [0.5],
-        "ablation_coords": [], "alternatives": ALTERNATIVES, "dose": [0.5],
+        "ablation_coords": [], "alternatives": ALTERNATIVES, "dose": [0.5], "pilot_ratios": [0.3],
+        "ship": str(root / "ship"),
         "sae": {"layer": 2, "expansion_factor": 4, "k": 8, "max_train_tokens": 1500, "epochs": 2, "max_tokens": 48,
                 "batch_tokens": 256, "cpus": 0.5, "calibration_docs": 8},
         "curate": {"max_tokens": 48, "cpus": 0.5, "batch_size": 32},
@@ -126,16 +130,28 @@ def test_arms_have_the_same_budget_and_steps_from_one_pruned_model(replication):
 
 def test_the_teacher_rewrites_each_document_once_per_group(replication):
     run = replication["root"]
-    arms = [f"{kind}-t0" for kind in KINDS if kind != "random"]
+    arms = [f"{kind}-t0" for kind in KINDS if kind not in ("random", "oracle")]
     arm_ids = set().union(*(_ids(run / "arms" / "mathematics" / arm / "rows") for arm in arms))
     random_ids = set(_ids(run / "arms" / "mathematics" / "random-t0" / "rows"))
-    # The domain's group rewrites its arms' documents but those of the random draw, which the random group does.
-    assert sorted(_ids(run / "union" / "mathematics" / "rows")) == sorted(arm_ids - random_ids)
-    assert sorted(_ids(run / "union" / "random" / "rows")) == sorted(random_ids)
-    distilled = pq.read_table(run / "distill" / "mathematics" / "distilled").to_pylist()
-    distilled += pq.read_table(run / "distill" / "random" / "distilled").to_pylist()
+    oracle_ids = set(_ids(run / "arms" / "mathematics" / "oracle-t0" / "rows"))
+    # The trial's domain group rewrites its arms' documents but those of the random draw, which the trial's
+    # random group does, and those of the first trial's oracle, which the pilot's group does.
+    assert sorted(_ids(run / "union" / "mathematics" / "t0" / "rows")) == sorted(arm_ids - random_ids - oracle_ids)
+    assert sorted(_ids(run / "union" / "random" / "t0" / "rows")) == sorted(random_ids)
+    assert sorted(_ids(run / "union" / "pilot" / "mathematics" / "rows")) == sorted(oracle_ids - random_ids)
+    groups = [("mathematics", "t0"), ("random", "t0"), ("pilot", "mathematics")]
+    distilled = [
+        row for group in groups for row in pq.read_table(run / "distill" / Path(*group) / "distilled").to_pylist()
+    ]
+    ids = [row["id"] for row in distilled]
+    assert len(ids) == len(set(ids))  # no document rewritten twice
+    passes = sorted(p.parent.relative_to(run / "distill").as_posix() for p in (run / "distill").rglob("manifest.json"))
+    assert passes == ["mathematics/t0", "pilot/mathematics", "random/t0"]
     dose = set(_ids(run / "train" / "mathematics" / "topic50-t0" / "rows"))
-    assert dose & random_ids and dose - random_ids  # a dose trains on rewrites from both groups
+    assert dose & random_ids and dose - random_ids  # a dose trains on rewrites from two groups
+    oracle = {row["id"]: row for row in pq.read_table(run / "train" / "mathematics" / "oracle-t0" / "rows").to_pylist()}
+    assert set(oracle) == oracle_ids and all(row["response"] == distilled_row(distilled, key)["response"]
+                                             for key, row in oracle.items())  # fmt: skip
     teacher = {
         row["id"]: row for row in pq.read_table(run / "train" / "mathematics" / "finescope-t0" / "rows").to_pylist()
     }
@@ -152,12 +168,16 @@ def distilled_row(rows: list[dict], key: str) -> dict:
 
 def test_evaluations_report_every_arm_on_both_heldout_sets(replication):
     run = replication["root"]
-    for name, documents in (("domain", 5), ("general", 12)):
-        results = json.loads((run / "eval" / "mathematics" / name / "results.json").read_text())
-        assert [m["label"] for m in results["models"]] == arm_labels([0], dose=[0.5], alternatives=ALTERNATIVES)
-        (entry,) = results["perplexity"].values()
-        assert entry["documents"] == documents
-        assert all(len(r["document_nll"]) == documents for r in entry["results"].values())
+    labels = arm_labels([0], dose=[0.5], alternatives=ALTERNATIVES)
+    per_trial = ["pruned", *(label for label in labels if "-t" in label)]
+    for part, expected in (("t0", per_trial), ("reference", ["base", "pruned", "unpruned", "undistilled"])):
+        for name, documents in (("domain", 5), ("general", 12)):
+            results = json.loads((run / "eval" / "mathematics" / part / name / "results.json").read_text())
+            assert [m["label"] for m in results["models"]] == expected, (part, name)
+            (entry,) = results["perplexity"].values()
+            assert entry["documents"] == documents
+            assert all(len(r["document_nll"]) == documents for r in entry["results"].values())
+            assert bool(results.get("continuation")) == (name == "domain")  # the task on the domain's set
     ratio = json.loads((run / "eval" / "ablation-ratio" / "results.json").read_text())
     assert [m["label"] for m in ratio["models"]] == ["base", "pruned-0.30", "finescope-0.30", "pruned-0.50",
                                                      "finescope-0.50"]  # fmt: skip
@@ -183,7 +203,97 @@ def test_rerun_skips_every_step(replication):
     assert result["report"].split("## Steps")[0] == replication["result"]["report"].split("## Steps")[0]
 
 
+def _without_sources(value):
+    """A figures tree less where each evaluation was read from."""
+    if isinstance(value, dict):
+        return {key: _without_sources(item) for key, item in value.items() if key not in ("sources", "source")}
+    if isinstance(value, list):
+        return [_without_sources(item) for item in value]
+    return value
+
+
+def test_each_part_ships_what_the_report_reads_and_a_fresh_root_reports_it(replication, tmp_path):
+    run, spec = replication["root"], replication["spec"]
+    ship = Path(spec.ship)
+    shipped = sorted(p.relative_to(ship).as_posix() for p in ship.rglob("*") if p.is_file())
+    evaluations = [f"eval/{part}/{scope}/results.json" for part in ("mathematics/t0", "mathematics/reference")
+                   for scope in ("domain", "general")]  # fmt: skip
+    evaluations += ["eval/ablation-ratio/results.json", "eval/pilot/r0.30/mathematics/results.json"]
+    selections = [f"arms/mathematics/{kind}-t0/selection.json" for kind in KINDS]
+    finetunes = [f"finetuned/{p.parent.relative_to(run / 'finetuned').as_posix()}/manifest.json"
+                 for p in (run / "finetuned").rglob("manifest.json")]  # fmt: skip
+    assert len(finetunes) == len(KINDS) + 3  # every arm, unpruned, undistilled, the ratio ablation's
+    assert shipped == sorted([*evaluations, *selections, *finetunes])  # no model, no other file
+    for name in shipped:
+        assert (ship / name).read_bytes() == (run / name).read_bytes(), name
+    steps, layout = build_replication(spec)
+    assert ship_parts(spec, steps) == []  # each file already there, byte for byte
+    # A fresh machine: a new, empty root, the same ship; the report reads every part from the ship.
+    fresh = load_replication_spec(str(tiny_spec(tmp_path, spec.model, ship=spec.ship)))
+    steps, layout = build_replication(fresh)
+    report = write_replication_report(fresh, steps, layout, {})
+    before = json.loads((run / "replication.json").read_text())
+    after = json.loads((Path(fresh.root) / "replication.json").read_text())
+    assert after["domains"]["mathematics"]["sources"]["domain"] == [
+        str(ship / evaluations[2]),
+        str(ship / evaluations[0]),
+    ]
+    assert _without_sources(after) == _without_sources(before) and after["budget"] and "pilot" in after
+
+    def body(text: str) -> str:  # the header's run time counts the steps run under each root
+        return text.split("## Steps")[0].split("Recovered share R", 1)[1]
+
+    assert body(report["report"]) == body((run / "replication.md").read_text())
+    written = {"layout.json", "replication.json", "replication.md", "recovery.png", "ablation-ratio.png"}
+    assert {p.name for p in Path(fresh.root).iterdir()} == written | {"dose-mathematics.png"}  # nothing evaluated
+
+
 # The graph and the spec, without running anything -------------------------------------------------
+
+
+def _finetunes(names: set[str]) -> set[str]:
+    return {name.removeprefix("finetune/") for name in names if name.startswith("finetune/")}
+
+
+def test_one_trial_of_one_domain_needs_only_that_trial():
+    spec = load_replication_spec(str(REPO / "jobs" / "configs" / "replication.yaml"))
+    steps, _ = build_replication(spec)
+    needed = _needed(steps, ["evaluate/mathematics/t1"])
+    kinds = ["finescope", "bm25", "minilm", "dense", "oracle", "topic25", "topic50"]
+    assert _finetunes(needed) == {"random-t1", *(f"mathematics/{kind}-t1" for kind in kinds)}
+    assert {"sae/t1", "curate/t1", "rank/bm25", "rank/minilm", "rank/dense", "prune/0.30",
+            "evaluate/mathematics/t1/domain", "evaluate/mathematics/t1/general"} <= needed  # fmt: skip
+    assert {name for name in needed if name.split("/")[0] in ("union", "distill")} == {
+        "union/random/t1", "distill/random/t1", "union/mathematics/t1", "distill/mathematics/t1"}  # fmt: skip
+    assert {name for name in needed if name.startswith("arm/")} == {
+        "arm/calibration",
+        "arm/mathematics/random-t1",
+        *(f"arm/mathematics/{kind}-t1" for kind in kinds),
+    }
+    for other in (0, 2, 3, 4):
+        assert not [name for name in needed if re.search(rf"(?:^|[/-])t{other}(?:$|/)", name)], other
+    assert not [name for name in needed if "biology" in name or "history" in name or "pilot" in name]
+    # The first trial also runs the references: the unpruned and undistilled fine-tunes on its documents.
+    first = _needed(steps, ["evaluate/mathematics/t0", "evaluate/mathematics/reference"])
+    assert _finetunes(first) == {"random-t0", "mathematics/unpruned", "mathematics/undistilled",
+                                 *(f"mathematics/{kind}-t0" for kind in kinds)}  # fmt: skip
+
+
+def test_the_pilot_needs_no_curation_and_no_teacher_pass_over_other_arms():
+    spec = load_replication_spec(str(REPO / "jobs" / "configs" / "replication.yaml"))
+    steps, _ = build_replication(spec)
+    needed = _needed(steps, ["evaluate/pilot"])
+    pilot = {"random-t0", *(f"{d}/oracle-t0" for d in spec.domains)}
+    pilot |= {
+        f"pilot/r{r}/{arm}" for r in ("0.20", "0.40") for arm in ("random", *(f"{d}/oracle" for d in spec.domains))
+    }
+    assert _finetunes(needed) == pilot
+    assert {name for name in needed if name.startswith("distill/")} == {
+        "distill/random/t0", *(f"distill/pilot/{d}" for d in spec.domains)}  # fmt: skip
+    union = {s.name: s.config for s in steps if s.name.startswith("union/pilot/")}
+    assert {Path(arm).name for config in union.values() for arm in config.arms} == {"oracle-t0"}
+    assert not [name for name in needed if name.split("/")[0] in ("sae", "curate", "rank")]
+    assert len([name for name in needed if name.startswith("evaluate/")]) == 9
 
 
 def test_shipped_spec_graph_has_equal_arms_from_one_pruned_model():
@@ -208,19 +318,29 @@ def test_shipped_spec_graph_has_equal_arms_from_one_pruned_model():
             for t in spec.trials:
                 step = by_name[f"finetune/{domain}/{kind}-t{t}"]
                 assert step.config.model == pruned and step.config.seed == t
-        evaluate = by_name[f"evaluate/{domain}/domain"].config
-        assert [m.split("=")[0] for m in evaluate.models] == arm_labels(spec.trials)
-        assert f"random-t3={by_name['finetune/random-t3'].out}/model" in evaluate.models
+        for t in spec.trials:  # per trial: the pruned model and the trial's arms
+            evaluate = by_name[f"evaluate/{domain}/t{t}/domain"].config
+            assert [m.split("=")[0] for m in evaluate.models] == ["pruned", *(f"{k}-t{t}" for k in arm_kinds())]
+            assert evaluate.continuation and not by_name[f"evaluate/{domain}/t{t}/general"].config.continuation
+        assert (
+            f"random-t3={by_name['finetune/random-t3'].out}/model"
+            in by_name[f"evaluate/{domain}/t3/domain"].config.models
+        )
+        reference = by_name[f"evaluate/{domain}/reference/general"].config
+        assert [m.split("=")[0] for m in reference.models] == ["base", "pruned", "unpruned", "undistilled"]
     # Trials re-seed the SAE and draw the oracle afresh; the alternative curators rank once for every domain.
     assert [by_name[f"sae/t{t}"].config.seed for t in spec.trials] == spec.trials
     assert [by_name[f"arm/biology/oracle-t{t}"].config.trial for t in spec.trials] == spec.trials
     assert [s.name for s in steps if s.stage == "rank"] == ["rank/bm25", "rank/minilm", "rank/dense"]
     assert by_name["rank/dense"].config.layer == 15
-    # The teacher rewrites each group's documents once: the random draws, and each domain's other arms.
-    assert [s.name for s in steps if s.stage == "distill"] == [
-        "distill/random", "distill/mathematics", "distill/biology", "distill/history"
-    ]  # fmt: skip
+    # The teacher rewrites each group's documents once: per trial the random draw and each domain's other
+    # arms; the pilot's first-trial oracles apart.
+    distills = [s.name for s in steps if s.stage == "distill"]
+    assert distills == [*(f"distill/random/t{t}" for t in spec.trials),
+                        *(f"distill/pilot/{d}" for d in spec.domains),
+                        *(f"distill/{d}/t{t}" for d in spec.domains for t in spec.trials)]  # fmt: skip
     assert set(layout["domains"]) == {"mathematics", "biology", "history"}
+    assert set(layout["domains"]["history"]["trials"]) == set(spec.trials)
     assert set(layout["pilot"]) == {0.2, 0.3, 0.4} and set(layout["pilot"][0.2]) == set(spec.domains)
 
 

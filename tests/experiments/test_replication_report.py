@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.replication.report import ReplicationLayout, ablation_figures, domain_figures, write_report
+from experiments.replication.spec import arm_labels
 
 TRIALS = [0, 1, 2]
 # NLL per token: FineScope recovers 3/4 of what pruning cost, random 1/4, the oracle 5/6.
@@ -388,3 +389,112 @@ def test_every_number_the_markdown_prints_is_in_the_json(tmp_path):
         if not found:
             missing.append(token)
     assert not missing, missing
+
+
+# --- the replication in parts: the references and each trial evaluated apart, merged per held-out set -----------
+
+REFERENCES = ("base", "pruned", "unpruned", "undistilled")
+IN_ORDER = {label: KINDS_MEANS[label] for label in arm_labels(TWO)}
+"""KINDS_MEANS in the order one evaluation of every model lists them (jobs.replicate's before it ran in parts)."""
+
+
+def part_of(data: dict, labels: list[str]) -> dict:
+    """The results.json an evaluation of only `labels` would have written on the same documents."""
+    name, entry = next(iter(data["perplexity"].items()))
+    part = {"perplexity": {name: {**entry, "results": {label: entry["results"][label] for label in labels}}}}
+    if "continuation" in data:
+        held, section = next(iter(data["continuation"].items()))
+        part["continuation"] = {held: {**section, "results": {label: section["results"][label] for label in labels}}}
+    return part
+
+
+def save_parts(tmp_path, domain: str, scopes: dict[str, dict], trials: list[int]):
+    """One domain's evaluations in parts, from one evaluation of every model per held-out set."""
+    from experiments.replication.report import DomainParts
+
+    def pair(part: str, labels: list[str]) -> tuple[str, str]:
+        saved = [_save(tmp_path / domain / part / scope / "results.json", part_of(data, labels))
+                 for scope, data in scopes.items()]  # fmt: skip
+        return saved[0], saved[1]
+
+    labels = list(next(iter(scopes["domain"]["perplexity"].values()))["results"])
+    per_trial = {t: ["pruned", *(label for label in labels if label.endswith(f"-t{t}"))] for t in trials}
+    return DomainParts(reference=pair("reference", [r for r in REFERENCES if r in labels]),
+                       trials={t: pair(f"t{t}", per_trial[t]) for t in trials})  # fmt: skip
+
+
+def test_parts_merge_into_the_figures_of_one_evaluation(tmp_path):
+    scopes = {"domain": with_continuation(results_json(IN_ORDER, documents=60)),
+              "general": results_json(IN_ORDER, documents=80, seed=1, name="general")}  # fmt: skip
+    combined = {scope: _save(tmp_path / "one" / scope / "results.json", data) for scope, data in scopes.items()}
+    whole = ReplicationLayout(domains={"math": (combined["domain"], combined["general"])}, trials=TWO,
+                              ratio_ablation=None, coords_ablation=None, budget=[])  # fmt: skip
+    parts = ReplicationLayout(domains={"math": save_parts(tmp_path / "parts", "math", scopes, TWO)}, trials=TWO,
+                              ratio_ablation=None, coords_ablation=None, budget=[])  # fmt: skip
+    one = write_report(str(tmp_path / "one-report"), whole)
+    merged = write_report(str(tmp_path / "parts-report"), parts)
+    for scope in ("domain", "general"):
+        expected = json.loads((tmp_path / "one-report" / "replication.json").read_text())["domains"]["math"][scope]
+        found = json.loads((tmp_path / "parts-report" / "replication.json").read_text())["domains"]["math"][scope]
+        assert found == expected, scope
+    assert merged["markdown"] == one["markdown"]  # the same tables, tests and order of arms
+    saved = json.loads((tmp_path / "parts-report" / "replication.json").read_text())
+    assert saved["pruned_agreement"] == {"math": {"domain": 0.0, "general": 0.0}}
+    assert saved["domains"]["math"]["trials"] == TWO and len(saved["domains"]["math"]["sources"]["domain"]) == 3
+    assert "differs between parts" not in merged["markdown"]
+    # A domain whose only trial so far is trial 1: reported with the trials present.
+    only = ReplicationLayout(domains={"math": save_parts(tmp_path / "one-trial", "math", scopes, [1])}, trials=TWO,
+                             ratio_ablation=None, coords_ablation=None, budget=[])  # fmt: skip
+    report = write_report(str(tmp_path / "one-trial-report"), only)
+    figures = report["figures"]["domains"]["math"]
+    assert figures["trials"] == [1] and list(figures["domain"]["versus_random"]) == ["t1", "pooled"]
+    assert figures["domain"]["distillation"] is None  # undistilled trains on trial 0's documents, not present
+    assert "trials 1; an arm without" in report["markdown"]
+
+
+def test_parts_that_scored_other_documents_are_refused_naming_the_files(tmp_path):
+    scopes = {"domain": with_continuation(results_json(IN_ORDER, documents=60)),
+              "general": results_json(IN_ORDER, documents=80, seed=1, name="general")}  # fmt: skip
+    parts = save_parts(tmp_path, "math", scopes, TWO)
+    layout = ReplicationLayout(domains={"math": parts}, trials=TWO, ratio_ablation=None, coords_ablation=None,
+                               budget=[])  # fmt: skip
+    trial = json.loads(open(parts.trials[1][1]).read())
+    rows = trial["perplexity"]["general"]["results"]
+    rows["pruned"]["document_tokens"] = [n + 1 for n in rows["pruned"]["document_tokens"]]
+    for row in rows.values():
+        row["document_tokens"] = rows["pruned"]["document_tokens"]
+    _save(tmp_path / "math" / "t1" / "general" / "results.json", trial)
+    with pytest.raises(ValueError, match="did not score the same documents") as error:
+        write_report(str(tmp_path / "out"), layout)
+    assert parts.trials[1][1] in str(error.value) and parts.reference[1] in str(error.value)
+    # The continuation task asked of other documents.
+    _save(tmp_path / "math" / "t1" / "general" / "results.json", part_of(scopes["general"], ["pruned", "random-t1"]))
+    trial = json.loads(open(parts.trials[0][0]).read())
+    trial["continuation"]["held"]["doc_ids"] = list(reversed(trial["continuation"]["held"]["doc_ids"]))
+    _save(tmp_path / "math" / "t0" / "domain" / "results.json", trial)
+    with pytest.raises(ValueError, match=f"{parts.trials[0][0]} and {parts.reference[0]} did not ask the same"):
+        write_report(str(tmp_path / "out"), layout)
+
+
+def test_a_pruned_model_that_differs_between_parts_is_flagged(tmp_path):
+    scopes = {"domain": results_json(IN_ORDER, documents=60),
+              "general": results_json(IN_ORDER, documents=80, seed=1, name="general")}  # fmt: skip
+    parts = save_parts(tmp_path, "math", scopes, TWO)
+    trial = json.loads(open(parts.trials[1][0]).read())
+    pruned = trial["perplexity"]["heldout"]["results"]["pruned"]
+    tokens, original = pruned["document_tokens"], list(pruned["document_nll"])
+    pruned["document_nll"] = [nll + (0.01 * tokens[i] if i == 7 else 0.0) for i, nll in enumerate(original)]
+    _save(tmp_path / "math" / "t1" / "domain" / "results.json", trial)
+    layout = ReplicationLayout(domains={"math": parts}, trials=TWO, ratio_ablation=None, coords_ablation=None,
+                               budget=[])  # fmt: skip
+    report = write_report(str(tmp_path / "out"), layout)
+    saved = json.loads((tmp_path / "out" / "replication.json").read_text())
+    assert saved["pruned_agreement"]["math"]["domain"] == pytest.approx(0.01, abs=1e-6)
+    assert saved["pruned_agreement"]["math"]["general"] == 0.0
+    assert saved["domains"]["math"]["pruned_agreement"]["domain"] == pytest.approx(0.01, abs=1e-6)
+    warning = "**Warning: the pruned model differs between parts: math domain set 0.01 "
+    assert warning in report["markdown"] and report["markdown"].index(warning) < report["markdown"].index("## math")
+    # Within the tolerance: one part's rounding, not another pruning.
+    pruned["document_nll"] = [nll + (5e-5 * tokens[i] if i == 7 else 0.0) for i, nll in enumerate(original)]
+    _save(tmp_path / "math" / "t1" / "domain" / "results.json", trial)
+    assert "differs between parts" not in write_report(str(tmp_path / "out"), layout)["markdown"]
