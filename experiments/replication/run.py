@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -95,6 +96,35 @@ def _ship_path(uri: str, root: str, ship: str) -> str | None:
     return storage.join(ship, uri[len(prefix) :]) if uri.startswith(prefix) else None
 
 
+SHIP_SPEC = "spec.json"
+"""Beside the shipped parts: the spec they were made by, so that parts of two specs never mix in one report."""
+UNBOUND = frozenset({"root", "ship", "trials"})
+"""Spec fields a shipped part does not depend on: where it ran, where it is shipped, and which other trials
+exist (each trial's seeds are its own)."""
+
+
+def ship_identity(spec: ReplicationSpec) -> dict[str, Any]:
+    """What a shipped part's figures depend on: the spec's content but `UNBOUND`, as plain JSON values."""
+    content = {name: value for name, value in spec.content().items() if name not in UNBOUND}
+    return json.loads(json.dumps(content, sort_keys=True, default=str))
+
+
+def check_ship(spec: ReplicationSpec) -> None:
+    """Refuse a `ship` directory whose parts were made by another spec: its figures would not compare."""
+    from core.errors import ConfigError
+
+    if not spec.ship:
+        return
+    options, uri = spec.storage_options(), storage.join(spec.ship, SHIP_SPEC)
+    if not storage.exists(uri, options):
+        return
+    bound, identity = storage.read_json(uri, options), ship_identity(spec)
+    changed = sorted(name for name in {*bound, *identity} if bound.get(name) != identity.get(name))
+    if changed:
+        fix = "give this spec a new ship directory, or delete that one to start the parts again"
+        raise ConfigError("ship", spec.ship, f"holds parts of another spec (it differs in {', '.join(changed)}): {fix}")
+
+
 def ship_parts(spec: ReplicationSpec, steps: list[Step]) -> list[str]:
     """Copy what the report reads of every finished step to the same path under `spec.ship`: each
     evaluation's results.json, each arm's selection.json and each fine-tune's manifest.json, never a model.
@@ -102,6 +132,9 @@ def ship_parts(spec: ReplicationSpec, steps: list[Step]) -> list[str]:
     from core import manifest
 
     options, written = spec.storage_options(), []
+    bound = storage.join(spec.ship or "", SHIP_SPEC)
+    if not storage.exists(bound, options):
+        storage.write_json_atomic(bound, ship_identity(spec), options)
     files = {"evaluate": RESULTS, "arm": SELECTION, "finetune": MANIFEST}
     for step in steps:
         name = files.get(step.stage)
@@ -131,6 +164,7 @@ def run_replication(spec: ReplicationSpec, only: list[str] | None = None, comman
     from pipeline.runner import run_steps, spec_dict
 
     spec.check_seeds()
+    check_ship(spec)
     steps, layout = build_replication(spec)
     options = spec.storage_options()
     try:
@@ -150,6 +184,7 @@ def write_replication_report(spec: ReplicationSpec, steps: list[Step], layout: d
     from experiments.replication.report import DomainParts, ReplicationLayout, write_report
     from pipeline.report import steps_table
 
+    check_ship(spec)
     options = spec.storage_options()
 
     def found(uri: str) -> str | None:

@@ -19,7 +19,7 @@ from core.errors import ConfigError
 from curation import demo_corpus
 from experiments.replication import arm_labels, build_replication, load_replication_spec, run_replication
 from experiments.replication.data import ArmConfig, HoldoutConfig, RankConfig, rank_pool, run_arm, split_labelled
-from experiments.replication.run import layout_record, ship_parts, write_replication_report
+from experiments.replication.run import check_ship, layout_record, ship_identity, ship_parts, write_replication_report
 from experiments.replication.spec import arm_kinds
 from pipeline.runner import _needed
 
@@ -223,7 +223,9 @@ def test_each_part_ships_what_the_report_reads_and_a_fresh_root_reports_it(repli
     finetunes = [f"finetuned/{p.parent.relative_to(run / 'finetuned').as_posix()}/manifest.json"
                  for p in (run / "finetuned").rglob("manifest.json")]  # fmt: skip
     assert len(finetunes) == len(KINDS) + 3  # every arm, unpruned, undistilled, the ratio ablation's
-    assert shipped == sorted([*evaluations, *selections, *finetunes])  # no model, no other file
+    # No model, no other file; spec.json binds the ship directory to the spec the parts were made by.
+    assert shipped == sorted([*evaluations, *selections, *finetunes, "spec.json"])
+    assert json.loads((ship / "spec.json").read_text()) == ship_identity(spec)
     for name in shipped:
         assert (ship / name).read_bytes() == (run / name).read_bytes(), name
     steps, layout = build_replication(spec)
@@ -246,6 +248,14 @@ def test_each_part_ships_what_the_report_reads_and_a_fresh_root_reports_it(repli
     assert body(report["report"]) == body((run / "replication.md").read_text())
     written = {"layout.json", "replication.json", "replication.md", "recovery.png", "ablation-ratio.png"}
     assert {p.name for p in Path(fresh.root).iterdir()} == written | {"dose-mathematics.png"}  # nothing evaluated
+    # Another trial is another part of the same spec; another budget is another spec, refused by the ship.
+    (tmp_path / "more").mkdir()
+    check_ship(load_replication_spec(str(tiny_spec(tmp_path / "more", spec.model, ship=spec.ship, trials=[0, 1]))))
+    (tmp_path / "other").mkdir()
+    other = load_replication_spec(str(tiny_spec(tmp_path / "other", spec.model, ship=spec.ship, budget=6)))
+    with pytest.raises(ConfigError) as caught:
+        write_replication_report(other, *build_replication(other), {})
+    assert caught.value.field == "ship" and "differs in budget" in str(caught.value)
 
 
 # The graph and the spec, without running anything -------------------------------------------------
