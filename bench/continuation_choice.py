@@ -3,7 +3,8 @@
 From the packaged corpus's labelled summaries (`curation.demo_corpus.load_summaries`), per domain (the
 replication's: mathematics, biology, history), every document of the domain's topic in a seeded order
 gives a question (`training.evaluation.continuation`): its first `--context-words` words, then its next
-`--choice-words` words among three spans of other documents of the same topic at the same offset. The
+`--choice-words` words among three spans of other documents of the same topic at the same offset (with
+`--spans N`, up to N questions, one per consecutive span, each after every word before it). The
 first `--questions` questions of each domain are scored by the shared-prefix scorer, as evaluate scores
 MMLU; a domain whose topic has fewer usable documents gives all it has, and says why the others gave none.
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--context-words", type=int, default=continuation.CONTEXT_WORDS)
     parser.add_argument("--choice-words", type=int, default=continuation.CHOICE_WORDS)
+    parser.add_argument("--spans", type=int, default=1, help="questions per document at most (consecutive spans)")
     parser.add_argument("--seed", type=int, default=0, help="document order, distractors and answer positions")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
@@ -123,12 +125,16 @@ def main() -> None:
     args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the scorer's progress lines
     args.questions = args.questions or (QUICK_QUESTIONS if args.quick else 300)
-    continuation.check_sizes(args.context_words, args.choice_words, continuation.DISTRACTORS, args.seed)
+    continuation.check_sizes(args.context_words, args.choice_words, continuation.DISTRACTORS, args.seed, args.spans)
     torch.set_num_threads(args.threads)
     rows = load_summaries()
     built = {
         domain: continuation.build_questions(
-            domain_documents(rows, DOMAINS[domain], args.seed), args.context_words, args.choice_words, seed=args.seed
+            domain_documents(rows, DOMAINS[domain], args.seed),
+            args.context_words,
+            args.choice_words,
+            seed=args.seed,
+            spans=args.spans,
         )
         for domain in args.domains
     }
@@ -145,8 +151,8 @@ def main() -> None:
         started = time.perf_counter()
         figures = {domain: score_domain(model, tokenizer, questions, args) for domain, questions in built.items()}
     seconds = time.perf_counter() - started
-    print(f"{args.model}: which span continues the document ({args.context_words} words of context, "
-          f"{args.choice_words}-word choices, 1 of 4), scored per character")  # fmt: skip
+    print(f"{args.model}: which span continues the document (at least {args.context_words} words of context, "
+          f"{args.choice_words}-word choices, 1 of 4, up to {args.spans} per document), per character")  # fmt: skip
     for domain, entry in figures.items():
         print("\n".join(report(domain, entry)))
     print(f"  scored in {seconds:.0f} s with {args.threads} torch thread(s)")

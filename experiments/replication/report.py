@@ -293,11 +293,15 @@ def continuation_figures(results: dict[str, Any]) -> dict[str, Any] | None:
     """The continuation task on this held-out set, where the evaluation scored it: questions, each model's
     and each arm kind's accuracy (pooled over its trials) with a Wilson interval, and McNemar's exact test
     of every arm against random and against FineScope. Trials are paired by seed and their questions
-    stacked (a question answered in 3 trials is 3 pairs); an arm without trials pairs with every trial."""
+    stacked (a question answered in 3 trials is 3 pairs); an arm without trials pairs with every trial.
+    McNemar's test takes every pair as independent, but a document asks up to `spans` questions and every
+    trial asks the same ones: each test also carries `two_level`, the accuracy difference with a 95%
+    interval from the two-level bootstrap (seeds, then documents, each document's questions together)."""
     section = next(iter((results.get("continuation") or {}).values()), None)
     if section is None:
         return None
     hits = {label: np.asarray(row["correct"], bool) for label, row in section["results"].items()}
+    by_document = _document_hits(hits, section["doc_ids"])
     kinds = arm_kinds(hits)
     accuracy = {label: stats.accuracy(hit).to_dict() for label, hit in hits.items()}
     for kind, runs in kinds.items():
@@ -312,10 +316,29 @@ def continuation_figures(results: dict[str, Any]) -> dict[str, Any] | None:
             pairs = paired_trials(kinds, kind, reference)
             test = stats.mcnemar_exact(np.concatenate([hits[a] for a, _ in pairs]),
                                        np.concatenate([hits[b] for _, b in pairs]))  # fmt: skip
+            clustered = two_level_bootstrap([by_document[a] for a, _ in pairs], [by_document[b] for _, b in pairs])
             tests.setdefault(reference, {})[kind] = {**test, "pairs": len(pairs) * len(section["doc_ids"]),
-                                                     "significant": test["p_value"] < stats.ALPHA}  # fmt: skip
+                                                     "significant": test["p_value"] < stats.ALPHA,
+                                                     "two_level": _accuracy_gap(clustered)}  # fmt: skip
     return {"questions": section["questions"], "documents": section["documents"], "skipped": section["skipped"],
-            "settings": section["settings"], "accuracy": accuracy, "mcnemar": tests}  # fmt: skip
+            "asked_documents": len(set(section["doc_ids"])), "settings": section["settings"],
+            "accuracy": accuracy, "mcnemar": tests}  # fmt: skip
+
+
+def _document_hits(hits: dict[str, np.ndarray], doc_ids: list[str]) -> dict[str, Scores]:
+    """Per label, per document that asked a question (in order of first appearance): its right answers and its
+    questions, the pair the two-level bootstrap pools as it pools NLL and tokens."""
+    index = {doc: n for n, doc in enumerate(dict.fromkeys(doc_ids))}
+    groups = np.array([index[doc] for doc in doc_ids], dtype=int)
+    asked = np.bincount(groups, minlength=len(index)).astype(float)
+    return {label: (np.bincount(groups, weights=hit.astype(float), minlength=len(index)), asked)
+            for label, hit in hits.items()}  # fmt: skip
+
+
+def _accuracy_gap(test: dict[str, Any]) -> dict[str, Any]:
+    """A two-level bootstrap of pooled accuracies, its `log_ratio` named for what it is: the accuracy
+    difference (positive: the arm answers more questions right than its reference)."""
+    return {"difference": test["log_ratio"], **{key: test[key] for key in ("ci_low", "ci_high", "p_value", "trials")}}
 
 
 def _fraction(value: Any, docs: Any) -> float | None:
@@ -610,18 +633,28 @@ def _continuation_lines(domain: str, section: dict[str, Any] | None, holm_by: di
     if section is None:
         return []
     references = list(section["mcnemar"])
-    header = "| arm | accuracy [95% Wilson] | " + " | ".join(f"vs {r} (McNemar; Holm p)" for r in references) + " |"
-    lines = [f"### {domain}: continuation task, {section['questions']} questions from {section['documents']}"
-             " documents", "", header, "|---|---:|" + "---|" * len(references)]  # fmt: skip
+    header = (
+        "| arm | accuracy [95% Wilson] | "
+        + " | ".join(f"vs {r} [95% CI, seeds and documents]; McNemar p; Holm p" for r in references)
+        + " |"
+    )
+    asked = section.get("asked_documents", section["documents"])
+    lines = [f"### {domain}: continuation task, {section['questions']} questions from {asked} of"
+             f" {section['documents']} documents", "", header, "|---|---:|" + "---|" * len(references)]  # fmt: skip
     for label, accuracy in section["accuracy"].items():
         cells = []
         for reference in references:
             test = section["mcnemar"][reference].get(label)
             adjusted = holm_by.get(reference, {}).get(label, {}).get(domain)
-            cells.append(f"{100 * test['difference']:+.1f} pts, p={test['p_value']:.3g}; {adjusted['p_holm']:.3g}"
-                         if test and adjusted else "")  # fmt: skip
+            cells.append(_continuation_cell(test, adjusted) if test and adjusted else "")
         lines.append(f"| {label} | {_pct(accuracy)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _continuation_cell(test: dict[str, Any], adjusted: dict[str, Any]) -> str:
+    clustered = test.get("two_level")
+    interval = f" [{100 * clustered['ci_low']:+.1f}, {100 * clustered['ci_high']:+.1f}]" if clustered else ""
+    return f"{100 * test['difference']:+.1f} pts{interval}; p={test['p_value']:.3g}; {adjusted['p_holm']:.3g}"
 
 
 def _dose_lines(domain: str, dose: dict[str, Any] | None) -> list[str]:
@@ -799,7 +832,8 @@ def merge_results(parts: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], flo
                              f"{other['documents']} documents; {name!r}, {entry['documents']} documents)")  # fmt: skip
         if continuation is not None:
             section = (results.get("continuation") or {}).get(continuation[0])
-            if section is None or section["doc_ids"] != continuation[1]["doc_ids"]:
+            asked = [(section or {}).get(key) for key in ("doc_ids", "offsets")]
+            if section is None or asked != [continuation[1].get(key) for key in ("doc_ids", "offsets")]:
                 raise ValueError(f"{uri} and {first_uri} did not ask the same continuation questions")
             hits.update((label, row) for label, row in section["results"].items() if label not in hits)
         for label, row in other["results"].items():

@@ -556,3 +556,20 @@ def test_a_missing_bench_library_names_the_install_command(monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[bench\]'") as error:
         baselines.require("bm25")
     assert error.value.field == "bm25"
+
+
+def test_the_shipped_spec_asks_at_least_300_continuation_questions_of_every_domain():
+    from training.evaluation.evaluate import continuation_questions
+
+    spec = load_replication_spec(str(REPO / "jobs" / "configs" / "replication.yaml"))
+    steps, _ = build_replication(spec)
+    by_name = {s.name: s for s in steps}
+    held, _ = split_labelled(by_name["holdout"].config)
+    for domain, topic in spec.domains.items():
+        evaluate = by_name[f"evaluate/{domain}/t0/domain"].config
+        texts = [row["text"] for row in held[domain]]
+        built = continuation_questions(evaluate, texts, [row["meta"]["topic"] for row in held[domain]], domain)
+        assert len(built.questions) >= 300, (domain, len(built.questions))
+        assert {q.topic for q in built.questions} == {topic} and len(texts) == spec.heldout
+        # No two questions of a document ask for the same span.
+        assert len({(q.doc_id, q.offset) for q in built.questions}) == len(built.questions)

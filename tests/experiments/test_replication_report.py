@@ -278,6 +278,34 @@ def test_continuation_accuracy_with_wilson_intervals_and_mcnemar_on_hand_made_ta
     assert (oracle["only_a"], oracle["only_b"]) == (6, 0) and oracle["p_value"] == pytest.approx(2 / 64)
     # base has no trials: it pairs with each of random's, so its 10 right against random's 5 count twice.
     assert figures["mcnemar"]["random"]["base"]["only_a"] == 10 and figures["questions"] == QUESTIONS
+    # Over seeds and documents: the same difference, an interval around it that excludes zero.
+    clustered = test["two_level"]
+    assert clustered["difference"] == pytest.approx(0.5) and clustered["trials"] == 2
+    assert 0 < clustered["ci_low"] < 0.5 < clustered["ci_high"] <= 1 and clustered["p_value"] < 0.01
+
+
+def test_continuation_questions_of_one_document_are_resampled_together():
+    from experiments.replication.report import _document_hits
+
+    doc_ids = ["a", "a", "b", "c", "c", "c"]
+    hits = {"x": np.array([1, 0, 1, 1, 1, 0], bool)}
+    right, asked = _document_hits(hits, doc_ids)["x"]
+    assert right.tolist() == [1, 1, 2] and asked.tolist() == [2, 1, 3]
+    # Ten documents of ten questions each: an arm right on the first five documents' questions, the reference
+    # on none. Per question, McNemar sees 50 independent wins; the two-level interval sees five documents.
+    data = with_continuation(results_json(KINDS_MEANS, documents=60))
+    section = data["continuation"]["held"]
+    section["doc_ids"] = [f"d{i // 10}" for i in range(100)]
+    section["questions"] = 100
+    for label in section["results"]:
+        right = 50 if label.startswith("finescope") else 0
+        section["results"][label] = {"correct": [1] * right + [0] * (100 - right)}
+    figures = domain_figures(data, TWO)["continuation"]
+    test = figures["mcnemar"]["random"]["finescope"]
+    assert test["p_value"] < 1e-20 and figures["asked_documents"] == 10
+    clustered = test["two_level"]
+    assert clustered["difference"] == pytest.approx(0.5)
+    assert clustered["ci_low"] < 0.3 and clustered["ci_high"] > 0.7  # documents, not questions, set the width
 
 
 def test_headline_compares_finescope_with_every_alternative_present_and_the_oracle():
@@ -370,7 +398,7 @@ def test_every_number_the_markdown_prints_is_in_the_json(tmp_path):
     assert chosen["on_topic"] == pytest.approx(0.605) and chosen["oracle_overlap"] == pytest.approx(0.15)
     assert chosen["trials"] == 2
     assert saved["pilot"]["choice"] == 0.2 and "Chosen ratio: 0.20." in report["markdown"]
-    assert "### math: continuation task, 20 questions from 25 documents" in report["markdown"]
+    assert "### math: continuation task, 20 questions from 20 of 25 documents" in report["markdown"]
     assert "- FineScope against BM25: " in report["markdown"] and "### law: dose-response" in report["markdown"]
     assert (tmp_path / "out" / "dose-law.png").read_bytes()[:4] == b"\x89PNG"
     values = _numbers(saved)

@@ -97,10 +97,47 @@ def test_the_answers_position_is_spread_evenly_over_the_choices_in_a_seeded_orde
     assert answers != sorted(answers) and answers[:8] != [0, 1, 2, 3, 0, 1, 2, 3]
 
 
+def test_with_spans_a_document_asks_for_each_consecutive_span_after_everything_before_it():
+    docs = [words_doc(i, "alpha", 4 + 3 * (i % 4)) for i in range(12)]  # 4, 7, 10, 13 words: 0 to 3 spans
+    by_id = {doc.id: doc for doc in docs}
+    built = build_questions(docs, context_words=4, choice_words=3, distractors=2, seed=0, spans=3)
+    assert built.skipped == {TOO_SHORT: 3} and built.unasked_spans == 0
+    assert Counter(q.doc_id for q in built.questions) == {d.id: (4 + 3 * (i % 4) - 4) // 3 for i, d in enumerate(docs)
+                                                          if i % 4}  # fmt: skip
+    assert len(built.questions) == 3 * (1 + 2 + 3)
+    for q in built.questions:
+        words = by_id[q.doc_id].text.split()
+        assert q.offset in (4, 7, 10) and q.context == " ".join(words[: q.offset])
+        assert q.choices[q.answer] == " " + " ".join(words[q.offset : q.offset + 3])
+        for source, choice in zip(q.choice_ids, q.choices, strict=True):
+            assert choice == " " + " ".join(by_id[source].text.split()[q.offset : q.offset + 3])
+    # A document's questions come in its spans' order, and no two of them share an answer.
+    first = [(q.doc_id, q.offset) for q in built.questions]
+    assert first == sorted(first, key=lambda key: (key[0], key[1])) and len(set(first)) == len(first)
+    capped = build_questions(docs, context_words=4, choice_words=3, distractors=2, seed=0, spans=2)
+    assert len(capped.questions) == 3 * (1 + 2 + 2) and max(q.offset for q in capped.questions) == 7
+
+
+def test_a_later_span_too_few_documents_reach_is_counted_unasked_not_dropped_silently():
+    docs = [words_doc(i, "alpha", 8) for i in range(4)] + [words_doc(9, "alpha", 11)]  # only one reaches 8..10
+    built = build_questions(docs, context_words=5, choice_words=3, distractors=3, seed=0, spans=2)
+    assert len(built.questions) == 5 and {q.offset for q in built.questions} == {5}
+    assert built.unasked_spans == 1 and built.skipped == {}
+
+
+def test_one_span_asks_what_the_task_always_asked():
+    docs = corpus(per_topic=10, length=20)
+    one = build_questions(docs, context_words=4, choice_words=4, seed=5)
+    assert one.questions == build_questions(docs, context_words=4, choice_words=4, seed=5, spans=1).questions
+    assert {q.offset for q in one.questions} == {4} and len(one.questions) == len(docs)
+    assert len(build_questions(docs, context_words=4, choice_words=4, seed=5, spans=4).questions) == 4 * len(docs)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [("context_words", 0), ("choice_words", -1), ("distractors", 0), ("context_words", 2.5),
-     ("choice_words", math.nan), ("distractors", math.inf), ("seed", -1), ("seed", 1.0)],
+     ("choice_words", math.nan), ("distractors", math.inf), ("seed", -1), ("seed", 1.0), ("spans", 0),
+     ("spans", 1.5)],
 )  # fmt: skip
 def test_sizes_that_make_no_question_are_refused_naming_the_argument(name, value):
     with pytest.raises(ConfigError) as error:

@@ -44,7 +44,25 @@ def test_config_needs_documents_and_keeps_its_key_without_the_task(tmp_path):
     assert not any(key.startswith("continuation") for key in plain.content())
     with_task = EvaluateConfig(models=["m"], ppl=["d"], out="o", continuation=True)
     other_seed = EvaluateConfig(models=["m"], ppl=["d"], out="o", continuation=True, continuation_seed=1)
-    assert len({plain.digest(), with_task.digest(), other_seed.digest()}) == 3
+    more_spans = EvaluateConfig(models=["m"], ppl=["d"], out="o", continuation=True, continuation_spans=4)
+    assert len({plain.digest(), with_task.digest(), other_seed.digest(), more_spans.digest()}) == 4
+    spans_unused = EvaluateConfig(models=["m"], ppl=["d"], out="o", continuation_spans=4)
+    assert spans_unused.digest() == plain.digest()
+    with pytest.raises(ConfigError, match="continuation_spans"):
+        EvaluateConfig(models=["m"], ppl=["d"], out="o", continuation=True, continuation_spans=0)
+
+
+def test_spans_ask_several_questions_of_each_document_and_the_plan_keeps_their_offsets(tmp_path, tiny_model_dir):
+    rows = write_documents(tmp_path / "docs.jsonl")
+    config = EvaluateConfig(models=[f"m={tiny_model_dir}"], ppl=[str(tmp_path / "docs.jsonl")], ppl_name="held",
+                            out=str(tmp_path / "eval"), continuation=True, continuation_choice_words=8,
+                            continuation_spans=5)  # fmt: skip
+    built = plan(config).continuation["held"]
+    # 60 words: spans at 32, 40 and 48 (the next would end past the document); the short one asks nothing.
+    assert len(built.questions) == 36 and built.skipped == {continuation.TOO_SHORT: 1}
+    assert [(q.doc_id, q.offset) for q in built.questions] == [
+        (doc_id(row["text"]), offset) for row in rows[:12] for offset in (32, 40, 48)
+    ]
 
 
 @pytest.mark.timeout(300)
@@ -62,7 +80,9 @@ def test_the_stage_writes_each_questions_correctness_by_document_id(tmp_path, ti
     entry = results["continuation"]["held"]
     assert entry["questions"] == 12 and entry["documents"] == 13 and entry["skipped"] == {"too_short": 1}
     assert entry["doc_ids"] == [doc_id(row["text"]) for row in rows[:12]]
-    assert entry["settings"] == {"context_words": 32, "choice_words": 16, "distractors": 3, "seed": 0, "norm": "char"}
+    assert entry["settings"] == {"context_words": 32, "choice_words": 16, "distractors": 3, "seed": 0, "spans": 1,
+                                 "norm": "char"}  # fmt: skip
+    assert entry["offsets"] == [32] * 12 and entry["unasked_spans"] == 0
     # The correctness is the model's choice per character against the answer, as continuation.py scores it.
     tokenizer, model = models.load_tokenizer(tiny_model_dir), models.load_model(tiny_model_dir)
     expected = continuation.question_hits(

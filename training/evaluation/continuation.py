@@ -3,9 +3,12 @@
 Each question's context is a document's first `context_words` words; the correct choice is its next
 `choice_words` words, and the distractors are the spans at the same word offset (the same relative
 position) of other documents of the same topic, so topic words alone cannot give the answer away. Every
-choice has the same number of words. Choices are scored by the shared-prefix scorer of `likelihood.py`,
-like MMLU (`question_hits`); a model's accuracy carries a Wilson interval (`stats.accuracy`), and two models
-on the same questions are compared by McNemar's exact test (`stats.mcnemar_exact`).
+choice has the same number of words. With `spans` above one, a document asks up to that many questions,
+one per consecutive span: the i-th asks for the span at word offset `context_words + i * choice_words`
+with every word before it as context, so no two questions of a document share an answer; short held-out
+documents thus give enough questions for a paired test. Choices are scored by the shared-prefix scorer of
+`likelihood.py`, like MMLU (`question_hits`); a model's accuracy carries a Wilson interval (`stats.accuracy`),
+and two models on the same questions are compared by McNemar's exact test (`stats.mcnemar_exact`).
 
 A small model that sits at chance on MMLU is well above chance here (docs/replication.md, "A task metric
 above chance"): the task measures how well a model predicts a domain's text, one decision per document.
@@ -74,6 +77,8 @@ class ContinuationQuestion:
     choice_ids: tuple[str, ...]
     """The document each choice was taken from; `choice_ids[answer] == doc_id`."""
     answer: int
+    offset: int
+    """Word offset of the answer's span in its document (every choice's, in its own document)."""
 
     @property
     def distractor_ids(self) -> tuple[str, ...]:
@@ -87,14 +92,20 @@ class QuestionSet:
 
     questions: list[ContinuationQuestion]
     documents: int
-    """Documents given: len(questions) + sum(skipped.values())."""
+    """Documents given: those that gave a question + sum(skipped.values())."""
     skipped: dict[str, int] = field(default_factory=dict)
+    """Documents that gave no question, per reason."""
+    unasked_spans: int = 0
+    """Later spans of documents that gave a question, left unasked: too few other documents of the topic
+    reach that offset with a distinct span (only with `spans` above one)."""
 
 
-def check_sizes(context_words: object, choice_words: object, distractors: object, seed: object) -> None:
+def check_sizes(
+    context_words: object, choice_words: object, distractors: object, seed: object, spans: object = 1
+) -> None:
     """Refuse sizes that make no question, as ConfigErrors naming the argument."""
     for name, value in (("context_words", context_words), ("choice_words", choice_words),
-                        ("distractors", distractors)):  # fmt: skip
+                        ("distractors", distractors), ("spans", spans)):  # fmt: skip
         check_range(name, value, ge=1)
         if not isinstance(value, numbers.Integral):
             raise ConfigError(name, value, "must be a whole number")
@@ -107,32 +118,47 @@ def build_questions(
     choice_words: int = CHOICE_WORDS,
     distractors: int = DISTRACTORS,
     seed: int = 0,
+    spans: int = 1,
 ) -> QuestionSet:
-    """One question per usable document, in the documents' order; the same documents and seed give the
-    same questions. The correct choice's position is spread evenly over the choices (their counts differ
-    by at most one), in a seeded order."""
-    check_sizes(context_words, choice_words, distractors, seed)
+    """Up to `spans` questions per usable document, in the documents' order and then their spans'; the same
+    documents and seed give the same questions. The correct choice's position is spread evenly over the
+    choices (their counts differ by at most one), in a seeded order."""
+    check_sizes(context_words, choice_words, distractors, seed, spans)
     rng = random.Random(seed)
     usable, skipped = _usable(documents, context_words + choice_words)
-    pools: dict[str, list[tuple[str, str]]] = defaultdict(list)  # topic -> (id, span) of its usable documents
+    offsets = {doc.id: _offsets(len(words), context_words, choice_words, spans) for doc, words in usable}
+    pools: dict[tuple[str, int], list[tuple[str, str]]] = defaultdict(list)  # (topic, offset) -> (id, span)
     for doc, words in usable:
-        pools[doc.topic].append((doc.id, _span(words, context_words, choice_words)))
-    drafts = []
+        for offset in offsets[doc.id]:
+            pools[doc.topic, offset].append((doc.id, _span(words, offset, choice_words)))
+    drafts, unasked = [], 0
     for doc, words in usable:
-        span = _span(words, context_words, choice_words)
-        drawn = _draw_distractors(rng, pools[doc.topic], doc.id, span, distractors)
-        if drawn is None:
+        asked = 0
+        for offset in offsets[doc.id]:
+            span = _span(words, offset, choice_words)
+            drawn = _draw_distractors(rng, pools[doc.topic, offset], doc.id, span, distractors)
+            if drawn is None:
+                continue
+            drafts.append((doc, " ".join(words[:offset]), (doc.id, span), drawn, offset))
+            asked += 1
+        if asked:
+            unasked += len(offsets[doc.id]) - asked
+        else:
             skipped[TOO_FEW_DISTRACTORS] += 1
-            continue
-        drafts.append((doc, " ".join(words[:context_words]), (doc.id, span), drawn))
     answers = [index % (distractors + 1) for index in range(len(drafts))]
     rng.shuffle(answers)
     questions = [_question(*draft, answer) for draft, answer in zip(drafts, answers, strict=True)]
-    if skipped:
-        logger.info("%d questions from %d documents; skipped %s", len(questions), len(documents), dict(skipped))
-    return QuestionSet(
-        questions, len(documents), {reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]}
-    )
+    if skipped or unasked:
+        logger.info("%d questions from %d documents; skipped %s, %d later spans unasked", len(questions),
+                    len(documents), dict(skipped), unasked)  # fmt: skip
+    kept = {reason: skipped[reason] for reason in SKIP_REASONS if skipped[reason]}
+    return QuestionSet(questions, len(documents), kept, unasked)
+
+
+def _offsets(words: int, context_words: int, choice_words: int, spans: int) -> list[int]:
+    """Word offsets of a document's answer spans: after the context, consecutive, each whole, at most `spans`."""
+    room = (words - context_words) // choice_words
+    return [context_words + index * choice_words for index in range(min(spans, room))]
 
 
 def _usable(documents: Sequence[Document], min_words: int) -> tuple[list[tuple[Document, list[str]]], Counter]:
@@ -182,7 +208,12 @@ def _draw_distractors(
 
 
 def _question(
-    doc: Document, context: str, correct: tuple[str, str], drawn: list[tuple[str, str]], answer: int
+    doc: Document,
+    context: str,
+    correct: tuple[str, str],
+    drawn: list[tuple[str, str]],
+    offset: int,
+    answer: int,
 ) -> ContinuationQuestion:
     ordered = [*drawn[:answer], correct, *drawn[answer:]]
     return ContinuationQuestion(
@@ -192,6 +223,7 @@ def _question(
         choices=tuple(span for _, span in ordered),
         choice_ids=tuple(other for other, _ in ordered),
         answer=answer,
+        offset=offset,
     )
 
 

@@ -101,11 +101,15 @@ class EvaluateConfig(RunConfig):
     """Words of every choice of the continuation task."""
     continuation_seed: int = 0
     """Seed of the distractors' draw and of the answers' positions."""
+    continuation_spans: int = 1
+    """Questions per document at most, one per consecutive span after the context, each with every word
+    before it as context (short documents give few questions each: more spans give a paired test enough)."""
 
     CONTINUATION_FIELDS: ClassVar[tuple[str, ...]] = (
         "continuation_context_words",
         "continuation_choice_words",
         "continuation_seed",
+        "continuation_spans",
     )
 
     def __post_init__(self) -> None:
@@ -140,7 +144,7 @@ class EvaluateConfig(RunConfig):
         check_range("cpus", self.cpus, ge=0, hint="0 shares this machine's CPUs")
         check_range("gpus", self.gpus, ge=0)
         check_range("threads", self.threads, ge=0, hint="0 picks from the CPUs reserved")
-        for name in ("continuation_context_words", "continuation_choice_words"):
+        for name in ("continuation_context_words", "continuation_choice_words", "continuation_spans"):
             check_range(name, getattr(self, name), ge=1)
             if not isinstance(getattr(self, name), numbers.Integral):
                 raise ConfigError(name, getattr(self, name), "must be a whole number of words")
@@ -322,7 +326,8 @@ def plan(config: EvaluateConfig) -> EvaluationPlan:
 
 
 def continuation_questions(config: EvaluateConfig, texts: list[str], topics: list[str | None], name: str):
-    """The continuation task's questions from the documents perplexity reads, one per usable document.
+    """The continuation task's questions from the documents perplexity reads, up to `continuation_spans` per
+    usable document.
     A document without `meta.topic` takes the dataset's name as its topic (a held-out set of one domain)."""
     from core.reader import doc_id
     from training.evaluation import continuation
@@ -332,7 +337,7 @@ def continuation_questions(config: EvaluateConfig, texts: list[str], topics: lis
     ]
     built = continuation.build_questions(documents, config.continuation_context_words,
                                          config.continuation_choice_words, continuation.DISTRACTORS,
-                                         config.continuation_seed)  # fmt: skip
+                                         config.continuation_seed, config.continuation_spans)  # fmt: skip
     logger.info("%s: %d continuation questions from %d documents, skipped %s", name, len(built.questions),
                 built.documents, built.skipped or "none")  # fmt: skip
     return built
@@ -440,10 +445,12 @@ def _continuation_results(checked: EvaluationPlan, name: str, outputs: list[dict
     config, built = checked.config, checked.continuation[name]
     entry: dict[str, Any] = {
         "documents": built.documents, "questions": len(built.questions), "skipped": built.skipped,
+        "unasked_spans": built.unasked_spans,
         "settings": {"context_words": config.continuation_context_words, "distractors": continuation.DISTRACTORS,
                      "choice_words": config.continuation_choice_words, "seed": config.continuation_seed,
-                     "norm": continuation.NORM},
-        "doc_ids": [q.doc_id for q in built.questions], "results": {}, "comparisons": [],
+                     "spans": config.continuation_spans, "norm": continuation.NORM},
+        "doc_ids": [q.doc_id for q in built.questions], "offsets": [q.offset for q in built.questions],
+        "results": {}, "comparisons": [],
     }  # fmt: skip
     hits = {output["label"]: _continuation_hits(built.questions, output["continuation"][name]) for output in outputs}
     for label, by_norm in hits.items():
@@ -463,8 +470,8 @@ def continuation_rows(checked: EvaluationPlan, outputs: list[dict[str, Any]]) ->
     rows = []
     for name, built in checked.continuation.items():
         for index, q in enumerate(built.questions):
-            row: dict[str, Any] = {"dataset": name, "doc_id": q.doc_id, "topic": q.topic, "answer": q.answer,
-                                   "choice_ids": list(q.choice_ids)}  # fmt: skip
+            row: dict[str, Any] = {"dataset": name, "doc_id": q.doc_id, "offset": q.offset, "topic": q.topic,
+                                   "answer": q.answer, "choice_ids": list(q.choice_ids)}  # fmt: skip
             for output in outputs:
                 row[output["label"]] = [round(float(v), 4) for v in output["continuation"][name]["logprob"][index]]
             rows.append(row)
