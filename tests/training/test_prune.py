@@ -20,7 +20,13 @@ from transformers import AutoModelForCausalLM
 from core.errors import ConfigError
 from tests.conftest import REPO, TINY_TEXTS
 from tests.training.pruning_models import FAMILIES, build_family_model, masked, save_family_model
-from training.pruning.importance import Importance, magnitude_importance, random_importance, taylor_importance
+from training.pruning.importance import (
+    Importance,
+    magnitude_importance,
+    random_importance,
+    removal_losses,
+    taylor_importance,
+)
 from training.pruning.prune import PruneConfig, allocate, domain_batches, read_report, run_pruning
 from training.pruning.prune import plan as prune_plan
 from training.pruning.structures import count_params, is_uniform, layout_of, slice_layer, slice_structures
@@ -172,6 +178,50 @@ def test_taylor_scores_sum_what_slicing_removes_with_each_structure(family, tiny
             assert scores.channels[index, channel].item() == pytest.approx(expected, rel=1e-4)
 
 
+def _mean_loss(model: nn.Module, batches: list) -> float:
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in batches:
+            labels = ids.masked_fill(mask == 0, -100)
+            scored = int((labels[:, 1:] != -100).sum())
+            nll += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * scored
+            tokens += scored
+    return nll / tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removal_loss_is_what_cutting_the_group_alone_costs(family, tiny_model_dir):
+    model = _family_model(family).eval()
+    layout = layout_of(model.config)
+    batches = list(domain_batches(TINY_TEXTS, _tokenizer(tiny_model_dir), max_tokens=32, batch_size=2))
+    losses = removal_losses(model, layout, batches)
+    assert losses.shape == (layout.num_layers, layout.num_kv_heads)
+    whole = _mean_loss(model, batches)
+    every_group, every_channel = list(range(layout.num_kv_heads)), list(range(layout.intermediate_size))
+    for layer in range(layout.num_layers):
+        for group in every_group:
+            keep_groups = [[g for g in every_group if g != group or i != layer] for i in range(layout.num_layers)]
+            with masked(model, keep_groups, [every_channel] * layout.num_layers):
+                cut = _mean_loss(model, batches)
+            assert losses[layer, group].item() == pytest.approx(cut - whole, abs=1e-5)
+    assert losses.abs().max() > 1e-4  # removing a group changes the loss: the hook did silence something
+    assert _mean_loss(model, batches) == pytest.approx(whole, abs=1e-7)  # and let go of the model afterwards
+
+
+def test_the_groups_a_layer_loses_are_the_cheapest_to_remove_not_the_lowest_scored():
+    model = _family_model("llama")
+    layout = layout_of(model.config)
+    importance = magnitude_importance(model, layout)
+    importance.groups = torch.tensor([[1.0, 9.0]] * layout.num_layers, dtype=torch.float64)  # group 0 scores lowest
+    plain = allocate(importance, layout, 0.3, channel_multiple=8, keep_groups=1)
+    assert plain.keep_groups == [[1]] * layout.num_layers
+    # Removing group 0 alone costs more than removing group 1, in every layer but the last.
+    importance.removal = torch.tensor([[2.0, 0.1]] * (layout.num_layers - 1) + [[0.1, 2.0]], dtype=torch.float64)
+    measured = allocate(importance, layout, 0.3, channel_multiple=8, keep_groups=1)
+    assert measured.keep_groups == [[0]] * (layout.num_layers - 1) + [[1]]
+    assert measured.keep_channels == plain.keep_channels and measured.params_after == plain.params_after
+
+
 @pytest.mark.timeout(300)
 def test_run_pruning_writes_a_standard_checkpoint_and_skips_on_rerun(tiny_model_dir, domain_dir, tmp_path):
     out = str(tmp_path / "pruned")
@@ -210,9 +260,14 @@ def test_run_pruning_writes_a_standard_checkpoint_and_skips_on_rerun(tiny_model_
             [t for t in pq.read_table(domain_dir).column("text").to_pylist()], _tokenizer(tiny_model_dir), 32, 8
         ),
     )
+    texts = pq.read_table(domain_dir).column("text").to_pylist()
+    first = domain_batches(texts[:8], _tokenizer(tiny_model_dir), 32, 8)  # removal_docs 8, max_tokens 32 < 64
+    importance.removal = removal_losses(reference, layout, first)
     saved = Importance.from_npz((Path(out) / "prune_importance.npz").read_bytes())
     torch.testing.assert_close(saved.groups, importance.groups)
     torch.testing.assert_close(saved.channels, importance.channels)
+    torch.testing.assert_close(saved.removal, importance.removal)
+    assert report["group_removal_loss"] == [[round(float(v), 6) for v in row] for row in importance.removal]
     plan = allocate(importance, layout, 0.3, channel_multiple=8)
     assert plan.keep_groups == keep_groups
     ids = _input_ids(_tokenizer(out))
@@ -388,3 +443,9 @@ def test_phi3_with_longrope_factors_keeps_its_attention_and_cuts_its_mlp(tmp_pat
         prune_plan(PruneConfig(model=str(model_dir), method="magnitude", ratio=0.8, out=str(tmp_path / "o")))
     assert error.value.field == "ratio" and "not reachable" in str(error.value)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_negative_removal_sample_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        PruneConfig(data="d", out=str(tmp_path), removal_docs=-1)
+    assert error.value.field == "removal_docs"

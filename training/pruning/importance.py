@@ -1,4 +1,5 @@
-"""Importance of every attention group and MLP channel: first-order Taylor, magnitude, or random.
+"""Importance of every attention group and MLP channel: first-order Taylor, magnitude, or random; and what
+removing each attention group alone costs.
 
 Taylor (Molchanov et al. 2019; LLM-Pruner's element-wise first-order term, Ma et al. 2023): for each batch
 of domain text, the causal-LM loss is back-propagated and every weight contributes |w * dL/dw| (so does the
@@ -21,6 +22,14 @@ gradient. Peak memory is therefore the weights plus the activations of one batch
   layer's recomputed internals plus the logits and their gradient: about 3 GB at batch 4 x 512, most of
   it the 128k-vocabulary logits. About 20 GB in all: it fits a 24 GB GPU.
 
+Removal loss (`removal_losses`). A first-order score misses a structure whose loss is flat to first order
+but not to its removal: SmolLM2-135M's layer 1 has a KV group whose Taylor score, on general text, is the
+lowest of its layer, and removing it alone takes the model's perplexity from 19.5 to 479.5
+(docs/replication.md, "The pilot"). Attention groups are few (SmolLM2: 30 layers x 3), so each is removed
+alone, by zeroing its query heads' input columns of the output projection (what slicing it computes, see
+structures.py), and the mean causal-LM loss on a few batches is measured against the whole model's: one
+forward per group and batch, no backward.
+
 LLM-Pruner's `param_mix` keeps, for every parameter, its full gradient and an fp32 accumulator of
 gradients across batches (for its second-order term), i.e. weights (16 GB) + gradients (16 GB) + fp32
 accumulators (32 GB) for an 8B model, which is why it runs out of memory on a 40 GB GPU.
@@ -39,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.pruning.structures import CHANNEL, Layout, decoder_layers, module_at, structure_sums
+from training.pruning.structures import CHANNEL, QUERY, Layout, decoder_layers, module_at, structure_sums
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +61,23 @@ class Importance:
     channels: torch.Tensor
     batches: int = 0
     tokens: int = 0
+    removal: torch.Tensor | None = None
+    """(layers, kv_heads): the mean loss increase per token when the group alone is removed, where measured."""
 
     def to_npz(self) -> bytes:
-        """The raw scores as a NumPy .npz (arrays `groups`, `channels`), for later analysis."""
+        """The raw scores as a NumPy .npz (arrays `groups`, `channels`, and `removal` where measured)."""
         buffer = io.BytesIO()
-        np.savez(buffer, groups=self.groups.numpy(), channels=self.channels.numpy())
+        arrays = {"groups": self.groups.numpy(), "channels": self.channels.numpy()}
+        if self.removal is not None:
+            arrays["removal"] = self.removal.numpy()
+        np.savez(buffer, **arrays)
         return buffer.getvalue()
 
     @classmethod
     def from_npz(cls, data: bytes) -> Importance:
         arrays = np.load(io.BytesIO(data), allow_pickle=False)
-        return cls(torch.from_numpy(arrays["groups"]), torch.from_numpy(arrays["channels"]))
+        removal = torch.from_numpy(arrays["removal"]) if "removal" in arrays else None
+        return cls(torch.from_numpy(arrays["groups"]), torch.from_numpy(arrays["channels"]), removal=removal)
 
     def summary(self) -> dict:
         return {
@@ -196,3 +211,60 @@ def taylor_importance(
             model.gradient_checkpointing_disable()
         model.train(was_training)
     return scores
+
+
+def removal_losses(
+    model: nn.Module, layout: Layout, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """(layers, kv_heads): per attention group, the token-weighted mean causal-LM loss on `batches` with that
+    group alone removed, minus the whole model's. The group's query heads are silenced by zeroing their input
+    columns of the output projection, which is what slicing the group out computes."""
+    output = next(p for p in layout.family.projections if p.axis == 1 and p.parts == (QUERY,))
+    width = layout.heads_per_group * layout.head_dim
+    layers = decoder_layers(model)
+    silenced: list[tuple[int, int] | None] = [None]
+
+    def silence(index: int, module: nn.Module, args: tuple) -> tuple | None:
+        if silenced[0] is None or silenced[0][0] != index:
+            return None
+        group = silenced[0][1]
+        hidden = args[0].clone()
+        hidden[..., group * width : (group + 1) * width] = 0
+        return (hidden, *args[1:])
+
+    handles = [module_at(layer, output.path).register_forward_pre_hook(partial(silence, index))
+               for index, layer in enumerate(layers)]  # fmt: skip
+    losses = torch.zeros(layout.num_layers, layout.num_kv_heads, dtype=torch.float64)
+    whole, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for input_ids, attention_mask in batches:
+                device = next(model.parameters()).device
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                labels = input_ids.masked_fill(attention_mask == 0, -100)
+                scored = int((labels[:, 1:] != -100).sum())
+
+                silenced[0] = None
+                whole += _summed_loss(model, input_ids, attention_mask, labels)
+                for index in range(layout.num_layers):
+                    for group in range(layout.num_kv_heads):
+                        silenced[0] = (index, group)
+                        losses[index, group] += _summed_loss(model, input_ids, attention_mask, labels)
+                tokens += scored
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not tokens:
+        raise ValueError("no scored tokens in the batches: removal losses need text")
+    return (losses - whole) / tokens
+
+
+def _summed_loss(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> float:
+    """The causal-LM loss summed over the batch's scored tokens (transformers returns their mean)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+    return float(out.loss) * int((labels[:, 1:] != -100).sum())
