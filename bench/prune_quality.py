@@ -1,4 +1,5 @@
-"""Domain perplexity of SmolLM2 pruned by 30%: Taylor importance on domain text vs magnitude vs random.
+"""Domain perplexity of SmolLM2 pruned by 30%: Taylor importance on domain text (with the removal losses that
+choose which attention groups go, and without: `taylor-first-order`) vs magnitude vs random.
 
 The domain set comes from the demo corpus (Wikipedia summaries with `meta.topic`): the documents of one
 topic are shuffled with a fixed seed and split into importance documents, written as a curated-style
@@ -40,7 +41,9 @@ from training.evaluation.perplexity import document_nll, perplexity
 from training.pruning.prune import PruneConfig, read_report, run_pruning
 
 NAME = "prune_quality"
-METHODS = ("taylor", "magnitude", "random")
+METHODS = ("taylor", "taylor-first-order", "magnitude", "random")
+FIRST_ORDER = "taylor-first-order"
+"""Taylor with `removal_docs: 0`: groups chosen by their Taylor scores alone, as before the removal losses."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +98,8 @@ def prune_and_score(method: str, args, data_dir: str, work: Path, tokenizer, hel
         data=data_dir,
         out=str(work / f"pruned-{method}"),
         ratio=args.ratio,
-        method=method,  # type: ignore[arg-type]
+        method="taylor" if method == FIRST_ORDER else method,  # type: ignore[arg-type]
+        removal_docs=0 if method == FIRST_ORDER else PruneConfig.removal_docs,
         ranking=args.ranking,  # type: ignore[arg-type]
         max_docs=args.importance_docs,
         max_tokens=args.max_tokens,
@@ -118,7 +122,7 @@ def prune_and_score(method: str, args, data_dir: str, work: Path, tokenizer, hel
 
 def print_table(results: dict[str, dict], args, heldout: list[str]) -> None:
     print(f"\nheld-out perplexity on {args.topic!r}, {len(heldout)} documents, ratio asked {args.ratio}")
-    print(f"{'model':<10} {'ppl':>9} {'total cut':>10} {'decoder cut':>12}  sizes (heads/kv/mlp)")
+    print(f"{'model':<20} {'ppl':>12} {'total cut':>10} {'decoder cut':>12}  sizes (heads/kv/mlp)")
     for name, row in results.items():
         sizes = row.get("sizes")
         shape = (
@@ -126,10 +130,10 @@ def print_table(results: dict[str, dict], args, heldout: list[str]) -> None:
             if sizes
             else "9/3/1536"
         )
-        print(f"{name:<10} {row['ppl']:>9.2f} {row['ratio']:>10.3f} {row.get('decoder_ratio', 0.0):>12.3f}  {shape}")
+        print(f"{name:<20} {row['ppl']:>12.2f} {row['ratio']:>10.3f} {row.get('decoder_ratio', 0.0):>12.3f}  {shape}")
     if "taylor" in results:
         print(f"\npeak RSS after the Taylor importance run: {results['taylor']['peak_rss_mb']:.0f} MB")
-        others = [m for m in ("magnitude", "random") if m in results]
+        others = [m for m in (FIRST_ORDER, "magnitude", "random") if m in results]
         beats = all(results["taylor"]["ppl"] < results[m]["ppl"] for m in others)
         print(f"taylor beats {', '.join(others)}: {'yes' if beats else 'NO'}")
 

@@ -62,10 +62,10 @@ repository, and the report reads each file from ROOT, else from `ship`: it holds
   with `ratio`) and the SAE's input coordinates (`ablation_coords`: K chosen by the Jacobian on the seeds,
   against all of them), each fine-tuned on FineScope's first-trial documents.
 
-Cost on 2 CPU cores (estimates; docs/replication.md, "How to run it", for each part): the pilot about 1.0 h,
-a domain's first trial with its references about 1.1 h, each other trial about 0.93 h; 16 parts, about
-15.5 hours when each runs on a fresh machine, about 11.6 on one machine, most of it the 124 fine-tunes at
-about 3.6 min each.
+Cost on 2 CPU cores (docs/replication.md, "How to run it", for each part): the pilot about 0.6 h, the first
+trial of every domain with the references about 2.0 h, each other trial about 1.7 h; 6 parts, about 9.4
+hours when each runs on a fresh machine, most of it the 124 fine-tunes at about 1.6 min each and the
+evaluations with the continuation task.
 
 `experiments/replication/report.py` turns the evaluations into the tables, tests and plots; `data.py` holds
 the data steps (held-out sets, rankings, arms, their union, each arm's rewrites), `spec.py` the spec,
