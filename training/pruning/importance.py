@@ -247,11 +247,11 @@ def removal_losses(
                 scored = int((labels[:, 1:] != -100).sum())
 
                 silenced[0] = None
-                whole += _summed_loss(model, input_ids, attention_mask, labels)
+                whole += _summed_loss(model, input_ids, attention_mask, labels, scored)
                 for index in range(layout.num_layers):
                     for group in range(layout.num_kv_heads):
                         silenced[0] = (index, group)
-                        losses[index, group] += _summed_loss(model, input_ids, attention_mask, labels)
+                        losses[index, group] += _summed_loss(model, input_ids, attention_mask, labels, scored)
                 tokens += scored
     finally:
         for handle in handles:
@@ -263,8 +263,8 @@ def removal_losses(
 
 
 def _summed_loss(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, scored: int
 ) -> float:
-    """The causal-LM loss summed over the batch's scored tokens (transformers returns their mean)."""
+    """The causal-LM loss summed over the batch's `scored` tokens (transformers returns their mean)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
-    return float(out.loss) * int((labels[:, 1:] != -100).sum())
+    return float(out.loss) * scored
