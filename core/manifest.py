@@ -173,6 +173,7 @@ def resolve_input(data: str, *, field: str, reads: Mapping[str, str], options: S
         return data
     if MANIFEST in children and (stage := _stage_of(data, options)) is not None:
         if stage in reads:
+            check_selection(data, field=field, options=options)
             resolved = storage.join(data, reads[stage])
             logger.info("%s is a `%s` output: reading its %s/", data, stage, reads[stage])
             return resolved
@@ -190,6 +191,20 @@ def resolve_input(data: str, *, field: str, reads: Mapping[str, str], options: S
         logger.info("%s has a %s/ directory: reading it", data, wanted[0])
         return storage.join(data, wanted[0])
     return data
+
+
+SELECTING_STAGES = ("curate", "reselect")
+"""Stages whose dataset is a selection, which may choose no document (`counts.curated_rows` 0)."""
+
+
+def check_selection(root: str, *, field: str, options: StorageOptions | None = None) -> None:
+    """Refuse, naming `field`, a curate or jobs.select output that selected no document: its curated/ set is
+    empty, and every stage that reads it would fail later with less to go on."""
+    found = read_manifest(root, options) or {}
+    if found.get("stage") in SELECTING_STAGES and (found.get("counts") or {}).get("curated_rows") == 0:
+        raise ConfigError(field, root, f"is a `{found['stage']}` output that selected no document (its report.md "
+                          "has the scores); select again with a larger --top-n, a lower --threshold or other "
+                          "seeds: python -m jobs.select reads its stored codes")  # fmt: skip
 
 
 def _stage_of(root: str, options: StorageOptions | None) -> str | None:

@@ -53,6 +53,7 @@ def heldout_mask(ids: list[str], fraction: float) -> np.ndarray:
 
 def plan(config: SplitConfig) -> FilesPlan:
     options = config.storage_options()
+    manifest.check_selection(config.curated, field="curated", options=options)
     parts = [_curated_dir(config), *([_scored_dir(config)] if config.control else [])]
     inputs = storage.expand(parts, options, config_field="curated")
     return FilesPlan(inputs, config.digest(inputs))
@@ -82,7 +83,7 @@ def _domain_rows(config: SplitConfig, options: storage.StorageOptions) -> pa.Tab
     if rows.num_rows < 2:
         found = sorted(set(curated.column("domain").to_pylist()))
         raise ConfigError(
-            "domains", config.domain, f"has {rows.num_rows} curated rows (domains curated: {found}); "
+            "domain", config.domain, f"has {rows.num_rows} curated rows (domains curated: {found}); "
             "it needs seeds in the seeds file and at least 2 curated rows (raise curate.top_n)"
         )  # fmt: skip
     return rows

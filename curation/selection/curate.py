@@ -346,6 +346,10 @@ def selection_settings(config: Any, seeds: Seeds, scorer: str | None = None) -> 
     )
 
 
+EMPTY_SELECTION = "empty.parquet"
+"""The one file of a selection that chose no document: no rows, the curated columns."""
+
+
 def select_and_write(
     selection: SelectionSettings, scored_dir: str, curated_dir: str, options: storage.StorageOptions
 ) -> None:
@@ -368,6 +372,10 @@ def select_and_write(
     )
     candidate_table = pa.concat_tables(ray.get(candidates.to_arrow_refs()))
     selected = merge_candidates(candidate_table, selection)
+    if not selected:  # Ray writes no file for no rows; readers find the empty set, with its columns, instead
+        empty = label_rows(scored_in.schema().base_schema.empty_table(), selection, selected)
+        storage.write_parquet_atomic(empty, storage.join(curated_dir, EMPTY_SELECTION), options)
+        return
     curated = scored_in.map_batches(
         label_rows,
         fn_kwargs={"spec": selection, "selected": selected},

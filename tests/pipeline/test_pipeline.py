@@ -340,6 +340,29 @@ def test_a_selection_is_read_by_split_and_prune_like_a_curate_output(curated_run
     assert error.value.field == "data"
 
 
+def test_a_selection_of_nothing_writes_an_empty_set_that_readers_name(curated_run, tiny_model_dir, tmp_path):
+    """A threshold no document reaches selects nothing: the output still holds its curated/ set (no rows, the
+    curated columns), the report and manifest count 0, and a stage reading it says the selection was empty
+    and what to change, not that the path matches no file."""
+    from curation.selection.reselect import ReselectConfig, run_reselect
+    from training.pruning.prune import PruneConfig, run_pruning
+
+    out = tmp_path / "none"
+    result = run_reselect(ReselectConfig(**_reselect_config(curated_run, out, rule="threshold", threshold=1.0)))
+    assert result["counts"]["curated_rows"] == 0 and result["counts"]["by_domain"] == {}
+    empty = pq.read_table(out / "curated")
+    assert empty.num_rows == 0
+    assert empty.column_names == pq.read_table(curated_run["root"] / "out" / "curated").column_names
+    assert "- curated rows: 0" in (out / "report.md").read_text()
+    with pytest.raises(ConfigError) as error:
+        run_split(SplitConfig(curated=str(out), domain="maths", out=str(tmp_path / "split")))
+    assert error.value.field == "curated" and "selected no document" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        run_pruning(PruneConfig(model=str(tiny_model_dir), data=str(out), out=str(tmp_path / "pruned")))
+    assert error.value.field == "data" and "selected no document" in str(error.value)
+    assert not (tmp_path / "split").exists() and not (tmp_path / "pruned").exists()
+
+
 def manifest_inputs(data: str, reads: dict[str, str]) -> list[str]:
     from core import manifest
 
