@@ -173,7 +173,8 @@ def resolve_input(data: str, *, field: str, reads: Mapping[str, str], options: S
         return data
     if MANIFEST in children and (stage := _stage_of(data, options)) is not None:
         if stage in reads:
-            check_selection(data, field=field, options=options)
+            if reads[stage] == "curated":  # its scored/ is whole: jobs.select may read it again
+                check_selection(data, field=field, options=options)
             resolved = storage.join(data, reads[stage])
             logger.info("%s is a `%s` output: reading its %s/", data, stage, reads[stage])
             return resolved

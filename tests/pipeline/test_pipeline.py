@@ -361,6 +361,9 @@ def test_a_selection_of_nothing_writes_an_empty_set_that_readers_name(curated_ru
         run_pruning(PruneConfig(model=str(tiny_model_dir), data=str(out), out=str(tmp_path / "pruned")))
     assert error.value.field == "data" and "selected no document" in str(error.value)
     assert not (tmp_path / "split").exists() and not (tmp_path / "pruned").exists()
+    # What the message says to do works: its stored codes are selected again.
+    again = run_reselect(ReselectConfig(**_reselect_config(curated_run, tmp_path / "again", scored=str(out))))
+    assert again["counts"]["curated_rows"] == len(_curated_rows(tmp_path / "again")) > 0
 
 
 def manifest_inputs(data: str, reads: dict[str, str]) -> list[str]:
