@@ -379,6 +379,8 @@ def test_zero2_learns_the_planted_task_and_exports(zero2_run, distilled):
     assert all(row["tokens_per_s"] > 0 for row in metrics)
     assert metrics[0]["lr"] < metrics[2]["lr"] <= 5e-3 and metrics[-1]["lr"] < metrics[2]["lr"]  # warm-up, decay
     assert result["stage"] == "finetune" and result["counts"]["steps"] == 24
+    # The finished run's resume state is gone (model/ is its result); it was written (checkpoint_every=5).
+    assert result["checkpoint"] is None and not list((out / "checkpoints").glob("finetune-*"))
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer("w3 w7", add_special_tokens=False)["input_ids"]]])
@@ -398,8 +400,15 @@ def test_zero1_takes_the_same_steps_as_zero2_and_resumes(zero2_run, tiny_model_d
 
     reference, _ = zero2_run
     out = tmp_path / "zero1"
-    result = run_finetune(fit_config(tiny_model_dir, distilled, str(out), zero_stage=1, fail_at_step=8))
+    shared = tmp_path / "checkpoints"  # a checkpoint store of the user's, holding a file of theirs
+    shared.mkdir()
+    (shared / "notes.txt").write_text("mine")
+    config = fit_config(tiny_model_dir, distilled, str(out), zero_stage=1, fail_at_step=8, checkpoints=str(shared))
+    result = run_finetune(config)
     assert result["resumed_from_step"] == 5 and result["counts"]["steps"] == 24
+    # Resumed from the run's checkpoint, then its directory removed once finished; the user's file stays.
+    assert sorted(path.name for path in shared.iterdir() if not path.name.startswith(".")) == ["notes.txt"]
+    assert (shared / "notes.txt").read_text() == "mine"
     metrics = read_metrics(out)
     assert [row["step"] for row in metrics] == list(range(1, 25))
     assert [row["loss"] for row in metrics] == pytest.approx([row["loss"] for row in read_metrics(reference)], rel=1e-3)
@@ -445,8 +454,9 @@ def test_zero3_with_checkpoints_on_s3(ray_local, s3_bucket, tiny_model_dir, dist
     from core import storage
 
     out = f"s3://{s3_bucket}/finetune"
-    result = run_finetune(fit_config(tiny_model_dir, distilled, out, zero_stage=3, epochs=1))
-    assert result["counts"]["steps"] == 12
+    config = fit_config(tiny_model_dir, distilled, out, zero_stage=3, epochs=1, keep_checkpoints_when_done=True)
+    result = run_finetune(config)
+    assert result["counts"]["steps"] == 12 and result["checkpoint"].endswith("step_00000010")
     checkpoints = [info.uri for info in storage.expand(f"{out}/checkpoints", config_field="checkpoints")]
     assert any(uri.endswith("step_00000010/trainer_state.json") for uri in checkpoints)
     assert any("zero_pp_rank_1" in uri for uri in checkpoints)  # both ranks' shards merged in one checkpoint

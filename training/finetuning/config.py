@@ -27,6 +27,7 @@ class FinetuneConfig(RunConfig):
         "log_every",
         "checkpoint_every",
         "keep_checkpoints",
+        "keep_checkpoints_when_done",
         "max_failures",
         "fail_at_step",
         "checkpoints",
@@ -97,7 +98,12 @@ class FinetuneConfig(RunConfig):
     checkpoints: str | None = None
     """Where Ray Train keeps checkpoints (local or s3://); default OUT/checkpoints."""
     keep_checkpoints: int = 2
-    """Checkpoints kept in storage."""
+    """Checkpoints kept in storage while the run goes."""
+    keep_checkpoints_when_done: bool = False
+    """Keep the run's checkpoints once it has finished. They exist to resume an interrupted run; a finished one
+    is never resumed (model/ is its result), and each holds DeepSpeed's model and optimizer state, about four
+    times the model's size in fp32 with Adam, so by default the run's own checkpoint directory goes once
+    model/ is written (anything else under `checkpoints` stays)."""
     max_failures: int = 2
     """Worker-group restarts Ray Train allows before the run fails."""
     fail_at_step: int = field(default=0, metadata={TEST_ONLY: True})

@@ -156,6 +156,11 @@ def _loop_config(checked: FinetunePlan) -> LoopConfig:
     )
 
 
+def run_name(digest: str) -> str:
+    """Ray Train's name for the run of a config: its checkpoints live under `checkpoint_uri`/this name."""
+    return f"finetune-{digest}"
+
+
 def build_trainer(checked: FinetunePlan):
     """The TorchTrainer for a checked plan (Ray must be running)."""
     import ray.data
@@ -190,7 +195,7 @@ def build_trainer(checked: FinetunePlan):
         torch_config=TorchConfig(backend="gloo" if cpu_forced() else None),
         run_config=ray.train.RunConfig(
             # Named by the config hash: rerunning the same config after a driver crash restores this run.
-            name=f"finetune-{checked.digest}",
+            name=run_name(checked.digest),
             storage_path=ckpt_path,
             storage_filesystem=ckpt_fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
@@ -221,13 +226,26 @@ def _finetune(config: FinetuneConfig, checked: FinetunePlan, timer: manifest.Tim
                 storage.join(config.out, "model"))  # fmt: skip
     counts = {"rows": checked.rows, "steps": summary["steps"], "planned_steps": checked.total_steps,
               "samples": summary["samples"], "tokens": summary["tokens"]}  # fmt: skip
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if not config.keep_checkpoints_when_done:
+        _remove_run_checkpoints(config, checked.digest)
+        checkpoint = None
     extra = {
         "model": config.model,
         "final_loss": summary["final_loss"],
         "resumed_from_step": summary["resumed_from_step"],
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint,
     }
     return Outcome(counts, extra)
+
+
+def _remove_run_checkpoints(config: FinetuneConfig, digest: str) -> None:
+    """Remove this run's directory under the checkpoint storage (Ray Train's run named by the digest), and
+    nothing else there: the resume state of a finished run, which no later run reads."""
+    options = config.storage_options()
+    run_dir = storage.join(storage.absolute(config.checkpoint_uri), run_name(digest))
+    storage.remove(run_dir, options)
+    logger.info("removed the finished run's checkpoints, %s (--keep-checkpoints-when-done keeps them)", run_dir)
 
 
 FINETUNE: Stage[FinetuneConfig, FinetunePlan] = Stage(
