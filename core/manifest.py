@@ -171,10 +171,11 @@ def resolve_input(data: str, *, field: str, reads: Mapping[str, str], options: S
     children = _children(data, options)
     if not children:
         return data
-    if MANIFEST in children and (stage := _stage_of(data, options)) is not None:
+    if MANIFEST in children and (found := read_manifest(data, options) or {}).get("stage"):
+        stage = str(found["stage"])
         if stage in reads:
             if reads[stage] == "curated":  # its scored/ is whole: jobs.select may read it again
-                check_selection(data, field=field, options=options)
+                _refuse_empty_selection(found, data, field)
             resolved = storage.join(data, reads[stage])
             logger.info("%s is a `%s` output: reading its %s/", data, stage, reads[stage])
             return resolved
@@ -201,7 +202,10 @@ SELECTING_STAGES = ("curate", "reselect")
 def check_selection(root: str, *, field: str, options: StorageOptions | None = None) -> None:
     """Refuse, naming `field`, a curate or jobs.select output that selected no document: its curated/ set is
     empty, and every stage that reads it would fail later with less to go on."""
-    found = read_manifest(root, options) or {}
+    _refuse_empty_selection(read_manifest(root, options) or {}, root, field)
+
+
+def _refuse_empty_selection(found: Mapping[str, Any], root: str, field: str) -> None:
     if found.get("stage") in SELECTING_STAGES and (found.get("counts") or {}).get("curated_rows") == 0:
         raise ConfigError(field, root, f"is a `{found['stage']}` output that selected no document (its report.md "
                           "has the scores); select again with a larger --top-n, a lower --threshold or other "

@@ -226,15 +226,14 @@ def _finetune(config: FinetuneConfig, checked: FinetunePlan, timer: manifest.Tim
                 storage.join(config.out, "model"))  # fmt: skip
     counts = {"rows": checked.rows, "steps": summary["steps"], "planned_steps": checked.total_steps,
               "samples": summary["samples"], "tokens": summary["tokens"]}  # fmt: skip
-    checkpoint = result.checkpoint.path if result.checkpoint else None
     if not config.keep_checkpoints_when_done:
         _remove_run_checkpoints(config, checked.digest)
-        checkpoint = None
+    kept = result.checkpoint and config.keep_checkpoints_when_done
     extra = {
         "model": config.model,
         "final_loss": summary["final_loss"],
         "resumed_from_step": summary["resumed_from_step"],
-        "checkpoint": checkpoint,
+        "checkpoint": result.checkpoint.path if kept else None,
     }
     return Outcome(counts, extra)
 
