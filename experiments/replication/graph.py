@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from curation.sae.train import TRAIN_SAE, TrainSAEConfig
@@ -13,6 +14,8 @@ from training.distillation.distill import DISTILL, DistillConfig
 from training.evaluation.evaluate import EVALUATE, EvaluateConfig
 from training.finetuning.finetune import FINETUNE, FinetuneConfig
 from training.pruning.prune import PRUNE, PruneConfig
+
+logger = logging.getLogger(__name__)
 
 CALIBRATION = "calibration"
 
@@ -113,7 +116,14 @@ class ReplicationGraph(Graph):
         if name not in self.names():
             wired = {"model": self.spec.model, "data": data.rows_dir(self.path("arms", CALIBRATION)),
                      "out": self.path("pruned", ratio_tag(ratio)), "ratio": ratio}  # fmt: skip
-            self.add(name, "prune", self.config("prune", PruneConfig, wired), PRUNE, [f"arm/{CALIBRATION}"])
+            config = self.config("prune", PruneConfig, wired)
+            if ratio == self.spec.ratio and 0 < calibration_read(self.spec, config) < self.spec.calibration:
+                logger.warning(
+                    "the pruning reads the first %d of the %d calibration documents (prune.max_docs); set "
+                    "calibration: %d to draw only what it reads, or raise prune.max_docs",
+                    config.max_docs, self.spec.calibration, config.max_docs,
+                )  # fmt: skip
+            self.add(name, "prune", config, PRUNE, [f"arm/{CALIBRATION}"])
         return name
 
     def finetune(self, name: str, model_step: str | None, rows: tuple[str, str], seed: int) -> str:
@@ -139,6 +149,12 @@ class ReplicationGraph(Graph):
         after = [source for source in labelled.values() if source in self.names()]
         self.add(f"evaluate/{name}", "evaluate", self.config("evaluate", EvaluateConfig, wired), EVALUATE, after)
         return f"evaluate/{name}"
+
+
+def calibration_read(spec: ReplicationSpec, prune: PruneConfig) -> int:
+    """How many of the `calibration` documents a pruning reads: the first `prune.max_docs` of them (a
+    magnitude pruning reads none, but its plan still names the draw)."""
+    return min(spec.calibration, prune.max_docs) if prune.method == "taylor" else 0
 
 
 def build_replication(spec: ReplicationSpec) -> tuple[list[Step], dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from core import storage
 from experiments.replication.data import SELECTION
-from experiments.replication.graph import build_replication
+from experiments.replication.graph import build_replication, calibration_read
 from experiments.replication.spec import ReplicationSpec, load_replication_spec
 from pipeline.graph import Step
 from pipeline.runner import GraphJobConfig
@@ -202,8 +202,8 @@ def write_replication_report(spec: ReplicationSpec, steps: list[Step], layout: d
         f"Command: `{command or 'python -m jobs.replicate --spec SPEC'}`; report written {now()}; steps' run time "
         f"{hours:.2f} h on {os.cpu_count()} CPUs (each step's last run under this root; parts shipped from other"
         " machines not counted).",
-        f"Base model `{spec.model}`, ratio {spec.ratio} (one pruned model, calibrated on {spec.calibration} random "
-        f"pool documents), {spec.budget} documents per arm, {len(spec.trials)} trials "
+        f"Base model `{spec.model}`, ratio {spec.ratio} (one pruned model, {_calibration_note(spec, steps)}), "
+        f"{spec.budget} documents per arm, {len(spec.trials)} trials "
         f"({', '.join(map(str, spec.trials))}), held-out {spec.heldout} per domain and {spec.general_heldout} general.",
         "",
     ]
@@ -234,6 +234,17 @@ def write_replication_report(spec: ReplicationSpec, steps: list[Step], layout: d
     uri = storage.join(spec.root, "replication.md")
     storage.write_bytes_atomic(uri, text.encode(), options)
     return {"report": text, "report_uri": uri, "figures": report.get("figures", {})}
+
+
+def _calibration_note(spec: ReplicationSpec, steps: list[Step]) -> str:
+    """What the one pruning at `spec.ratio` read of the calibration draw, for the report's header."""
+    config = next(s.config for s in steps if s.stage == "prune" and s.config.ratio == spec.ratio)
+    read = calibration_read(spec, config)
+    if not read:
+        return f"{config.method} pruning, no calibration documents"
+    if read < spec.calibration:
+        return f"calibrated on the first {read} of {spec.calibration} random pool documents"
+    return f"calibrated on {read} random pool documents"
 
 
 def _if_done(entry: tuple | None, found: Any) -> tuple | None:

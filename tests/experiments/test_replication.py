@@ -19,7 +19,14 @@ from core.errors import ConfigError
 from curation import demo_corpus
 from experiments.replication import arm_labels, build_replication, load_replication_spec, run_replication
 from experiments.replication.data import ArmConfig, HoldoutConfig, RankConfig, rank_pool, run_arm, split_labelled
-from experiments.replication.run import check_ship, layout_record, ship_identity, ship_parts, write_replication_report
+from experiments.replication.run import (
+    _calibration_note,
+    check_ship,
+    layout_record,
+    ship_identity,
+    ship_parts,
+    write_replication_report,
+)
 from experiments.replication.spec import arm_kinds
 from pipeline.runner import _needed
 
@@ -380,6 +387,24 @@ def test_pilot_and_ablations_use_the_calibration_pruning(tmp_path):
     coords = by_name["finetune/mathematics/coords-k16"].config
     assert coords.model == by_name["prune/0.30"].out
     assert by_name["finetune/mathematics/ratio-0.50"].config.model == by_name["prune/0.50"].out
+
+
+def test_the_report_says_what_the_pruning_read_of_the_calibration_draw(tmp_path, caplog):
+    shipped = load_replication_spec(str(REPO / "jobs" / "configs" / "replication.yaml"))
+    with caplog.at_level("WARNING", logger="experiments.replication.graph"):
+        steps, _ = build_replication(shipped)
+    warned = [r.getMessage() for r in caplog.records if r.name == "experiments.replication.graph"]
+    assert len(warned) == 1 and "reads the first 64 of the 100 calibration documents" in warned[0]
+    assert _calibration_note(shipped, steps) == "calibrated on the first 64 of 100 random pool documents"
+    caplog.clear()
+    (tmp_path / "all").mkdir()
+    with caplog.at_level("WARNING", logger="experiments.replication.graph"):
+        spec = load_replication_spec(str(tiny_spec(tmp_path / "all", "smollm2-135m")))  # 8 drawn, 8 read
+        assert _calibration_note(spec, build_replication(spec)[0]) == "calibrated on 8 random pool documents"
+    assert not caplog.records
+    (tmp_path / "magnitude").mkdir()
+    spec = load_replication_spec(str(tiny_spec(tmp_path / "magnitude", "smollm2-135m", prune={"method": "magnitude"})))
+    assert _calibration_note(spec, build_replication(spec)[0]) == "magnitude pruning, no calibration documents"
 
 
 @pytest.mark.parametrize(
